@@ -2,3 +2,4 @@
 
     from megafusion.ops import hybrid_attention, moe_permute, moe_unpermute
 """
+from megafusion_kernels.moe_dispatch import moe_permute, moe_unpermute  # noqa: F401
