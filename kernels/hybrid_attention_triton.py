@@ -1,0 +1,454 @@
+"""Triton kernels of hybrid causal + bidirectional attention (flash-attention style).
+
+Forward: one program per (query tile, batch*head). It walks the key tiles listed for its
+query tile (``hybrid_attention_tiles.tile_lists``): first the FULL tiles with no mask
+arithmetic at all, then the PARTIAL tiles where the rule is evaluated per pair from the
+doc/span ids; SKIP tiles are never read. Online softmax in the log2 domain; it stores the
+output and the row log-sum-exp (log2, +inf for a row that sees nothing).
+
+Backward (FlashAttention-2 split, no atomics):
+- dk/dv: one program per (key tile, batch*kv-head); it loops over the q heads of its GQA
+  group and over the query tiles listed for its key tile, accumulating dk, dv in fp32.
+- dq: one program per (query tile, batch*head) over the same key tiles as the forward.
+``delta = rowsum(dO * O)`` is computed in torch beforehand.
+
+Interpreter (``TRITON_INTERPRET=1``, CPU): bf16 ``tl.dot`` is wrong there, so operands are
+upcast to fp32 (``UPCAST``), and only one autotune config is offered.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from megafusion_kernels.hybrid_attention_tiles import (
+    TileLists,
+    classify_tiles,
+    summarize_tiles,
+    tile_lists,
+)
+
+LOG2E = 1.4426950408889634
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """Tile sizes (positions). Forward and dq share (block_m, block_n); dk/dv uses
+    (bwd_kv_m, bwd_kv_n) with ``bwd_kv_n`` keys per program."""
+
+    block_m: int
+    block_n: int
+    bwd_kv_m: int
+    bwd_kv_n: int
+
+
+def select_tiles(head_dim: int) -> TileConfig:
+    """Fixed tile sizes per head dim (the tile lists depend on them, so they are not
+    autotuned; warps/stages are)."""
+    if interpreting():
+        return TileConfig(64, 64, 64, 64)
+    if head_dim <= 128:
+        return TileConfig(128, 64, 64, 128)
+    return TileConfig(64, 32, 32, 64)
+
+
+def _autotune_configs() -> list[triton.Config]:
+    if interpreting():
+        return [triton.Config({}, num_warps=4, num_stages=1)]
+    return [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3)]
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+@triton.jit
+def _fwd_tile(
+    acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, DOC, SPAN,
+    start_n, offs_m, offs_d, doc_q, span_q, N, qk_scale,
+    MASKED: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    UPCAST: tl.constexpr, PREC: tl.constexpr,
+):
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    if MASKED:
+        kv_mask = (offs_n[:, None] < N) & (offs_d[None, :] < D)
+    else:
+        kv_mask = offs_d[None, :] < D
+    k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+    if MASKED:
+        doc_k = tl.load(DOC + offs_n, mask=offs_n < N, other=0)
+        span_k = tl.load(SPAN + offs_n, mask=offs_n < N, other=-1)
+        vis = (doc_q[:, None] == doc_k[None, :]) & (
+            (offs_n[None, :] <= offs_m[:, None]) | ((span_q[:, None] >= 0) & (span_q[:, None] == span_k[None, :]))
+        )
+        vis = vis & (offs_n[None, :] < N)
+        s = tl.where(vis, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # A row with nothing visible yet keeps m = -inf; shift by 0 there to avoid inf - inf.
+    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_shift[:, None])
+    alpha = tl.math.exp2(m_i - m_shift)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+    return acc, m_new, l_i
+
+
+@triton.autotune(configs=_autotune_configs(), key=["D", "BLOCK_M", "BLOCK_N", "N"])
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, O, LSE, DOC, SPAN, FULL_CNT, FULL_IDX, PART_CNT, PART_IDX,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
+    stride_ib, stride_it,
+    H, N, GROUP, qk_scale, n_tiles_m,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    UPCAST: tl.constexpr, PREC: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    hk = h // GROUP
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < N
+    q = tl.load(
+        Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
+        mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0,
+    )
+    if UPCAST:
+        q = q.to(tl.float32)
+    DOC = DOC + b * N
+    SPAN = SPAN + b * N
+    doc_q = tl.load(DOC + offs_m, mask=row_ok, other=0)
+    span_q = tl.load(SPAN + offs_m, mask=row_ok, other=-1)
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    tile = b * n_tiles_m + pid_m
+    full_idx = FULL_IDX + b * stride_ib + pid_m * stride_it
+    for i in range(0, tl.load(FULL_CNT + tile)):
+        start_n = tl.load(full_idx + i) * BLOCK_N
+        acc, m_i, l_i = _fwd_tile(
+            acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, DOC, SPAN,
+            start_n, offs_m, offs_d, doc_q, span_q, N, qk_scale,
+            False, D, BLOCK_D, BLOCK_N, UPCAST, PREC,
+        )
+    part_idx = PART_IDX + b * stride_ib + pid_m * stride_it
+    for i in range(0, tl.load(PART_CNT + tile)):
+        start_n = tl.load(part_idx + i) * BLOCK_N
+        acc, m_i, l_i = _fwd_tile(
+            acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, DOC, SPAN,
+            start_n, offs_m, offs_d, doc_q, span_q, N, qk_scale,
+            True, D, BLOCK_D, BLOCK_N, UPCAST, PREC,
+        )
+
+    seen = l_i > 0.0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    lse = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("inf"))
+    tl.store(
+        O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :],
+        out.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D),
+    )
+    tl.store(LSE + pid_bh.to(tl.int64) * N + offs_m, lse, mask=row_ok)
+
+
+# ---------------------------------------------------------------------------- backward
+
+
+@triton.jit
+def _bwd_kv_tile(
+    dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, stride_don, DOC, SPAN,
+    start_m, offs_n, offs_d, doc_k, span_k, N, qk_scale,
+    MASKED: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    UPCAST: tl.constexpr, PREC: tl.constexpr,
+):
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < N
+    # Rows past N load as zeros (q = dO = 0, lse = delta = 0): they add exactly nothing.
+    ld_mask = row_ok[:, None] & (offs_d[None, :] < D)
+    q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :], mask=ld_mask, other=0.0)
+    do = tl.load(do_base + offs_m[:, None] * stride_don + offs_d[None, :], mask=ld_mask, other=0.0)
+    lse = tl.load(lse_base + offs_m, mask=row_ok, other=0.0)
+    delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    s_t = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale  # [BLOCK_N, BLOCK_M]
+    p_t = tl.math.exp2(s_t - lse[None, :])
+    if MASKED:
+        doc_q = tl.load(DOC + offs_m, mask=row_ok, other=0)
+        span_q = tl.load(SPAN + offs_m, mask=row_ok, other=-1)
+        vis = (doc_k[:, None] == doc_q[None, :]) & (
+            (offs_n[:, None] <= offs_m[None, :]) | ((span_q[None, :] >= 0) & (span_q[None, :] == span_k[:, None]))
+        )
+        vis = vis & row_ok[None, :]
+        p_t = tl.where(vis, p_t, 0.0)
+    dv += tl.dot(p_t.to(do.dtype), do, input_precision=PREC)
+    dp_t = tl.dot(v, tl.trans(do), input_precision=PREC)
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PREC)
+    return dk, dv
+
+
+@triton.autotune(configs=_autotune_configs(), key=["D", "BLOCK_M", "BLOCK_N", "N"])
+@triton.jit
+def _bwd_kv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, DOC, SPAN, FULL_CNT, FULL_IDX, PART_CNT, PART_IDX,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
+    stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
+    stride_ib, stride_it,
+    H, HKV, N, GROUP, qk_scale, sm_scale, n_tiles_n,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    UPCAST: tl.constexpr, PREC: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // HKV).to(tl.int64)
+    hk = (pid_bh % HKV).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    col_ok = offs_n < N
+    ld_mask = col_ok[:, None] & (offs_d[None, :] < D)
+    k = tl.load(K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :], mask=ld_mask, other=0.0)
+    v = tl.load(V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :], mask=ld_mask, other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    DOC = DOC + b * N
+    SPAN = SPAN + b * N
+    doc_k = tl.load(DOC + offs_n, mask=col_ok, other=0)
+    span_k = tl.load(SPAN + offs_n, mask=col_ok, other=-1)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+
+    tile = b * n_tiles_n + pid_n
+    n_full = tl.load(FULL_CNT + tile)
+    n_part = tl.load(PART_CNT + tile)
+    full_idx = FULL_IDX + b * stride_ib + pid_n * stride_it
+    part_idx = PART_IDX + b * stride_ib + pid_n * stride_it
+    for g in range(0, GROUP):
+        h = hk * GROUP + g
+        q_base = Q + b * stride_qb + h * stride_qh
+        do_base = DO + b * stride_dob + h * stride_doh
+        lse_base = LSE + (b * H + h) * N
+        delta_base = DELTA + (b * H + h) * N
+        for i in range(0, n_full):
+            start_m = tl.load(full_idx + i) * BLOCK_M
+            dk, dv = _bwd_kv_tile(
+                dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, stride_don, DOC, SPAN,
+                start_m, offs_n, offs_d, doc_k, span_k, N, qk_scale,
+                False, D, BLOCK_D, BLOCK_M, UPCAST, PREC,
+            )
+        for i in range(0, n_part):
+            start_m = tl.load(part_idx + i) * BLOCK_M
+            dk, dv = _bwd_kv_tile(
+                dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, stride_don, DOC, SPAN,
+                start_m, offs_n, offs_d, doc_k, span_k, N, qk_scale,
+                True, D, BLOCK_D, BLOCK_M, UPCAST, PREC,
+            )
+    dk = dk * sm_scale
+    tl.store(
+        DK + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
+        dk.to(DK.dtype.element_ty), mask=ld_mask,
+    )
+    tl.store(
+        DV + b * stride_dvb + hk * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :],
+        dv.to(DV.dtype.element_ty), mask=ld_mask,
+    )
+
+
+@triton.jit
+def _bwd_q_tile(
+    dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, DOC, SPAN,
+    start_n, offs_m, offs_d, doc_q, span_q, N, qk_scale,
+    MASKED: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    UPCAST: tl.constexpr, PREC: tl.constexpr,
+):
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    if MASKED:
+        kv_mask = (offs_n[:, None] < N) & (offs_d[None, :] < D)
+    else:
+        kv_mask = offs_d[None, :] < D
+    k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+    p = tl.math.exp2(s - lse[:, None])
+    if MASKED:
+        doc_k = tl.load(DOC + offs_n, mask=offs_n < N, other=0)
+        span_k = tl.load(SPAN + offs_n, mask=offs_n < N, other=-1)
+        vis = (doc_q[:, None] == doc_k[None, :]) & (
+            (offs_n[None, :] <= offs_m[:, None]) | ((span_q[:, None] >= 0) & (span_q[:, None] == span_k[None, :]))
+        )
+        vis = vis & (offs_n[None, :] < N)
+        p = tl.where(vis, p, 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+    ds = p * (dp - delta[:, None])
+    dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+    return dq
+
+
+@triton.autotune(configs=_autotune_configs(), key=["D", "BLOCK_M", "BLOCK_N", "N"])
+@triton.jit
+def _bwd_q_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, DOC, SPAN, FULL_CNT, FULL_IDX, PART_CNT, PART_IDX,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
+    stride_dqb, stride_dqh, stride_dqn,
+    stride_ib, stride_it,
+    H, N, GROUP, qk_scale, sm_scale, n_tiles_m,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    UPCAST: tl.constexpr, PREC: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    hk = h // GROUP
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < N
+    ld_mask = row_ok[:, None] & (offs_d[None, :] < D)
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :], mask=ld_mask, other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :], mask=ld_mask, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    lse = tl.load(LSE + pid_bh.to(tl.int64) * N + offs_m, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + pid_bh.to(tl.int64) * N + offs_m, mask=row_ok, other=0.0)
+    DOC = DOC + b * N
+    SPAN = SPAN + b * N
+    doc_q = tl.load(DOC + offs_m, mask=row_ok, other=0)
+    span_q = tl.load(SPAN + offs_m, mask=row_ok, other=-1)
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    tile = b * n_tiles_m + pid_m
+    full_idx = FULL_IDX + b * stride_ib + pid_m * stride_it
+    for i in range(0, tl.load(FULL_CNT + tile)):
+        start_n = tl.load(full_idx + i) * BLOCK_N
+        dq = _bwd_q_tile(
+            dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, DOC, SPAN,
+            start_n, offs_m, offs_d, doc_q, span_q, N, qk_scale,
+            False, D, BLOCK_D, BLOCK_N, UPCAST, PREC,
+        )
+    part_idx = PART_IDX + b * stride_ib + pid_m * stride_it
+    for i in range(0, tl.load(PART_CNT + tile)):
+        start_n = tl.load(part_idx + i) * BLOCK_N
+        dq = _bwd_q_tile(
+            dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, DOC, SPAN,
+            start_n, offs_m, offs_d, doc_q, span_q, N, qk_scale,
+            True, D, BLOCK_D, BLOCK_N, UPCAST, PREC,
+        )
+    dq = dq * sm_scale
+    tl.store(
+        DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :],
+        dq.to(DQ.dtype.element_ty), mask=ld_mask,
+    )
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def _kernel_flags(dtype: torch.dtype) -> tuple[bool, str]:
+    """(UPCAST, input precision): the interpreter cannot dot bf16, and fp32 stays exact
+    (no tf32) so fp32 results match torch's fp32 attention."""
+    upcast = interpreting() and dtype != torch.float32
+    prec = "ieee" if (dtype == torch.float32 or upcast) else "tf32"
+    return upcast, prec
+
+
+def _lists(doc_ids: torch.Tensor, span_ids: torch.Tensor, block_rows: int, block_cols: int, rows_are_queries: bool) -> TileLists:
+    q_sum = summarize_tiles(doc_ids, span_ids, block_rows if rows_are_queries else block_cols)
+    k_sum = summarize_tiles(doc_ids, span_ids, block_cols if rows_are_queries else block_rows)
+    cls = classify_tiles(q_sum, k_sum)
+    return tile_lists(cls if rows_are_queries else cls.transpose(1, 2))
+
+
+def hybrid_attention_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Tensor, span_ids: torch.Tensor, sm_scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns ``out`` [B, H, N, D] (dtype of q) and ``lse`` [B, H, N] fp32 (log2 domain).
+
+    Expects last-dim-contiguous q/k/v and int32 contiguous ids (``hybrid_attention``
+    prepares them)."""
+    bsz, heads, n, d = q.shape
+    cfg = select_tiles(d)
+    out = torch.empty_like(q)
+    lse = torch.empty((bsz, heads, n), device=q.device, dtype=torch.float32)
+    lists = _lists(doc_ids, span_ids, cfg.block_m, cfg.block_n, rows_are_queries=True)
+    n_tiles_m = lists.full_count.shape[1]
+    upcast, prec = _kernel_flags(q.dtype)
+    _fwd_kernel[(n_tiles_m, bsz * heads)](
+        q, k, v, out, lse, doc_ids, span_ids,
+        lists.full_count, lists.full_index, lists.part_count, lists.part_index,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        lists.full_index.stride(0), lists.full_index.stride(1),
+        heads, n, heads // k.shape[1], sm_scale * LOG2E, n_tiles_m,
+        D=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        UPCAST=upcast, PREC=prec,
+    )
+    return out, lse
+
+
+def hybrid_attention_backward(
+    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    doc_ids: torch.Tensor, span_ids: torch.Tensor, sm_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns ``dq, dk, dv`` (shapes and dtypes of q, k, v)."""
+    bsz, heads, n, d = q.shape
+    hkv = k.shape[1]
+    cfg = select_tiles(d)
+    upcast, prec = _kernel_flags(q.dtype)
+    delta = (dout.float() * out.float()).sum(-1).contiguous()  # [B, H, N]
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    common = dict(D=d, BLOCK_D=triton.next_power_of_2(d), UPCAST=upcast, PREC=prec)
+
+    kv_lists = _lists(doc_ids, span_ids, cfg.bwd_kv_n, cfg.bwd_kv_m, rows_are_queries=False)
+    n_tiles_n = kv_lists.full_count.shape[1]
+    _bwd_kv_kernel[(n_tiles_n, bsz * hkv)](
+        q, k, v, dout, lse, delta, dk, dv, doc_ids, span_ids,
+        kv_lists.full_count, kv_lists.full_index, kv_lists.part_count, kv_lists.part_index,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
+        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
+        kv_lists.full_index.stride(0), kv_lists.full_index.stride(1),
+        heads, hkv, n, heads // hkv, sm_scale * LOG2E, sm_scale, n_tiles_n,
+        BLOCK_M=cfg.bwd_kv_m, BLOCK_N=cfg.bwd_kv_n, **common,
+    )
+
+    q_lists = _lists(doc_ids, span_ids, cfg.block_m, cfg.block_n, rows_are_queries=True)
+    n_tiles_m = q_lists.full_count.shape[1]
+    _bwd_q_kernel[(n_tiles_m, bsz * heads)](
+        q, k, v, dout, lse, delta, dq, doc_ids, span_ids,
+        q_lists.full_count, q_lists.full_index, q_lists.part_count, q_lists.part_index,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
+        dq.stride(0), dq.stride(1), dq.stride(2),
+        q_lists.full_index.stride(0), q_lists.full_index.stride(1),
+        heads, n, heads // hkv, sm_scale * LOG2E, sm_scale, n_tiles_m,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **common,
+    )
+    return dq, dk, dv
