@@ -1,0 +1,259 @@
+"""ShapesWorld language: captions, their parser, VQA pairs and text-only documents.
+
+Captions are templated but varied (openers, word order, synonyms, joiners). Every
+template names each object's size, colour, shape and grid position in one clause without
+commas, so :func:`parse_caption` reads any caption back to the scene's content exactly
+(the captioning and generation evaluators rely on it).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from .scene import CELL_OF_POSITION, COLORS, GRID, POSITIONS, SHAPES, SIZES, Scene, ShapeObject
+
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
+                "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen",
+                "eighteen", "nineteen", "twenty")
+
+SIZE_WORDS: dict[str, tuple[str, ...]] = {"small": ("small", "little", "tiny"), "large": ("large", "big")}
+
+# Phrases that name a grid position; any of them may be used for that position.
+POSITION_PHRASES: dict[str, tuple[str, ...]] = {
+    "top left": ("at the top left", "in the top left corner", "in the upper left"),
+    "top": ("at the top", "along the top edge", "at the top middle"),
+    "top right": ("at the top right", "in the top right corner", "in the upper right"),
+    "left": ("on the left", "at the left side", "in the middle left"),
+    "center": ("in the center", "in the middle", "at the centre"),
+    "right": ("on the right", "at the right side", "in the middle right"),
+    "bottom left": ("at the bottom left", "in the bottom left corner", "in the lower left"),
+    "bottom": ("at the bottom", "along the bottom edge", "at the bottom middle"),
+    "bottom right": ("at the bottom right", "in the bottom right corner", "in the lower right"),
+}
+_PHRASE_TO_POSITION = {p: pos for pos, phrases in POSITION_PHRASES.items() for p in phrases}
+_WORD_TO_SIZE = {w: s for s, words in SIZE_WORDS.items() for w in words}
+
+# Openers ending in a colon take any object template; the others only noun phrases.
+_OPENERS = ("", "There {is} {n} {shape_word}: ", "{N} {shape_word}: ", "This image shows {n} {shape_word}: ",
+            "We see ", "A picture with ")
+_NOUN_TEMPLATES = ("a {size} {color} {shape} {where}", "one {size} {color} {shape} {where}")
+_OBJECT_TEMPLATES = _NOUN_TEMPLATES + ("{where} is a {size} {color} {shape}",)
+
+
+def number_word(n: int) -> str:
+    return NUMBER_WORDS[n] if 0 <= n < len(NUMBER_WORDS) else str(n)
+
+
+def _choice(rng: np.random.Generator, options):
+    return options[int(rng.integers(len(options)))]
+
+
+def object_phrase(o: ShapeObject, rng: np.random.Generator, noun_only: bool = False) -> str:
+    """One comma-free clause naming an object's size, colour, shape and position."""
+    template = _choice(rng, _NOUN_TEMPLATES if noun_only else _OBJECT_TEMPLATES)
+    return template.format(size=_choice(rng, SIZE_WORDS[o.size]), color=o.color, shape=o.shape,
+                           where=_choice(rng, POSITION_PHRASES[o.position]))
+
+
+def caption(scene: Scene, rng: np.random.Generator) -> str:
+    """A varied English caption naming every object of a grid scene."""
+    objects = list(scene.objects)
+    if rng.random() < 0.5:  # reading order, otherwise random order
+        objects.sort(key=lambda o: (o.row, o.col))
+    else:
+        objects = [objects[i] for i in rng.permutation(len(objects))]
+    n = len(objects)
+    opener = _choice(rng, _OPENERS)
+    phrases = [object_phrase(o, rng, noun_only=bool(opener) and not opener.endswith(": ")) for o in objects]
+    if n == 1:
+        body = phrases[0]
+    elif rng.random() < 0.5:
+        body = ", ".join(phrases[:-1]) + " and " + phrases[-1]
+    else:
+        body = "; ".join(phrases)
+    opener = opener.format(n=number_word(n), N=number_word(n).capitalize(),
+                           shape_word="shape" if n == 1 else "shapes", **{"is": "is" if n == 1 else "are"})
+    text = opener + body
+    return text[0].upper() + text[1:] + "."
+
+
+@dataclass(frozen=True)
+class ParsedObject:
+    """An object mentioned in a caption or prompt; ``None`` for an attribute it does not name."""
+
+    shape: str
+    color: str | None
+    size: str | None
+    position: str | None
+
+    @property
+    def cell(self) -> tuple[int, int] | None:
+        return CELL_OF_POSITION[self.position] if self.position else None
+
+
+_SHAPE_RE = re.compile(r"\b(?:(" + "|".join(_WORD_TO_SIZE) + r")\s+)?(?:(" + "|".join(COLORS) + r")\s+)?("
+                       + "|".join(SHAPES) + r")s?\b")
+_PHRASES_LONGEST_FIRST = sorted(_PHRASE_TO_POSITION, key=len, reverse=True)
+_CLAUSE_SPLIT = re.compile(r",\s*and\s+|,\s*|;\s*|\s+and\s+|:\s*")
+
+
+def parse_caption(text: str) -> list[ParsedObject]:
+    """Objects named in a caption or generation prompt, in order of mention.
+
+    Each clause (split at commas, semicolons, colons and "and") contributes the shape it
+    names with its size/colour words and the position phrase in the same clause.
+    Clauses that name no shape are ignored, so free text around them does no harm.
+    """
+    objects = []
+    for clause in _CLAUSE_SPLIT.split(text.lower().strip().rstrip(".")):
+        position = None
+        for phrase in _PHRASES_LONGEST_FIRST:
+            if re.search(r"\b" + re.escape(phrase) + r"\b", clause):
+                position = _PHRASE_TO_POSITION[phrase]
+                clause = clause.replace(phrase, " ")
+                break
+        for size_word, color, shape in _SHAPE_RE.findall(clause):
+            objects.append(ParsedObject(shape, color or None, _WORD_TO_SIZE.get(size_word), position))
+    return objects
+
+
+# ----------------------------------------------------------------------------- VQA
+
+
+@dataclass(frozen=True)
+class VQA:
+    """A question about a scene, its exact answer and the candidate answers of its kind."""
+
+    question: str
+    answer: str
+    choices: tuple[str, ...]
+    kind: str  # "count" | "color" | "shape" | "position" | "relation"
+
+
+COUNT_CHOICES = tuple(number_word(k) for k in range(0, GRID * GRID + 1))
+
+
+def _unique_refs(scene: Scene) -> list[ShapeObject]:
+    """Objects whose (colour, shape) pair is unique in the scene, so "the red circle" is unambiguous."""
+    pairs = [(o.color, o.shape) for o in scene.objects]
+    return [o for o in scene.objects if pairs.count((o.color, o.shape)) == 1]
+
+
+def make_vqa(scene: Scene, rng: np.random.Generator, n: int = 4) -> list[VQA]:
+    """``n`` questions about a grid scene, of random kinds, each with an exact answer."""
+    out = []
+    objs = scene.objects
+    for _ in range(n):
+        kind = _choice(rng, ("count", "color", "shape", "position", "relation"))
+        refs = _unique_refs(scene)
+        if kind == "relation" and len(refs) < 2:
+            kind = "position"
+        if kind == "position" and not refs:
+            kind = "count"
+        if kind == "count":
+            sub = rng.integers(3)
+            if sub == 0:
+                q, k = "How many shapes are there?", len(objs)
+            elif sub == 1:
+                c = _choice(rng, COLORS)
+                q, k = f"How many {c} shapes are there?", sum(o.color == c for o in objs)
+            else:
+                s = _choice(rng, SHAPES)
+                q, k = f"How many {s}s are there?", sum(o.shape == s for o in objs)
+            out.append(VQA(q, number_word(k), COUNT_CHOICES, "count"))
+        elif kind == "color":
+            o = _choice(rng, objs)
+            out.append(VQA(f"What color is the {o.shape} {_choice(rng, POSITION_PHRASES[o.position])}?",
+                           o.color, COLORS, "color"))
+        elif kind == "shape":
+            o = _choice(rng, objs)
+            out.append(VQA(f"What shape is {_choice(rng, POSITION_PHRASES[o.position])}?", o.shape, SHAPES, "shape"))
+        elif kind == "position":
+            o = _choice(rng, refs)
+            out.append(VQA(f"Where is the {o.color} {o.shape}?", o.position, tuple(CELL_OF_POSITION), "position"))
+        else:
+            i, j = rng.choice(len(refs), size=2, replace=False)
+            a, b = refs[int(i)], refs[int(j)]
+            if rng.random() < 0.5:
+                q, yes = f"Is the {a.color} {a.shape} left of the {b.color} {b.shape}?", a.col < b.col
+            else:
+                q, yes = f"Is the {a.color} {a.shape} above the {b.color} {b.shape}?", a.row < b.row
+            out.append(VQA(q, "yes" if yes else "no", ("yes", "no"), "relation"))
+    return out
+
+
+def normalize_answer(answer: str) -> str:
+    """Lower-case, strip punctuation and articles, map digits and position synonyms."""
+    a = re.sub(r"[^a-z0-9 ]", " ", answer.lower())
+    a = " ".join(w for w in a.split() if w not in ("the", "a", "an", "it", "is", "corner", "side"))
+    if a.isdigit():
+        a = number_word(int(a))
+    a = a.replace("upper", "top").replace("lower", "bottom").replace("centre", "center")
+    if a in ("middle", "middle center"):
+        a = "center"
+    if a in ("middle left", "middle right"):
+        a = a.split()[1]
+    return a
+
+
+# ----------------------------------------------------------------------------- documents
+
+FACTS = (
+    "A square has four corners and four equal sides.",
+    "A triangle has three corners.",
+    "A circle has no corners.",
+    "A diamond is a square turned on its corner.",
+    "The triangles in this world point up.",
+    f"There are {len(COLORS)} colors: " + ", ".join(COLORS[:-1]) + f" and {COLORS[-1]}.",
+    f"There are {len(SHAPES)} kinds of shapes: " + ", ".join(s + "s" for s in SHAPES[:-1]) + f" and {SHAPES[-1]}s.",
+    "Every picture is split into a grid of three rows and three columns.",
+    "Each cell of the grid holds at most one shape.",
+    "The top left cell is above the left cell.",
+    "The center cell is right of the left cell and left of the right cell.",
+    "The bottom row is below the top row.",
+    "A large shape is almost as wide as its cell; a small shape is about half as wide.",
+    "The agent moves one step for each action: up, down, left or right, or it stays.",
+    "An agent at the edge that is told to move into the wall stays where it is.",
+    "Shapes in videos move in straight lines and bounce off the walls.",
+)
+
+
+def _arithmetic_sentence(rng: np.random.Generator) -> str:
+    a, b = int(rng.integers(0, 10)), int(rng.integers(0, 10))
+    c, s = _choice(rng, COLORS), _choice(rng, SHAPES)
+    templates = (
+        f"{a} plus {b} equals {a + b}.",
+        f"{number_word(a).capitalize()} {c} {s}s and {number_word(b)} more make {number_word(a + b)} {c} {s}s.",
+        f"If there are {a + b} shapes and {b} are {c}, then {a} are not {c}.",
+        f"{max(a, b)} minus {min(a, b)} is {max(a, b) - min(a, b)}.",
+        f"{a} times {b} is {a * b}.",
+    )
+    return _choice(rng, templates)
+
+
+def _scene_sentences(scene: Scene, rng: np.random.Generator) -> list[str]:
+    sents = [caption(scene, rng)]
+    n = len(scene.objects)
+    sents.append(f"In total there {'is' if n == 1 else 'are'} {number_word(n)} "
+                 f"{'shape' if n == 1 else 'shapes'}.")
+    for v in make_vqa(scene, rng, n=int(rng.integers(1, 3))):
+        sents.append(f"Question: {v.question} Answer: {v.answer}.")
+    return sents
+
+
+def text_document(scene: Scene, rng: np.random.Generator) -> str:
+    """A short text-only document: a scene description, arithmetic, world facts or a mix."""
+    kind = int(rng.integers(4))
+    if kind == 0:
+        sents = _scene_sentences(scene, rng)
+    elif kind == 1:
+        sents = [_arithmetic_sentence(rng) for _ in range(int(rng.integers(3, 7)))]
+    elif kind == 2:
+        idx = rng.choice(len(FACTS), size=int(rng.integers(3, 6)), replace=False)
+        sents = [FACTS[int(i)] for i in idx]
+    else:
+        sents = [_choice(rng, FACTS)] + _scene_sentences(scene, rng) + [_arithmetic_sentence(rng)]
+    return " ".join(sents)
