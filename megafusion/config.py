@@ -1,0 +1,376 @@
+"""Run configuration: typed dataclasses, loaded from YAML, overridden with ``--set a.b=c``.
+
+Everything a run needs is one :class:`Config`. It is read and validated once, at start-up,
+before any process group exists, and then passed down explicitly: no module reads a
+global argument object.
+
+    cfg = load_config("examples/configs/tiny_text.yaml", ["train.steps=10", "parallel.tp=2"])
+    validate(cfg, world_size=2)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run. The message names the key, the value and the fix."""
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass
+class MoEConfig:
+    """Mixture of experts in place of the dense FFN (``num_experts: 0`` keeps it dense)."""
+
+    num_experts: int = 0
+    top_k: int = 2
+    ffn_hidden_size: int | None = None  # per expert; default: model.ffn_hidden_size
+    # Per-modality shared experts (Transfusion); for the text model one shared expert.
+    shared_expert_ffn_hidden_size: int | None = None
+    dispatcher: str = "alltoall"  # megatron token dispatcher: alltoall | allgather
+    dispatch: str = "megatron"  # permute implementation: megatron | triton
+    router_score: str = "softmax"  # softmax | sigmoid
+    aux_loss_coeff: float = 0.0
+    z_loss_coeff: float | None = None
+    capacity_factor: float | None = None  # None = dropless
+
+
+@dataclass
+class ModelConfig:
+    kind: str = "text"  # which provider builds the model: text | transfusion
+    spec: str = "local"  # megatron layer spec: local (pure torch) | te (Transformer Engine)
+    vocab_size: int = 256
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int | None = None  # None = num_heads (no GQA)
+    ffn_hidden_size: int | None = None  # None = 4 * hidden_size
+    seq_length: int = 64
+    activation: str = "swiglu"  # swiglu | gelu
+    normalization: str = "rmsnorm"  # rmsnorm | layernorm
+    tie_embeddings: bool = True
+    rope_base: float = 10000.0
+    init_std: float = 0.02
+    attention: str = "sdpa"  # core attention backend of the transfusion model: sdpa | flex | triton
+    moe: MoEConfig = field(default_factory=MoEConfig)
+
+
+@dataclass
+class ParallelConfig:
+    """Parallel sizes. Data parallelism is whatever is left of the world size."""
+
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+    sp: bool = False  # sequence parallelism (needs tp > 1)
+    vpp: int | None = None  # virtual pipeline stages per pipeline rank (interleaved 1F1B)
+    distributed_optimizer: bool = False
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    clip_grad: float = 1.0  # 0 disables clipping
+
+
+@dataclass
+class ScheduleConfig:
+    kind: str = "cosine"  # cosine | wsd | constant
+    warmup_steps: int = 0
+    decay_steps: int | None = None  # None = train.steps - warmup
+    wsd_decay_fraction: float = 0.2  # WSD: the last fraction of training decays the LR
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    micro_batch_size: int = 1
+    global_batch_size: int = 8
+    seed: int = 1234
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+    recompute: str = "none"  # activation recomputation: none | full | selective
+    device: str = "auto"  # auto | cpu | cuda
+
+
+@dataclass
+class DataConfig:
+    kind: str = "synthetic"  # synthetic | indexed | shapes
+    paths: list[str] = field(default_factory=list)  # indexed datasets (prefixes)
+    weights: list[float] = field(default_factory=list)  # blending weights, one per path
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0  # save every N steps (0 = only at the end)
+    keep: int = 2  # keep the last K complete checkpoints
+    async_save: bool = True  # GPU only; CPU saves synchronously
+    save_final: bool = True
+
+
+@dataclass
+class LoggingConfig:
+    every: int = 1
+    tensorboard: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, typ: Any, key: str) -> Any:
+    """Checks (and gently converts) ``value`` to the annotated type ``typ``."""
+    origin = typing.get_origin(typ)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(typ)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0])
+    if dataclasses.is_dataclass(typ):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a mapping of {typ.__name__} fields, got {value!r}")
+        return _build(typ, value, key)
+    if origin is list:
+        (item,) = typing.get_args(typ)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
+    if typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
+    if typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML reads 1e-3 as a string
+            except ValueError:
+                pass
+        raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
+    if typ is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
+    return value
+
+
+def _unknown_key_error(cls: type, name: str, prefix: str) -> ConfigError:
+    valid = [f.name for f in dataclasses.fields(cls)]
+    close = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
+    where = f"{prefix}.{name}" if prefix else name
+    hint = f" Did you mean '{(prefix + '.') if prefix else ''}{close[0]}'?" if close else ""
+    return ConfigError(f"unknown config key '{where}'.{hint} Valid keys here: {', '.join(valid)}")
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    hints = _field_types(cls)
+    kwargs = {}
+    for name, value in values.items():
+        if name not in hints:
+            raise _unknown_key_error(cls, name, prefix)
+        kwargs[name] = _coerce(value, hints[name], f"{prefix}.{name}" if prefix else name)
+    return cls(**kwargs)
+
+
+def _apply_override(tree: dict[str, Any], assignment: str) -> None:
+    if "=" not in assignment:
+        raise ConfigError(f"--set expects key.sub=value, got '{assignment}'")
+    dotted, raw = assignment.split("=", 1)
+    keys = dotted.strip().split(".")
+    cls: type = Config
+    node = tree
+    for depth, key in enumerate(keys):
+        hints = _field_types(cls)
+        if key not in hints:
+            raise _unknown_key_error(cls, key, ".".join(keys[:depth]))
+        if depth == len(keys) - 1:
+            node[key] = yaml.safe_load(raw) if raw.strip() else None
+        else:
+            cls = hints[key]
+            if not dataclasses.is_dataclass(cls):
+                raise ConfigError(f"config key '{'.'.join(keys[:depth + 1])}' is a value, not a section")
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"config key '{'.'.join(keys[:depth + 1])}' must be a mapping")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Reads a YAML file (or starts from defaults), applies ``key.sub=value`` overrides."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file '{path}' does not exist")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file '{path}' is not valid YAML: {err}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file '{path}' must hold a mapping of sections, got {type(tree).__name__}")
+    for assignment in overrides:
+        _apply_override(tree, assignment)
+    try:
+        return _build(Config, tree)
+    except ConfigError as err:
+        where = f" (in {path})" if path is not None else ""
+        raise ConfigError(f"{err}{where}") from None
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+# --------------------------------------------------------------------------- validation
+
+_CHOICES = {
+    "model.kind": ("text", "transfusion"),
+    "model.spec": ("local", "te"),
+    "model.activation": ("swiglu", "gelu"),
+    "model.normalization": ("rmsnorm", "layernorm"),
+    "model.attention": ("sdpa", "flex", "triton"),
+    "model.moe.dispatcher": ("alltoall", "allgather"),
+    "model.moe.dispatch": ("megatron", "triton"),
+    "model.moe.router_score": ("softmax", "sigmoid"),
+    "schedule.kind": ("cosine", "wsd", "constant"),
+    "train.precision": ("fp32", "bf16", "fp16"),
+    "train.recompute": ("none", "full", "selective"),
+    "train.device": ("auto", "cpu", "cuda"),
+    "data.kind": ("synthetic", "indexed", "shapes"),
+}
+
+
+def _get(cfg: Config, dotted: str) -> Any:
+    node: Any = cfg
+    for key in dotted.split("."):
+        node = getattr(node, key)
+    return node
+
+
+def data_parallel_size(cfg: Config, world_size: int) -> int:
+    return world_size // (cfg.parallel.tp * cfg.parallel.pp)
+
+
+def validate(cfg: Config, world_size: int) -> None:
+    """Refuses layouts and values that cannot run, naming the numbers involved."""
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    problems: list[str] = []
+
+    for dotted, choices in _CHOICES.items():
+        value = _get(cfg, dotted)
+        if value not in choices:
+            problems.append(f"{dotted} = {value!r} is not one of {', '.join(choices)}")
+
+    for dotted in ("parallel.tp", "parallel.pp", "parallel.ep", "train.steps", "train.micro_batch_size",
+                   "train.global_batch_size", "model.num_layers", "model.num_heads", "model.hidden_size",
+                   "model.seq_length", "model.vocab_size"):
+        if _get(cfg, dotted) < 1:
+            problems.append(f"{dotted} = {_get(cfg, dotted)} must be at least 1")
+    if problems:
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+
+    model_parallel = p.tp * p.pp
+    if world_size % model_parallel != 0:
+        problems.append(
+            f"world size {world_size} is not divisible by parallel.tp * parallel.pp = {p.tp} * {p.pp} = "
+            f"{model_parallel}; data parallelism takes what is left, so the world size must be a multiple")
+    dp = max(world_size // model_parallel, 1)
+    if m.num_heads % p.tp:
+        problems.append(f"model.num_heads = {m.num_heads} is not divisible by parallel.tp = {p.tp}")
+    kv_heads = m.num_kv_heads or m.num_heads
+    if m.num_heads % kv_heads:
+        problems.append(f"model.num_heads = {m.num_heads} is not a multiple of model.num_kv_heads = {kv_heads}")
+    if kv_heads % p.tp:
+        problems.append(f"model.num_kv_heads = {kv_heads} is not divisible by parallel.tp = {p.tp}")
+    if m.hidden_size % m.num_heads:
+        problems.append(f"model.hidden_size = {m.hidden_size} is not divisible by model.num_heads = {m.num_heads}")
+    stages = p.pp * (p.vpp or 1)
+    if m.num_layers % stages:
+        problems.append(f"model.num_layers = {m.num_layers} is not divisible by parallel.pp * vpp = {stages}")
+    if p.vpp is not None and p.pp < 2:
+        problems.append(f"parallel.vpp = {p.vpp} needs parallel.pp >= 2, got pp = {p.pp}")
+    if p.sp and p.tp < 2:
+        problems.append("parallel.sp = true needs parallel.tp >= 2 (sequence parallelism splits along TP ranks)")
+    if p.sp and m.seq_length % p.tp:
+        problems.append(f"model.seq_length = {m.seq_length} is not divisible by parallel.tp = {p.tp} (needed by sp)")
+    if m.vocab_size % p.tp:
+        problems.append(f"model.vocab_size = {m.vocab_size} is not divisible by parallel.tp = {p.tp}")
+
+    moe = m.moe
+    if moe.num_experts:
+        if moe.top_k < 1 or moe.top_k > moe.num_experts:
+            problems.append(f"model.moe.top_k = {moe.top_k} must be between 1 and model.moe.num_experts = "
+                            f"{moe.num_experts}")
+        if moe.num_experts % p.ep:
+            problems.append(f"model.moe.num_experts = {moe.num_experts} is not divisible by parallel.ep = {p.ep}")
+        if p.ep > 1 and (dp * p.tp) % p.ep:
+            problems.append(f"parallel.ep = {p.ep} must divide data-parallel size * tp = {dp} * {p.tp}")
+    elif p.ep > 1:
+        problems.append(f"parallel.ep = {p.ep} needs a MoE model (model.moe.num_experts > 0)")
+
+    if t.global_batch_size % (t.micro_batch_size * dp):
+        problems.append(
+            f"train.global_batch_size = {t.global_batch_size} is not divisible by train.micro_batch_size * "
+            f"data-parallel size = {t.micro_batch_size} * {dp}")
+    elif p.pp > 1 and p.vpp and (t.global_batch_size // (t.micro_batch_size * dp)) % p.pp:
+        problems.append("interleaved pipelining (parallel.vpp) needs the number of micro-batches to be a "
+                        f"multiple of parallel.pp = {p.pp}")
+    if cfg.data.weights and len(cfg.data.weights) != len(cfg.data.paths):
+        problems.append(f"data.weights has {len(cfg.data.weights)} entries but data.paths has "
+                        f"{len(cfg.data.paths)}; give one weight per path")
+    decay_steps = cfg.schedule.decay_steps or t.steps
+    if cfg.schedule.warmup_steps >= decay_steps:
+        problems.append(f"schedule.warmup_steps = {cfg.schedule.warmup_steps} must be smaller than the decay "
+                        f"horizon (schedule.decay_steps or train.steps) = {decay_steps}")
+    if cfg.optimizer.min_lr > cfg.optimizer.lr:
+        problems.append(f"optimizer.min_lr = {cfg.optimizer.min_lr} is larger than optimizer.lr = {cfg.optimizer.lr}")
+    if cfg.checkpoint.keep < 1:
+        problems.append(f"checkpoint.keep = {cfg.checkpoint.keep} must be at least 1")
+    if problems:
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))

@@ -1,0 +1,110 @@
+"""How the trainer gets a model: a provider per ``model.kind``.
+
+A provider turns the run's :class:`~megafusion.config.Config` into megatron-core modules
+(one per virtual pipeline stage) and says how one micro-batch flows through them. The
+trainer knows nothing else about the model, so the Transfusion model plugs in beside the
+plain text model.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable, Iterator, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from megafusion.config import Config
+
+# model.kind -> "module:Class"
+PROVIDERS = {
+    "text": "megafusion.model.text:TextModelProvider",
+    "transfusion": "megafusion.model.transfusion:TransfusionProvider",
+}
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class ModelProvider(Protocol):
+    # Names of the summed metrics the loss function reports, e.g. ("loss", "loss_text").
+    metric_names: tuple[str, ...]
+
+    def build(self, pre_process: bool, post_process: bool, vp_stage: int | None) -> torch.nn.Module:
+        """One pipeline (virtual) stage of the model, on CPU, not yet wrapped for DDP."""
+
+    def micro_batches(self, step: int, dp_rank: int, dp_size: int) -> list[dict[str, torch.Tensor]]:
+        """This data-parallel rank's micro-batches for a step (deterministic in ``step``)."""
+
+    def forward_step(self, batch: dict[str, torch.Tensor], model: torch.nn.Module
+                     ) -> tuple[torch.Tensor, Callable[[torch.Tensor], Any]]:
+        """Runs the model; returns its output and megatron's loss function for it."""
+
+
+def get_provider(cfg: Config, transformer_config) -> ModelProvider:
+    module_name, cls_name = PROVIDERS[cfg.model.kind].split(":")
+    return getattr(importlib.import_module(module_name), cls_name)(cfg, transformer_config)
+
+
+def build_transformer_config(cfg: Config, device: torch.device):
+    """megatron-core's TransformerConfig for the run's model and parallel layout."""
+    from megatron.core.transformer import TransformerConfig
+
+    m, p, t, moe = cfg.model, cfg.parallel, cfg.train, cfg.model.moe
+    dtype = DTYPES[t.precision]
+    recompute = {"none": {}, "full": dict(recompute_granularity="full", recompute_method="uniform",
+                                          recompute_num_layers=1),
+                 "selective": dict(recompute_granularity="selective")}[t.recompute]
+    moe_kwargs: dict[str, Any] = {}
+    if moe.num_experts:
+        moe_kwargs = dict(
+            num_moe_experts=moe.num_experts,
+            moe_router_topk=moe.top_k,
+            moe_ffn_hidden_size=moe.ffn_hidden_size or m.ffn_hidden_size or 4 * m.hidden_size,
+            moe_shared_expert_intermediate_size=moe.shared_expert_ffn_hidden_size,
+            moe_token_dispatcher_type=moe.dispatcher,
+            moe_router_score_function=moe.router_score,
+            moe_router_load_balancing_type="aux_loss" if moe.aux_loss_coeff > 0 else "none",
+            moe_aux_loss_coeff=moe.aux_loss_coeff,
+            moe_z_loss_coeff=moe.z_loss_coeff,
+            moe_expert_capacity_factor=moe.capacity_factor,
+            moe_router_dtype="fp32",
+        )
+    return TransformerConfig(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        num_attention_heads=m.num_heads,
+        num_query_groups=m.num_kv_heads,
+        ffn_hidden_size=m.ffn_hidden_size or 4 * m.hidden_size,
+        normalization="RMSNorm" if m.normalization == "rmsnorm" else "LayerNorm",
+        gated_linear_unit=m.activation == "swiglu",
+        activation_func=F.silu if m.activation == "swiglu" else F.gelu,
+        add_bias_linear=False,  # MoE with biases fails in megatron-core 0.19 (platform.md)
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=m.init_std,
+        tensor_model_parallel_size=p.tp,
+        pipeline_model_parallel_size=p.pp,
+        virtual_pipeline_model_parallel_size=p.vpp,
+        expert_model_parallel_size=p.ep,
+        sequence_parallel=p.sp,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=t.precision == "bf16",
+        fp16=t.precision == "fp16",
+        # Losses are summed per token and divided by the global token count once, so any
+        # layout (and any packing) weights every token the same.
+        calculate_per_token_loss=True,
+        use_cpu_initialization=device.type == "cpu",
+        gradient_accumulation_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        **recompute,
+        **moe_kwargs,
+    )
+
+
+def micro_batch_iterators(batches: list[dict[str, torch.Tensor]], num_chunks: int) -> list[Iterator]:
+    """One iterator per virtual pipeline chunk over the same micro-batches."""
+    return [iter(batches) for _ in range(num_chunks)]

@@ -1,0 +1,95 @@
+"""Process groups: torch.distributed, megatron-core's model-parallel groups, seeds, device.
+
+Called once per process by the trainer. Works under ``torchrun`` (reads RANK/WORLD_SIZE/
+LOCAL_RANK) and as a single process without it (a world of one).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from megafusion.config import Config
+
+
+@dataclass(frozen=True)
+class ParallelEnv:
+    """Where this process sits in the parallel layout."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+    tp_rank: int
+    pp_rank: int
+    dp_rank: int
+    dp_size: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def resolve_device(choice: str) -> torch.device:
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("train.device = cuda but no CUDA GPU is visible; use train.device = cpu or auto")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_parallel(cfg: Config) -> ParallelEnv:
+    """Starts torch.distributed and megatron-core's groups for ``cfg.parallel``."""
+    device = resolve_device(cfg.train.device)
+    if device.type == "cpu":
+        # megatron-core assumes CUDA in a dozen places; patch them before any model exists.
+        from megafusion.parallel import cpu_compat
+
+        cpu_compat.apply("cpu")
+    else:
+        torch.cuda.set_device(device)
+
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if "RANK" in os.environ:
+            dist.init_process_group(backend=backend)
+        else:  # a single process without torchrun: a world of one, no ports needed
+            store = tempfile.NamedTemporaryFile(prefix="megafusion-store-", delete=False).name
+            dist.init_process_group(backend=backend, init_method=f"file://{store}", rank=0, world_size=1)
+
+    from megatron.core import parallel_state, tensor_parallel
+
+    p = cfg.parallel
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=p.tp,
+        pipeline_model_parallel_size=p.pp,
+        virtual_pipeline_model_parallel_size=p.vpp,
+        expert_model_parallel_size=p.ep,
+    )
+    torch.manual_seed(cfg.train.seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(cfg.train.seed)
+
+    return ParallelEnv(
+        rank=dist.get_rank(),
+        world_size=dist.get_world_size(),
+        device=device,
+        tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+        pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
+        dp_rank=parallel_state.get_data_parallel_rank(),
+        dp_size=parallel_state.get_data_parallel_world_size(),
+    )
+
+
+def shutdown() -> None:
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

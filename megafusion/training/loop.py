@@ -1,0 +1,163 @@
+"""The training loop: build, restore, step, log, checkpoint.
+
+One function, :func:`train`, run by every process. Parallelism lives in megatron-core
+(groups, DDP, the pipeline schedule, the distributed optimizer); this file only wires the
+pieces together in the order they need.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megafusion.config import Config, save_config
+from megafusion.model.provider import build_transformer_config, get_provider, micro_batch_iterators
+from megafusion.parallel.setup import ParallelEnv, init_parallel, shutdown
+from megafusion.training.checkpoint import Checkpointer
+from megafusion.training.metrics import MetricsWriter
+from megafusion.training.optim import build_optimizer, build_scheduler
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or inf; the run stops without saving a new checkpoint."""
+
+
+def build_model_chunks(cfg: Config, transformer_config, provider, env: ParallelEnv) -> list[torch.nn.Module]:
+    """This rank's model: one chunk per virtual pipeline stage, wrapped for DDP."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.transformer.module import Float16Module
+
+    stages = [None] if cfg.parallel.vpp is None else list(range(cfg.parallel.vpp))
+    chunks = []
+    for vp_stage in stages:
+        model = provider.build(
+            pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+            post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+            vp_stage=vp_stage,
+        ).to(env.device)
+        if cfg.train.precision != "fp32":
+            model = Float16Module(transformer_config, model)
+        chunks.append(model)
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=cfg.parallel.distributed_optimizer,
+        check_for_nan_in_grad=False,
+    )
+    return [
+        DistributedDataParallel(config=transformer_config, ddp_config=ddp_config, module=chunk,
+                                disable_bucketing=i > 0)
+        for i, chunk in enumerate(chunks)
+    ]
+
+
+def _reduce_metrics(losses_reduced: list[dict], names: tuple[str, ...], env: ParallelEnv) -> dict[str, float]:
+    """Sums [sum, count] pairs over micro-batches and data-parallel ranks; returns means.
+
+    Only the last pipeline stage computes losses, and all its TP ranks compute the same
+    ones, so each (sum, count) is contributed once, by TP rank 0 of the last stage.
+    """
+    from megatron.core import parallel_state as ps
+
+    totals = torch.zeros(len(names), 2, dtype=torch.float64)
+    if ps.is_pipeline_last_stage(ignore_virtual=True) and env.tp_rank == 0:
+        for micro in losses_reduced:
+            for i, name in enumerate(names):
+                if name in micro:
+                    totals[i] += micro[name].detach().double().cpu()
+    totals = totals.to(env.device)
+    dist.all_reduce(totals)
+    totals = totals.cpu()
+    return {name: (totals[i, 0] / totals[i, 1]).item() for i, name in enumerate(names) if totals[i, 1] > 0}
+
+
+def _check_finite(losses_reduced: list[dict], step: int, env: ParallelEnv) -> None:
+    """Stops every rank if any rank saw a non-finite loss, naming the first such rank."""
+    bad = any(not torch.isfinite(v).all() for micro in losses_reduced for v in micro.values())
+    first_bad = torch.tensor([env.rank if bad else env.world_size], device=env.device)
+    dist.all_reduce(first_bad, op=dist.ReduceOp.MIN)
+    if first_bad.item() < env.world_size:
+        raise NonFiniteLossError(
+            f"non-finite loss (NaN or inf) at step {step} on rank {int(first_bad.item())}; stopping without "
+            f"saving a checkpoint. Lower optimizer.lr, enable clipping (optimizer.clip_grad) or use fp32/bf16.")
+
+
+def train(cfg: Config, run_dir: Path) -> dict[str, float]:
+    """Trains ``cfg`` in ``run_dir`` (resuming from its latest checkpoint). Returns the last metrics."""
+    from megatron.core.distributed import finalize_model_grads
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    run_dir = Path(run_dir)
+    env = init_parallel(cfg)
+    try:
+        if env.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, run_dir / "config.yaml")
+        dist.barrier()
+
+        transformer_config = build_transformer_config(cfg, env.device)
+        provider = get_provider(cfg, transformer_config)
+        model_chunks = build_model_chunks(cfg, transformer_config, provider, env)
+        optimizer = build_optimizer(cfg, model_chunks)
+        scheduler = build_scheduler(cfg, optimizer)
+        transformer_config.finalize_model_grads_func = finalize_model_grads
+        transformer_config.grad_scale_func = optimizer.scale_loss
+
+        checkpointer = Checkpointer(run_dir, cfg.checkpoint.keep, cfg.checkpoint.async_save, env.device)
+        restored = checkpointer.load_latest(model_chunks, optimizer, scheduler)
+        start_step = restored["step"] if restored else 0
+        if restored and env.is_main:
+            print(f"[megafusion] resumed from step {start_step} in {run_dir}", flush=True)
+
+        writer = MetricsWriter(run_dir, env.is_main, cfg.logging.tensorboard, cfg.train.steps)
+        forward_backward = get_forward_backward_func()
+        tokens_per_step = cfg.train.global_batch_size * cfg.model.seq_length
+        metrics: dict[str, float] = {}
+
+        def forward_step(data_iterator, model):
+            return provider.forward_step(next(data_iterator), model)
+
+        for step in range(start_step + 1, cfg.train.steps + 1):
+            started = time.perf_counter()
+            batches = [{k: v.to(env.device, non_blocking=True) for k, v in b.items()}
+                       for b in provider.micro_batches(step - 1, env.dp_rank, env.dp_size)]
+            for chunk in model_chunks:
+                chunk.zero_grad_buffer()
+            optimizer.zero_grad()
+            losses = forward_backward(
+                forward_step_func=forward_step,
+                data_iterator=micro_batch_iterators(batches, len(model_chunks)),
+                model=model_chunks if len(model_chunks) > 1 else model_chunks[0],
+                num_microbatches=len(batches),
+                seq_length=cfg.model.seq_length,
+                micro_batch_size=cfg.train.micro_batch_size,
+                forward_only=False,
+            )
+            _check_finite(losses, step, env)
+            _, grad_norm, _ = optimizer.step()
+            scheduler.step(increment=1)
+            elapsed = time.perf_counter() - started
+
+            if step % cfg.logging.every == 0 or step == cfg.train.steps:
+                metrics = _reduce_metrics(losses, provider.metric_names, env)
+                metrics.update(
+                    lr=float(optimizer.param_groups[0]["lr"]),
+                    grad_norm=float(grad_norm) if grad_norm is not None else math.nan,
+                    tokens_per_s=tokens_per_step / elapsed,
+                    step_time_s=elapsed,
+                )
+                writer.log(step, metrics)
+            checkpointer.poll()
+            if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or (
+                    step == cfg.train.steps and cfg.checkpoint.save_final):
+                checkpointer.save(step, model_chunks, optimizer, scheduler, data_state={"step": step})
+        checkpointer.poll(blocking=True)
+        writer.close()
+        return metrics
+    finally:
+        shutdown()
