@@ -1,0 +1,418 @@
+"""Exact ShapesWorld evaluators: a deterministic detector and scorers with chance levels.
+
+The detector parses an image (rendered or generated) into shapes: each pixel takes the
+nearest palette colour (or the background), connected components of one colour are
+candidate shapes, and each is classified by the best intersection-over-union against the
+exact pixel templates of every (shape, size). Ground-truth renders are read back exactly.
+
+Every scorer returns a JSON-ready dict (Python floats/ints/lists only) holding its metrics
+and a ``chance`` entry computed for the same items: analytically where the answer space
+is finite (VQA, planning, agent positions) and otherwise by scoring random draws from the
+world's own prior with the same scorer (generation, captioning, frame error).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from megafusion.data.shapes.export import save_png
+from megafusion.data.shapes.scene import (BACKGROUND, COLORS, GRID, PALETTE, POSITIONS, SHAPES, SIZES, Scene,
+                                          cell_edges, sample_scene, shape_mask, size_pixels)
+from megafusion.data.shapes.text import VQA, ParsedObject, caption, normalize_answer, parse_caption
+
+MIN_IOU = 0.5  # a component matching no template this well is not a shape
+
+
+# ----------------------------------------------------------------------------- detector
+
+
+@dataclass(frozen=True)
+class Detection:
+    shape: str
+    color: str
+    size: str
+    x: float  # bounding-box centre, px
+    y: float
+    row: int
+    col: int
+    area: int  # pixels
+    iou: float  # with the best template
+
+    @property
+    def position(self) -> str:
+        return POSITIONS[self.row][self.col]
+
+
+_PALETTE_RGB = np.array([BACKGROUND] + [PALETTE[c] for c in COLORS], dtype=np.float32)  # [1 + C, 3]
+
+
+def color_labels(image: np.ndarray) -> np.ndarray:
+    """[H, W] int: 0 for background, 1 + i for the nearest palette colour COLORS[i]."""
+    image = _as_uint8(image)
+    d = ((image[:, :, None, :].astype(np.float32) - _PALETTE_RGB) ** 2).sum(-1)
+    return d.argmin(-1)
+
+
+def connected_components(mask: np.ndarray) -> list[np.ndarray]:
+    """4-connected components of a [H, W] bool mask, as a list of [H, W] bool masks.
+
+    Labels start unique per pixel and take their neighbours' minimum until nothing changes.
+    """
+    h, w = mask.shape
+    big = h * w + 1
+    labels = np.where(mask, np.arange(h * w).reshape(h, w), big)
+    while True:
+        padded = np.pad(labels, 1, constant_values=big)
+        nb = np.minimum.reduce([labels, padded[:-2, 1:-1], padded[2:, 1:-1], padded[1:-1, :-2], padded[1:-1, 2:]])
+        nb = np.where(mask, nb, big)
+        if np.array_equal(nb, labels):
+            break
+        labels = nb
+    return [labels == v for v in np.unique(labels[mask])]
+
+
+@lru_cache(maxsize=None)
+def _templates(image_size: int) -> tuple[tuple[str, str, np.ndarray], ...]:
+    """(shape, size, [h, w] bool pattern cropped to its bounding box) for every kind and size."""
+    out = []
+    for size in SIZES:
+        side = size_pixels(image_size, size)
+        for shape in SHAPES:
+            m = shape_mask(shape, side / 2 + 1, side / 2 + 1, side, side + 2)
+            out.append((shape, size, _crop(m)))
+    return tuple(out)
+
+
+def _crop(mask: np.ndarray) -> np.ndarray:
+    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    return mask[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+
+
+def _centered_iou(a: np.ndarray, b: np.ndarray) -> float:
+    """IoU of two cropped masks placed with their bounding-box centres together."""
+    h, w = max(a.shape[0], b.shape[0]), max(a.shape[1], b.shape[1])
+    ca, cb = np.zeros((h, w), bool), np.zeros((h, w), bool)
+    for src, dst in ((a, ca), (b, cb)):
+        oy, ox = (h - src.shape[0]) // 2, (w - src.shape[1]) // 2
+        dst[oy:oy + src.shape[0], ox:ox + src.shape[1]] = src
+    return float((ca & cb).sum() / (ca | cb).sum())
+
+
+def detect(image: np.ndarray) -> list[Detection]:
+    """Shapes in an [S, S, 3] image (uint8, or float in [0, 1]), sorted by grid cell."""
+    image = _as_uint8(image)
+    s = image.shape[0]
+    if image.shape[:2] != (s, s) or s not in (32, 64):
+        raise ValueError(f"detect: expected a square 32 or 64 px RGB image, got shape {image.shape}")
+    templates = _templates(s)
+    min_area = 0.5 * min(int(t.sum()) for _, _, t in templates)
+    edges = cell_edges(s)
+    labels = color_labels(image)
+    found = []
+    for ci, color in enumerate(COLORS):
+        for comp in connected_components(labels == ci + 1):
+            area = int(comp.sum())
+            if area < min_area:
+                continue
+            crop = _crop(comp)
+            iou, shape, size = max((_centered_iou(crop, t), sh, sz) for sh, sz, t in templates)
+            if iou < MIN_IOU:
+                continue
+            rows, cols = np.flatnonzero(comp.any(1)), np.flatnonzero(comp.any(0))
+            x, y = (cols[0] + cols[-1] + 1) / 2, (rows[0] + rows[-1] + 1) / 2
+            row = int(np.clip(np.searchsorted(edges, y, side="right") - 1, 0, GRID - 1))
+            col = int(np.clip(np.searchsorted(edges, x, side="right") - 1, 0, GRID - 1))
+            found.append(Detection(shape, color, size, float(x), float(y), row, col, area, iou))
+    return sorted(found, key=lambda d: (d.row, d.col, d.color))
+
+
+def _as_uint8(image) -> np.ndarray:
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[-1] != 3:
+        raise ValueError(f"expected an [H, W, 3] RGB image, got shape {image.shape}")
+    if image.dtype == np.uint8:
+        return image
+    return (np.clip(image.astype(np.float32), 0, 1) * 255).round().astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------- matching
+
+
+def _scene_objects(target: Scene | str | Sequence[ParsedObject]) -> list[ParsedObject]:
+    if isinstance(target, Scene):
+        return [ParsedObject(o.shape, o.color, o.size, o.position) for o in target.objects]
+    if isinstance(target, str):
+        return parse_caption(target)
+    return list(target)
+
+
+def _matches(p: ParsedObject, d, fields: tuple[str, ...]) -> bool:
+    return all(getattr(p, f) is None or getattr(p, f) == getattr(d, f) for f in fields)
+
+
+def _all_matched(wanted: list[ParsedObject], found: list, fields: tuple[str, ...]) -> bool:
+    """Whether every wanted object gets its own found object agreeing on ``fields``
+    (maximum bipartite matching by augmenting paths; both lists hold at most a few items)."""
+    owner: dict[int, int] = {}
+
+    def augment(i: int, seen: set[int]) -> bool:
+        for j, d in enumerate(found):
+            if j not in seen and _matches(wanted[i], d, fields):
+                seen.add(j)
+                if j not in owner or augment(owner[j], seen):
+                    owner[j] = i
+                    return True
+        return False
+
+    return all(augment(i, set()) for i in range(len(wanted)))
+
+
+_GEN_CRITERIA = {"objects": ("shape", "color"), "sizes": ("shape", "color", "size"),
+                 "positions": ("shape", "color", "position"), "attributes": ("shape", "color", "size", "position")}
+
+
+def _generation_checks(wanted: list[ParsedObject], found: list) -> dict[str, bool]:
+    checks = {"count": len(found) == len(wanted)}
+    checks.update({k: _all_matched(wanted, found, f) for k, f in _GEN_CRITERIA.items()})
+    checks["correct"] = checks["count"] and checks["attributes"]
+    return checks
+
+
+def _mean_checks(rows: list[dict[str, bool]]) -> dict[str, float]:
+    return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+def score_generation(images: Sequence[np.ndarray], prompts: Sequence[Scene | str], seed: int = 0,
+                     chance_samples: int = 8) -> dict:
+    """GenEval-like correctness of generated images against their prompts.
+
+    ``prompts``: a Scene, or a caption/prompt text (its objects are parsed; an attribute
+    it does not name matches anything). Per image: ``count`` (as many shapes as asked),
+    ``objects`` (each asked colour+shape present), ``sizes``, ``positions``, ``attributes``
+    (all named attributes) and ``correct`` (count and attributes). ``chance``: the same
+    criteria for images drawn from the world's prior, ignoring the prompt.
+    """
+    if len(images) != len(prompts) or not images:
+        raise ValueError(f"score_generation: {len(images)} images for {len(prompts)} prompts")
+    wanted = [_scene_objects(p) for p in prompts]
+    rows = [_generation_checks(w, detect(im)) for w, im in zip(wanted, images)]
+    size = _as_uint8(images[0]).shape[0]
+    chance_rows = []
+    for j, w in enumerate(wanted):
+        for r in range(chance_samples):
+            rand = sample_scene(np.random.default_rng([seed, 1001, j, r]), size)
+            chance_rows.append(_generation_checks(w, list(_scene_objects(rand))))
+    return {"n": len(rows), **_mean_checks(rows), "chance": _mean_checks(chance_rows),
+            "chance_method": f"images of random world scenes ignoring the prompt ({chance_samples} per prompt)"}
+
+
+# ----------------------------------------------------------------------------- captioning
+
+
+def _caption_metrics(text: str, scene: Scene) -> dict[str, float]:
+    parsed = parse_caption(text)
+    true = [(o.position, o.size, o.color, o.shape) for o in scene.objects]
+    got = [(p.position, p.size, p.color, p.shape) for p in parsed]
+    common = sum((Counter(true) & Counter(got)).values())
+    precision = common / len(got) if got else 0.0
+    recall = common / len(true)
+    by_pos = {}
+    for p in parsed:
+        by_pos.setdefault(p.position, p)
+    out = {"exact": float(Counter(true) == Counter(got)), "count": float(len(got) == len(true)),
+           "precision": precision, "recall": recall,
+           "f1": 2 * precision * recall / (precision + recall) if common else 0.0}
+    for attr in ("color", "shape", "size"):
+        out[attr] = float(np.mean([o.position in by_pos and getattr(by_pos[o.position], attr) == getattr(o, attr)
+                                   for o in scene.objects]))
+    return out
+
+
+def score_captions(captions: Sequence[str], scenes: Sequence[Scene], seed: int = 0, chance_samples: int = 4) -> dict:
+    """Captioning accuracy: captions parsed with the world's templates against the true scenes.
+
+    ``exact`` (same objects with all attributes and positions), ``count``, object-level
+    ``precision``/``recall``/``f1``, and per-attribute accuracy of the object named at each
+    true object's position (``color``, ``shape``, ``size``). ``chance``: captions of random
+    world scenes scored the same way.
+    """
+    if len(captions) != len(scenes) or not scenes:
+        raise ValueError(f"score_captions: {len(captions)} captions for {len(scenes)} scenes")
+    rows = [_caption_metrics(c, s) for c, s in zip(captions, scenes)]
+    chance_rows = []
+    for j, s in enumerate(scenes):
+        for r in range(chance_samples):
+            rng = np.random.default_rng([seed, 1002, j, r])
+            chance_rows.append(_caption_metrics(caption(sample_scene(rng, s.image_size), rng), s))
+    mean = lambda rs: {k: float(np.mean([r[k] for r in rs])) for k in rs[0]}  # noqa: E731
+    return {"n": len(rows), **mean(rows), "chance": mean(chance_rows),
+            "chance_method": f"captions of random world scenes ({chance_samples} per item)"}
+
+
+# ----------------------------------------------------------------------------- VQA
+
+
+def score_vqa(predictions: Sequence[str], items: Sequence[VQA]) -> dict:
+    """VQA accuracy after answer normalisation, overall and per question kind.
+
+    ``chance``: expected accuracy of a uniform guess among each question's choices;
+    ``majority``: accuracy of always giving the most frequent answer of each kind here.
+    """
+    if len(predictions) != len(items) or not items:
+        raise ValueError(f"score_vqa: {len(predictions)} predictions for {len(items)} questions")
+    correct = np.array([normalize_answer(p) == normalize_answer(q.answer) for p, q in zip(predictions, items)])
+    kinds = sorted({q.kind for q in items})
+    majority = {}
+    for k in kinds:
+        answers = Counter(q.answer for q in items if q.kind == k)
+        majority[k] = answers.most_common(1)[0][1] / sum(answers.values())
+    out = {"n": len(items), "accuracy": float(correct.mean()),
+           "chance": float(np.mean([1 / len(q.choices) for q in items])),
+           "majority": float(np.mean([majority[q.kind] * 1.0 for q in items])), "per_kind": {}}
+    for k in kinds:
+        sel = [i for i, q in enumerate(items) if q.kind == k]
+        out["per_kind"][k] = {"n": len(sel), "accuracy": float(correct[sel].mean()),
+                              "chance": float(np.mean([1 / len(items[i].choices) for i in sel])),
+                              "majority": float(majority[k])}
+    return out
+
+
+# ----------------------------------------------------------------------------- world modeling
+
+
+def _as_float(frames) -> np.ndarray:
+    a = np.asarray(frames)
+    return a.astype(np.float64) / 255.0 if a.dtype == np.uint8 else a.astype(np.float64)
+
+
+def score_rollout(predicted: np.ndarray, clips: np.ndarray, context_frames: int) -> dict:
+    """Frame error of a world model's rollout, pixel values in [0, 1].
+
+    predicted: [N, K, S, S, 3] frames predicted for steps ``context_frames .. + K - 1``;
+    clips: [N, T, S, S, 3] true clips (T >= context_frames + K). Reports ``next_frame_mse``
+    (k = 1), ``mse_per_step`` (k = 1..K) and ``rollout_mse`` (mean over k); baselines per
+    step: ``copy_last`` repeats the last context frame, ``chance`` uses another clip's true
+    frames at the same step (needs N >= 2).
+    """
+    pred, true = _as_float(predicted), _as_float(clips)
+    n, k = pred.shape[:2]
+    if true.shape[0] != n or true.shape[1] < context_frames + k or pred.shape[2:] != true.shape[2:]:
+        raise ValueError(f"score_rollout: predicted {pred.shape} does not fit clips {true.shape} "
+                         f"with context_frames={context_frames}")
+    target = true[:, context_frames:context_frames + k]
+    per_step = ((pred - target) ** 2).mean(axis=(0, 2, 3, 4))
+    copy_last = ((true[:, context_frames - 1:context_frames] - target) ** 2).mean(axis=(0, 2, 3, 4))
+    out = {"n": n, "steps": k, "next_frame_mse": float(per_step[0]), "mse_per_step": per_step.tolist(),
+           "rollout_mse": float(per_step.mean()), "copy_last_mse_per_step": copy_last.tolist(),
+           "copy_last_mse": float(copy_last.mean())}
+    if n >= 2:
+        other = np.roll(target, 1, axis=0)
+        chance = ((other - target) ** 2).mean(axis=(0, 2, 3, 4))
+        out.update(chance_mse_per_step=chance.tolist(), chance_mse=float(chance.mean()),
+                   chance_method="another clip's true frames at the same step")
+    return out
+
+
+def agent_position(frame: np.ndarray, episode) -> tuple[int, int] | None:
+    """Lattice (col, row) of the agent of ``episode`` (an AgentEpisode) in a frame, or None.
+
+    The agent is the detected shape of its colour (distractors never share it), preferring
+    its own shape and then the best template match.
+    """
+    cands = [d for d in detect(frame) if d.color == episode.agent.color]
+    if not cands:
+        return None
+    best = max(cands, key=lambda d: (d.shape == episode.agent.shape, d.iou, d.area))
+    return episode.lattice.index(best.x, best.y)
+
+
+def score_agent_positions(predicted: np.ndarray, samples: Sequence) -> dict:
+    """Accuracy of the agent's lattice position in predicted frames given the actions.
+
+    predicted: [N, K, S, S, 3] frames predicted for steps ``context_frames .. + K - 1`` of
+    the ActionVideoSamples ``samples``. ``chance``: a uniform guess over the K x K lattice;
+    ``copy_last``: the agent assumed to stay where the context left it.
+    """
+    if len(predicted) != len(samples) or not samples:
+        raise ValueError(f"score_agent_positions: {len(predicted)} rollouts for {len(samples)} samples")
+    hits, stay, k_lattice = [], [], samples[0].episode.lattice.k
+    for frames, s in zip(predicted, samples):
+        c = s.context_frames
+        true = s.path[c:c + len(frames)]
+        if len(true) < len(frames):
+            raise ValueError(f"sample {s.index}: {len(frames)} predicted frames but only {len(true)} after context")
+        hits.append([agent_position(f, s.episode) == tuple(int(v) for v in t) for f, t in zip(frames, true)])
+        stay.append([tuple(s.path[c - 1]) == tuple(t) for t in true])
+    hits, stay = np.array(hits, dtype=float), np.array(stay, dtype=float)
+    return {"n": len(samples), "steps": hits.shape[1], "accuracy": float(hits.mean()),
+            "accuracy_per_step": hits.mean(0).tolist(), "chance": 1.0 / k_lattice ** 2,
+            "copy_last": float(stay.mean()), "chance_method": f"uniform over the {k_lattice}x{k_lattice} lattice"}
+
+
+# ----------------------------------------------------------------------------- planning
+
+
+PlanScorer = Callable[[np.ndarray, np.ndarray, list], Sequence[float]]
+
+
+def score_planning(tasks: Sequence, scorer: PlanScorer) -> dict:
+    """Planning by ranking candidate action sequences (NWM-style).
+
+    ``scorer(start_frame, goal_frame, candidates) -> scores`` (higher is better) for each
+    PlanningTask; the top-scoring candidate (first on ties) succeeds if it reaches the goal.
+    ``chance``: expected success of picking a candidate uniformly at random.
+    """
+    if not tasks:
+        raise ValueError("score_planning: no tasks")
+    success = []
+    for t in tasks:
+        scores = np.asarray(scorer(t.start_frame, t.goal_frame, t.candidates), dtype=np.float64)
+        if scores.shape != (len(t.candidates),):
+            raise ValueError(f"planning scorer returned shape {scores.shape} for {len(t.candidates)} candidates")
+        success.append(bool(t.reaches_goal[int(np.argmax(scores))]))
+    return {"n": len(tasks), "success": float(np.mean(success)),
+            "chance": float(np.mean([t.reaches_goal.mean() for t in tasks])),
+            "candidates": len(tasks[0].candidates), "horizon": len(tasks[0].candidates[0])}
+
+
+def world_model_plan_scorer(predict_final_frame: Callable[[np.ndarray, list], np.ndarray]) -> PlanScorer:
+    """A planning scorer from a world model: imagine each candidate's final frame with
+    ``predict_final_frame(start_frame, actions)`` and score it by -MSE to the goal frame."""
+
+    def scorer(start, goal, candidates):
+        g = _as_float(goal)
+        return [-float(((_as_float(predict_final_frame(start, c)) - g) ** 2).mean()) for c in candidates]
+
+    return scorer
+
+
+# ----------------------------------------------------------------------------- grids
+
+
+def save_grid(images: Sequence[np.ndarray], path: str | Path, ncols: int | None = None, pad: int = 2,
+              scale: int = 4) -> Path:
+    """Saves [H, W, 3] images (uint8 or float in [0, 1]) as one PNG grid, upscaled ``scale``x
+    by pixel repetition so small renders stay crisp; grey padding between tiles."""
+    if not len(images):
+        raise ValueError("save_grid: no images")
+    tiles = [np.repeat(np.repeat(_as_uint8(im), scale, 0), scale, 1) for im in images]
+    h, w = tiles[0].shape[:2]
+    ncols = ncols or int(np.ceil(np.sqrt(len(tiles))))
+    nrows = int(np.ceil(len(tiles) / ncols))
+    grid = np.full((nrows * (h + pad) + pad, ncols * (w + pad) + pad, 3), 128, np.uint8)
+    for i, t in enumerate(tiles):
+        r, c = divmod(i, ncols)
+        grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + c * (w + pad):pad + c * (w + pad) + w] = t
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_png(grid, path)
+    return path
