@@ -1,0 +1,103 @@
+"""Image sources for decoder training and latent statistics: a folder of images, ShapesWorld
+scenes, or simple synthetic shapes. Every source yields float [3, S, S] tensors in [0, 1].
+
+``open_image_source(spec, image_size, seed)`` takes ``spec`` = a directory path,
+``"shapes"`` (megafusion.data.shapes, 32 or 64 px) or ``"synthetic"`` (random coloured
+rectangles and discs on a random background, any size, no dependencies).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def synthetic_shapes(rng: np.random.Generator, image_size: int, max_shapes: int = 4) -> np.ndarray:
+    """[S, S, 3] uint8: 1..max_shapes random rectangles/discs in random colours on a random flat colour."""
+    s = image_size
+    image = np.empty((s, s, 3), dtype=np.uint8)
+    image[:] = rng.integers(0, 256, size=3)
+    yy, xx = np.mgrid[0:s, 0:s]
+    for _ in range(int(rng.integers(1, max_shapes + 1))):
+        color = rng.integers(0, 256, size=3)
+        cx, cy = rng.uniform(0, s, size=2)
+        r = rng.uniform(s / 10, s / 3)
+        if rng.random() < 0.5:
+            mask = (xx - cx) ** 2 + (yy - cy) ** 2 <= r * r
+        else:
+            rx, ry = rng.uniform(s / 10, s / 3, size=2)
+            mask = (np.abs(xx - cx) <= rx) & (np.abs(yy - cy) <= ry)
+        image[mask] = color
+    return image
+
+
+def to_tensor(image: np.ndarray) -> torch.Tensor:
+    """uint8 [S, S, 3] -> float [3, S, S] in [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255.0
+
+
+class GeneratedImages(Dataset):
+    """``length`` images drawn deterministically from ``seed`` (item i uses seed (seed, i))."""
+
+    def __init__(self, kind: str, image_size: int, length: int, seed: int = 0) -> None:
+        if kind == "shapes":
+            try:
+                from megafusion.data.shapes.scene import render_scene, sample_scene
+            except ImportError as err:
+                raise ImportError("data 'shapes' needs megafusion.data.shapes (ShapesWorld); use 'synthetic' or "
+                                  "a folder of images") from err
+            self._draw = lambda rng: render_scene(sample_scene(rng, image_size))
+        elif kind == "synthetic":
+            self._draw = lambda rng: synthetic_shapes(rng, image_size)
+        else:
+            raise ValueError(f"unknown generated image kind {kind!r}; use 'shapes' or 'synthetic'")
+        self.length, self.seed = int(length), int(seed)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return to_tensor(self._draw(np.random.default_rng((self.seed, i))))
+
+
+class ImageFolder(Dataset):
+    """Images under ``root`` (recursive, sorted), resized on the short side and centre-cropped to S x S."""
+
+    def __init__(self, root: str | Path, image_size: int) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"image folder '{self.root}' does not exist; pass a directory of "
+                                    f"{'/'.join(IMAGE_SUFFIXES)} files, 'shapes' or 'synthetic'")
+        self.files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not self.files:
+            raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found under '{self.root}'")
+        self.image_size = int(image_size)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        from PIL import Image
+
+        with Image.open(self.files[i]) as im:
+            im = im.convert("RGB")
+            w, h = im.size
+            scale = self.image_size / min(w, h)
+            im = im.resize((max(self.image_size, round(w * scale)), max(self.image_size, round(h * scale))),
+                           Image.BICUBIC)
+            w, h = im.size
+            left, top = (w - self.image_size) // 2, (h - self.image_size) // 2
+            im = im.crop((left, top, left + self.image_size, top + self.image_size))
+            return to_tensor(np.asarray(im))
+
+
+def open_image_source(spec: str, image_size: int, length: int = 10_000, seed: int = 0) -> Dataset:
+    """A dataset for ``spec`` (folder path, 'shapes' or 'synthetic'); ``length``/``seed`` apply to generated data."""
+    if spec in ("shapes", "synthetic"):
+        return GeneratedImages(spec, image_size, length, seed)
+    return ImageFolder(spec, image_size)
