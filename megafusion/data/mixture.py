@@ -1,0 +1,217 @@
+"""Training-time loading: weighted blending of document sources, packing, batching.
+
+``Mixture`` blends sources the way Megatron's ``BlendedDataset`` does: document ``i`` of
+the global stream comes from the source whose share is furthest behind its weight
+(``argmax_s  w_s * max(i, 1) - count_s``), so proportions are exact up to one document at
+every prefix of the stream. Inside a source, documents are drawn in a fresh seeded
+permutation per epoch. Data-parallel rank ``r`` of ``W`` takes the global documents
+``i = r, r + W, r + 2W, ...``; every rank packs its own share.
+
+The state (global position and per-source counts) is a few integers: ``state_dict()``
+goes into the checkpoint and ``load_state_dict()`` resumes the exact same stream.
+``PackedStream`` and ``Loader`` extend that to packed samples and batches.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Sequence
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from megafusion.data.packing import Document, SequencePacker
+from megafusion.data.sample import Sample
+
+
+class DocumentSource(Protocol):
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> Document: ...
+
+
+class Mixture:
+    """An endless, deterministic, DP-sharded stream of documents from weighted sources."""
+
+    def __init__(self, sources: Sequence[DocumentSource], weights: Sequence[float] | None = None, *,
+                 seed: int = 0, rank: int = 0, world_size: int = 1, shuffle: bool = True):
+        if not sources:
+            raise ValueError("a Mixture needs at least one source")
+        weights = [1.0] * len(sources) if weights is None else [float(w) for w in weights]
+        if len(weights) != len(sources):
+            raise ValueError(f"{len(sources)} sources but {len(weights)} weights")
+        if any(w < 0 for w in weights) or sum(weights) <= 0:
+            raise ValueError(f"weights must be >= 0 with a positive sum, got {weights}")
+        empty = [i for i, s in enumerate(sources) if len(s) == 0 and weights[i] > 0]
+        if empty:
+            raise ValueError(f"sources {empty} are empty but have a positive weight")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        self.sources = list(sources)
+        self.weights = np.asarray(weights, dtype=np.float64) / sum(weights)
+        self.seed, self.rank, self.world_size, self.shuffle = int(seed), rank, world_size, shuffle
+        self.position = 0  # next global document index
+        self.counts = np.zeros(len(sources), dtype=np.int64)  # documents drawn per source so far
+        self._perm_cache: dict[int, tuple[int, np.ndarray]] = {}
+
+    # -- the stream ------------------------------------------------------------------------
+    def _choose(self) -> int:
+        error = self.weights * max(self.position, 1) - self.counts
+        return int(np.argmax(error))
+
+    def _source_index(self, source: int, draw: int) -> int:
+        n = len(self.sources[source])
+        epoch, offset = divmod(draw, n)
+        if not self.shuffle:
+            return offset
+        cached = self._perm_cache.get(source)
+        if cached is None or cached[0] != epoch:
+            rng = np.random.default_rng([self.seed, source, epoch])
+            cached = (epoch, rng.permutation(n))
+            self._perm_cache[source] = cached
+        return int(cached[1][offset])
+
+    def next_index(self) -> tuple[int, int]:
+        """Advances to this rank's next document; returns (source, index in source)."""
+        while True:
+            source = self._choose()
+            draw = int(self.counts[source])
+            self.counts[source] += 1
+            mine = self.position % self.world_size == self.rank
+            self.position += 1
+            if mine:
+                return source, self._source_index(source, draw)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Document:
+        source, index = self.next_index()
+        return self.sources[source][index]
+
+    # -- checkpointing -----------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"position": self.position, "counts": self.counts.tolist(), "seed": self.seed,
+                "rank": self.rank, "world_size": self.world_size, "weights": self.weights.tolist()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("seed", "rank", "world_size"):
+            if state[key] != getattr(self, key):
+                raise ValueError(f"mixture state was saved with {key}={state[key]}, this mixture has "
+                                 f"{getattr(self, key)}; resume with the same data settings")
+        if len(state["counts"]) != len(self.sources) or not np.allclose(state["weights"], self.weights):
+            raise ValueError(f"mixture state was saved for weights {state['weights']}, this mixture has "
+                             f"{self.weights.tolist()}; resume with the same sources and weights")
+        self.position = int(state["position"])
+        self.counts = np.asarray(state["counts"], dtype=np.int64)
+
+
+class PackedStream:
+    """Packed ``Sample``s from a ``Mixture``; resumable exactly through ``state_dict``.
+
+    The state is the mixture's state before the first document not yet inside an
+    emitted sample, so a restored stream re-reads that document and continues identically.
+    """
+
+    def __init__(self, mixture: Mixture, packer: SequencePacker):
+        self.mixture, self.packer = mixture, packer
+        self._pending: Document | None = None  # drawn, did not fit the previous sample
+        self._state = mixture.state_dict()  # mixture state before _pending (or before the next doc)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Sample:
+        while True:
+            if self._pending is None:
+                self._state = self.mixture.state_dict()
+                self._pending = next(self.mixture)
+            if not self.packer.empty and not self.packer.fits(self._pending):
+                return self.packer.flush()
+            self.packer.add(self._pending)
+            self._pending = None
+            if self.packer.full:
+                return self.packer.flush()
+
+    def state_dict(self) -> dict:
+        if not self.packer.empty:
+            raise RuntimeError("state_dict() is taken between samples; a sample is half built")
+        return {"mixture": self._state if self._pending is not None else self.mixture.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.mixture.load_state_dict(state["mixture"])
+        self.packer.reset()
+        self._pending = None
+        self._state = self.mixture.state_dict()
+
+
+class Loader:
+    """Batches of packed samples, built ahead by a background thread.
+
+    ``state_dict()`` is the position after the last batch handed out (prefetched batches
+    are not counted), so a checkpoint taken after step k resumes at batch k + 1. Batches
+    are pinned when CUDA is available so the host-to-device copy can overlap compute.
+    """
+
+    def __init__(self, stream: PackedStream, batch_size: int, *, prefetch: int = 2, pin_memory: bool | None = None):
+        self.stream, self.batch_size, self.prefetch = stream, batch_size, prefetch
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self._state = stream.state_dict()
+        self._queue: queue.Queue | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    def _produce(self):
+        try:
+            while not self._stop.is_set():
+                batch = Sample.collate([next(self.stream) for _ in range(self.batch_size)])
+                if self.pin_memory:
+                    batch = Sample(**{k: v.pin_memory() for k, v in batch.__dict__.items()})
+                item = (batch, self.stream.state_dict())
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+        except BaseException as err:  # surfaces in the training thread
+            self._queue.put(err)
+
+    def _start(self):
+        self._stop.clear()
+        self._queue = queue.Queue(maxsize=max(self.prefetch, 1))
+        self._thread = threading.Thread(target=self._produce, daemon=True, name="megafusion-loader")
+        self._thread.start()
+
+    def close(self):
+        """Stops the prefetch thread and rewinds the stream to the last batch handed out."""
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+            self.stream.load_state_dict(self._state)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Sample:
+        if self._thread is None:
+            self._start()
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        batch, self._state = item
+        return batch
+
+    def state_dict(self) -> dict:
+        return dict(self._state)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.close()
+        self.stream.load_state_dict(state)
+        self._state = self.stream.state_dict()
+
+    def __del__(self):
+        self.close()

@@ -1,0 +1,550 @@
+"""Raw JSONL corpora -> indexed datasets (the logic behind ``tools/preprocess_data.py``).
+
+Input: JSONL files, one item per line. By ``kind``:
+
+- ``text``: ``{"text": ...}`` (the fields named by ``json_keys``; one dataset per key,
+  named ``<prefix>_<key>_document`` as Megatron's tool does).
+- ``image-text``: ``{"image": "<path relative to the JSONL file>", "text": caption}``.
+- ``video``: ``{"video": "<path>"}`` or ``{"frames": [png paths]}``, optional ``"text"``.
+- ``action-video``: as video plus ``"actions": [one per transition]`` and optionally
+  ``"context_frames": 4`` (the first frames, clean conditioning).
+
+Multimodal kinds write one dataset at ``<prefix>`` (see ``megafusion.data.indexed``).
+Document token streams: image-text ``caption <boi><eoi>`` (or image first); video
+``[caption] <boi><eoi> <frame> <boi><eoi> ...``; action-video puts each transition's
+action tokens after its first frame: ``<boi><eoi> a0 <frame> <boi><eoi> a1 <frame> ...``.
+
+The input is cut into shards of ``shard_size`` lines by byte offset (never read whole);
+workers tokenize/encode a shard each and write it under ``<prefix>.shards/`` to temporary
+names, renamed when complete, with a ``.done.json`` marker written last. A re-run skips
+finished shards. When all are done they are merged with the indexed-dataset builder's
+``add_index``. Bad items (malformed JSON, missing fields, unreadable images/videos) are
+skipped and reported with their file, line and reason, or raise with ``strict``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from megafusion.data.indexed import DatasetWriter, VisualItem, meta_path, merge_datasets
+from megafusion.data.sample import IMAGE, VIDEO
+
+KINDS = ("text", "image-text", "video", "action-video")
+ENCODERS = ("pixel", "rae", "vae")
+
+
+class PreprocessError(RuntimeError):
+    """A bad input item under ``strict``, or inconsistent settings/shards."""
+
+
+class ItemError(Exception):
+    """One input item cannot be used; ``path`` is the offending file (JSONL or media)."""
+
+    def __init__(self, reason: str, path: str | None = None):
+        super().__init__(reason)
+        self.reason, self.path = reason, path
+
+
+@dataclass
+class PreprocessConfig:
+    inputs: list[str]
+    output_prefix: str
+    tokenizer_model: str
+    kind: str = "text"
+    json_keys: tuple[str, ...] = ("text",)
+    append_eod: bool = False
+    encoder: str = "pixel"
+    encoder_path: str | None = None  # checkpoint/config for rae/vae
+    image_size: int = 64  # images/frames are resized (shorter side) and center-cropped to this
+    patch_size: int = 8  # pixel encoder patch
+    image_first: bool = False  # image-text: image before caption (captioning) instead of after
+    max_frames: int | None = None  # video clip length (first frames)
+    frame_stride: int = 1
+    fps: float | None = None  # resample videos to this frame rate (video kind only)
+    context_frames: int = 4  # action-video default when an item does not say
+    video_backend: str = "auto"
+    workers: int = 1
+    shard_size: int = 10000
+    strict: bool = False
+    max_shards: int | None = None  # stop after this many shards (no merge); a re-run continues
+    keep_shards: bool = False
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.kind not in KINDS:
+            raise PreprocessError(f"--kind must be one of {KINDS}, got {self.kind!r}")
+        if self.encoder not in ENCODERS:
+            raise PreprocessError(f"--encoder must be one of {ENCODERS}, got {self.encoder!r}")
+        missing = [p for p in self.inputs if not Path(p).is_file()]
+        if not self.inputs or missing:
+            raise PreprocessError(f"input files not found: {missing or '(none given)'}")
+        if not Path(self.tokenizer_model).is_file():
+            raise PreprocessError(f"tokenizer model {self.tokenizer_model} not found; train one with "
+                                  "tools/train_tokenizer.py")
+        if self.encoder == "pixel" and self.image_size % self.patch_size:
+            raise PreprocessError(f"--image-size {self.image_size} is not a multiple of --patch-size {self.patch_size}")
+        if self.kind == "action-video" and (self.frame_stride != 1 or self.fps is not None):
+            raise PreprocessError("action-video keeps every frame (one action per transition): "
+                                  "drop --frame-stride/--fps")
+        if self.shard_size < 1 or self.workers < 1:
+            raise PreprocessError("--shard-size and --workers must be >= 1")
+
+    @property
+    def multimodal(self) -> bool:
+        return self.kind != "text"
+
+    @property
+    def suffixes(self) -> list[str]:
+        """Output dataset suffix per stream: ``_<key>_document`` per text key, or ``""``."""
+        return [f"_{k}_document" for k in self.json_keys] if self.kind == "text" else [""]
+
+    @property
+    def shard_dir(self) -> Path:
+        return Path(f"{self.output_prefix}.shards")
+
+    def fingerprint(self) -> dict:
+        """What the output depends on: shards made with another fingerprint are not reused."""
+        keys = ("kind", "json_keys", "append_eod", "encoder", "encoder_path", "image_size", "patch_size",
+                "image_first", "max_frames", "frame_stride", "fps", "context_frames", "shard_size")
+        out = {k: getattr(self, k) for k in keys}
+        out["json_keys"] = list(self.json_keys)
+        out["tokenizer_md5"] = hashlib.md5(Path(self.tokenizer_model).read_bytes()).hexdigest()
+        out["inputs"] = [[str(Path(p).resolve()), Path(p).stat().st_size] for p in self.inputs]
+        return out
+
+
+@dataclass
+class ShardSpec:
+    index: int
+    path: str
+    start: int  # byte offsets [start, end) of whole lines
+    end: int
+    first_line: int  # 1-based line number of the first line
+
+
+def iter_shards(inputs: list[str], shard_size: int) -> Iterator[ShardSpec]:
+    """Cuts the inputs into shards of ``shard_size`` lines, reading line by line."""
+    index = 0
+    for path in inputs:
+        with open(path, "rb") as f:
+            start = offset = 0
+            lines, first = 0, 1
+            for line in f:
+                offset += len(line)
+                lines += 1
+                if lines == shard_size:
+                    yield ShardSpec(index, path, start, offset, first)
+                    index += 1
+                    start, first, lines = offset, first + shard_size, 0
+            if lines:
+                yield ShardSpec(index, path, start, offset, first)
+                index += 1
+
+
+# ----------------------------------------------------------------------------- encoders
+def patchify(image: np.ndarray, patch: int) -> np.ndarray:
+    """[H, W, 3] -> [(H/p)*(W/p), p*p*3], patches in raster order, (row, col, channel) inside."""
+    h, w, c = image.shape
+    gh, gw = h // patch, w // patch
+    x = image[:gh * patch, :gw * patch].reshape(gh, patch, gw, patch, c)
+    return np.ascontiguousarray(x.transpose(0, 2, 1, 3, 4).reshape(gh * gw, patch * patch * c))
+
+
+def unpatchify(patches: np.ndarray, grid_h: int, grid_w: int, patch: int) -> np.ndarray:
+    """Inverse of ``patchify``: [grid_h*grid_w, p*p*3] -> [grid_h*p, grid_w*p, 3]."""
+    c = patches.shape[-1] // (patch * patch)
+    x = patches.reshape(grid_h, grid_w, patch, patch, c).transpose(0, 2, 1, 3, 4)
+    return x.reshape(grid_h * patch, grid_w * patch, c)
+
+
+class PixelEncoder:
+    """Raw pixels: uint8 patches (normalised to [-1, 1] when read back)."""
+
+    storage = "uint8"
+
+    def __init__(self, patch_size: int):
+        self.patch = patch_size
+        self.dim = 3 * patch_size * patch_size
+
+    def encode(self, images: np.ndarray) -> list[tuple[np.ndarray, tuple[int, int]]]:
+        """[B, H, W, 3] uint8 -> per image ([T, C] uint8, (grid_h, grid_w))."""
+        grid = (images.shape[1] // self.patch, images.shape[2] // self.patch)
+        return [(patchify(img, self.patch), grid) for img in images]
+
+
+class RepresentationEncoder:
+    """Latents from ``megafusion.vision`` (RAE or VAE), stored as float16."""
+
+    storage = "float16"
+
+    def __init__(self, kind: str, path: str | None):
+        try:
+            from megafusion.vision import load_representation
+        except ImportError as err:
+            raise PreprocessError(f"--encoder {kind} needs megafusion.vision.load_representation, which is not "
+                                  f"available in this build ({err}); use --encoder pixel") from err
+        import torch
+
+        self.torch = torch
+        self.rep = load_representation(kind, path)
+        self.dim = None
+
+    def encode(self, images: np.ndarray) -> list[tuple[np.ndarray, tuple[int, int]]]:
+        torch = self.torch
+        x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
+        with torch.no_grad():
+            z = self.rep.encode(x)  # [B, T, D]
+        z = z.float().cpu().numpy()
+        t = z.shape[1]
+        side = int(round(t ** 0.5))
+        grid = (side, side) if side * side == t else (t, 1)
+        self.dim = z.shape[2]
+        return [(zi, grid) for zi in z]
+
+
+def make_encoder(cfg: PreprocessConfig):
+    return PixelEncoder(cfg.patch_size) if cfg.encoder == "pixel" else RepresentationEncoder(cfg.encoder, cfg.encoder_path)
+
+
+# ----------------------------------------------------------------------------- items
+def load_image(path: Path, size: int) -> np.ndarray:
+    """Reads an image as RGB, resizes its shorter side to ``size`` and center-crops: [size, size, 3] uint8."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            w, h = im.size
+            scale = size / min(w, h)
+            nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+            im = im.resize((nw, nh), Image.BICUBIC)
+            left, top = (nw - size) // 2, (nh - size) // 2
+            im = im.crop((left, top, left + size, top + size))
+            return np.asarray(im, dtype=np.uint8)
+    except FileNotFoundError as err:
+        raise ItemError("image file not found", str(path)) from err
+    except Exception as err:  # PIL raises many types for corrupt files
+        raise ItemError(f"unreadable image ({type(err).__name__}: {err})", str(path)) from err
+
+
+class ItemProcessor:
+    """Turns one parsed JSONL item into documents (token ids + visual items) per output suffix."""
+
+    def __init__(self, cfg: PreprocessConfig):
+        from megafusion.data.tokenizer import Tokenizer
+
+        self.cfg = cfg
+        self.tok = Tokenizer(cfg.tokenizer_model)
+        self.encoder = make_encoder(cfg) if cfg.multimodal else None
+
+    def _field(self, item: dict, key: str, types, required=True):
+        if key not in item:
+            if required:
+                raise ItemError(f"missing field '{key}'")
+            return None
+        value = item[key]
+        if not isinstance(value, types):
+            raise ItemError(f"field '{key}' has type {type(value).__name__}")
+        return value
+
+    def _text(self, item: dict, key: str, required=True) -> list[int]:
+        text = self._field(item, key, str, required)
+        return [] if text is None else self.tok.encode(text)
+
+    def _eod(self) -> list[int]:
+        return [self.tok.eod_id] if self.cfg.append_eod else []
+
+    def process(self, item: dict, base: Path) -> dict[str, tuple[list[int], list[VisualItem]]]:
+        cfg = self.cfg
+        if cfg.kind == "text":
+            out = {}
+            for key, suffix in zip(cfg.json_keys, cfg.suffixes):
+                ids = self._text(item, key)
+                if not ids:
+                    raise ItemError(f"field '{key}' is empty")
+                out[suffix] = (ids + self._eod(), [])
+            return out
+        if cfg.kind == "image-text":
+            caption = self._text(item, "text")
+            image = load_image(base / self._field(item, "image", str), cfg.image_size)
+            (latents, grid), = self.encoder.encode(image[None])
+            marker = [self.tok.boi_id, self.tok.eoi_id]
+            if cfg.image_first:
+                tokens, boi = marker + caption, 0
+            else:
+                tokens, boi = caption + marker, len(caption)
+            return {"": (tokens + self._eod(), [VisualItem(latents, boi, IMAGE, False, -1, grid)])}
+        return self._video(item, base)
+
+    def _frames(self, item: dict, base: Path) -> tuple[np.ndarray, str]:
+        cfg = self.cfg
+        if "frames" in item:
+            paths = self._field(item, "frames", list)
+            if not paths or not all(isinstance(p, str) for p in paths):
+                raise ItemError("field 'frames' must be a non-empty list of paths")
+            paths = paths[::cfg.frame_stride][:cfg.max_frames]
+            return np.stack([load_image(base / p, cfg.image_size) for p in paths]), str(base / paths[0])
+        path = base / self._field(item, "video", str)
+        from megafusion.data.video import VideoDecodeError, read_video
+
+        if not path.is_file():
+            raise ItemError("video file not found", str(path))
+        try:
+            frames = read_video(path, backend=cfg.video_backend, num_frames=cfg.max_frames,
+                                stride=cfg.frame_stride, fps=cfg.fps, size=cfg.image_size)
+        except VideoDecodeError as err:
+            raise ItemError(f"unreadable video ({err})", str(path)) from err
+        if len(frames) == 0:
+            raise ItemError("video has no frames", str(path))
+        return np.asarray(frames), str(path)
+
+    def _video(self, item: dict, base: Path):
+        cfg = self.cfg
+        action_video = cfg.kind == "action-video"
+        tokens = self._text(item, "text", required=False)
+        frames, where = self._frames(item, base)
+        n = len(frames)
+        actions, context = [], 0
+        if action_video:
+            actions = self._field(item, "actions", list)
+            if "frames" in item and len(actions) != len(item["frames"]) - 1:
+                raise ItemError(f"{len(actions)} actions for {len(item['frames'])} frames; "
+                                "need one action per transition (frames - 1)", where)
+            if len(actions) < n - 1:
+                raise ItemError(f"{len(actions)} actions for {n} frames; need one per transition", where)
+            context = item.get("context_frames", cfg.context_frames)
+            if not isinstance(context, int) or context < 0:
+                raise ItemError(f"field 'context_frames' must be an int >= 0, got {context!r}")
+        encoded = self.encoder.encode(frames)
+        visuals = []
+        for f, (latents, grid) in enumerate(encoded):
+            if f > 0:
+                tokens.append(self.tok.frame_id)
+            visuals.append(VisualItem(latents, len(tokens), VIDEO, f < context, f, grid))
+            tokens += [self.tok.boi_id, self.tok.eoi_id]
+            if action_video and f < n - 1:
+                try:
+                    tokens += self.tok.encode_action(actions[f])
+                except (TypeError, ValueError) as err:
+                    raise ItemError(f"action {f}: {err}") from err
+        return {"": (tokens + self._eod(), visuals)}
+
+
+# ----------------------------------------------------------------------------- shards
+_PROCESSOR: dict[str, ItemProcessor] = {}  # one per worker process
+
+
+def _processor(cfg: PreprocessConfig) -> ItemProcessor:
+    key = json.dumps(asdict(cfg), sort_keys=True, default=str)
+    if key not in _PROCESSOR:
+        _PROCESSOR.clear()
+        _PROCESSOR[key] = ItemProcessor(cfg)
+    return _PROCESSOR[key]
+
+
+def _done_path(cfg: PreprocessConfig, index: int) -> Path:
+    return cfg.shard_dir / f"{index:06d}.done.json"
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def process_shard(cfg: PreprocessConfig, spec: ShardSpec, fingerprint: dict) -> dict:
+    """Writes shard ``spec.index`` (unless done already); returns its stats."""
+    done = _done_path(cfg, spec.index)
+    if done.is_file():
+        stats = json.loads(done.read_text())
+        if stats.get("fingerprint") != fingerprint:
+            raise PreprocessError(f"shard {done} was made with other settings or inputs; delete "
+                                  f"{cfg.shard_dir} (or choose another --output-prefix) to start over")
+        return {**stats, "skipped": True}
+    proc = _processor(cfg)
+    base = Path(spec.path).parent
+    name = f"{spec.index:06d}"
+    writers = {s: DatasetWriter(cfg.shard_dir / (name + s), proc.tok.vocab_size,
+                                proc.encoder.storage if proc.encoder else None) for s in cfg.suffixes}
+    errors, items, documents, visuals = [], 0, 0, 0
+    try:
+        with open(spec.path, "rb") as f:
+            f.seek(spec.start)
+            line_no = spec.first_line
+            while f.tell() < spec.end:
+                raw = f.readline()
+                items += 1
+                try:
+                    try:
+                        item = json.loads(raw)
+                    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                        raise ItemError(f"malformed JSON ({err})") from err
+                    if not isinstance(item, dict):
+                        raise ItemError(f"a line must be a JSON object, got {type(item).__name__}")
+                    docs = proc.process(item, base)
+                except ItemError as err:
+                    record = {"path": err.path or spec.path, "line": line_no, "input": spec.path, "reason": err.reason}
+                    if cfg.strict:
+                        raise PreprocessError(f"{spec.path}:{line_no}: {err.reason}"
+                                              + (f" ({err.path})" if err.path else "")
+                                              + "; rerun without --strict to skip bad items") from err
+                    errors.append(record)
+                else:
+                    for suffix, (tokens, vis) in docs.items():
+                        writers[suffix].add_document(tokens, vis)
+                    documents += 1
+                    visuals += sum(len(v) for _, v in docs.values())
+                line_no += 1
+        for w in writers.values():
+            w.finalize()
+    except BaseException:
+        for w in writers.values():
+            w.abort()
+        raise
+    enc = proc.encoder
+    stats = {"index": spec.index, "input": spec.path, "first_line": spec.first_line, "items": items,
+             "documents": documents, "visuals": visuals, "errors": errors,
+             "latent_dim": enc.dim if enc is not None else None, "fingerprint": fingerprint}
+    _write_json(done, stats)
+    return stats
+
+
+# ----------------------------------------------------------------------------- driver
+@dataclass
+class PreprocessSummary:
+    complete: bool
+    items: int = 0
+    documents: int = 0
+    visuals: int = 0
+    skipped_items: int = 0
+    shards: int = 0
+    shards_reused: int = 0
+    seconds: float = 0.0
+    outputs: list[str] = field(default_factory=list)
+    errors: list[dict] = field(default_factory=list)  # first 100; all in <prefix>.errors.jsonl
+
+    def format(self) -> str:
+        rate = self.items / self.seconds if self.seconds else 0.0
+        lines = [f"{'done' if self.complete else 'stopped early (re-run to continue)'}: {self.items} items "
+                 f"-> {self.documents} documents, {self.visuals} images/frames; {self.skipped_items} skipped; "
+                 f"{self.shards} shards ({self.shards_reused} reused); {self.seconds:.1f} s ({rate:.1f} items/s)"]
+        for e in self.errors[:20]:
+            lines.append(f"  skipped {e['input']}:{e['line']}: {e['reason']}"
+                         + (f" [{e['path']}]" if e['path'] != e['input'] else ""))
+        if self.skipped_items > 20:
+            lines.append(f"  ... {self.skipped_items - 20} more skipped items listed in the errors file")
+        lines += [f"  wrote {o}" for o in self.outputs]
+        return "\n".join(lines)
+
+
+def _clean_stale(cfg: PreprocessConfig) -> None:
+    """Removes temporary files and shards without a done marker (from a killed run)."""
+    done = {p.name.split(".")[0] for p in cfg.shard_dir.glob("*.done.json")}
+    for p in cfg.shard_dir.iterdir():
+        if ".tmp" in p.name or p.name.split(".")[0].split("_")[0] not in done:
+            p.unlink()
+
+
+def run_preprocess(cfg: PreprocessConfig) -> PreprocessSummary:
+    cfg.validate()
+    from tqdm import tqdm
+
+    t0 = time.time()
+    fingerprint = cfg.fingerprint()
+    summary_file = Path(f"{cfg.output_prefix}.summary.json")
+    if summary_file.is_file():
+        previous = json.loads(summary_file.read_text())
+        if previous.get("fingerprint") == fingerprint and previous.get("complete"):
+            print(f"{cfg.output_prefix}: already complete (see {summary_file}); nothing to do")
+            return PreprocessSummary(**{k: v for k, v in previous.items() if k != "fingerprint"})
+    Path(cfg.output_prefix).parent.mkdir(parents=True, exist_ok=True)
+    cfg.shard_dir.mkdir(exist_ok=True)
+    _clean_stale(cfg)
+
+    import megatron.core.datasets.indexed_dataset  # noqa: F401  (slow import: once, before workers fork)
+
+    results: dict[int, dict] = {}
+    complete = True
+    bar = tqdm(unit="item", desc="preprocess", disable=not cfg.progress, smoothing=0.1)
+    pool = ProcessPoolExecutor(cfg.workers) if cfg.workers > 1 else None
+    in_flight: deque = deque()
+
+    def collect(stats: dict):
+        results[stats["index"]] = stats
+        bar.update(stats["items"])
+        bar.set_postfix(skipped=sum(len(r["errors"]) for r in results.values()), shards=len(results))
+
+    try:
+        for spec in iter_shards(cfg.inputs, cfg.shard_size):
+            if cfg.max_shards is not None and spec.index >= cfg.max_shards:
+                complete = False
+                break
+            if pool is None:
+                collect(process_shard(cfg, spec, fingerprint))
+                continue
+            in_flight.append(pool.submit(process_shard, cfg, spec, fingerprint))
+            while len(in_flight) >= 2 * cfg.workers:  # bounded: the input is never read ahead much
+                collect(in_flight.popleft().result())
+        while in_flight:
+            collect(in_flight.popleft().result())
+    except BaseException:
+        for fut in in_flight:
+            fut.cancel()
+        raise
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+        bar.close()
+
+    stats = [results[i] for i in sorted(results)]
+    errors_file = Path(f"{cfg.output_prefix}.errors.jsonl")
+    all_errors = [e for s in stats for e in s["errors"]]
+    summary = PreprocessSummary(
+        complete=complete, items=sum(s["items"] for s in stats), documents=sum(s["documents"] for s in stats),
+        visuals=sum(s["visuals"] for s in stats), skipped_items=len(all_errors), shards=len(stats),
+        shards_reused=sum(1 for s in stats if s.get("skipped")), errors=all_errors[:100])
+    if complete:
+        summary.outputs = _merge(cfg, stats)
+        with open(errors_file, "w") as f:
+            for e in all_errors:
+                f.write(json.dumps(e) + "\n")
+        if not cfg.keep_shards:
+            shutil.rmtree(cfg.shard_dir)
+    summary.seconds = time.time() - t0
+    if complete:
+        _write_json(summary_file, {**asdict(summary), "fingerprint": fingerprint})
+    return summary
+
+
+def _merge(cfg: PreprocessConfig, stats: list[dict]) -> list[str]:
+    from megafusion.data.tokenizer import Tokenizer
+
+    tok = Tokenizer(cfg.tokenizer_model)
+    storage = None
+    latent_dim = next((s["latent_dim"] for s in stats if s["latent_dim"]), None)
+    if cfg.multimodal:
+        storage = "uint8" if cfg.encoder == "pixel" else "float16"
+    outputs = []
+    for suffix in cfg.suffixes:
+        prefix = f"{cfg.output_prefix}{suffix}"
+        parts = [str(cfg.shard_dir / f"{s['index']:06d}{suffix}") for s in stats]
+        merge_datasets(parts, prefix, tok.vocab_size, storage)
+        meta = {"kind": cfg.kind, "encoder": cfg.encoder if cfg.multimodal else None, "storage": storage,
+                "image_size": cfg.image_size, "patch_size": cfg.patch_size if cfg.encoder == "pixel" else None,
+                "latent_dim": latent_dim, "tokenizer_model": str(Path(cfg.tokenizer_model).resolve()),
+                "vocab_size": tok.vocab_size, "pad_id": tok.pad_id, "boi_id": tok.boi_id, "eoi_id": tok.eoi_id,
+                "frame_id": tok.frame_id, "eod_id": tok.eod_id, "append_eod": cfg.append_eod}
+        _write_json(Path(meta_path(prefix)), meta)
+        outputs.append(prefix)
+    return outputs
