@@ -1,0 +1,143 @@
+"""model.moe.dispatch = triton inside megatron-core's MoELayer (one process, EP=1, CPU, gloo).
+
+The same MoELayer weights run with megatron's dispatch and with ours; outputs and all
+gradients must agree to 1e-5 (fp32) for both dispatchers, dropless and with capacity drops.
+"""
+
+import functools
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from megafusion.model.moe_dispatch import (
+    TritonAllGatherTokenDispatcher,
+    TritonAlltoAllTokenDispatcher,
+    TritonDispatchMoELayer,
+    routing_map_to_topk,
+    with_moe_dispatch,
+)
+
+
+@pytest.fixture(scope="module")
+def megatron_world():
+    """A gloo world of one with megatron's model-parallel groups (left as found afterwards)."""
+    from megatron.core import parallel_state, tensor_parallel
+
+    from megafusion.parallel import cpu_compat
+
+    was_active = cpu_compat.is_active()
+    cpu_compat.apply("cpu")
+    owns_dist = not dist.is_initialized()
+    if owns_dist:
+        store = tempfile.NamedTemporaryFile(prefix="moe-dispatch-store-", delete=False).name
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    owns_mp = not parallel_state.model_parallel_is_initialized()
+    if owns_mp:
+        parallel_state.initialize_model_parallel(1, 1, expert_model_parallel_size=1)
+    tensor_parallel.model_parallel_cuda_manual_seed(0)
+    yield
+    if owns_mp:
+        parallel_state.destroy_model_parallel()
+    if owns_dist:
+        dist.destroy_process_group()
+    if not was_active:
+        cpu_compat.remove()
+
+
+def moe_config(dispatcher, capacity_factor=None, **overrides):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    kw = dict(num_layers=1, hidden_size=32, num_attention_heads=4, ffn_hidden_size=48, moe_ffn_hidden_size=24,
+              num_moe_experts=6, moe_router_topk=2, moe_token_dispatcher_type=dispatcher,
+              moe_aux_loss_coeff=0.0, add_bias_linear=False, gated_linear_unit=True,
+              activation_func=torch.nn.functional.silu, use_cpu_initialization=True,
+              params_dtype=torch.float32, bf16=False)
+    if capacity_factor is not None:
+        kw.update(moe_expert_capacity_factor=capacity_factor, moe_token_drop_policy="probs")
+    kw.update(overrides)
+    return TransformerConfig(**kw)
+
+
+def run_layer(layer, x):
+    x = x.clone().requires_grad_()
+    out, _ = layer(x)
+    out.square().sum().backward()
+    grads = {name: p.grad.clone() for name, p in layer.named_parameters()}
+    return out.detach(), x.grad, grads
+
+
+@pytest.mark.parametrize("dispatcher", ["allgather", "alltoall"])
+@pytest.mark.parametrize("capacity_factor", [None, 0.5], ids=["dropless", "drop"])
+def test_triton_dispatch_matches_megatron(megatron_world, dispatcher, capacity_factor):
+    config = moe_config(dispatcher, capacity_factor)
+    layer_submodules = get_layer_submodules(config.num_moe_experts)
+    megatron_builder = layer_submodules.mlp
+    triton_builder = with_moe_dispatch(layer_submodules, "triton").mlp
+
+    torch.manual_seed(0)
+    ref = megatron_builder(config=config)
+    ours = triton_builder(config=config)
+    assert type(ours) is TritonDispatchMoELayer
+    expected = {"allgather": TritonAllGatherTokenDispatcher, "alltoall": TritonAlltoAllTokenDispatcher}[dispatcher]
+    assert type(ours.token_dispatcher) is expected
+    ours.load_state_dict(ref.state_dict())
+
+    x = torch.randn(10, 2, config.hidden_size)  # [seq, batch, hidden]
+    with torch.no_grad():
+        _, routing_map = ref.router(x.view(-1, config.hidden_size))
+    kept = int(routing_map.sum())
+    assert kept == 20 * 2 if capacity_factor is None else kept < 20 * 2  # the drop case really drops
+    out_ref, dx_ref, g_ref = run_layer(ref, x)
+    out, dx, g = run_layer(ours, x)
+    torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dx, dx_ref, rtol=1e-5, atol=1e-5)
+    assert g.keys() == g_ref.keys()
+    for name in g:
+        torch.testing.assert_close(g[name], g_ref[name], rtol=1e-5, atol=1e-5, msg=name)
+    assert g["router.weight"].abs().sum() > 0  # the router is trained through the routing weights
+
+
+def get_layer_submodules(num_experts):
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_submodules
+
+    return get_gpt_layer_local_submodules(num_experts=num_experts, moe_grouped_gemm=False)
+
+
+def test_with_moe_dispatch_spec_forms():
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.transformer_layer import TransformerLayer
+
+    sub = get_layer_submodules(4)
+    assert with_moe_dispatch(sub, "megatron") is sub
+    spec = ModuleSpec(module=TransformerLayer, submodules=sub)
+    swapped = with_moe_dispatch(spec, "triton")
+    assert isinstance(swapped.submodules.mlp, functools.partial)
+    assert swapped.submodules.mlp.func is TritonDispatchMoELayer
+    assert swapped.submodules.mlp.keywords == sub.mlp.keywords
+    assert sub.mlp.func.__name__ == "MoELayer"  # the input spec is not modified
+    with pytest.raises(ValueError, match="not one of"):
+        with_moe_dispatch(sub, "te")
+    with pytest.raises(ValueError, match="MoELayer"):
+        with_moe_dispatch(get_gpt_layer_dense_submodules(), "triton")
+
+
+def get_gpt_layer_dense_submodules():
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_submodules
+
+    return get_gpt_layer_local_submodules(num_experts=None)
+
+
+def test_unsupported_settings_are_refused(megatron_world):
+    config = moe_config("alltoall", capacity_factor=1.0, moe_pad_expert_input_to_capacity=True)
+    with pytest.raises(ValueError, match="moe_pad_expert_input_to_capacity"):
+        with_moe_dispatch(get_layer_submodules(6), "triton").mlp(config=config)
+
+
+def test_routing_map_to_topk():
+    routing_map = torch.tensor([[False, True, False, True], [False, False, False, False], [True, False, False, False]])
+    probs = torch.arange(12.0).view(3, 4)
+    idx, p = routing_map_to_topk(routing_map, probs, 2)
+    assert idx.tolist() == [[1, 3], [-1, -1], [0, -1]]
+    assert p.tolist() == [[1.0, 3.0], [0.0, 0.0], [8.0, 0.0]]
