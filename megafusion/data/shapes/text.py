@@ -94,8 +94,9 @@ class ParsedObject:
         return CELL_OF_POSITION[self.position] if self.position else None
 
 
-_SHAPE_RE = re.compile(r"\b(?:(" + "|".join(_WORD_TO_SIZE) + r")\s+)?(?:(" + "|".join(COLORS) + r")\s+)?("
-                       + "|".join(SHAPES) + r")s?\b")
+_NUMBER_OF_WORD = {w: k for k, w in enumerate(NUMBER_WORDS)} | {"a": 1, "an": 1}
+_SHAPE_RE = re.compile(r"\b(?:(" + "|".join(_NUMBER_OF_WORD) + r"|\d+)\s+)?(?:(" + "|".join(_WORD_TO_SIZE)
+                       + r")\s+)?(?:(" + "|".join(COLORS) + r")\s+)?(" + "|".join(SHAPES) + r")s?\b")
 _PHRASES_LONGEST_FIRST = sorted(_PHRASE_TO_POSITION, key=len, reverse=True)
 _CLAUSE_SPLIT = re.compile(r",\s*and\s+|,\s*|;\s*|\s+and\s+|:\s*")
 
@@ -105,7 +106,8 @@ def parse_caption(text: str) -> list[ParsedObject]:
 
     Each clause (split at commas, semicolons, colons and "and") contributes the shape it
     names with its size/colour words and the position phrase in the same clause.
-    Clauses that name no shape are ignored, so free text around them does no harm.
+    A number word or digit before a shape repeats it ("two red circles"). Clauses that
+    name no shape are ignored, so free text around them does no harm.
     """
     objects = []
     for clause in _CLAUSE_SPLIT.split(text.lower().strip().rstrip(".")):
@@ -115,8 +117,9 @@ def parse_caption(text: str) -> list[ParsedObject]:
                 position = _PHRASE_TO_POSITION[phrase]
                 clause = clause.replace(phrase, " ")
                 break
-        for size_word, color, shape in _SHAPE_RE.findall(clause):
-            objects.append(ParsedObject(shape, color or None, _WORD_TO_SIZE.get(size_word), position))
+        for number, size_word, color, shape in _SHAPE_RE.findall(clause):
+            count = int(number) if number.isdigit() else _NUMBER_OF_WORD.get(number, 1)
+            objects += [ParsedObject(shape, color or None, _WORD_TO_SIZE.get(size_word), position)] * count
     return objects
 
 
