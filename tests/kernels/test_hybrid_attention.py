@@ -1,0 +1,365 @@
+"""hybrid_attention vs a float64 reference written directly from the rule.
+
+On CPU the kernels run in the Triton interpreter (conftest sets TRITON_INTERPRET=1), so
+sizes stay small (N <= 192, B*H <= 4). Interpreter tile sizes are 64 x 64 unless a test
+shrinks them to get many tiles of every class (SKIP / PARTIAL / FULL).
+
+Tolerances (max abs error vs float64, inputs ~N(0, 1)):
+  fp32: 2e-5 (observed ~1e-6)
+  fp16: 4e-3 (outputs and grads are stored in fp16: one rounding ~5e-4 at |x| ~ 1)
+  bf16: 4e-2 (bf16 storage, and the interpreter's fp32->bf16 cast truncates)
+
+Empty rows: under the rule every row sees itself (j == i is causal and in its own
+document), so no row of a non-empty sequence can be empty; the kernel still returns 0
+for such rows (lse = +inf), which is reachable only through N = 0, tested below.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import megafusion_kernels.hybrid_attention_triton as hat
+from megafusion_kernels.hybrid_attention import hybrid_attention, visibility_mask
+from megafusion_kernels.hybrid_attention_tiles import (
+    FULL,
+    PARTIAL,
+    SKIP,
+    classify_tiles,
+    summarize_tiles,
+    tile_lists,
+)
+
+TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 4e-2}
+
+
+def reference(q, k, v, doc_ids, span_ids, scale):
+    """Float64 attention from the rule: dense mask, softmax, fully masked rows -> 0."""
+    n = q.shape[2]
+    group = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(group, dim=1)
+    v = v.repeat_interleave(group, dim=1)
+    i = torch.arange(n)[:, None]
+    j = torch.arange(n)[None, :]
+    doc_i, doc_j = doc_ids[:, :, None], doc_ids[:, None, :]
+    span_i, span_j = span_ids[:, :, None], span_ids[:, None, :]
+    mask = (doc_i == doc_j) & ((j <= i) | ((span_i >= 0) & (span_i == span_j)))
+    s = (q @ k.transpose(-1, -2)) * scale
+    s = s.masked_fill(~mask[:, None], float("-inf"))
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0)
+    return p @ v
+
+
+def make_pack(n: int, docs=(), spans=(), batch: int = 1):
+    """ids [batch, n]: documents are consecutive runs of the given lengths (the rest of
+    the sequence is one more document); spans are (start, end) ranges, numbered 0.."""
+    doc = torch.zeros(n, dtype=torch.long)
+    pos = 0
+    for d, length in enumerate(docs):
+        doc[pos : pos + length] = d
+        pos += length
+    doc[pos:] = len(docs)
+    span = torch.full((n,), -1, dtype=torch.long)
+    for s, (a, b) in enumerate(spans):
+        span[a:b] = s
+    return doc.expand(batch, n).clone(), span.expand(batch, n).clone()
+
+
+def random_pack(n: int, batch: int, gen: torch.Generator):
+    """Random packs: documents of random length, each with random text/image runs."""
+    docs, spans = torch.zeros(batch, n, dtype=torch.long), torch.full((batch, n), -1, dtype=torch.long)
+    for b in range(batch):
+        pos, d, s = 0, 0, 0
+        while pos < n:
+            doc_len = int(torch.randint(8, n + 1, (1,), generator=gen))
+            end = min(n, pos + doc_len)
+            docs[b, pos:end] = d
+            p = pos
+            while p < end:
+                run = int(torch.randint(1, 40, (1,), generator=gen))
+                if torch.rand(1, generator=gen) < 0.5:
+                    spans[b, p : min(end, p + run)] = s
+                    s += 1
+                p += run
+            pos, d = end, d + 1
+    return docs, spans
+
+
+def check(doc_ids, span_ids, heads=2, kv_heads=1, dim=32, dtype=torch.float32, seed=0, scale=None):
+    gen = torch.Generator().manual_seed(seed)
+    bsz, n = doc_ids.shape
+    q = torch.randn(bsz, heads, n, dim, generator=gen).to(dtype).requires_grad_()
+    k = torch.randn(bsz, kv_heads, n, dim, generator=gen).to(dtype).requires_grad_()
+    v = torch.randn(bsz, kv_heads, n, dim, generator=gen).to(dtype).requires_grad_()
+    dout = torch.randn(bsz, heads, n, dim, generator=gen).to(dtype)
+
+    out = hybrid_attention(q, k, v, doc_ids, span_ids, softmax_scale=scale)
+    out.backward(dout)
+
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = reference(q64, k64, v64, doc_ids, span_ids, scale if scale is not None else 1 / math.sqrt(dim))
+    ref.backward(dout.double())
+    tol = TOL[dtype]
+    for name, got, want in (("out", out, ref), ("dq", q.grad, q64.grad), ("dk", k.grad, k64.grad), ("dv", v.grad, v64.grad)):
+        assert got.dtype == dtype and got.shape == want.shape
+        err = (got.double() - want).abs().max().item()
+        assert err <= tol, f"{name}: max abs error {err:.3g} > {tol:g} ({dtype})"
+
+
+PACKS = {
+    "all_text_causal": dict(n=128),
+    "single_image": dict(n=128, spans=[(37, 101)]),
+    "image_at_0": dict(n=128, spans=[(0, 70)]),
+    "spans_crossing_tiles": dict(n=192, spans=[(50, 80), (100, 140), (150, 192)]),
+    "several_documents": dict(n=192, docs=[30, 70, 50], spans=[(5, 20), (40, 90), (140, 160)]),
+    "n_not_tile_multiple": dict(n=77, docs=[40], spans=[(10, 30), (60, 77)]),
+    "tile_aligned_docs_and_spans": dict(n=128, docs=[64], spans=[(0, 64), (64, 128)]),
+}
+
+
+@pytest.mark.parametrize("pack", list(PACKS))
+def test_packs_fp32(pack):
+    doc, span = make_pack(**PACKS[pack])
+    check(doc, span)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision(dtype):
+    doc, span = make_pack(**PACKS["several_documents"])
+    check(doc, span, dtype=dtype)
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 2), (3, 1), (2, 2)])
+def test_gqa_mqa_mha(heads, kv_heads):
+    doc, span = make_pack(n=96, docs=[50], spans=[(20, 45), (60, 90)])
+    check(doc, span, heads=heads, kv_heads=kv_heads)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_random_packs(seed):
+    gen = torch.Generator().manual_seed(seed)
+    doc, span = random_pack(160, batch=2, gen=gen)
+    check(doc, span, seed=seed)
+
+
+def test_head_dim_not_power_of_two_and_custom_scale():
+    doc, span = make_pack(n=80, spans=[(10, 50)])
+    check(doc, span, dim=48, scale=0.3)
+
+
+@pytest.mark.parametrize("tiles", [hat.TileConfig(16, 16, 16, 16), hat.TileConfig(32, 16, 16, 32)])
+def test_small_tiles_every_class(monkeypatch, tiles):
+    """Small (and unequal) tiles: many tiles of each class, bwd tiles unlike fwd ones."""
+    monkeypatch.setattr(hat, "select_tiles", lambda head_dim: tiles)
+    doc, span = make_pack(n=100, docs=[64], spans=[(5, 20), (40, 60), (70, 99)])
+    q_sum, k_sum = summarize_tiles(doc, span, tiles.block_m), summarize_tiles(doc, span, tiles.block_n)
+    classes = set(classify_tiles(q_sum, k_sum).unique().tolist())
+    assert classes == {SKIP, PARTIAL, FULL}
+    check(doc, span, dim=16)
+
+
+def test_strided_inputs():
+    """q/k/v as transposed views of a [B, N, H, D] layout (what Megatron hands over)."""
+    gen = torch.Generator().manual_seed(0)
+    doc, span = make_pack(n=70, spans=[(5, 40)])
+    q = torch.randn(1, 70, 2, 32, generator=gen).transpose(1, 2)
+    k = torch.randn(1, 70, 1, 32, generator=gen).transpose(1, 2)
+    v = torch.randn(1, 70, 1, 32, generator=gen).transpose(1, 2)
+    out = hybrid_attention(q, k, v, doc, span)
+    ref = reference(q.double(), k.double(), v.double(), doc, span, 1 / math.sqrt(32))
+    assert (out.double() - ref).abs().max() < TOL[torch.float32]
+
+
+@pytest.mark.filterwarnings("ignore:All-NaN slice")  # the second document's own rows are NaN
+def test_skipped_tiles_are_never_read():
+    """Keys/values of the second document are NaN; the first document's tiles never
+    meet them (tile-aligned documents), so its rows must come out finite and exact."""
+    doc, span = make_pack(n=128, docs=[64], spans=[(10, 40), (70, 100)])
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 1, 128, 32, generator=gen) for _ in range(3))
+    k[:, :, 64:] = float("nan")
+    v[:, :, 64:] = float("nan")
+    out = hybrid_attention(q, k, v, doc, span)
+    ref = reference(q[:, :, :64].double(), k[:, :, :64].double(), v[:, :, :64].double(), doc[:, :64], span[:, :64], 1 / math.sqrt(32))
+    assert torch.isfinite(out[:, :, :64]).all()
+    assert (out[:, :, :64].double() - ref).abs().max() < TOL[torch.float32]
+
+
+def test_zero_length_and_single_token():
+    """N = 0 (the only way to get rows that see nothing is to have no rows) and N = 1."""
+    for n in (0, 1):
+        q = torch.randn(1, 2, n, 16, requires_grad=True)
+        k = torch.randn(1, 1, n, 16, requires_grad=True)
+        v = torch.randn(1, 1, n, 16, requires_grad=True)
+        doc = torch.zeros(1, n, dtype=torch.long)
+        span = torch.full((1, n), -1, dtype=torch.long)
+        out = hybrid_attention(q, k, v, doc, span)
+        out.sum().backward()
+        assert out.shape == q.shape
+        if n == 1:  # one token sees only itself: out = v, dv = sum of the heads' grads
+            torch.testing.assert_close(out, v.expand(1, 2, 1, 16), rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(v.grad, torch.full_like(v, 2.0))
+            torch.testing.assert_close(q.grad, torch.zeros_like(q))
+
+
+def test_bad_inputs_raise_clear_errors():
+    q = torch.randn(1, 2, 8, 16)
+    kv = torch.randn(1, 1, 8, 16)
+    ids = torch.zeros(1, 8, dtype=torch.long)
+    with pytest.raises(ValueError, match="head dim"):
+        hybrid_attention(torch.randn(1, 2, 8, 24), torch.randn(1, 1, 8, 24), torch.randn(1, 1, 8, 24), ids, ids)
+    with pytest.raises(ValueError, match="multiple of k/v heads"):
+        hybrid_attention(torch.randn(1, 3, 8, 16), torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16), ids, ids)
+    with pytest.raises(TypeError, match="dtype"):
+        hybrid_attention(q, kv.half(), kv.half(), ids, ids)
+    with pytest.raises(ValueError, match="span_ids"):
+        hybrid_attention(q, kv, kv, ids, ids[:, :4])
+
+
+# ---------------------------------------------------------------- tile metadata
+
+
+def _dense_blocks(mask, bm, bn):
+    """[B, Tq, Tk] (any visible, all visible) of a dense [B, N, N] mask; padding = masked."""
+    bsz, n, _ = mask.shape
+    tq, tk = -(-n // bm), -(-n // bn)
+    padded = torch.zeros(bsz, tq * bm, tk * bn, dtype=torch.bool)
+    padded[:, :n, :n] = mask
+    blocks = padded.view(bsz, tq, bm, tk, bn)
+    return blocks.any(4).any(2), blocks.all(4).all(2)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_tile_classes_are_sound(seed):
+    """SKIP only where the block is fully masked, FULL only where fully visible - for
+    packs and for arbitrary (unsorted) ids."""
+    gen = torch.Generator().manual_seed(seed)
+    n = int(torch.randint(1, 150, (1,), generator=gen))
+    if seed % 2:
+        doc, span = random_pack(n, batch=2, gen=gen)
+    else:
+        doc = torch.randint(0, 3, (2, n), generator=gen)
+        span = torch.randint(-1, 3, (2, n), generator=gen)
+    mask = visibility_mask(doc, span)
+    for bm, bn in [(16, 16), (32, 16), (16, 64)]:
+        cls = classify_tiles(summarize_tiles(doc, span, bm), summarize_tiles(doc, span, bn))
+        any_vis, all_vis = _dense_blocks(mask, bm, bn)
+        assert not (any_vis & (cls == SKIP)).any()
+        assert (all_vis | (cls != FULL)).all()
+
+
+def test_tile_classes_exact_on_causal_and_docs():
+    """For plain causal text in tile-aligned documents the classes are exact."""
+    doc, span = make_pack(n=256, docs=[64, 96])  # docs [0,64), [64,160), [160,256)
+    mask = visibility_mask(doc, span)
+    for bm, bn in [(32, 32), (32, 16)]:
+        cls = classify_tiles(summarize_tiles(doc, span, bm), summarize_tiles(doc, span, bn))
+        any_vis, all_vis = _dense_blocks(mask, bm, bn)
+        assert torch.equal(cls == SKIP, ~any_vis)
+        assert torch.equal(cls == FULL, all_vis)
+
+
+def test_tile_classes_image_tiles_are_full():
+    """A tile pair inside one image span is FULL even above the diagonal."""
+    doc, span = make_pack(n=128, spans=[(32, 96)])
+    cls = classify_tiles(summarize_tiles(doc, span, 32), summarize_tiles(doc, span, 32))[0]
+    assert cls[1, 2] == FULL and cls[2, 1] == FULL  # both tiles inside the span
+    assert cls[0, 1] == SKIP  # text queries never see later image keys
+    assert cls[1, 3] == SKIP  # image queries never see later text keys
+
+
+def test_tile_lists_match_classes():
+    gen = torch.Generator().manual_seed(0)
+    cls = torch.randint(0, 3, (2, 5, 7), generator=gen).to(torch.int8)
+    lists = tile_lists(cls)
+    for b in range(2):
+        for r in range(5):
+            for kind, count, index in ((FULL, lists.full_count, lists.full_index), (PARTIAL, lists.part_count, lists.part_index)):
+                want = (cls[b, r] == kind).nonzero().flatten().tolist()
+                c = int(count[b, r])
+                assert index[b, r, :c].tolist() == want
+
+
+# ---------------------------------------------------------------- custom op / compile
+
+
+def test_opcheck():
+    doc, span = make_pack(n=40, spans=[(5, 20)])
+    doc, span = doc.int(), span.int()
+    q = torch.randn(1, 2, 40, 16, requires_grad=True)
+    k = torch.randn(1, 1, 40, 16, requires_grad=True)
+    v = torch.randn(1, 1, 40, 16, requires_grad=True)
+    torch.library.opcheck(torch.ops.megafusion.hybrid_attention_fwd.default, (q, k, v, doc, span, 0.25))
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    doc, span = make_pack(n=64, docs=[20], spans=[(25, 50)])
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(32, 32, generator=gen)
+    x = torch.randn(1, 64, 32, generator=gen)
+
+    def layer(x, w):
+        h = (x @ w).view(1, 64, 2, 16).transpose(1, 2)  # [B, H, N, D]
+        out = hybrid_attention(h, h[:, :1], h[:, 1:], doc, span)
+        return out.square().sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=True)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    eager = layer(x1, w)
+    eager.backward()
+    comp = compiled(x2, w)
+    comp.backward()
+    torch.testing.assert_close(comp, eager, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x2.grad, x1.grad, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- GPU
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bf16 at long N); none is visible")
+@pytest.mark.parametrize("n", [1000, 4096, 16384])
+def test_gpu_bf16_long(n):
+    """bf16 on the GPU vs float64; the bar is 3x the error of the same dense math in
+    bf16 (plus 1e-3), the usual flash-attention criterion."""
+    torch.manual_seed(0)
+    dev = "cuda"
+    gen = torch.Generator().manual_seed(n)
+    doc, span = random_pack(n, batch=1, gen=gen) if n < 4096 else _image_heavy_pack(n)
+    doc, span = doc.to(dev), span.to(dev)
+    heads, kv_heads, dim = 2, 1, 128
+    q = torch.randn(1, heads, n, dim, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(1, kv_heads, n, dim, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(1, kv_heads, n, dim, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    dout = torch.randn_like(q)
+    out = hybrid_attention(q, k, v, doc, span)
+    out.backward(dout)
+    got = (out, q.grad, k.grad, v.grad)
+
+    from megafusion_kernels.hybrid_attention import hybrid_attention_reference
+
+    def dense(dtype):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        o = hybrid_attention_reference(*leaves, doc, span)
+        o.backward(dout.to(dtype))
+        return [o.detach()] + [t.grad for t in leaves]
+
+    want = dense(torch.float64)
+    lowp = dense(torch.bfloat16)
+    for name, g, w, l in zip(("out", "dq", "dk", "dv"), got, want, lowp):
+        err = (g.double() - w).abs().max().item()
+        base = (l.double() - w).abs().max().item()
+        assert err <= 3 * base + 1e-3, f"{name}: error {err:.3g} vs bf16 dense {base:.3g}"
+
+
+def _image_heavy_pack(n):
+    """Documents of 4096 tokens, each text then 1024-token images alternating."""
+    doc = torch.arange(n) // 4096
+    span = torch.full((n,), -1, dtype=torch.long)
+    s = 0
+    for start in range(0, n, 2048):
+        span[start + 512 : min(n, start + 1536)] = s
+        s += 1
+    return doc[None], span[None]
