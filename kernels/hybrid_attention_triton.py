@@ -70,6 +70,24 @@ def _autotune_configs() -> list[triton.Config]:
 
 
 @triton.jit
+def _load_rows(base, offs, stride, offs_d, N, D: tl.constexpr, BLOCK_D: tl.constexpr, CHECK_N: tl.constexpr):
+    """Load a [len(offs), BLOCK_D] tile of rows; masks only what may be out of range
+    (none at all for a complete tile with a power-of-two head dim)."""
+    ptrs = base + offs[:, None] * stride + offs_d[None, :]
+    if CHECK_N:
+        if BLOCK_D == D:
+            x = tl.load(ptrs, mask=offs[:, None] < N, other=0.0)
+        else:
+            x = tl.load(ptrs, mask=(offs[:, None] < N) & (offs_d[None, :] < D), other=0.0)
+    else:
+        if BLOCK_D == D:
+            x = tl.load(ptrs)
+        else:
+            x = tl.load(ptrs, mask=offs_d[None, :] < D, other=0.0)
+    return x
+
+
+@triton.jit
 def _fwd_tile(
     acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, DOC, SPAN,
     start_n, offs_m, offs_d, doc_q, span_q, N, qk_scale,
@@ -77,12 +95,9 @@ def _fwd_tile(
     UPCAST: tl.constexpr, PREC: tl.constexpr,
 ):
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    if MASKED:
-        kv_mask = (offs_n[:, None] < N) & (offs_d[None, :] < D)
-    else:
-        kv_mask = offs_d[None, :] < D
-    k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+    # FULL tiles are complete (no position past N), so only PARTIAL ones check N.
+    k = _load_rows(k_base, offs_n, stride_kn, offs_d, N, D, BLOCK_D, MASKED)
+    v = _load_rows(v_base, offs_n, stride_vn, offs_d, N, D, BLOCK_D, MASKED)
     if UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
@@ -182,11 +197,14 @@ def _bwd_kv_tile(
     offs_m = start_m + tl.arange(0, BLOCK_M)
     row_ok = offs_m < N
     # Rows past N load as zeros (q = dO = 0, lse = delta = 0): they add exactly nothing.
-    ld_mask = row_ok[:, None] & (offs_d[None, :] < D)
-    q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :], mask=ld_mask, other=0.0)
-    do = tl.load(do_base + offs_m[:, None] * stride_don + offs_d[None, :], mask=ld_mask, other=0.0)
-    lse = tl.load(lse_base + offs_m, mask=row_ok, other=0.0)
-    delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
+    q = _load_rows(q_base, offs_m, stride_qn, offs_d, N, D, BLOCK_D, MASKED)
+    do = _load_rows(do_base, offs_m, stride_don, offs_d, N, D, BLOCK_D, MASKED)
+    if MASKED:
+        lse = tl.load(lse_base + offs_m, mask=row_ok, other=0.0)
+        delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
+    else:
+        lse = tl.load(lse_base + offs_m)
+        delta = tl.load(delta_base + offs_m)
     if UPCAST:
         q = q.to(tl.float32)
         do = do.to(tl.float32)
@@ -283,12 +301,9 @@ def _bwd_q_tile(
     UPCAST: tl.constexpr, PREC: tl.constexpr,
 ):
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    if MASKED:
-        kv_mask = (offs_n[:, None] < N) & (offs_d[None, :] < D)
-    else:
-        kv_mask = offs_d[None, :] < D
-    k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+    # FULL tiles are complete (no position past N), so only PARTIAL ones check N.
+    k = _load_rows(k_base, offs_n, stride_kn, offs_d, N, D, BLOCK_D, MASKED)
+    v = _load_rows(v_base, offs_n, stride_vn, offs_d, N, D, BLOCK_D, MASKED)
     if UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
