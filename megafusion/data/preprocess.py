@@ -188,7 +188,7 @@ class RepresentationEncoder:
 
     storage = "float16"
 
-    def __init__(self, kind: str, path: str | None):
+    def __init__(self, kind: str, path: str | None, image_size: int):
         try:
             from megafusion.vision import load_representation
         except ImportError as err:
@@ -198,7 +198,11 @@ class RepresentationEncoder:
 
         self.torch = torch
         self.rep = load_representation(kind, path)
-        self.dim = None
+        if getattr(self.rep, "image_size", image_size) != image_size:
+            raise PreprocessError(f"the {kind} representation at {path} encodes {self.rep.image_size}px images; "
+                                  f"pass --image-size {self.rep.image_size}")
+        self.rep.eval()
+        self.dim = getattr(self.rep, "latent_dim", None)
 
     def encode(self, images: np.ndarray) -> list[tuple[np.ndarray, tuple[int, int]]]:
         torch = self.torch
@@ -214,7 +218,7 @@ class RepresentationEncoder:
 
 
 def make_encoder(cfg: PreprocessConfig):
-    return PixelEncoder(cfg.patch_size) if cfg.encoder == "pixel" else RepresentationEncoder(cfg.encoder, cfg.encoder_path)
+    return PixelEncoder(cfg.patch_size) if cfg.encoder == "pixel" else RepresentationEncoder(cfg.encoder, cfg.encoder_path, cfg.image_size)
 
 
 # ----------------------------------------------------------------------------- items

@@ -1,0 +1,203 @@
+"""JSONL -> tools/preprocess_data.py logic -> megatron-core IndexedDataset (+ visual store) -> pack."""
+
+import importlib.util
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from megafusion.data.indexed import IndexedDocuments
+from megafusion.data.packing import SequencePacker
+from megafusion.data.preprocess import PreprocessConfig, PreprocessError, run_preprocess
+from megafusion.data.sample import IGNORE_INDEX, IMAGE
+from megafusion.data.tokenizer import Tokenizer, train_tokenizer
+
+ROOT = Path(__file__).resolve().parents[2]
+WORDS = "the a red blue circle square moves left right up down on top of big small green".split()
+
+
+@pytest.fixture(scope="module")
+def tok_path(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tok")
+    rng = random.Random(0)
+    (d / "c.txt").write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(12)) for _ in range(300)))
+    return str(train_tokenizer([d / "c.txt"], d / "tok", vocab_size=400, actions=["W", "A"]))
+
+
+def megatron_dataset(prefix):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    return IndexedDataset(str(prefix))
+
+
+def write_text_jsonl(path: Path, n: int, bad: dict[int, str]) -> list[dict]:
+    rng = random.Random(1)
+    items, lines = [], []
+    for i in range(n):
+        if i in bad:
+            lines.append(bad[i])
+            items.append(None)
+            continue
+        item = {"text": " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 30))), "title": f"doc {i} green"}
+        items.append(item)
+        lines.append(json.dumps(item))
+    path.write_text("\n".join(lines) + "\n")
+    return items
+
+
+def test_text_round_trip_equals_tokenizer(tmp_path, tok_path):
+    src = tmp_path / "in.jsonl"
+    items = write_text_jsonl(src, 23, bad={3: "{not json", 10: json.dumps({"title": "no text"}), 11: "[1, 2]"})
+    cfg = PreprocessConfig(inputs=[str(src)], output_prefix=str(tmp_path / "out/web"), tokenizer_model=tok_path,
+                           json_keys=("text", "title"), append_eod=True, shard_size=5, progress=False)
+    summary = run_preprocess(cfg)
+    tok = Tokenizer(tok_path)
+    good = [it for it in items if it is not None and "text" in it]
+    assert summary.complete and summary.items == 23 and summary.documents == len(good) == 20
+    assert summary.shards == 5
+    # each bad line is reported with its file, line number and reason
+    reasons = {e["line"]: e["reason"] for e in summary.errors}
+    assert set(reasons) == {4, 11, 12} and "malformed JSON" in reasons[4]
+    assert "missing field 'text'" in reasons[11] and "JSON object" in reasons[12]
+    assert all(e["path"] == str(src) for e in summary.errors)
+    assert len((tmp_path / "out/web.errors.jsonl").read_text().splitlines()) == 3
+    for key in ("text", "title"):
+        ds = megatron_dataset(tmp_path / f"out/web_{key}_document")
+        assert len(ds) == len(good)
+        for i, it in enumerate(good):
+            assert ds[i].tolist() == tok.encode(it[key]) + [tok.eod_id]
+    assert not (tmp_path / "out/web.shards").exists()  # merged and cleaned
+
+
+def test_strict_fails_and_writes_nothing(tmp_path, tok_path):
+    src = tmp_path / "in.jsonl"
+    write_text_jsonl(src, 8, bad={5: "{oops"})
+    cfg = PreprocessConfig(inputs=[str(src)], output_prefix=str(tmp_path / "s"), tokenizer_model=tok_path,
+                           shard_size=4, strict=True, progress=False)
+    with pytest.raises(PreprocessError, match=r"in\.jsonl:6: malformed JSON"):
+        run_preprocess(cfg)
+    assert not list(tmp_path.glob("s_text_document*"))
+    # the shard that failed left no files; the good one is kept for the next run
+    assert sorted(p.name for p in (tmp_path / "s.shards").iterdir() if "done" in p.name) == ["000000.done.json"]
+
+
+def load_cli():
+    spec = importlib.util.spec_from_file_location("preprocess_data_cli", ROOT / "tools/preprocess_data.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_killed_run_resumes_to_identical_output(tmp_path, tok_path, capsys):
+    src = tmp_path / "in.jsonl"
+    write_text_jsonl(src, 30, bad={7: "{x"})
+    cli = load_cli()
+    args = ["--input", str(src), "--tokenizer-model", tok_path, "--shard-size", "6", "--no-progress", "--append-eod"]
+    assert cli.main(args + ["--output-prefix", str(tmp_path / "ref/out")]) == 0
+
+    # a run stopped after 2 of 5 shards, plus debris of a kill: a temp file and a shard without marker
+    prefix = tmp_path / "run/out"
+    assert cli.main(args + ["--output-prefix", str(prefix), "--max-shards", "2"]) == 0
+    assert "stopped early" in capsys.readouterr().out
+    assert not Path(f"{prefix}_text_document.bin").exists()
+    shards = Path(f"{prefix}.shards")
+    (shards / "000002_text_document.tmp999.bin").write_bytes(b"garbage")
+    (shards / "000003_text_document.bin").write_bytes(b"half written")
+    (shards / "000003_text_document.idx").write_bytes(b"half written")
+    done_mtime = (shards / "000000.done.json").stat().st_mtime_ns
+
+    assert cli.main(args + ["--output-prefix", str(prefix)]) == 0
+    out = capsys.readouterr().out
+    assert "5 shards (2 reused)" in out and "1 skipped" in out
+    for ext in ("bin", "idx"):
+        assert Path(f"{prefix}_text_document.{ext}").read_bytes() == (tmp_path / f"ref/out_text_document.{ext}").read_bytes()
+    assert not shards.exists() and done_mtime > 0
+    # a third run finds the work complete
+    assert cli.main(args + ["--output-prefix", str(prefix)]) == 0
+    assert "already complete" in capsys.readouterr().out
+
+
+def test_worker_processes_give_identical_output(tmp_path, tok_path):
+    src = tmp_path / "in.jsonl"
+    write_text_jsonl(src, 40, bad={})
+    outs = []
+    for workers in (1, 2):
+        prefix = tmp_path / f"w{workers}"
+        run_preprocess(PreprocessConfig(inputs=[str(src)], output_prefix=str(prefix), tokenizer_model=tok_path,
+                                        shard_size=7, workers=workers, progress=False))
+        outs.append(Path(f"{prefix}_text_document.bin").read_bytes() + Path(f"{prefix}_text_document.idx").read_bytes())
+    assert outs[0] == outs[1]
+
+
+# ----------------------------------------------------------------------------- image-text
+def make_images(folder: Path, n: int, size: int) -> list[np.ndarray]:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    arrays = []
+    for i in range(n):
+        a = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+        Image.fromarray(a).save(folder / f"{i}.png")
+        arrays.append(a)
+    return arrays
+
+
+def test_image_text_survives_preprocess_load_pack(tmp_path, tok_path):
+    from megafusion.vision import load_representation
+
+    size, patch = 16, 8
+    arrays = make_images(tmp_path / "img", 5, size)
+    (tmp_path / "img/corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    from PIL import Image
+
+    Image.fromarray(np.zeros((24, 40, 3), np.uint8)).save(tmp_path / "img/wide.png")  # resized + cropped
+    rows = [{"image": f"img/{i}.png", "text": f"a red circle number {i}"} for i in range(5)]
+    rows.insert(2, {"image": "img/corrupt.png", "text": "bad"})
+    rows.insert(4, {"image": "img/missing.png", "text": "gone"})
+    rows.append({"image": "img/wide.png", "text": "wide"})
+    src = tmp_path / "pairs.jsonl"
+    src.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    cfg = PreprocessConfig(inputs=[str(src)], output_prefix=str(tmp_path / "out/pairs"), tokenizer_model=tok_path,
+                           kind="image-text", encoder="pixel", image_size=size, patch_size=patch, shard_size=3,
+                           append_eod=True, progress=False)
+    summary = run_preprocess(cfg)
+    assert summary.documents == 6 and summary.visuals == 6 and summary.skipped_items == 2
+    bad = {e["path"]: e["reason"] for e in summary.errors}
+    assert "unreadable image" in bad[str(tmp_path / "img/corrupt.png")]
+    assert "not found" in bad[str(tmp_path / "img/missing.png")]
+
+    tok = Tokenizer(tok_path)
+    docs = IndexedDocuments(tmp_path / "out/pairs")
+    assert len(docs) == 6 and docs.latent_dim == 3 * patch * patch and docs.meta["storage"] == "uint8"
+    pixel = load_representation("pixel", image_size=size, patch_size=patch)
+    for i in range(5):
+        text, image, eod = docs[i]
+        assert text.tokens.tolist() == tok.encode(f"a red circle number {i}")
+        assert eod.tokens.tolist() == [tok.eod_id] and image.modality == IMAGE and not image.clean
+        # the stored patches are exactly the pixel representation of the image (an independent patchify)
+        ref = pixel.encode(torch.from_numpy(arrays[i]).permute(2, 0, 1)[None].float() / 255)[0].numpy()
+        np.testing.assert_allclose(image.latents, ref, atol=1e-6)
+    assert docs[5][1].latents.shape == ((size // patch) ** 2, 3 * patch * patch)
+
+    # pack: every image span sits between its <boi> and <eoi>, with its latents in place
+    packer = SequencePacker(seq_len=64, latent_dim=docs.latent_dim, pad_id=tok.pad_id, boi_id=tok.boi_id,
+                            eoi_id=tok.eoi_id)
+    samples = list(packer.pack(docs[i] for i in range(len(docs))))
+    seen = 0  # each document has one image, so the k-th span in packing order is document k's
+    for s in samples:
+        spans = [x for x in s.span_ids.unique().tolist() if x >= 0]
+        for span in sorted(spans):
+            where = (s.span_ids == span).nonzero().flatten()
+            first, last = where.min().item(), where.max().item()
+            assert last - first + 1 == len(where) == 4
+            assert s.tokens[first - 1] == tok.boi_id and s.tokens[last + 1] == tok.eoi_id
+            np.testing.assert_allclose(s.latents[where].numpy(), docs[seen][1].latents)
+            assert s.labels[first - 1] == IGNORE_INDEX and s.labels[first - 2] == tok.boi_id
+            assert s.labels[last + 1] == tok.eod_id and s.image_loss_mask[where].all()
+            assert (s.modality[where] == IMAGE).all() and s.positions[first] == s.positions[first - 1] + 1
+            seen += 1
+    assert seen == 6
