@@ -1,0 +1,188 @@
+"""Hybrid causal + bidirectional attention: forward and forward+backward, GPU only.
+
+Run on a GPU machine (CPU runs skip every case with a reason), then print the table:
+
+    python3 -m pytest benchmarks/bench_hybrid_attention.py -o addopts="" --benchmark-only \
+        --benchmark-json benchmarks/results/hybrid_attention_h100.json
+    python3 benchmarks/bench_hybrid_attention.py benchmarks/results/hybrid_attention_h100.json
+
+Implementations, all bf16, B*N = 16k tokens per step, H = 16 heads, D = 128:
+  triton       megafusion_kernels.hybrid_attention (tile metadata computed inside each call)
+  flex         torch FlexAttention, compiled, with the equivalent BlockMask built once
+               outside the timed region (how a model reuses it across layers)
+  sdpa_mask    torch SDPA with the dense boolean mask [B, 1, N, N] (built outside the timing)
+  sdpa_causal  torch SDPA is_causal=True (flash): the ceiling, pack independent, so it is
+               run once per N under pack "text"
+Packs (``make_pack``): text (documents of 512-4096 text tokens), image_heavy (documents of
+4096 tokens: 64 text tokens then a 1024-token image, repeated), mixed (documents of
+1-8k tokens alternating text runs and 256- or 1024-token images).
+
+TFLOP/s count only the visible (query, key) pairs P of each case: forward 4*P*D*H,
+forward+backward 3.5x that (the backward does 5 matmuls of the 2 the forward does). Each
+case stores them in ``extra_info`` (``tflops``, ``useful_pairs``, ``gpu``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="GPU benchmark: needs a CUDA device (the Triton interpreter is not a speed test)"
+)
+
+SEQ_LENS = [2048, 8192, 16384]
+TOKENS_PER_STEP = 16384
+HEADS, HEAD_DIM = 16, 128
+PACKS = ["text", "image_heavy", "mixed"]
+IMPLS = ["triton", "flex", "sdpa_mask", "sdpa_causal"]
+PASSES = ["fwd", "fwd_bwd"]
+DTYPE = torch.bfloat16
+
+
+def make_pack(kind: str, n: int, batch: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """doc_ids, span_ids [batch, n] int64 for one of ``PACKS``."""
+    gen = torch.Generator().manual_seed(seed)
+    docs = torch.zeros(batch, n, dtype=torch.long)
+    spans = torch.full((batch, n), -1, dtype=torch.long)
+
+    def rand(lo, hi):
+        return int(torch.randint(lo, hi + 1, (1,), generator=gen))
+
+    for b in range(batch):
+        pos, doc, span = 0, 0, 0
+        while pos < n:
+            length = {"text": rand(512, 4096), "image_heavy": 4096, "mixed": rand(1024, 8192)}[kind]
+            end = min(n, pos + length)
+            docs[b, pos:end] = doc
+            p = pos
+            while p < end:
+                if kind == "text":
+                    break
+                text = 64 if kind == "image_heavy" else rand(64, 512)
+                image = 1024 if kind == "image_heavy" else (256 if rand(0, 1) else 1024)
+                p += text
+                spans[b, p : min(end, p + image)] = span
+                span, p = span + 1, p + image
+            pos, doc = end, doc + 1
+    return docs, spans
+
+
+def visible_pairs(doc_ids: torch.Tensor, span_ids: torch.Tensor) -> int:
+    """Number of (i, j) with i seeing j, summed over the batch (row blocks keep memory low)."""
+    n = doc_ids.shape[1]
+    total = 0
+    j = torch.arange(n, device=doc_ids.device)
+    for start in range(0, n, 2048):
+        i = torch.arange(start, min(n, start + 2048), device=doc_ids.device)
+        d_i, s_i = doc_ids[:, i, None], span_ids[:, i, None]
+        vis = (d_i == doc_ids[:, None, :]) & ((j[None, None, :] <= i[None, :, None]) | ((s_i >= 0) & (s_i == span_ids[:, None, :])))
+        total += int(vis.sum())
+    return total
+
+
+def _build(impl, q, k, v, doc, span):
+    """A closure ``run(q, k, v) -> out`` with everything mask-related built up front."""
+    n = q.shape[2]
+    if impl == "triton":
+        from megafusion_kernels.hybrid_attention import hybrid_attention
+
+        return lambda q, k, v: hybrid_attention(q, k, v, doc, span)
+    if impl == "sdpa_causal":
+        return lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    if impl == "sdpa_mask":
+        from megafusion_kernels.hybrid_attention import visibility_mask
+
+        mask = visibility_mask(doc, span)[:, None]
+        return lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    if impl == "flex":
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            s_q = span[b, q_idx]
+            return (doc[b, q_idx] == doc[b, kv_idx]) & ((kv_idx <= q_idx) | ((s_q >= 0) & (s_q == span[b, kv_idx])))
+
+        block_mask = create_block_mask(mask_mod, q.shape[0], None, n, n, device=q.device)
+        flex = torch.compile(flex_attention, dynamic=False)
+        return lambda q, k, v: flex(q, k, v, block_mask=block_mask)
+    raise ValueError(impl)
+
+
+def _cases():
+    for n in SEQ_LENS:
+        for pack in PACKS:
+            for impl in IMPLS:
+                if impl == "sdpa_causal" and pack != "text":
+                    continue
+                for pas in PASSES:
+                    yield pytest.param(n, pack, impl, pas, id=f"{pas}-{impl}-{pack}-N{n}")
+
+
+@pytest.mark.parametrize("n,pack,impl,pas", list(_cases()))
+def test_hybrid_attention(benchmark, n, pack, impl, pas):
+    dev = "cuda"
+    batch = max(1, TOKENS_PER_STEP // n)
+    doc, span = (t.to(dev) for t in make_pack(pack, n, batch))
+    if impl == "sdpa_causal":
+        doc, span = torch.zeros_like(doc), torch.full_like(span, -1)  # what it computes
+    gen = torch.Generator(device=dev).manual_seed(0)
+    q, k, v = (torch.randn(batch, HEADS, n, HEAD_DIM, device=dev, dtype=DTYPE, generator=gen) for _ in range(3))
+    dout = torch.randn_like(q)
+    run = _build(impl, q, k, v, doc, span)
+    if pas == "fwd":
+
+        def step():
+            with torch.no_grad():
+                run(q, k, v)
+            torch.cuda.synchronize()
+    else:
+        q, k, v = (t.requires_grad_() for t in (q, k, v))
+
+        def step():
+            out = run(q, k, v)
+            torch.autograd.grad(out, (q, k, v), dout)
+            torch.cuda.synchronize()
+
+    benchmark.pedantic(step, rounds=20, warmup_rounds=3, iterations=1)
+    pairs = visible_pairs(doc, span)
+    flops = 4.0 * pairs * HEAD_DIM * HEADS * (3.5 if pas == "fwd_bwd" else 1.0)
+    benchmark.extra_info.update(
+        gpu=torch.cuda.get_device_name(),
+        batch=batch,
+        useful_pairs=pairs,
+        flops=flops,
+        tflops=flops / benchmark.stats.stats.median / 1e12,
+    )
+
+
+def table(json_path: str) -> str:
+    """Markdown table from a --benchmark-json file: TFLOP/s per case, triton/flex and
+    triton/causal-flash ratios (both per useful FLOP)."""
+    with open(json_path) as f:
+        data = json.load(f)
+    rows = {}
+    gpu = "?"
+    for bench in data["benchmarks"]:
+        p = bench["params"]
+        gpu = bench["extra_info"].get("gpu", gpu)
+        rows[(p["pas"], p["n"], p["pack"], p["impl"])] = bench["extra_info"]["tflops"]
+    out = [f"GPU: {gpu}; bf16, H={HEADS}, D={HEAD_DIM}, {TOKENS_PER_STEP} tokens per step; TFLOP/s over visible pairs", ""]
+    out.append("| pass | N | pack | triton | flex | sdpa+mask | causal flash | triton/flex | triton/causal |")
+    out.append("|---|---|---|---|---|---|---|---|---|")
+    for pas in PASSES:
+        for n in SEQ_LENS:
+            ceiling = rows.get((pas, n, "text", "sdpa_causal"), math.nan)
+            for pack in PACKS:
+                t, fx, sm = (rows.get((pas, n, pack, i), math.nan) for i in ("triton", "flex", "sdpa_mask"))
+                out.append(
+                    f"| {pas} | {n} | {pack} | {t:.0f} | {fx:.0f} | {sm:.0f} | {ceiling:.0f} | {t / fx:.2f}x | {t / ceiling:.2f}x |"
+                )
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    print(table(sys.argv[1]))
