@@ -20,7 +20,7 @@ from .scene import COLORS, SHAPES, SIZES, ShapeObject, render_objects, sample_sc
 # The action vocabulary. The tokenizer reserves one token per action (ACTION_TOKENS).
 ACTIONS: tuple[str, ...] = ("up", "down", "left", "right", "stay")
 ACTION_ALIASES: dict[str, str] = {"w": "up", "a": "left", "s": "down", "d": "right", "noop": "stay"}
-ACTION_TOKENS: tuple[str, ...] = tuple(f"<|act_{a}|>" for a in ACTIONS)
+ACTION_TOKENS: tuple[str, ...] = tuple(f"<act_{a}>" for a in ACTIONS)  # as megafusion.data.tokenizer.action_piece
 # (d_col, d_row) of each action on the agent lattice; rows grow downwards.
 ACTION_DELTAS: dict[str, tuple[int, int]] = {"up": (0, -1), "down": (0, 1), "left": (-1, 0), "right": (1, 0),
                                              "stay": (0, 0)}
