@@ -17,7 +17,9 @@ can tell, without looking at any pair, that
 and otherwise it is ``PARTIAL`` (the kernel evaluates the rule per pair). The test is
 sound for any ids (not only sorted packs): it only ever errs towards ``PARTIAL``.
 
-Everything here is plain torch on small [B, T] / [B, Tq, Tk] tensors, run once per call.
+``summarize_tiles``/``classify_tiles``/``tile_lists`` are the plain-torch definition;
+``build_tile_lists`` does the same in two small Triton kernels (what the attention calls,
+since a dozen torch launches would cost more than the attention itself at short N).
 """
 
 from __future__ import annotations
@@ -132,3 +134,113 @@ def tile_lists(cls: torch.Tensor) -> TileLists:
     full_count, full_index = _select(cls == FULL)
     part_count, part_index = _select(cls == PARTIAL)
     return TileLists(full_count, full_index, part_count, part_index)
+
+
+# ------------------------------------------------------------------ Triton version
+#
+# The same summaries, classes and lists in two small kernels; the torch functions above
+# are the reference they are tested against.
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+
+@triton.jit
+def _summarize_kernel(DOC, SPAN, OUT, N, T, BLOCK: tl.constexpr):
+    """OUT [B, 5, T] int32: doc_min, doc_max, span_min, span_max, span_pos_min per tile."""
+    t = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    offs = t * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < N
+    doc = tl.load(DOC + b * N + offs, mask=ok, other=0)
+    span = tl.load(SPAN + b * N + offs, mask=ok, other=-1)
+    big = 2147483647
+    out = OUT + b * 5 * T + t
+    tl.store(out, tl.min(tl.where(ok, doc, big), 0))
+    tl.store(out + T, tl.max(tl.where(ok, doc, -big), 0))
+    tl.store(out + 2 * T, tl.min(tl.where(ok, span, big), 0))
+    tl.store(out + 3 * T, tl.max(tl.where(ok, span, -big), 0))
+    tl.store(out + 4 * T, tl.min(tl.where(ok & (span >= 0), span, big), 0))
+
+
+@triton.jit
+def _lists_kernel(
+    ROW_SUM, COL_SUM, FULL_CNT, FULL_IDX, PART_CNT, PART_IDX, N, TR, TC,
+    ROW_BLOCK: tl.constexpr, COL_BLOCK: tl.constexpr, BLOCK_T: tl.constexpr, ROWS_ARE_QUERIES: tl.constexpr,
+):
+    """For row tile ``r`` of batch ``b``: classify every column tile, write the FULL and
+    PARTIAL column indices (ascending) and their counts. Same rule as ``classify_tiles``."""
+    r = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    c = tl.arange(0, BLOCK_T)
+    c_ok = c < TC
+    zero = tl.zeros([BLOCK_T], dtype=tl.int32)
+    rs = ROW_SUM + b * 5 * TR + r
+    cs = COL_SUM + b * 5 * TC + c
+    r_vals = [tl.load(rs + i * TR) + zero for i in tl.static_range(5)]
+    c_vals = [tl.load(cs + i * TC, mask=c_ok, other=0) for i in tl.static_range(5)]
+    r_start = r * ROW_BLOCK + zero
+    r_last = tl.minimum(r_start + ROW_BLOCK, N) - 1
+    c_start = c * COL_BLOCK
+    c_last = tl.minimum(c_start + COL_BLOCK, N) - 1
+    complete = (r_start + ROW_BLOCK <= N) & (c_start + COL_BLOCK <= N)
+    if ROWS_ARE_QUERIES:
+        q_vals, k_vals = r_vals, c_vals
+        q_start, q_last, k_start, k_last = r_start, r_last, c_start, c_last
+    else:
+        q_vals, k_vals = c_vals, r_vals
+        q_start, q_last, k_start, k_last = c_start, c_last, r_start, r_last
+    q_dmin, q_dmax, q_smin, q_smax, q_spmin = q_vals
+    k_dmin, k_dmax, k_smin, k_smax, k_spmin = k_vals
+
+    docs_apart = (q_dmax < k_dmin) | (k_dmax < q_dmin)
+    keys_after = k_start > q_last
+    spans_meet = tl.maximum(q_spmin, k_spmin) <= tl.minimum(q_smax, k_smax)
+    skip = docs_apart | (keys_after & (spans_meet == 0))
+    one_doc = (q_dmin == q_dmax) & (k_dmin == k_dmax) & (q_dmin == k_dmin)
+    keys_before = k_last <= q_start
+    one_span = (q_smin == q_smax) & (k_smin == k_smax) & (q_smin == k_smin) & (q_smin >= 0)
+    full = one_doc & (keys_before | one_span) & complete & c_ok
+    part = (skip == 0) & (full == 0) & c_ok
+
+    row = b * TR + r
+    full_i = full.to(tl.int32)
+    part_i = part.to(tl.int32)
+    tl.store(FULL_IDX + row * TC + tl.cumsum(full_i, 0) - 1, c, mask=full)
+    tl.store(PART_IDX + row * TC + tl.cumsum(part_i, 0) - 1, c, mask=part)
+    tl.store(FULL_CNT + row, tl.sum(full_i, 0))
+    tl.store(PART_CNT + row, tl.sum(part_i, 0))
+
+
+def _summaries(doc_ids: torch.Tensor, span_ids: torch.Tensor, block: int) -> torch.Tensor:
+    bsz, n = doc_ids.shape
+    tiles = triton.cdiv(n, block)
+    out = torch.empty((bsz, 5, tiles), dtype=torch.int32, device=doc_ids.device)
+    _summarize_kernel[(tiles, bsz)](doc_ids, span_ids, out, n, tiles, BLOCK=block)
+    return out
+
+
+def build_tile_lists(
+    doc_ids: torch.Tensor, span_ids: torch.Tensor, row_block: int, col_block: int, rows_are_queries: bool
+) -> TileLists:
+    """``tile_lists`` of the classification for rows of ``row_block`` positions (query
+    tiles if ``rows_are_queries`` else key tiles) against columns of ``col_block``.
+
+    ``doc_ids``/``span_ids``: contiguous int32 [B, N], N > 0."""
+    bsz, n = doc_ids.shape
+    row_sum = _summaries(doc_ids, span_ids, row_block)
+    col_sum = row_sum if col_block == row_block else _summaries(doc_ids, span_ids, col_block)
+    tr, tc = row_sum.shape[2], col_sum.shape[2]
+    dev = doc_ids.device
+    lists = TileLists(
+        full_count=torch.empty((bsz, tr), dtype=torch.int32, device=dev),
+        full_index=torch.empty((bsz, tr, tc), dtype=torch.int32, device=dev),
+        part_count=torch.empty((bsz, tr), dtype=torch.int32, device=dev),
+        part_index=torch.empty((bsz, tr, tc), dtype=torch.int32, device=dev),
+    )
+    _lists_kernel[(tr, bsz)](
+        row_sum, col_sum, lists.full_count, lists.full_index, lists.part_count, lists.part_index,
+        n, tr, tc, ROW_BLOCK=row_block, COL_BLOCK=col_block, BLOCK_T=triton.next_power_of_2(tc),
+        ROWS_ARE_QUERIES=rows_are_queries,
+    )
+    return lists

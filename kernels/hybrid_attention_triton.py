@@ -10,7 +10,7 @@ Backward (FlashAttention-2 split, no atomics):
 - dk/dv: one program per (key tile, batch*kv-head); it loops over the q heads of its GQA
   group and over the query tiles listed for its key tile, accumulating dk, dv in fp32.
 - dq: one program per (query tile, batch*head) over the same key tiles as the forward.
-``delta = rowsum(dO * O)`` is computed in torch beforehand.
+``delta = rowsum(dO * O)`` comes from a small kernel beforehand.
 
 Interpreter (``TRITON_INTERPRET=1``, CPU): bf16 ``tl.dot`` is wrong there, so operands are
 upcast to fp32 (``UPCAST``), and only one autotune config is offered.
@@ -25,12 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from megafusion_kernels.hybrid_attention_tiles import (
-    TileLists,
-    classify_tiles,
-    summarize_tiles,
-    tile_lists,
-)
+from megafusion_kernels.hybrid_attention_tiles import build_tile_lists
 
 LOG2E = 1.4426950408889634
 
@@ -41,23 +36,27 @@ def interpreting() -> bool:
 
 @dataclass(frozen=True)
 class TileConfig:
-    """Tile sizes (positions). Forward and dq share (block_m, block_n); dk/dv uses
-    (bwd_kv_m, bwd_kv_n) with ``bwd_kv_n`` keys per program."""
+    """Tile sizes (positions): forward (block_m queries x block_n keys), dk/dv
+    (bwd_kv_n keys per program x bwd_kv_m queries per step), dq (bwd_q_m queries per
+    program x bwd_q_n keys per step)."""
 
     block_m: int
     block_n: int
     bwd_kv_m: int
     bwd_kv_n: int
+    bwd_q_m: int
+    bwd_q_n: int
 
 
 def select_tiles(head_dim: int) -> TileConfig:
     """Fixed tile sizes per head dim (the tile lists depend on them, so they are not
-    autotuned; warps/stages are)."""
+    autotuned; warps/stages are). GPU sizes follow Triton's fused-attention tutorial
+    (FA2 split: small query steps under large key tiles for dk/dv, and the converse)."""
     if interpreting():
-        return TileConfig(64, 64, 64, 64)
+        return TileConfig(64, 64, 64, 64, 64, 64)
     if head_dim <= 128:
-        return TileConfig(128, 64, 64, 128)
-    return TileConfig(64, 32, 32, 64)
+        return TileConfig(128, 64, 32, 128, 128, 32)
+    return TileConfig(64, 32, 32, 64, 64, 32)
 
 
 def _autotune_configs() -> list[triton.Config]:
@@ -185,6 +184,24 @@ def _fwd_kernel(
 
 
 # ---------------------------------------------------------------------------- backward
+
+
+@triton.jit
+def _delta_kernel(
+    O, DO, DELTA, stride_ob, stride_oh, stride_on, stride_dob, stride_doh, stride_don, H, N,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """DELTA [B, H, N] fp32 = rowsum(dO * O), the softmax-backward correction."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    o = _load_rows(O + b * stride_ob + h * stride_oh, offs_m, stride_on, offs_d, N, D, BLOCK_D, True)
+    do = _load_rows(DO + b * stride_dob + h * stride_doh, offs_m, stride_don, offs_d, N, D, BLOCK_D, True)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + pid_bh.to(tl.int64) * N + offs_m, delta, mask=offs_m < N)
 
 
 @triton.jit
@@ -394,13 +411,6 @@ def _kernel_flags(dtype: torch.dtype) -> tuple[bool, str]:
     return upcast, prec
 
 
-def _lists(doc_ids: torch.Tensor, span_ids: torch.Tensor, block_rows: int, block_cols: int, rows_are_queries: bool) -> TileLists:
-    q_sum = summarize_tiles(doc_ids, span_ids, block_rows if rows_are_queries else block_cols)
-    k_sum = summarize_tiles(doc_ids, span_ids, block_cols if rows_are_queries else block_rows)
-    cls = classify_tiles(q_sum, k_sum)
-    return tile_lists(cls if rows_are_queries else cls.transpose(1, 2))
-
-
 def hybrid_attention_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Tensor, span_ids: torch.Tensor, sm_scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -412,7 +422,7 @@ def hybrid_attention_forward(
     cfg = select_tiles(d)
     out = torch.empty_like(q)
     lse = torch.empty((bsz, heads, n), device=q.device, dtype=torch.float32)
-    lists = _lists(doc_ids, span_ids, cfg.block_m, cfg.block_n, rows_are_queries=True)
+    lists = build_tile_lists(doc_ids, span_ids, cfg.block_m, cfg.block_n, rows_are_queries=True)
     n_tiles_m = lists.full_count.shape[1]
     upcast, prec = _kernel_flags(q.dtype)
     _fwd_kernel[(n_tiles_m, bsz * heads)](
@@ -437,11 +447,16 @@ def hybrid_attention_backward(
     hkv = k.shape[1]
     cfg = select_tiles(d)
     upcast, prec = _kernel_flags(q.dtype)
-    delta = (dout.float() * out.float()).sum(-1).contiguous()  # [B, H, N]
+    delta = torch.empty((bsz, heads, n), device=q.device, dtype=torch.float32)
+    _delta_kernel[(triton.cdiv(n, 64), bsz * heads)](
+        out, dout, delta, out.stride(0), out.stride(1), out.stride(2),
+        dout.stride(0), dout.stride(1), dout.stride(2), heads, n,
+        D=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_M=64,
+    )
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     common = dict(D=d, BLOCK_D=triton.next_power_of_2(d), UPCAST=upcast, PREC=prec)
 
-    kv_lists = _lists(doc_ids, span_ids, cfg.bwd_kv_n, cfg.bwd_kv_m, rows_are_queries=False)
+    kv_lists = build_tile_lists(doc_ids, span_ids, cfg.bwd_kv_n, cfg.bwd_kv_m, rows_are_queries=False)
     n_tiles_n = kv_lists.full_count.shape[1]
     _bwd_kv_kernel[(n_tiles_n, bsz * hkv)](
         q, k, v, dout, lse, delta, dk, dv, doc_ids, span_ids,
@@ -454,7 +469,7 @@ def hybrid_attention_backward(
         BLOCK_M=cfg.bwd_kv_m, BLOCK_N=cfg.bwd_kv_n, **common,
     )
 
-    q_lists = _lists(doc_ids, span_ids, cfg.block_m, cfg.block_n, rows_are_queries=True)
+    q_lists = build_tile_lists(doc_ids, span_ids, cfg.bwd_q_m, cfg.bwd_q_n, rows_are_queries=True)
     n_tiles_m = q_lists.full_count.shape[1]
     _bwd_q_kernel[(n_tiles_m, bsz * heads)](
         q, k, v, dout, lse, delta, dq, doc_ids, span_ids,
@@ -464,6 +479,6 @@ def hybrid_attention_backward(
         dq.stride(0), dq.stride(1), dq.stride(2),
         q_lists.full_index.stride(0), q_lists.full_index.stride(1),
         heads, n, heads // hkv, sm_scale * LOG2E, sm_scale, n_tiles_m,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **common,
+        BLOCK_M=cfg.bwd_q_m, BLOCK_N=cfg.bwd_q_n, **common,
     )
     return dq, dk, dv

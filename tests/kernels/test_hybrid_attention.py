@@ -27,6 +27,7 @@ from megafusion_kernels.hybrid_attention_tiles import (
     FULL,
     PARTIAL,
     SKIP,
+    build_tile_lists,
     classify_tiles,
     summarize_tiles,
     tile_lists,
@@ -149,9 +150,10 @@ def test_head_dim_not_power_of_two_and_custom_scale():
     check(doc, span, dim=48, scale=0.3)
 
 
-@pytest.mark.parametrize("tiles", [hat.TileConfig(16, 16, 16, 16), hat.TileConfig(32, 16, 16, 32)])
+@pytest.mark.parametrize("tiles", [hat.TileConfig(16, 16, 16, 16, 16, 16), hat.TileConfig(32, 16, 16, 32, 16, 32)])
 def test_small_tiles_every_class(monkeypatch, tiles):
-    """Small (and unequal) tiles: many tiles of each class, bwd tiles unlike fwd ones."""
+    """Small (and unequal) tiles: many tiles of each class; dk/dv and dq tiles unlike
+    the forward's."""
     monkeypatch.setattr(hat, "select_tiles", lambda head_dim: tiles)
     doc, span = make_pack(n=100, docs=[64], spans=[(5, 20), (40, 60), (70, 99)])
     q_sum, k_sum = summarize_tiles(doc, span, tiles.block_m), summarize_tiles(doc, span, tiles.block_n)
@@ -280,6 +282,28 @@ def test_tile_lists_match_classes():
                 want = (cls[b, r] == kind).nonzero().flatten().tolist()
                 c = int(count[b, r])
                 assert index[b, r, :c].tolist() == want
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_triton_tile_lists_match_torch(seed):
+    """The Triton metadata kernels (what the attention uses) against the torch definition,
+    for query rows and for key rows, equal and unequal tile sizes."""
+    gen = torch.Generator().manual_seed(seed)
+    n = int(torch.randint(1, 200, (1,), generator=gen))
+    if seed % 2:
+        doc, span = random_pack(n, batch=2, gen=gen)
+    else:
+        doc, span = torch.randint(0, 3, (2, n), generator=gen), torch.randint(-1, 3, (2, n), generator=gen)
+    for row_block, col_block, rows_are_queries in [(16, 16, True), (32, 16, True), (16, 64, False), (64, 32, False)]:
+        q_block, k_block = (row_block, col_block) if rows_are_queries else (col_block, row_block)
+        cls = classify_tiles(summarize_tiles(doc, span, q_block), summarize_tiles(doc, span, k_block))
+        want = tile_lists(cls if rows_are_queries else cls.transpose(1, 2))
+        got = build_tile_lists(doc.int().contiguous(), span.int().contiguous(), row_block, col_block, rows_are_queries)
+        assert torch.equal(got.full_count, want.full_count) and torch.equal(got.part_count, want.part_count)
+        for count, g_idx, w_idx in ((want.full_count, got.full_index, want.full_index), (want.part_count, got.part_index, want.part_index)):
+            for b, t in zip(*torch.nonzero(count >= 0, as_tuple=True)):
+                c = int(count[b, t])
+                assert torch.equal(g_idx[b, t, :c], w_idx[b, t, :c])
 
 
 # ---------------------------------------------------------------- custom op / compile
