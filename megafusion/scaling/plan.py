@@ -1,0 +1,271 @@
+"""IsoFLOP sweep planning: for each compute budget, model sizes and the steps that spend it.
+
+The family file is a trainer config plus a ``family:`` section (removed from the configs
+written for the runs)::
+
+    model: {seq_length: 256, vocab_size: 512, ...}   # the trainer config, as usual
+    train: {global_batch_size: 32, ...}
+    family:
+      widths: [64, 96, 128, 192, 256]   # hidden sizes (or `sizes:`, below)
+      aspect_ratio: 32                  # num_layers = round(hidden_size / aspect_ratio), >= 1
+      head_dim: 32                      # num_heads = hidden_size / head_dim
+      ffn_ratio: 4                      # ffn_hidden_size = ffn_ratio * hidden_size, rounded
+      ffn_multiple: 8                   #   up to a multiple of ffn_multiple
+      moe:                              # optional: MoE family
+        num_experts: 8                  #   one value, or one per width
+        expert_ffn_ratio: 0.5           #   moe.ffn_hidden_size = ratio * hidden_size
+        shared_expert_ffn_ratio: 0.5    #   moe.shared_expert_ffn_hidden_size (0 = none)
+      # sizes: [{hidden_size: 64, num_layers: 2, num_heads: 2, ffn_hidden_size: 256}, ...]
+      #   (explicit model-section overrides instead of the rule)
+      tokens_per_param: 20              # each budget's grid is centred where D/N is this
+      min_steps: 10                     # sizes that would train fewer steps are left out
+      packing: {doc_length: null, span_length: 0, spans_per_doc: 0, latent_dim: null}
+
+FLOPs per step come from :mod:`megafusion.scaling.flops` on a nominal packing of
+``model.seq_length`` positions (documents of ``doc_length``, each ending with
+``spans_per_doc`` image spans of ``span_length`` latent positions); steps = budget /
+(global_batch_size x FLOPs per sequence), rounded to the nearest whole step.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import json
+import math
+import shlex
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from megafusion.scaling.flops import ModelShape, nominal_packing, params, training_flops_per_step
+
+_FAMILY_KEYS = {"widths", "aspect_ratio", "head_dim", "ffn_ratio", "ffn_multiple", "moe", "sizes",
+                "tokens_per_param", "min_steps", "packing"}
+_MOE_KEYS = {"num_experts", "expert_ffn_ratio", "shared_expert_ffn_ratio", "top_k"}
+_PACKING_KEYS = {"doc_length", "span_length", "spans_per_doc", "latent_dim"}
+# model-section keys a family may set per size (others belong in the shared model section)
+_SIZE_KEYS = {"hidden_size", "num_layers", "num_heads", "num_kv_heads", "ffn_hidden_size", "moe"}
+
+
+class PlanError(ValueError):
+    """A family file that cannot be planned; the message names the key and the fix."""
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    name: str
+    budget: float  # FLOPs to spend
+    model: dict  # model-section overrides of this size
+    steps: int
+    tokens: int  # steps * global_batch_size * seq_length
+    params: int  # active non-embedding parameters (the fitter's N)
+    params_total: int
+    flops: int  # planned training FLOPs: steps * FLOPs per step
+
+    @property
+    def flops_per_step(self) -> float:
+        return self.flops / self.steps
+
+
+def _check_keys(section: dict, valid: set[str], where: str) -> None:
+    for key in section:
+        if key not in valid:
+            close = difflib.get_close_matches(key, valid, n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise PlanError(f"unknown key '{where}.{key}'.{hint} Valid keys: {', '.join(sorted(valid))}")
+
+
+def _round_up(value: float, multiple: int) -> int:
+    return int(math.ceil(value / multiple) * multiple)
+
+
+def candidate_sizes(family: dict) -> list[dict]:
+    """Model-section overrides of every size the family allows, in the file's order."""
+    _check_keys(family, _FAMILY_KEYS, "family")
+    if ("sizes" in family) == ("widths" in family):
+        raise PlanError("family: give either 'widths' (with the rule keys) or an explicit 'sizes' list, not both "
+                        "and not neither")
+    if "sizes" in family:
+        sizes = family["sizes"]
+        if not isinstance(sizes, list) or not sizes:
+            raise PlanError("family.sizes must be a non-empty list of model-section mappings")
+        for i, size in enumerate(sizes):
+            if not isinstance(size, dict):
+                raise PlanError(f"family.sizes[{i}] must be a mapping like {{hidden_size: 64, num_layers: 2}}")
+            _check_keys(size, _SIZE_KEYS, f"family.sizes[{i}]")
+        return [copy.deepcopy(s) for s in sizes]
+    widths = family["widths"]
+    if not isinstance(widths, list) or not widths:
+        raise PlanError("family.widths must be a non-empty list of hidden sizes")
+    for key in ("aspect_ratio", "head_dim"):
+        if key not in family:
+            raise PlanError(f"family.{key} is needed with family.widths (depth and heads follow from the width)")
+    moe = family.get("moe") or {}
+    _check_keys(moe, _MOE_KEYS, "family.moe")
+    experts = moe.get("num_experts", 0)
+    if isinstance(experts, list) and len(experts) != len(widths):
+        raise PlanError(f"family.moe.num_experts has {len(experts)} values for {len(widths)} widths; give one "
+                        "value or one per width")
+    out = []
+    for i, width in enumerate(widths):
+        if width % family["head_dim"]:
+            raise PlanError(f"family.widths[{i}] = {width} is not a multiple of family.head_dim = "
+                            f"{family['head_dim']}")
+        size = {"hidden_size": int(width),
+                "num_layers": max(1, round(width / family["aspect_ratio"])),
+                "num_heads": int(width // family["head_dim"]),
+                "ffn_hidden_size": _round_up(family.get("ffn_ratio", 4) * width, family.get("ffn_multiple", 8))}
+        n_experts = experts[i] if isinstance(experts, list) else experts
+        if n_experts:
+            size["moe"] = {"num_experts": int(n_experts),
+                           "ffn_hidden_size": _round_up(moe.get("expert_ffn_ratio", 1) * width,
+                                                        family.get("ffn_multiple", 8))}
+            if moe.get("shared_expert_ffn_ratio"):
+                size["moe"]["shared_expert_ffn_hidden_size"] = _round_up(moe["shared_expert_ffn_ratio"] * width,
+                                                                         family.get("ffn_multiple", 8))
+            if "top_k" in moe:
+                size["moe"]["top_k"] = int(moe["top_k"])
+        out.append(size)
+    return out
+
+
+def _merge(base: dict, overrides: dict) -> dict:
+    merged = copy.deepcopy(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict):
+            merged[key] = _merge(merged.get(key) or {}, value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _budget_name(budget: float) -> str:
+    mantissa, exponent = f"{budget:.3g}".split("e") if "e" in f"{budget:.3g}" else (f"{budget:.3g}", "0")
+    return f"{mantissa}e{int(exponent)}"
+
+
+def _run_name(budget: float, size: dict) -> str:
+    name = f"c{_budget_name(budget)}_h{size['hidden_size']}_l{size['num_layers']}"
+    experts = (size.get("moe") or {}).get("num_experts")
+    return name + (f"_e{experts}" if experts else "")
+
+
+def plan_sweep(config: dict, budgets: Sequence[float], sizes: int | None = None) -> list[PlannedRun]:
+    """Runs for every budget: the family's sizes that reach ``min_steps``; with ``sizes``,
+    the ``sizes`` consecutive ones (by parameter count) centred where D/N is nearest
+    ``tokens_per_param``."""
+    if "family" not in config or not isinstance(config["family"], dict):
+        raise PlanError("the family file has no 'family:' section; add one (see megafusion/scaling/plan.py)")
+    family = config["family"]
+    if sizes is not None and sizes < 3:
+        raise PlanError(f"--sizes {sizes}: an IsoFLOP curve needs at least 3 sizes per budget")
+    model, train = config.get("model") or {}, config.get("train") or {}
+    seq, batch = int(model.get("seq_length", 64)), int(train.get("global_batch_size", 8))
+    packing = dict(family.get("packing") or {})
+    _check_keys(packing, _PACKING_KEYS, "family.packing")
+    latent_dim = packing.pop("latent_dim", None)
+    try:
+        layout = nominal_packing(seq, packing.get("doc_length"), int(packing.get("span_length") or 0),
+                                 int(packing.get("spans_per_doc") or 0))
+    except ValueError as err:
+        raise PlanError(f"family.packing: {err}") from None
+
+    candidates = []
+    for size in candidate_sizes(family):
+        merged = _merge(model, size)
+        if latent_dim and not merged.get("latent_dim"):
+            merged["latent_dim"] = latent_dim
+        try:
+            shape = ModelShape.from_model_config(merged)
+            per_step = batch * training_flops_per_step(shape, *layout)
+        except ValueError as err:
+            raise PlanError(f"family size {size}: {err}") from None
+        count = params(shape)
+        candidates.append((count.active_non_embedding, count.total, per_step, size))
+    candidates.sort(key=lambda c: c[0])
+
+    tokens_per_param = float(family.get("tokens_per_param", 20))
+    min_steps = int(family.get("min_steps", 1))
+    runs = []
+    for budget in budgets:
+        feasible = [c for c in candidates if round(budget / c[2]) >= min_steps]
+        if len(feasible) < 3:
+            raise PlanError(f"budget {budget:.3g} FLOPs: only {len(feasible)} of {len(candidates)} family sizes train "
+                            f"at least family.min_steps = {min_steps} steps; raise the budget or add smaller widths")
+        if sizes is not None and sizes < len(feasible):
+            ratio = [abs(math.log(budget / c[2] * batch * seq / max(c[0], 1) / tokens_per_param)) for c in feasible]
+            best = ratio.index(min(ratio))
+            start = min(max(best - sizes // 2, 0), len(feasible) - sizes)
+            feasible = feasible[start:start + sizes]
+        for n, total, per_step, size in feasible:
+            steps = max(1, round(budget / per_step))
+            runs.append(PlannedRun(name=_run_name(budget, size), budget=float(budget), model=size, steps=steps,
+                                   tokens=steps * batch * seq, params=n, params_total=total,
+                                   flops=int(steps * per_step)))
+    names = [r.name for r in runs]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise PlanError(f"two family sizes share the run name(s) {', '.join(duplicates)}; make the sizes distinct")
+    return runs
+
+
+def run_config(config: dict, run: PlannedRun) -> dict:
+    """The trainer config of one run: the family section gone, the size and steps set."""
+    out = copy.deepcopy({k: v for k, v in config.items() if k != "family"})
+    model = _merge(out.get("model") or {}, run.model)
+    model.setdefault("seq_length", int((config.get("model") or {}).get("seq_length", 64)))
+    out["model"] = model
+    train = dict(out.get("train") or {})
+    train.setdefault("global_batch_size", int((config.get("train") or {}).get("global_batch_size", 8)))
+    train["steps"] = run.steps
+    out["train"] = train
+    return out
+
+
+def _command(config: str, run_dir: str, gpus: int) -> str:
+    args = f"--config {shlex.quote(config)} --run-dir {shlex.quote(run_dir)}"
+    if gpus > 1:
+        return f"torchrun --standalone --nproc_per_node {gpus} -m megafusion.train {args}"
+    return f"megafusion train {args}"
+
+
+def write_plan(config: dict, runs: list[PlannedRun], out_dir: str | Path, launcher: str = "local",
+               gpus_per_run: int = 1, source: str | None = None) -> list[Path]:
+    """Writes configs/<run>.yaml, plan.json and launch.sh (local) or launch.sbatch (SLURM
+    array, one task per run). Run dirs will be runs/<run>; paths are relative to ``out_dir``."""
+    if launcher not in ("local", "slurm"):
+        raise PlanError(f"launcher {launcher!r} is not one of local, slurm")
+    out = Path(out_dir).resolve()
+    (out / "configs").mkdir(parents=True, exist_ok=True)
+    written = []
+    for run in runs:
+        path = out / "configs" / f"{run.name}.yaml"
+        path.write_text(yaml.safe_dump(run_config(config, run), sort_keys=False))
+        written.append(path)
+    manifest = {"source": source, "launcher": launcher, "budgets": sorted({r.budget for r in runs}),
+                "runs": [{**asdict(r), "config": f"configs/{r.name}.yaml", "run_dir": f"runs/{r.name}"}
+                         for r in runs]}
+    (out / "plan.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    written.append(out / "plan.json")
+    commands = [_command(f"configs/{r.name}.yaml", f"runs/{r.name}", gpus_per_run) for r in runs]
+    if launcher == "local":
+        lines = ["#!/usr/bin/env bash", "# IsoFLOP sweep, one run after the other. Written by `megafusion isoflop plan`.",
+                 'cd "$(dirname "$0")"']
+        lines += [f'{c} || echo "run {r.name} failed" >&2' for c, r in zip(commands, runs)]
+        path = out / "launch.sh"
+    else:
+        (out / "logs").mkdir(exist_ok=True)
+        lines = ["#!/usr/bin/env bash", "# IsoFLOP sweep as a SLURM array: sbatch launch.sbatch",
+                 "#SBATCH --job-name=isoflop", f"#SBATCH --array=0-{len(runs) - 1}", "#SBATCH --nodes=1",
+                 f"#SBATCH --gpus-per-node={gpus_per_run}", f"#SBATCH --output={out}/logs/%x_%A_%a.out",
+                 f"cd {shlex.quote(str(out))}", "COMMANDS=("]
+        lines += [f"  {shlex.quote(c)}" for c in commands]
+        lines += [")", 'eval "${COMMANDS[$SLURM_ARRAY_TASK_ID]}"']
+        path = out / "launch.sbatch"
+    path.write_text("\n".join(lines) + "\n")
+    path.chmod(0o755)
+    written.append(path)
+    return written
