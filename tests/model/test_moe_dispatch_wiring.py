@@ -2,9 +2,14 @@
 
 The same MoELayer weights run with megatron's dispatch and with ours; outputs and all
 gradients must agree to 1e-5 (fp32) for both dispatchers, dropless and with capacity drops.
+The same comparison also runs with EP=2 across two gloo processes: this file is the
+torchrun worker (``python -m torch.distributed.run --nproc_per_node 2 <this file>``).
 """
 
 import functools
+import os
+import subprocess
+import sys
 import tempfile
 
 import pytest
@@ -141,3 +146,52 @@ def test_routing_map_to_topk():
     idx, p = routing_map_to_topk(routing_map, probs, 2)
     assert idx.tolist() == [[1, 3], [-1, -1], [0, -1]]
     assert p.tolist() == [[1.0, 3.0], [0.0, 0.0], [8.0, 0.0]]
+
+
+# ------------------------------------------------------------------------ EP=2, torchrun
+
+
+@pytest.mark.distributed
+def test_triton_dispatch_matches_megatron_with_ep2():
+    env = dict(os.environ, OMP_NUM_THREADS="1", TRITON_INTERPRET="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", __file__]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert proc.stdout.count("moe-dispatch-ep2 ok") == 2, proc.stdout[-3000:]
+
+
+def _ep2_worker() -> None:
+    """Each rank: megatron's and our dispatch on the same weights and inputs, EP=2, all four settings."""
+    from megatron.core import parallel_state, tensor_parallel
+
+    from megafusion.parallel import cpu_compat
+
+    cpu_compat.apply("cpu")
+    dist.init_process_group("gloo")
+    parallel_state.initialize_model_parallel(1, 1, expert_model_parallel_size=2)
+    tensor_parallel.model_parallel_cuda_manual_seed(0)
+    rank = dist.get_rank()
+    for dispatcher in ("allgather", "alltoall"):
+        for capacity_factor in (None, 0.5):
+            config = moe_config(dispatcher, capacity_factor)
+            sub = get_layer_submodules(config.num_moe_experts)
+            ref = sub.mlp(config=config)
+            ours = with_moe_dispatch(sub, "triton").mlp(config=config)
+            ours.load_state_dict(ref.state_dict())
+            assert ours.num_local_experts == 3 and ours.local_expert_indices[0] == 3 * rank
+            x = torch.randn(8, 2, config.hidden_size, generator=torch.Generator().manual_seed(rank))
+            results = run_layer(ref, x), run_layer(ours, x)
+            (out_ref, dx_ref, g_ref), (out, dx, g) = results
+            where = f"rank {rank}, {dispatcher}, capacity_factor={capacity_factor}"
+            torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5, msg=lambda m: f"{where}: {m}")
+            torch.testing.assert_close(dx, dx_ref, rtol=1e-5, atol=1e-5, msg=lambda m: f"{where}: {m}")
+            for name in g_ref:
+                torch.testing.assert_close(g[name], g_ref[name], rtol=1e-5, atol=1e-5,
+                                           msg=lambda m: f"{where}, {name}: {m}")
+    print(f"moe-dispatch-ep2 ok rank {rank}", flush=True)
+    parallel_state.destroy_model_parallel()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    _ep2_worker()
