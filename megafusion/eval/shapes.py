@@ -26,7 +26,11 @@ from megafusion.data.shapes.scene import (BACKGROUND, COLORS, GRID, PALETTE, POS
                                           cell_edges, sample_scene, shape_mask, size_pixels)
 from megafusion.data.shapes.text import VQA, ParsedObject, caption, normalize_answer, parse_caption
 
-MIN_IOU = 0.5  # a component matching no template this well is not a shape
+MIN_MATCH = 0.65  # a component matching no template this well (soft Dice) is not a shape
+# Template blur levels (Gaussian sigma, px): generated images are often soft-edged.
+TEMPLATE_BLURS = (0.0, 0.6, 0.9, 1.2)
+MAX_RESIDUAL = 0.1  # at most this share of a shape pixel's energy may lie off its colour's ray
+_PAD = 3  # template border and search window margin, px
 
 
 # ----------------------------------------------------------------------------- detector
@@ -37,12 +41,12 @@ class Detection:
     shape: str
     color: str
     size: str
-    x: float  # bounding-box centre, px
+    x: float  # centre of the matched template, px
     y: float
     row: int
     col: int
-    area: int  # pixels
-    iou: float  # with the best template
+    area: int  # pixels of the component
+    match: float  # soft Dice with the best template: 1.0 is an exact render
 
     @property
     def position(self) -> str:
@@ -53,10 +57,21 @@ _PALETTE_RGB = np.array([BACKGROUND] + [PALETTE[c] for c in COLORS], dtype=np.fl
 
 
 def color_labels(image: np.ndarray) -> np.ndarray:
-    """[H, W] int: 0 for background, 1 + i for the nearest palette colour COLORS[i]."""
-    image = _as_uint8(image)
-    d = ((image[:, :, None, :].astype(np.float32) - _PALETTE_RGB) ** 2).sum(-1)
-    return d.argmin(-1)
+    """[H, W] int: 0 for background, 1 + i for palette colour COLORS[i].
+
+    A pixel is modelled as ``alpha * colour`` (a shape's colour blended with the black
+    background, as on soft edges): it takes the colour whose ray fits it best, and is
+    background when it holds less than half of that colour. An exact render maps exactly.
+    """
+    p = _as_uint8(image).astype(np.float32)
+    colors = _PALETTE_RGB[1:]
+    alpha = np.clip(p @ colors.T / (colors * colors).sum(1), 0, 1)  # [H, W, C]
+    residual = ((p[:, :, None, :] - alpha[..., None] * colors) ** 2).sum(-1)
+    best = residual.argmin(-1)
+    strong = np.take_along_axis(alpha, best[..., None], -1)[..., 0] >= 0.5
+    # a colour far off every palette ray (noise, or grey) is not part of a shape
+    fits = residual.min(-1) <= MAX_RESIDUAL * (p * p).sum(-1)
+    return np.where(strong & fits, best + 1, 0)
 
 
 def connected_components(mask: np.ndarray) -> list[np.ndarray]:
@@ -77,58 +92,115 @@ def connected_components(mask: np.ndarray) -> list[np.ndarray]:
     return [labels == v for v in np.unique(labels[mask])]
 
 
+def _gaussian_blur(a: np.ndarray, sigma: float) -> np.ndarray:
+    if sigma == 0:
+        return a
+    r = int(np.ceil(3 * sigma))
+    k = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
+    k /= k.sum()
+    a = np.apply_along_axis(lambda v: np.convolve(v, k, mode="same"), 0, a)
+    return np.apply_along_axis(lambda v: np.convolve(v, k, mode="same"), 1, a)
+
+
+@dataclass(frozen=True)
+class _Template:
+    shape: str
+    size: str
+    pattern: np.ndarray  # [h, w] float in [0, 1], the shape centred at (_PAD + side / 2) both ways
+    centroid: tuple[float, float]  # (y, x) in pattern coordinates
+    energy: float  # sum of squares
+    center: float
+
+
 @lru_cache(maxsize=None)
-def _templates(image_size: int) -> tuple[tuple[str, str, np.ndarray], ...]:
-    """(shape, size, [h, w] bool pattern cropped to its bounding box) for every kind and size."""
+def _templates(image_size: int) -> tuple[_Template, ...]:
+    """Every (shape, size) at every blur level, as soft patterns with a margin of _PAD px."""
     out = []
     for size in SIZES:
         side = size_pixels(image_size, size)
+        c, n = _PAD + side / 2, side + 2 * _PAD
         for shape in SHAPES:
-            m = shape_mask(shape, side / 2 + 1, side / 2 + 1, side, side + 2)
-            out.append((shape, size, _crop(m)))
+            crisp = shape_mask(shape, c, c, side, n).astype(np.float64)
+            for sigma in TEMPLATE_BLURS:
+                t = _gaussian_blur(crisp, sigma)
+                yy, xx = np.mgrid[:n, :n] + 0.5
+                out.append(_Template(shape, size, t, (float((t * yy).sum() / t.sum()), float((t * xx).sum() / t.sum())),
+                                     float((t * t).sum()), c))
     return tuple(out)
 
 
-def _crop(mask: np.ndarray) -> np.ndarray:
-    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
-    return mask[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+def _dice(alpha: np.ndarray, alpha_energy: float, t: _Template, oy: int, ox: int) -> float:
+    """Soft Dice of the [S, S] map ``alpha`` and template ``t`` placed with its origin at (oy, ox)."""
+    s = alpha.shape[0]
+    h, w = t.pattern.shape
+    y0, x0, y1, x1 = max(oy, 0), max(ox, 0), min(oy + h, s), min(ox + w, s)
+    if y1 <= y0 or x1 <= x0:
+        return 0.0
+    overlap = (alpha[y0:y1, x0:x1] * t.pattern[y0 - oy:y1 - oy, x0 - ox:x1 - ox]).sum()
+    return float(2 * overlap / (alpha_energy + t.energy))
 
 
-def _centered_iou(a: np.ndarray, b: np.ndarray) -> float:
-    """IoU of two cropped masks placed with their bounding-box centres together."""
-    h, w = max(a.shape[0], b.shape[0]), max(a.shape[1], b.shape[1])
-    ca, cb = np.zeros((h, w), bool), np.zeros((h, w), bool)
-    for src, dst in ((a, ca), (b, cb)):
-        oy, ox = (h - src.shape[0]) // 2, (w - src.shape[1]) // 2
-        dst[oy:oy + src.shape[0], ox:ox + src.shape[1]] = src
-    return float((ca & cb).sum() / (ca | cb).sum())
+def _match(alpha: np.ndarray, templates) -> tuple[float, _Template, int, int]:
+    """Best (dice, template, oy, ox): every template aligned by centroid, then the three best
+    refined by +-1 px shifts."""
+    energy = float((alpha * alpha).sum())
+    yy, xx = np.mgrid[:alpha.shape[0], :alpha.shape[1]] + 0.5
+    ay, ax = (alpha * yy).sum() / alpha.sum(), (alpha * xx).sum() / alpha.sum()
+    coarse = []
+    for t in templates:
+        oy, ox = int(np.round(ay - t.centroid[0])), int(np.round(ax - t.centroid[1]))
+        coarse.append((_dice(alpha, energy, t, oy, ox), id(t), t, oy, ox))
+    coarse.sort(key=lambda r: -r[0])
+    best = coarse[0]
+    for d0, _, t, oy, ox in coarse[:3]:
+        for dy in (-1, 0, 1):
+            for dx in (-1, 0, 1):
+                d = _dice(alpha, energy, t, oy + dy, ox + dx)
+                if d > best[0] + 1e-12:
+                    best = (d, id(t), t, oy + dy, ox + dx)
+    return best[0], best[2], best[3], best[4]
 
 
 def detect(image: np.ndarray) -> list[Detection]:
-    """Shapes in an [S, S, 3] image (uint8, or float in [0, 1]), sorted by grid cell."""
+    """Shapes in an [S, S, 3] image (uint8, or float in [0, 1]), sorted by grid cell.
+
+    Pixels take the nearest palette colour (or background); each connected component of a
+    colour is matched against every shape/size template (crisp and blurred) by soft Dice
+    on its colour-intensity map, so soft-edged generated shapes are read as the nearest
+    template. Components below half the smallest template's area or matching no template
+    with Dice >= MIN_MATCH are not shapes.
+    """
     image = _as_uint8(image)
     s = image.shape[0]
     if image.shape[:2] != (s, s) or s not in (32, 64):
         raise ValueError(f"detect: expected a square 32 or 64 px RGB image, got shape {image.shape}")
     templates = _templates(s)
-    min_area = 0.5 * min(int(t.sum()) for _, _, t in templates)
+    min_area = 0.5 * min(int((t.pattern > 0.5).sum()) for t in templates)
     edges = cell_edges(s)
     labels = color_labels(image)
+    pixels = image.astype(np.float64)
     found = []
     for ci, color in enumerate(COLORS):
-        for comp in connected_components(labels == ci + 1):
+        rgb = _PALETTE_RGB[ci + 1].astype(np.float64)
+        # how much of this colour each pixel holds (a blend with the black background scales it)
+        intensity = np.clip(pixels @ rgb / (rgb @ rgb), 0, 1)
+        own = labels == ci + 1
+        for comp in connected_components(own):
             area = int(comp.sum())
             if area < min_area:
                 continue
-            crop = _crop(comp)
-            iou, shape, size = max((_centered_iou(crop, t), sh, sz) for sh, sz, t in templates)
-            if iou < MIN_IOU:
-                continue
             rows, cols = np.flatnonzero(comp.any(1)), np.flatnonzero(comp.any(0))
-            x, y = (cols[0] + cols[-1] + 1) / 2, (rows[0] + rows[-1] + 1) / 2
+            window = np.zeros((s, s), bool)
+            window[max(rows[0] - _PAD, 0):rows[-1] + _PAD + 1, max(cols[0] - _PAD, 0):cols[-1] + _PAD + 1] = True
+            # the component and the background around it; other shapes' pixels do not count
+            alpha = np.where(window & (comp | (labels == 0)), intensity, 0.0)
+            dice, t, oy, ox = _match(alpha, templates)
+            if dice < MIN_MATCH:
+                continue
+            x, y = ox + t.center, oy + t.center
             row = int(np.clip(np.searchsorted(edges, y, side="right") - 1, 0, GRID - 1))
             col = int(np.clip(np.searchsorted(edges, x, side="right") - 1, 0, GRID - 1))
-            found.append(Detection(shape, color, size, float(x), float(y), row, col, area, iou))
+            found.append(Detection(t.shape, color, t.size, float(x), float(y), row, col, area, dice))
     return sorted(found, key=lambda d: (d.row, d.col, d.color))
 
 
@@ -331,7 +403,7 @@ def agent_position(frame: np.ndarray, episode) -> tuple[int, int] | None:
     cands = [d for d in detect(frame) if d.color == episode.agent.color]
     if not cands:
         return None
-    best = max(cands, key=lambda d: (d.shape == episode.agent.shape, d.iou, d.area))
+    best = max(cands, key=lambda d: (d.shape == episode.agent.shape, d.match, d.area))
     return episode.lattice.index(best.x, best.y)
 
 

@@ -31,7 +31,7 @@ def test_detector_reads_ground_truth_renders_exactly(image_size, seeds, n):
             assert _key(dets) == s.scene.key(), (seed, i)
             for d in dets:  # centres are exact too
                 (o,) = [o for o in s.scene.objects if (o.row, o.col) == (d.row, d.col)]
-                assert (d.x, d.y) == (o.x, o.y) and d.iou == 1.0
+                assert (d.x, d.y) == (o.x, o.y) and d.match == pytest.approx(1.0)
 
 
 def test_detector_tolerates_colour_noise_and_accepts_float_images():
@@ -42,6 +42,24 @@ def test_detector_tolerates_colour_noise_and_accepts_float_images():
         noisy = np.clip(s.image + rng.normal(0, 12, s.image.shape), 0, 255).astype(np.uint8)
         assert _key(detect(noisy)) == s.scene.key()
         assert _key(detect(s.image / 255.0)) == s.scene.key()
+
+
+def _binomial_blur(image):
+    """[1, 2, 1] / 4 along each axis (about a Gaussian of sigma 0.7 px), edges replicated."""
+    a = np.pad(image.astype(np.float64), ((1, 1), (1, 1), (0, 0)), mode="edge")
+    a = (a[:-2] + 2 * a[1:-1] + a[2:]) / 4
+    return (a[:, :-2] + 2 * a[:, 1:-1] + a[:, 2:]) / 4
+
+
+@pytest.mark.parametrize("image_size", [32, 64])
+def test_detector_reads_soft_edged_images_like_a_generator_makes(image_size):
+    world = ShapesWorld(seed=11, image_size=image_size)
+    rng = np.random.default_rng(0)
+    samples = [world.image_text(i) for i in range(60)]
+    soft = [np.clip(_binomial_blur(s.image) + rng.normal(0, 8, s.image.shape), 0, 255).astype(np.uint8)
+            for s in samples]
+    r = score_generation(soft, [s.scene for s in samples], chance_samples=1)
+    assert r["count"] >= 0.98 and r["correct"] >= 0.95, r
 
 
 def test_generation_scores_renders_perfectly_and_noise_at_most_chance():
