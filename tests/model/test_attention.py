@@ -221,3 +221,77 @@ def test_compiled_flex_matches_sdpa_on_gpu():
         results[name] = (out, *torch.autograd.grad(out, (q, k, v), grad_out))
     for a, b in zip(results["sdpa"], results["flex"]):
         torch.testing.assert_close(a, b, atol=2e-4, rtol=2e-4)
+
+
+# ------------------------------------------------------- inside megatron's SelfAttention
+
+
+@pytest.fixture(scope="module")
+def megatron_world():
+    """A gloo world of one with megatron's model-parallel groups (left as found afterwards)."""
+    import tempfile
+
+    import torch.distributed as dist
+    from megatron.core import parallel_state, tensor_parallel
+
+    from megafusion.parallel import cpu_compat
+
+    was_active = cpu_compat.is_active()
+    cpu_compat.apply("cpu")
+    owns_dist = not dist.is_initialized()
+    if owns_dist:
+        store = tempfile.NamedTemporaryFile(prefix="attention-store-", delete=False).name
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    owns_mp = not parallel_state.model_parallel_is_initialized()
+    if owns_mp:
+        parallel_state.initialize_model_parallel(1, 1)
+    tensor_parallel.model_parallel_cuda_manual_seed(0)
+    yield
+    if owns_mp:
+        parallel_state.destroy_model_parallel()
+    if owns_dist:
+        dist.destroy_process_group()
+    if not was_active:
+        cpu_compat.remove()
+
+
+def self_attention(backend, **config_overrides):
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+    from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+
+    config = TransformerConfig(num_layers=1, hidden_size=32, num_attention_heads=4, num_query_groups=2,
+                               attention_dropout=0.0, hidden_dropout=0.0, use_cpu_initialization=True,
+                               **config_overrides)
+    spec = ModuleSpec(module=SelfAttention, params={"attn_mask_type": AttnMaskType.arbitrary},
+                      submodules=SelfAttentionSubmodules(linear_qkv=ColumnParallelLinear,
+                                                         core_attention=ATTENTION_BACKENDS[backend],
+                                                         linear_proj=RowParallelLinear))
+    return build_module(spec, config=config, layer_number=1)
+
+
+def test_backends_inside_megatron_self_attention(megatron_world):
+    """sdpa and flex as megatron's core attention (GQA, arbitrary mask type), also under
+    selective recomputation of core attention, where the mask must travel as a tensor."""
+    gen = torch.Generator().manual_seed(8)
+    seq, batch = 24, 2
+    doc_ids, span_ids = random_pack(batch, seq, gen)
+    hidden = torch.randn(seq, batch, 32, generator=gen)
+    runs = {}
+    reference = self_attention("sdpa")
+    for name, overrides, mask in [
+        ("sdpa", {}, HybridMaskInfo(doc_ids, span_ids)),
+        ("flex", {}, HybridMaskInfo(doc_ids, span_ids)),
+        ("flex", dict(recompute_granularity="selective", recompute_modules=["core_attn"]),
+         HybridMaskInfo(doc_ids, span_ids).as_tensor()),
+    ]:
+        layer = self_attention(name, **overrides)
+        layer.load_state_dict(reference.state_dict())
+        x = hidden.clone().requires_grad_()
+        out, _ = layer(x, mask)
+        out.square().sum().backward()
+        runs[(name, bool(overrides))] = (out, x.grad, *(p.grad for p in layer.parameters()))
+    expected = runs[("sdpa", False)]
+    for key, got in runs.items():
+        for a, b in zip(expected, got):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m: f"{key}: {m}")
