@@ -191,6 +191,12 @@ def read_run_dirs(run_dirs: Sequence[str | Path], plan: str | Path | None = None
         except (ValueError, TypeError) as err:
             raise IsoFLOPError(f"{config_path}: cannot size the model: {err}") from None
         records = _read_metrics(run)
+        steps = int((config.get("train") or {}).get("steps", 100))
+        every = int((config.get("logging") or {}).get("every", 1))
+        last = max((r["step"] for r in records if isinstance(r.get("step"), (int, float))), default=None)
+        if last is not None and last + every < steps:  # (steps may be logged from 0 or from 1)
+            raise IsoFLOPError(f"run dir '{run}' logged up to step {last} of train.steps = {steps}: it has not "
+                               "finished; finish it or leave it out (its loss is not final)")
         losses = {}
         for m, key in _loss_keys(run, records, loss_keys or {}).items():
             logged = [(r.get("step"), r[key]) for r in records if key in r and r[key] is not None]

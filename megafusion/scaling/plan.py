@@ -36,7 +36,7 @@ import math
 import shlex
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import yaml
 
@@ -74,7 +74,7 @@ def _check_keys(section: dict, valid: set[str], where: str) -> None:
     for key in section:
         if key not in valid:
             close = difflib.get_close_matches(key, valid, n=1)
-            hint = f" Did you mean '{close[0]}'?" if close else ""
+            hint = f" Did you mean '{where}.{close[0]}'?" if close else ""
             raise PlanError(f"unknown key '{where}.{key}'.{hint} Valid keys: {', '.join(sorted(valid))}")
 
 
@@ -252,7 +252,7 @@ def write_plan(config: dict, runs: list[PlannedRun], out_dir: str | Path, launch
     written.append(out / "plan.json")
     commands = [_command(f"configs/{r.name}.yaml", f"runs/{r.name}", gpus_per_run) for r in runs]
     if launcher == "local":
-        lines = ["#!/usr/bin/env bash", "# IsoFLOP sweep, one run after the other. Written by `megafusion isoflop plan`.",
+        lines = ["#!/usr/bin/env bash", "# IsoFLOP sweep, one run after the other (megafusion isoflop plan).",
                  'cd "$(dirname "$0")"']
         lines += [f'{c} || echo "run {r.name} failed" >&2' for c, r in zip(commands, runs)]
         path = out / "launch.sh"

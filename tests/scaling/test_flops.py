@@ -4,7 +4,6 @@ FlopCounterMode sees (attention computed row by row over exactly the visible key
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F

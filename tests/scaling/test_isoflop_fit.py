@@ -238,6 +238,10 @@ def test_run_dir_problems_are_named(tmp_path):
     with pytest.raises(IsoFLOPError, match="several text losses.*--loss-key text=KEY"):
         read_run_dirs([ambiguous])
     assert read_run_dirs([ambiguous], loss_keys={"text": "val_loss_text"})[0].loss == 1.0
+    unfinished = make_run(tmp_path, "unfinished", 32, 2, 100, losses={"text": 3.0})
+    (unfinished / "config.yaml").write_text(yaml.safe_dump({"model": {"hidden_size": 32}, "train": {"steps": 200}}))
+    with pytest.raises(IsoFLOPError, match="run dir '.*unfinished' logged up to step 100 of train.steps = 200"):
+        read_run_dirs([good, unfinished])
     no_modality = make_run(tmp_path, "no_modality", 32, 2, 100)
     with pytest.raises(IsoFLOPError, match="no per-modality loss"):
         read_run_dirs([no_modality])
