@@ -256,6 +256,26 @@ def _generation_checks(wanted: list[ParsedObject], found: list) -> dict[str, boo
     return checks
 
 
+def headline(metric: str, value: float, chance: float | None, higher_is_better: bool = True) -> dict:
+    """The one figure a report shows for an evaluator, with its chance level beside it."""
+    return {"metric": metric, "value": float(value), "chance": None if chance is None else float(chance),
+            "higher_is_better": higher_is_better}
+
+
+def flatten_results(result: dict, prefix: str = "") -> dict[str, float]:
+    """Scalars of a (nested) result dict as {"prefix/a/b": value}, e.g. for TensorBoard;
+    list entries get their index (``mse_per_step/1``); strings, booleans and None are left out."""
+    out: dict[str, float] = {}
+    items = result.items() if isinstance(result, dict) else enumerate(result)
+    for k, v in items:
+        key = f"{prefix}/{k}" if prefix else str(k)
+        if isinstance(v, (dict, list, tuple)):
+            out.update(flatten_results(v, key))
+        elif isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool):
+            out[key] = float(v)
+    return out
+
+
 def _mean_checks(rows: list[dict[str, bool]]) -> dict[str, float]:
     return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
 
@@ -283,8 +303,10 @@ def score_generation(images: Sequence[np.ndarray], prompts: Sequence[Scene | str
         for r in range(chance_samples):
             rand = sample_scene(np.random.default_rng([seed, 1001, j, r]), size)
             chance_rows.append(_generation_checks(w, list(_scene_objects(rand))))
-    return {"n": len(rows), **_mean_checks(rows), "chance": _mean_checks(chance_rows),
-            "chance_method": f"images of random world scenes ignoring the prompt ({chance_samples} per prompt)"}
+    out = {"n": len(rows), **_mean_checks(rows), "chance": _mean_checks(chance_rows),
+           "chance_method": f"images of random world scenes ignoring the prompt ({chance_samples} per prompt)"}
+    out["headline"] = headline("geneval_correct", out["correct"], out["chance"]["correct"])
+    return out
 
 
 # ----------------------------------------------------------------------------- captioning
@@ -326,8 +348,10 @@ def score_captions(captions: Sequence[str], scenes: Sequence[Scene], seed: int =
             rng = np.random.default_rng([seed, 1002, j, r])
             chance_rows.append(_caption_metrics(caption(sample_scene(rng, s.image_size), rng), s))
     mean = lambda rs: {k: float(np.mean([r[k] for r in rs])) for k in rs[0]}  # noqa: E731
-    return {"n": len(rows), **mean(rows), "chance": mean(chance_rows),
-            "chance_method": f"captions of random world scenes ({chance_samples} per item)"}
+    out = {"n": len(rows), **mean(rows), "chance": mean(chance_rows),
+           "chance_method": f"captions of random world scenes ({chance_samples} per item)"}
+    out["headline"] = headline("caption_f1", out["f1"], out["chance"]["f1"])
+    return out
 
 
 # ----------------------------------------------------------------------------- VQA
@@ -355,6 +379,7 @@ def score_vqa(predictions: Sequence[str], items: Sequence[VQA]) -> dict:
         out["per_kind"][k] = {"n": len(sel), "accuracy": float(correct[sel].mean()),
                               "chance": float(np.mean([1 / len(items[i].choices) for i in sel])),
                               "majority": float(majority[k])}
+    out["headline"] = headline("vqa_accuracy", out["accuracy"], out["chance"])
     return out
 
 
@@ -391,6 +416,7 @@ def score_rollout(predicted: np.ndarray, clips: np.ndarray, context_frames: int)
         chance = ((other - target) ** 2).mean(axis=(0, 2, 3, 4))
         out.update(chance_mse_per_step=chance.tolist(), chance_mse=float(chance.mean()),
                    chance_method="another clip's true frames at the same step")
+    out["headline"] = headline("rollout_mse", out["rollout_mse"], out.get("chance_mse"), higher_is_better=False)
     return out
 
 
@@ -427,7 +453,8 @@ def score_agent_positions(predicted: np.ndarray, samples: Sequence) -> dict:
     hits, stay = np.array(hits, dtype=float), np.array(stay, dtype=float)
     return {"n": len(samples), "steps": hits.shape[1], "accuracy": float(hits.mean()),
             "accuracy_per_step": hits.mean(0).tolist(), "chance": 1.0 / k_lattice ** 2,
-            "copy_last": float(stay.mean()), "chance_method": f"uniform over the {k_lattice}x{k_lattice} lattice"}
+            "copy_last": float(stay.mean()), "chance_method": f"uniform over the {k_lattice}x{k_lattice} lattice",
+            "headline": headline("agent_position_accuracy", hits.mean(), 1.0 / k_lattice ** 2)}
 
 
 # ----------------------------------------------------------------------------- planning
@@ -451,9 +478,10 @@ def score_planning(tasks: Sequence, scorer: PlanScorer) -> dict:
         if scores.shape != (len(t.candidates),):
             raise ValueError(f"planning scorer returned shape {scores.shape} for {len(t.candidates)} candidates")
         success.append(bool(t.reaches_goal[int(np.argmax(scores))]))
-    return {"n": len(tasks), "success": float(np.mean(success)),
-            "chance": float(np.mean([t.reaches_goal.mean() for t in tasks])),
-            "candidates": len(tasks[0].candidates), "horizon": len(tasks[0].candidates[0])}
+    chance = float(np.mean([t.reaches_goal.mean() for t in tasks]))
+    return {"n": len(tasks), "success": float(np.mean(success)), "chance": chance,
+            "candidates": len(tasks[0].candidates), "horizon": len(tasks[0].candidates[0]),
+            "headline": headline("planning_success", np.mean(success), chance)}
 
 
 def world_model_plan_scorer(predict_final_frame: Callable[[np.ndarray, list], np.ndarray]) -> PlanScorer:

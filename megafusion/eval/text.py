@@ -41,12 +41,15 @@ def perplexity(documents: Iterable[str], logprob_fn: LogProbFn, vocab_size: int 
     if vocab_size is not None:
         out["chance_perplexity"] = float(vocab_size)
         out["chance_nll_per_token"] = math.log(vocab_size)
+    out["headline"] = {"metric": "perplexity", "value": out["perplexity"],
+                       "chance": float(vocab_size) if vocab_size is not None else None, "higher_is_better": False}
     return out
 
 
-def heldout_documents(n: int, seed: int = 1_000_003, image_size: int = 32) -> list[str]:
-    """``n`` ShapesWorld text documents from a seed that training data does not use by default."""
-    from megafusion.data.shapes import ShapesWorld
+def heldout_documents(n: int, seed: int | None = None, image_size: int = 32) -> list[str]:
+    """``n`` ShapesWorld text documents from the held-out seed (``HELDOUT_SEED`` by default)."""
+    from megafusion.data.shapes import HELDOUT_SEED, ShapesWorld
 
+    seed = HELDOUT_SEED if seed is None else seed
     world = ShapesWorld(seed=seed, image_size=image_size)
     return [world.text_document(i).text for i in range(n)]

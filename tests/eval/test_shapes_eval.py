@@ -11,7 +11,7 @@ import pytest
 from megafusion.data.shapes import PALETTE, VQA, Scene, ShapeObject, ShapesWorld, load_png
 from megafusion.data.shapes.scene import render_objects
 from megafusion.data.shapes.video import apply_actions
-from megafusion.eval.shapes import (agent_position, detect, save_grid, score_agent_positions, score_captions,
+from megafusion.eval.shapes import (agent_position, detect, flatten_results, save_grid, score_agent_positions, score_captions,
                                     score_generation, score_planning, score_rollout, score_vqa,
                                     world_model_plan_scorer)
 from megafusion.eval.text import heldout_documents, perplexity
@@ -216,3 +216,28 @@ def test_save_grid_round_trips_tiles(tmp_path):
     tile = grid[2 + 66:2 + 66 + 64, 2 + 66:2 + 66 + 64]  # row 1, col 1: image 4
     assert np.array_equal(tile[::2, ::2], images[4])
     assert tuple(grid[0, 0]) == (128, 128, 128) and tuple(PALETTE["red"]) != (128, 128, 128)
+
+
+def test_every_result_is_json_ready_with_a_headline_and_its_chance():
+    world = ShapesWorld(seed=6)
+    imgs = [world.image_text(i) for i in range(4)]
+    acts = [world.action_video(i) for i in range(3)]
+    c = acts[0].context_frames
+    rollouts = np.stack([a.frames[c:] for a in acts])
+    results = {
+        "generation": score_generation([s.image for s in imgs], [s.caption for s in imgs], chance_samples=2),
+        "captions": score_captions([s.caption for s in imgs], [s.scene for s in imgs], chance_samples=2),
+        "vqa": score_vqa([v.answer for s in imgs for v in s.vqa], [v for s in imgs for v in s.vqa]),
+        "rollout": score_rollout(rollouts, np.stack([a.frames for a in acts]), c),
+        "agent": score_agent_positions(rollouts, acts),
+        "planning": score_planning([world.planning_task(0)], lambda s, g, cands: np.zeros(len(cands))),
+        "text": perplexity(["abc"], lambda t: [-1.0] * 3, vocab_size=10),
+    }
+    for name, r in results.items():
+        h = r["headline"]
+        assert h["chance"] is not None and np.isfinite(h["value"]), name
+        assert json.loads(json.dumps(r)) == r, name
+    flat = flatten_results(results)
+    assert flat["vqa/accuracy"] == 1.0 and flat["rollout/mse_per_step/1"] == 0.0
+    assert flat["generation/chance/count"] == results["generation"]["chance"]["count"]
+    assert not any(k.endswith("chance_method") or k.endswith("higher_is_better") for k in flat)

@@ -10,11 +10,11 @@ from .scene import (BACKGROUND, COLORS, PALETTE, POSITION_NAMES, POSITIONS, SHAP
                     render_scene, sample_scene)
 from .text import VQA, ParsedObject, caption, make_vqa, normalize_answer, parse_caption
 from .video import ACTION_ALIASES, ACTION_TOKENS, ACTIONS, apply_actions, canonical_action
-from .world import (ActionVideoSample, ImageTextSample, PlanningTask, ShapesWorld, TextDocument, VideoSample,
+from .world import (HELDOUT_SEED, ActionVideoSample, ImageTextSample, PlanningTask, ShapesWorld, TextDocument, VideoSample,
                     WorldConfig)
 
 __all__ = [
-    "ShapesWorld", "WorldConfig", "ImageTextSample", "TextDocument", "VideoSample", "ActionVideoSample",
+    "ShapesWorld", "WorldConfig", "HELDOUT_SEED", "ImageTextSample", "TextDocument", "VideoSample", "ActionVideoSample",
     "PlanningTask", "Scene", "ShapeObject", "render_scene", "sample_scene", "caption", "parse_caption",
     "ParsedObject", "VQA", "make_vqa", "normalize_answer", "ACTIONS", "ACTION_ALIASES", "ACTION_TOKENS",
     "canonical_action", "apply_actions", "write_dataset", "save_png", "load_png", "write_video",

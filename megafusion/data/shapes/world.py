@@ -22,6 +22,9 @@ from .text import VQA, caption, make_vqa, text_document
 from .video import (AgentEpisode, AgentLattice, agent_caption, apply_actions, physics_caption, sample_actions,
                     sample_agent_episode, sample_physics_clip)
 
+# Seed of evaluation sets: training data (seed 0 and small seeds) never draws from it.
+HELDOUT_SEED = 1_000_003
+
 # Stream ids keep the sample kinds' random numbers independent of each other.
 _STREAMS = {"image_text": 1, "text": 2, "video": 3, "action_video": 4, "planning": 5}
 
@@ -107,6 +110,7 @@ class ShapesWorld:
     """Deterministic, index-addressable generator of every ShapesWorld sample kind."""
 
     def __init__(self, seed: int = 0, image_size: int = 32, config: WorldConfig | None = None, **overrides):
+        """Either a full ``config`` or ``seed``, ``image_size`` and any other WorldConfig fields."""
         self.config = config or WorldConfig(seed=seed, image_size=image_size, **overrides)
         self.lattice = AgentLattice.for_image(self.config.image_size)
 
