@@ -12,7 +12,7 @@ import torch
 from megafusion.data.indexed import IndexedDocuments
 from megafusion.data.packing import SequencePacker
 from megafusion.data.preprocess import PreprocessConfig, PreprocessError, run_preprocess
-from megafusion.data.sample import IGNORE_INDEX, IMAGE
+from megafusion.data.sample import IGNORE_INDEX, IMAGE, VIDEO
 from megafusion.data.tokenizer import Tokenizer, train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -201,3 +201,92 @@ def test_image_text_survives_preprocess_load_pack(tmp_path, tok_path):
             assert (s.modality[where] == IMAGE).all() and s.positions[first] == s.positions[first - 1] + 1
             seen += 1
     assert seen == 6
+
+
+# ----------------------------------------------------------------------------- video / action video
+def write_webm(path: Path, frames: np.ndarray, fps: int = 10) -> None:
+    import av
+
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("libvpx-vp9", rate=fps)
+        s.height, s.width = frames.shape[1:3]
+        s.pix_fmt = "yuv420p"
+        for img in frames:
+            for p in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+
+
+def test_video_and_action_video_survive_preprocess_load_pack(tmp_path, tok_path):
+    from megafusion.data.video import read_video
+    from megafusion.vision import load_representation
+
+    size, patch = 16, 8
+    pixel = load_representation("pixel", image_size=size, patch_size=patch)
+    tok = Tokenizer(tok_path)
+    frames = make_images(tmp_path / "f", 6, size)
+    y, x = np.mgrid[0:24, 0:32]
+    clip = np.stack([np.stack([(x * 8 + 20 * t) % 256, y * 10, np.full_like(x, 30 * t)], -1) for t in range(8)])
+    write_webm(tmp_path / "clip.webm", clip.astype(np.uint8))
+    (tmp_path / "broken.webm").write_bytes(b"\x1aE\xdf\xa3 not a video at all")
+    fpaths = [f"f/{i}.png" for i in range(6)]
+
+    # plain video: a video file with a caption, a frame list, a corrupt video
+    rows = [{"video": "clip.webm", "text": "a moving stripe"}, {"frames": fpaths}, {"video": "broken.webm"}]
+    (tmp_path / "v.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    summary = run_preprocess(PreprocessConfig(
+        inputs=[str(tmp_path / "v.jsonl")], output_prefix=str(tmp_path / "out/v"), tokenizer_model=tok_path,
+        kind="video", image_size=size, patch_size=patch, max_frames=4, frame_stride=2, progress=False))
+    assert summary.documents == 2 and summary.visuals == 4 + 3 and summary.skipped_items == 1
+    assert summary.errors[0]["path"] == str(tmp_path / "broken.webm") and "video" in summary.errors[0]["reason"]
+    docs = IndexedDocuments(tmp_path / "out/v")
+    want = read_video(tmp_path / "clip.webm", num_frames=4, stride=2, size=size)  # what the reader gives
+    doc = docs[0]
+    assert doc[0].tokens.tolist() == tok.encode("a moving stripe")
+    visual = [s for s in doc if not s.is_text]
+    assert len(visual) == 4 and all(s.modality == VIDEO and not s.clean for s in visual)
+    for seg, frame in zip(visual, want):
+        ref = pixel.encode(frame.permute(2, 0, 1)[None].float() / 255)[0].numpy()
+        np.testing.assert_allclose(seg.latents, ref, atol=1e-6)
+    # between frames: exactly one <frame> separator
+    assert [s.tokens.tolist() for s in doc[2::2]] == [[tok.frame_id]] * 3
+    for seg, i in zip([s for s in docs[1] if not s.is_text], [0, 2, 4]):  # frame list with stride 2
+        ref = pixel.encode(torch.from_numpy(frames[i]).permute(2, 0, 1)[None].float() / 255)[0].numpy()
+        np.testing.assert_allclose(seg.latents, ref, atol=1e-6)
+
+    # action video: one action per transition, the first context frames are clean
+    actions = ["W", "A", "W", "D", "S"]
+    rows = [{"frames": fpaths, "actions": actions, "context_frames": 2, "text": "go"},
+            {"frames": fpaths, "actions": actions[:3]},  # wrong count
+            {"video": "clip.webm", "actions": ["W"] * 7}]  # default context frames (3 here)
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    summary = run_preprocess(PreprocessConfig(
+        inputs=[str(tmp_path / "a.jsonl")], output_prefix=str(tmp_path / "out/a"), tokenizer_model=tok_path,
+        kind="action-video", image_size=size, patch_size=patch, context_frames=3, progress=False))
+    assert summary.documents == 2 and summary.skipped_items == 1
+    assert "3 actions for 6 frames" in summary.errors[0]["reason"]
+    docs = IndexedDocuments(tmp_path / "out/a")
+    doc = docs[0]
+    assert [s.clean for s in doc if not s.is_text] == [True, True, False, False, False, False]
+    texts = [s.tokens.tolist() for s in doc if s.is_text]
+    assert texts[0] == tok.encode("go")
+    # after frame k: the tokens of action k, then <frame>; after the last frame nothing
+    assert texts[1:] == [tok.encode_action(a) + [tok.frame_id] for a in actions]
+    assert tok.encode_action("W") == [tok.action_ids()["W"]] and len(tok.encode_action("D")) >= 1
+    assert [s.clean for s in docs[1] if not s.is_text] == [True] * 3 + [False] * 5
+
+    # packed: the clean frames get no flow-matching loss; action tokens predict the next marker
+    t = (size // patch) ** 2
+    packer = SequencePacker(seq_len=128, latent_dim=docs.latent_dim, pad_id=tok.pad_id, boi_id=tok.boi_id,
+                            eoi_id=tok.eoi_id)
+    s = next(packer.pack([docs[0]]))
+    spans = s.span_ids[s.span_ids >= 0]
+    assert spans.unique().tolist() == list(range(6)) and (torch.bincount(spans) == t).all()
+    for span in range(6):
+        where = s.span_ids == span
+        assert s.clean_spans[where].all() == (span < 2) and s.image_loss_mask[where].all() == (span >= 2)
+        assert (s.modality[where] == VIDEO).all()
+    eoi0 = (s.span_ids == 0).nonzero().max().item() + 1
+    assert s.tokens[eoi0 + 1] == tok.action_ids()["W"] and s.labels[eoi0] == tok.action_ids()["W"]
+    assert s.labels[eoi0 + 1] == tok.frame_id and s.labels[eoi0 + 2] == tok.boi_id
