@@ -140,11 +140,12 @@ def _acc_dtype(*tensors: Optional[torch.Tensor]):
     return tl.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else tl.float32
 
 
-def _blocks(k: int, hidden: int) -> tuple[int, int]:
-    """BLOCK_K covers all slots; BLOCK_H keeps the [BLOCK_K, BLOCK_H] tile near 4k elements."""
+def _launch_config(k: int, hidden: int) -> dict:
+    """BLOCK_K covers all slots; the [BLOCK_K, BLOCK_H] tile holds up to 8k elements with
+    BLOCK_H >= 512 so a warp moves >= 16-byte vectors of a row (not tuned on a GPU yet)."""
     block_k = triton.next_power_of_2(k)
-    block_h = min(triton.next_power_of_2(max(hidden, 1)), max(64, 4096 // block_k))
-    return block_k, block_h
+    block_h = min(triton.next_power_of_2(max(hidden, 1)), max(512, 8192 // block_k))
+    return dict(K=k, BLOCK_K=block_k, BLOCK_H=block_h, num_warps=8 if block_k * block_h >= 8192 else 4)
 
 
 # ------------------------------------------------------------------------- custom ops
@@ -156,9 +157,8 @@ def _scatter_rows(x: torch.Tensor, row_of: torch.Tensor, num_rows: int) -> torch
     H = x.shape[1]
     out = x.new_empty(num_rows, H)
     if T and H and num_rows:
-        block_k, block_h = _blocks(k, H)
-        _scatter_rows_kernel[(T, triton.cdiv(H, block_h))](
-            x, row_of, out, H, num_rows, K=k, BLOCK_K=block_k, BLOCK_H=block_h)
+        cfg = _launch_config(k, H)
+        _scatter_rows_kernel[(T, triton.cdiv(H, cfg["BLOCK_H"]))](x, row_of, out, H, num_rows, **cfg)
     return out
 
 
@@ -173,11 +173,10 @@ def _gather_sum(y_perm: torch.Tensor, row_of: torch.Tensor, probs: Optional[torc
     H = y_perm.shape[1]
     out = y_perm.new_empty(T, H)
     if T and H:
-        block_k, block_h = _blocks(k, H)
-        _gather_sum_kernel[(T, triton.cdiv(H, block_h))](
+        cfg = _launch_config(k, H)
+        _gather_sum_kernel[(T, triton.cdiv(H, cfg["BLOCK_H"]))](
             y_perm, row_of, probs if probs is not None else row_of, out, H,
-            K=k, BLOCK_K=block_k, BLOCK_H=block_h, HAS_W=probs is not None,
-            ACC=_acc_dtype(y_perm, probs))
+            HAS_W=probs is not None, ACC=_acc_dtype(y_perm, probs), **cfg)
     return out
 
 
@@ -195,10 +194,8 @@ def _unpermute_bwd(dy: torch.Tensor, y_perm: torch.Tensor, row_of: torch.Tensor,
     dy_perm = torch.zeros_like(y_perm) if y_perm.shape[0] else y_perm.new_empty(0, H)
     dprobs = torch.zeros_like(probs)
     if T and H:
-        block_k, block_h = _blocks(k, H)
         _unpermute_bwd_kernel[(T,)](dy, y_perm, row_of, probs, dy_perm, dprobs, H,
-                                    K=k, BLOCK_K=block_k, BLOCK_H=block_h,
-                                    ACC=_acc_dtype(dy, y_perm, probs))
+                                    ACC=_acc_dtype(dy, y_perm, probs), **_launch_config(k, H))
     return dy_perm, dprobs
 
 
@@ -264,10 +261,11 @@ def moe_permute(x: torch.Tensor, topk_idx: torch.Tensor, num_experts: int,
         raise TypeError(f"moe_permute: topk_idx must be an integer tensor, got {topk_idx.dtype}")
     T, k = topk_idx.shape
     flat = topk_idx.reshape(-1).to(device=x.device, dtype=torch.int64)
-    # dropped slots sort after every expert (key E) and are cut off below
-    key = torch.where(flat >= 0, flat, num_experts)
+    # dropped slots (and, unchecked, ids >= E) get key E: they sort after every expert and
+    # are cut off below; the clamp also keeps a bad id from counting out of bounds
+    key = torch.where(flat >= 0, flat, num_experts).clamp_(max=num_experts)
     counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=x.device)
-    counts.scatter_add_(0, key.clamp(0, num_experts), torch.ones_like(key))
+    counts.scatter_add_(0, key, torch.ones_like(key))
     tokens_per_expert = counts[:num_experts]
     if num_out_rows is None:
         n_kept, n_bad = torch.stack([tokens_per_expert.sum(),
@@ -276,7 +274,8 @@ def moe_permute(x: torch.Tensor, topk_idx: torch.Tensor, num_experts: int,
             raise ValueError(f"moe_permute: {n_bad} expert ids in topk_idx lie outside "
                              f"[0, {num_experts}) and are not -1 (dropped); check num_experts")
         num_out_rows = n_kept
-    order = torch.argsort(key, stable=True)  # stable: ascending (token, slot) inside an expert
+    # stable: ascending (token, slot) inside an expert; int32 keys halve the radix-sort passes
+    order = torch.argsort(key.to(torch.int32), stable=True)
     src_index = order[:num_out_rows]
     row_of = torch.full((T * k,), -1, dtype=torch.int32, device=x.device)
     row_of[src_index] = torch.arange(num_out_rows, dtype=torch.int32, device=x.device)
