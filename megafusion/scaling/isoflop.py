@@ -383,12 +383,20 @@ def fit_modality(observations: Sequence[Observation], modality: str, bootstrap: 
 
 
 def fit_isoflop(observations: Sequence[Observation], bootstrap: int = 1000, confidence: float = 0.95,
-                seed: int = 0) -> dict[str, ModalityFit]:
-    """Fits every modality present (in the order text, image, video, then others)."""
+                seed: int = 0, modalities: Sequence[str] | None = None) -> dict[str, ModalityFit]:
+    """Fits every modality present (in the order text, image, video, then others), or only
+    ``modalities``."""
     if not observations:
         raise IsoFLOPError("no observations to fit")
+    if not 0 < confidence < 1 or bootstrap < 0:
+        raise IsoFLOPError(f"confidence = {confidence} must lie in (0, 1) and bootstrap = {bootstrap} be >= 0")
     present = {o.modality for o in observations}
     order = [m for m in MODALITIES if m in present] + sorted(present - set(MODALITIES))
+    if modalities is not None:
+        unknown = [m for m in modalities if m not in present]
+        if unknown:
+            raise IsoFLOPError(f"no observations for modality {', '.join(unknown)}; present: {', '.join(order)}")
+        order = [m for m in order if m in modalities]
     return {m: fit_modality(observations, m, bootstrap, confidence, seed) for m in order}
 
 

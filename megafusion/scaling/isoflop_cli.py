@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals (0: none)")
     fit.add_argument("--confidence", type=float, default=0.95)
     fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--modalities", type=lambda t: [m for m in t.split(",") if m],
+                     help="fit only these modalities, comma-separated (default: every one present)")
     fit.add_argument("--loss-key", type=_loss_key, action="append", default=[], metavar="MODALITY=KEY",
                      help="metrics key of a modality's loss when the default choice is ambiguous")
     fit.add_argument("--average-last", type=int, default=1, help="average the last K logged losses of each run")
@@ -99,7 +101,7 @@ def _fit(args: argparse.Namespace) -> int:
                                               average_last=args.average_last, params_kind=args.params,
                                               budget_tolerance=args.budget_tolerance)
         kind = args.params
-    fits = isoflop.fit_isoflop(observations, args.bootstrap, args.confidence, args.seed)
+    fits = isoflop.fit_isoflop(observations, args.bootstrap, args.confidence, args.seed, args.modalities)
     written = isoflop.write_report(fits, args.out, args.confidence, kind)
     for m, f in fits.items():
         for law, name in ((f.params_law, "N_opt ~ C^a, a"), (f.tokens_law, "D_opt ~ C^b, b")):

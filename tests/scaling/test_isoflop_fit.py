@@ -277,6 +277,15 @@ def test_fit_cli_errors_are_clear(tmp_path, capsys):
                     "".join(f"1e18,{n},{1e18 / 6 / n},text,{2 + abs(math.log10(n) - 7)}\n" for n in (1e6, 1e7, 1e8)))
     assert isoflop_cli.main(["fit", "--csv", str(path), "--out", str(tmp_path / "o")]) == 2
     assert "only one compute budget" in capsys.readouterr().err
+    assert isoflop_cli.main(["fit", "--csv", str(path), "--out", str(tmp_path / "o"), "--modalities", "video"]) == 2
+    assert "no observations for modality video" in capsys.readouterr().err
+
+
+def test_modalities_can_be_chosen():
+    obs = synthetic(noise=0.0) + [Observation(1e18, 1e6, 1e11, "video", 2.0, "lonely video run")]
+    with pytest.raises(IsoFLOPError, match="video: runs at only one compute budget.*lonely video run"):
+        fit_isoflop(obs, bootstrap=0)
+    assert list(fit_isoflop(obs, bootstrap=0, modalities=["image"])) == ["image"]
 
 
 def test_write_report_without_bootstrap(tmp_path):
