@@ -287,7 +287,10 @@ def add_noise(
     t_span = sample_logit_normal((S,), cfg, generator, device=draw_device).to(device)
     t_span = time_shift(t_span, resolve_shift(cfg, sizes * C))
 
-    gathered = index.clamp_min(0)
+    def per_position(per_span: torch.Tensor) -> torch.Tensor:
+        """[S] -> [B, N]; text positions (index -1) read an appended zero/False."""
+        return torch.cat([per_span, per_span.new_zeros(1)])[index]
+
     span_clean = _any_per_span(clean_spans, index, S)
     eligible = ~span_clean
     if cap_eligible is not None:
@@ -298,21 +301,21 @@ def add_noise(
 
     drop_span = per_span_uniform() < cfg.cfg_dropout
     if doc_ids is None:
-        drop_condition = is_latent & drop_span[gathered]
+        drop_condition = per_position(drop_span)
     else:
-        # One flag per (row, document): a document is dropped if its first span is.
+        # One independent flag per (row, document), set on all of its positions.
         doc_index, _, n_docs = _span_index(doc_ids)
         drop_doc = per_span_uniform(n_docs) < cfg.cfg_dropout
-        drop_condition = drop_doc[doc_index]
+        drop_condition = torch.cat([drop_doc, drop_doc.new_zeros(1)])[doc_index]
 
-    t = torch.where(is_latent, t_span[gathered], torch.zeros((), device=device))
+    t = per_position(t_span)
     noise = torch.randn(sample_latents.shape, generator=generator, device=draw_device).to(device)
     noise = noise.to(sample_latents.dtype) * is_latent.unsqueeze(-1)
     x0 = sample_latents * is_latent.unsqueeze(-1)
     tt = t.unsqueeze(-1).to(sample_latents.dtype)
     x_t = (1 - tt) * x0 + tt * noise
     target = make_target(x0, noise, cfg.prediction)
-    loss_mask = is_latent & ~span_clean[gathered]
+    loss_mask = is_latent & ~per_position(span_clean)
     if image_loss_mask is not None:
         loss_mask &= image_loss_mask.bool()
 

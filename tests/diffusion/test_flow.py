@@ -192,3 +192,11 @@ def test_config_rejects_bad_values():
     assert FlowMatchingConfig(time_shift="2.5").time_shift == 2.5
     with pytest.raises(ValueError, match="clean_t_max"):
         FlowMatchingConfig(clean_t_max=0.0)
+
+
+def test_add_noise_on_a_text_only_batch():
+    latents = torch.zeros(2, 5, 3)
+    span_ids = torch.full((2, 5), -1)
+    out = add_noise(latents, span_ids, torch.zeros(2, 5, dtype=torch.bool), FlowMatchingConfig(),
+                    torch.Generator().manual_seed(0), doc_ids=torch.zeros(2, 5, dtype=torch.long))
+    assert (out.t == 0).all() and not out.loss_mask.any() and (out.x_t == 0).all()
