@@ -11,8 +11,8 @@ import pytest
 from megafusion.data.shapes import PALETTE, VQA, Scene, ShapeObject, ShapesWorld, load_png
 from megafusion.data.shapes.scene import render_objects
 from megafusion.data.shapes.video import apply_actions
-from megafusion.eval.shapes import (agent_position, detect, flatten_results, save_grid, score_agent_positions, score_captions,
-                                    score_generation, score_planning, score_rollout, score_vqa,
+from megafusion.eval.shapes import (agent_position, detect, flatten_results, save_grid, score_agent_positions,
+                                    score_captions, score_generation, score_planning, score_rollout, score_vqa,
                                     world_model_plan_scorer)
 from megafusion.eval.text import heldout_documents, perplexity
 

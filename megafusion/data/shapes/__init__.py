@@ -10,8 +10,8 @@ from .scene import (BACKGROUND, COLORS, PALETTE, POSITION_NAMES, POSITIONS, SHAP
                     render_scene, sample_scene)
 from .text import VQA, ParsedObject, caption, make_vqa, normalize_answer, parse_caption
 from .video import ACTION_ALIASES, ACTION_TOKENS, ACTIONS, apply_actions, canonical_action
-from .world import (HELDOUT_SEED, ActionVideoSample, ImageTextSample, PlanningTask, ShapesWorld, TextDocument, VideoSample,
-                    WorldConfig)
+from .world import (HELDOUT_SEED, ActionVideoSample, ImageTextSample, PlanningTask, ShapesWorld, TextDocument,
+                    VideoSample, WorldConfig)
 
 __all__ = [
     "ShapesWorld", "WorldConfig", "HELDOUT_SEED", "ImageTextSample", "TextDocument", "VideoSample", "ActionVideoSample",

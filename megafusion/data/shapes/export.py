@@ -15,6 +15,7 @@ in AVI); the PNG frames are always written and are exact.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -28,11 +29,7 @@ VIDEO_CODECS = {"vp9": ("libvpx-vp9", "webm", "yuv420p", {"lossless": "1"}),
 
 
 def have_pyav() -> bool:
-    try:
-        import av  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return importlib.util.find_spec("av") is not None
 
 
 def save_png(image: np.ndarray, path: str | Path) -> None:

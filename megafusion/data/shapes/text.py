@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .scene import CELL_OF_POSITION, COLORS, GRID, POSITIONS, SHAPES, SIZES, Scene, ShapeObject
+from .scene import CELL_OF_POSITION, COLORS, GRID, SHAPES, Scene, ShapeObject
 
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
                 "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen",
