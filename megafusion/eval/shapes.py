@@ -1,9 +1,10 @@
 """Exact ShapesWorld evaluators: a deterministic detector and scorers with chance levels.
 
 The detector parses an image (rendered or generated) into shapes: each pixel takes the
-nearest palette colour (or the background), connected components of one colour are
-candidate shapes, and each is classified by the best intersection-over-union against the
-exact pixel templates of every (shape, size). Ground-truth renders are read back exactly.
+palette colour whose blend with the background fits it (or the background), connected
+components of one colour are candidate shapes, and each is classified by the best soft
+Dice overlap with the pixel templates of every (shape, size), crisp and blurred. Ground-truth
+renders are read back exactly; soft-edged or slightly noisy generated images nearly so.
 
 Every scorer returns a JSON-ready dict (Python floats/ints/lists only) holding its metrics
 and a ``chance`` entry computed for the same items: analytically where the answer space
@@ -149,23 +150,23 @@ def _match(alpha: np.ndarray, templates) -> tuple[float, _Template, int, int]:
     coarse = []
     for t in templates:
         oy, ox = int(np.round(ay - t.centroid[0])), int(np.round(ax - t.centroid[1]))
-        coarse.append((_dice(alpha, energy, t, oy, ox), id(t), t, oy, ox))
-    coarse.sort(key=lambda r: -r[0])
+        coarse.append((_dice(alpha, energy, t, oy, ox), t, oy, ox))
+    coarse.sort(key=lambda r: -r[0])  # stable: ties keep template order
     best = coarse[0]
-    for d0, _, t, oy, ox in coarse[:3]:
+    for _, t, oy, ox in coarse[:3]:
         for dy in (-1, 0, 1):
             for dx in (-1, 0, 1):
                 d = _dice(alpha, energy, t, oy + dy, ox + dx)
                 if d > best[0] + 1e-12:
-                    best = (d, id(t), t, oy + dy, ox + dx)
-    return best[0], best[2], best[3], best[4]
+                    best = (d, t, oy + dy, ox + dx)
+    return best
 
 
 def detect(image: np.ndarray) -> list[Detection]:
     """Shapes in an [S, S, 3] image (uint8, or float in [0, 1]), sorted by grid cell.
 
-    Pixels take the nearest palette colour (or background); each connected component of a
-    colour is matched against every shape/size template (crisp and blurred) by soft Dice
+    Pixels take a palette colour or the background (:func:`color_labels`); each connected
+    component of a colour is matched against every shape/size template (crisp and blurred) by soft Dice
     on its colour-intensity map, so soft-edged generated shapes are read as the nearest
     template. Components below half the smallest template's area or matching no template
     with Dice >= MIN_MATCH are not shapes.
