@@ -105,9 +105,25 @@ class SdpaCoreAttention(HybridCoreAttention):
 
     def attend(self, q, k, v, info, scale):
         mask = info.dense_mask(q.shape[2], q.device)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
-                                              dropout_p=self.dropout_p if self.training else 0.0,
-                                              enable_gqa=q.shape[1] != k.shape[1])
+        groups = q.shape[1] // k.shape[1]
+        if groups > 1 and q.is_cuda:
+            # CUDA's masked fused kernel (memory-efficient) has no GQA; repeated heads keep
+            # sdpa off its O(N^2)-memory math fallback.
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        dropout_p = self.dropout_p if self.training else 0.0
+
+        def run():
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, dropout_p=dropout_p,
+                                                  enable_gqa=q.shape[1] != k.shape[1])
+
+        if dropout_p == 0.0 or self.config.sequence_parallel:
+            return run()
+        # As megatron's DotProductAttention: without sequence parallelism, dropout draws
+        # from the model-parallel RNG stream, since each tensor-parallel rank holds other heads.
+        from megatron.core import tensor_parallel
+
+        with tensor_parallel.get_cuda_rng_tracker().fork():
+            return run()
 
 
 _compiled_flex = None
