@@ -247,9 +247,29 @@ def _scene_sentences(scene: Scene, rng: np.random.Generator) -> list[str]:
     return sents
 
 
+def _agent_story(rng: np.random.Generator, image_size: int) -> list[str]:
+    """The agent's dynamics in words: where it starts and where each action takes it."""
+    from .video import AgentLattice, apply_actions, sample_actions  # video does not import text: no cycle
+
+    lattice_size = AgentLattice.for_image(image_size).k
+    start = (int(rng.integers(lattice_size)), int(rng.integers(lattice_size)))
+    actions = sample_actions(rng, int(rng.integers(3, 7)))
+    path = apply_actions(start, actions, lattice_size)
+    sents = [f"The agent starts in row {start[1] + 1}, column {start[0] + 1}."]
+    for a, (before, after) in zip(actions, zip(path[:-1], path[1:])):
+        if a == "stay":
+            sents.append("It stays where it is.")
+        elif tuple(before) == tuple(after):
+            sents.append(f"It tries to move {a} but the wall stops it.")
+        else:
+            sents.append(f"It moves {a} to row {after[1] + 1}, column {after[0] + 1}.")
+    return sents
+
+
 def text_document(scene: Scene, rng: np.random.Generator) -> str:
-    """A short text-only document: a scene description, arithmetic, world facts or a mix."""
-    kind = int(rng.integers(4))
+    """A short text-only document: a scene description, arithmetic, world facts, an agent
+    story or a mix."""
+    kind = int(rng.integers(5))
     if kind == 0:
         sents = _scene_sentences(scene, rng)
     elif kind == 1:
@@ -257,6 +277,8 @@ def text_document(scene: Scene, rng: np.random.Generator) -> str:
     elif kind == 2:
         idx = rng.choice(len(FACTS), size=int(rng.integers(3, 6)), replace=False)
         sents = [FACTS[int(i)] for i in idx]
+    elif kind == 3:
+        sents = _agent_story(rng, scene.image_size)
     else:
         sents = [_choice(rng, FACTS)] + _scene_sentences(scene, rng) + [_arithmetic_sentence(rng)]
     return " ".join(sents)

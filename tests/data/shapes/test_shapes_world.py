@@ -163,6 +163,28 @@ def test_text_documents_vary_and_their_arithmetic_is_right():
     assert any("Question:" in d for d in docs) and any("corners" in d for d in docs)
 
 
+def test_agent_stories_in_documents_follow_the_dynamics():
+    world = ShapesWorld(seed=1)
+    stories = [d for d in (world.text_document(i).text for i in range(200)) if d.startswith("The agent starts")]
+    assert len(stories) > 20
+    step = {"up": (0, -1), "down": (0, 1), "left": (-1, 0), "right": (1, 0)}
+    walls = 0
+    for story in stories:
+        row, col = map(int, re.match(r"The agent starts in row (\d), column (\d)\.", story).groups())
+        for sent in re.findall(r"It [^.]*\.", story):
+            if m := re.fullmatch(r"It moves (\w+) to row (\d), column (\d)\.", sent):
+                dc, dr = step[m[1]]
+                row, col = row + dr, col + dc
+                assert (row, col) == (int(m[2]), int(m[3])) and 1 <= row <= 7 and 1 <= col <= 7, story
+            elif m := re.fullmatch(r"It tries to move (\w+) but the wall stops it\.", sent):
+                dc, dr = step[m[1]]
+                assert not (1 <= row + dr <= 7 and 1 <= col + dc <= 7), story
+                walls += 1
+            else:
+                assert sent == "It stays where it is.", sent
+    assert walls > 0
+
+
 def _reflect(x0, v, lo, hi, t):
     """Closed-form position of a point bouncing between lo and hi (the unfolded path folded back)."""
     length = hi - lo
