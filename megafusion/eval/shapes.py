@@ -9,7 +9,23 @@ renders are read back exactly; soft-edged or slightly noisy generated images nea
 Every scorer returns a JSON-ready dict (Python floats/ints/lists only) holding its metrics
 and a ``chance`` entry computed for the same items: analytically where the answer space
 is finite (VQA, planning, agent positions) and otherwise by scoring random draws from the
-world's own prior with the same scorer (generation, captioning, frame error).
+world's own prior with the same scorer (generation, captioning, frame error). Each also
+carries a ``headline`` {metric, value, chance, higher_is_better} for reports.
+
+Usage with any model (``gen``, ``cap``, ``answer``, ``rollout`` are the model's callables)::
+
+    world = ShapesWorld(seed=HELDOUT_SEED)
+    items = [world.image_text(i) for i in range(64)]
+    score_generation([gen(s.caption) for s in items], [s.caption for s in items])
+    score_captions([cap(s.image) for s in items], [s.scene for s in items])
+    qa = [(s.image, v) for s in items for v in s.vqa]
+    score_vqa([answer(im, v.question) for im, v in qa], [v for _, v in qa])
+    clips = [world.action_video(i) for i in range(16)]
+    c = clips[0].context_frames
+    pred = np.stack([rollout(a.frames[:c], a.actions) for a in clips])  # [N, T - c, S, S, 3]
+    score_rollout(pred, np.stack([a.frames for a in clips]), c); score_agent_positions(pred, clips)
+    score_planning([world.planning_task(i) for i in range(16)],
+                   world_model_plan_scorer(lambda start, acts: rollout(start[None], acts)[-1]))
 """
 
 from __future__ import annotations
