@@ -184,6 +184,25 @@ def test_gradients_float64(case):
     assert torch.all(grads["triton"][2][topk_idx < 0] == 0)
 
 
+def test_hidden_wider_than_one_block():
+    """k=16 caps a block at 512 columns: Hd=600 takes two column blocks (and two backward loop trips)."""
+    g = torch.Generator().manual_seed(1)
+    topk_idx = random_topk(5, 16, 20, g)
+    topk_idx[2, 5:9] = -1
+    T, k = topk_idx.shape
+    x0, p0 = torch.randn(T, 600, dtype=torch.float64), torch.rand(T, k, dtype=torch.float64)
+    dy = torch.randn(T, 600, dtype=torch.float64)
+    row_scale = torch.randn(int((topk_idx >= 0).sum()), 1, dtype=torch.float64)
+    results = []
+    for impl in ("triton", "ref"):
+        x, p = x0.clone().requires_grad_(), p0.clone().requires_grad_()
+        y = _forward(x, p, topk_idx, 20, row_scale, impl)
+        (y * dy).sum().backward()
+        results.append((y.detach(), x.grad, p.grad))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
 def test_gradcheck():
     topk_idx, E = torch.tensor([[2, 0], [1, -1], [2, 1]]), 3
     x = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
