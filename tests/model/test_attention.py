@@ -184,10 +184,13 @@ def test_triton_backend_matches_sdpa():
     config = make_config(heads, groups, head_dim)
     q, k, v = qkv(seq, batch, heads, groups, head_dim, gen)
     info = HybridMaskInfo(doc_ids, span_ids)
-    with torch.no_grad():
-        ref = build("sdpa", config)(q, k, v, info)
-        out = build("triton", config)(q, k, v, info)
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    grad_out = torch.randn(seq, batch, heads * head_dim, generator=gen)
+    results = {}
+    for name in ("sdpa", "triton"):
+        out = build(name, config)(q, k, v, info)
+        results[name] = (out, *torch.autograd.grad(out, (q, k, v), grad_out))
+    for a, b in zip(results["sdpa"], results["triton"]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 def test_clear_errors():
