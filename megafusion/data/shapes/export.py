@@ -150,3 +150,26 @@ def write_dataset(out_dir: str | Path, seed: int = 0, n_text: int = 100, n_image
     paths["manifest"] = out / "manifest.json"
     paths["manifest"].write_text(json.dumps(manifest, indent=2) + "\n")
     return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m megafusion.data.shapes --out DIR``: write a ShapesWorld dataset."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m megafusion.data.shapes", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="output folder (created if missing)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image-size", type=int, default=32, choices=(32, 64))
+    p.add_argument("--n-text", type=int, default=1000)
+    p.add_argument("--n-image", type=int, default=1000)
+    p.add_argument("--n-video", type=int, default=200)
+    p.add_argument("--n-action", type=int, default=200)
+    p.add_argument("--video-codec", default="auto", choices=("auto", "vp9", "mjpeg", "none"),
+                   help="also encode clips as video files (needs PyAV); 'none' writes PNG frames only")
+    a = p.parse_args(argv)
+    paths = write_dataset(a.out, a.seed, a.n_text, a.n_image, a.n_video, a.n_action, a.image_size,
+                          None if a.video_codec == "none" else a.video_codec)
+    for kind, path in paths.items():
+        print(f"{kind:>13}: {path}")
+    return 0

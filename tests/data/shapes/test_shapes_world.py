@@ -320,6 +320,16 @@ def test_write_dataset_writes_parseable_files(tmp_path, codec):
     assert not list(tmp_path.glob("*.tmp"))
 
 
+def test_command_line_writes_a_dataset(tmp_path, capsys):
+    from megafusion.data.shapes.export import main
+
+    assert main(["--out", str(tmp_path), "--n-text", "2", "--n-image", "2", "--n-video", "1", "--n-action", "1",
+                 "--video-codec", "none", "--image-size", "64"]) == 0
+    assert "image_text" in capsys.readouterr().out
+    (line,) = _read_jsonl(tmp_path / "action_video.jsonl")
+    assert load_png(tmp_path / line["frames"][0]).shape == (64, 64, 3)
+
+
 def test_vocabulary_is_consistent():
     assert len(set(PALETTE.values())) == len(COLORS) and len(SHAPES) == 4
     assert len({p for row in POSITIONS for p in row}) == 9
