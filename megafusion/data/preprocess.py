@@ -464,7 +464,6 @@ def run_preprocess(cfg: PreprocessConfig) -> PreprocessSummary:
     cfg.validate()
     from tqdm import tqdm
 
-    t0 = time.time()
     fingerprint = cfg.fingerprint()
     summary_file = Path(f"{cfg.output_prefix}.summary.json")
     if summary_file.is_file():
@@ -477,6 +476,8 @@ def run_preprocess(cfg: PreprocessConfig) -> PreprocessSummary:
     _clean_stale(cfg)
 
     import megatron.core.datasets.indexed_dataset  # noqa: F401  (slow import: once, before workers fork)
+
+    t0 = time.time()
 
     results: dict[int, dict] = {}
     complete = True
