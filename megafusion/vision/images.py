@@ -38,7 +38,7 @@ def synthetic_shapes(rng: np.random.Generator, image_size: int, max_shapes: int 
 
 def to_tensor(image: np.ndarray) -> torch.Tensor:
     """uint8 [S, S, 3] -> float [3, S, S] in [0, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255.0
+    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float() / 255.0  # np.array: a writable copy
 
 
 class GeneratedImages(Dataset):
