@@ -25,6 +25,7 @@ skipped and reported with their file, line and reason, or raise with ``strict``.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -86,7 +87,7 @@ class PreprocessConfig:
             raise PreprocessError(f"--kind must be one of {KINDS}, got {self.kind!r}")
         if self.encoder not in ENCODERS:
             raise PreprocessError(f"--encoder must be one of {ENCODERS}, got {self.encoder!r}")
-        missing = [p for p in self.inputs if not Path(p).is_file()]
+        missing = [p for p in self.inputs if not Path(p).exists()]
         if not self.inputs or missing:
             raise PreprocessError(f"input files not found: {missing or '(none given)'}")
         if not Path(self.tokenizer_model).is_file():
@@ -120,23 +121,57 @@ class PreprocessConfig:
         out = {k: getattr(self, k) for k in keys}
         out["json_keys"] = list(self.json_keys)
         out["tokenizer_md5"] = hashlib.md5(Path(self.tokenizer_model).read_bytes()).hexdigest()
-        out["inputs"] = [[str(Path(p).resolve()), Path(p).stat().st_size] for p in self.inputs]
+        out["inputs"] = [[str(Path(p).resolve()), Path(p).stat().st_size if Path(p).is_file()
+                          else len(_folder_keys(Path(p)))] for p in self.inputs]
         return out
+
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
+VIDEO_EXTS = (".mp4", ".webm", ".avi", ".mkv", ".mov")
+CAPTION_EXTS = (".txt", ".caption", ".json")
 
 
 @dataclass
 class ShardSpec:
+    """A unit of work: whole lines [start, end) of a JSONL file, one tar, or keys of a folder."""
+
     index: int
     path: str
-    start: int  # byte offsets [start, end) of whole lines
-    end: int
-    first_line: int  # 1-based line number of the first line
+    start: int = 0  # byte offsets of whole lines (jsonl)
+    end: int = 0
+    first_line: int = 1  # 1-based number of the first line / sample
+    fmt: str = "jsonl"  # jsonl | tar | dir
+    keys: list[str] | None = None  # dir: sample keys (file path without extension)
+
+
+def input_format(path: str) -> str:
+    p = Path(path)
+    if p.is_dir():
+        return "dir"
+    return "tar" if p.name.endswith((".tar", ".tar.gz", ".tgz")) else "jsonl"
+
+
+def _folder_keys(folder: Path) -> list[str]:
+    """Sample keys of a folder: relative file paths without their extension, sorted."""
+    return sorted({str(p.relative_to(folder)).split(".")[0] for p in folder.rglob("*") if p.is_file()})
 
 
 def iter_shards(inputs: list[str], shard_size: int) -> Iterator[ShardSpec]:
-    """Cuts the inputs into shards of ``shard_size`` lines, reading line by line."""
+    """Cuts the inputs into shards: ``shard_size`` lines of a JSONL file (read line by line,
+    never whole), ``shard_size`` samples of a folder, or one whole webdataset tar each."""
     index = 0
     for path in inputs:
+        fmt = input_format(path)
+        if fmt == "tar":
+            yield ShardSpec(index, path, fmt="tar")
+            index += 1
+            continue
+        if fmt == "dir":
+            keys = _folder_keys(Path(path))
+            for k in range(0, len(keys), shard_size):
+                yield ShardSpec(index, path, first_line=k + 1, fmt="dir", keys=keys[k:k + shard_size])
+                index += 1
+            continue
         with open(path, "rb") as f:
             start = offset = 0
             lines, first = 0, 1
@@ -150,6 +185,99 @@ def iter_shards(inputs: list[str], shard_size: int) -> Iterator[ShardSpec]:
             if lines:
                 yield ShardSpec(index, path, start, offset, first)
                 index += 1
+
+
+def _caption(name: str, data: bytes) -> str:
+    text = data.decode("utf-8")
+    if name.endswith(".json"):
+        obj = json.loads(text)
+        for key in ("text", "caption", "txt"):
+            if isinstance(obj, dict) and isinstance(obj.get(key), str):
+                return obj[key]
+        raise ItemError(f"{name}: no 'text' or 'caption' string in the JSON", name)
+    return text.strip()
+
+
+def _sample_item(key: str, files: dict[str, object], read, where: str) -> dict:
+    """A folder/tar sample (files by extension) -> an item like a JSONL line's."""
+    item: dict = {}
+    for ext, ref in files.items():
+        if ext in CAPTION_EXTS and "text" not in item:
+            try:
+                item["text"] = _caption(ext, read(ref))
+            except (UnicodeDecodeError, json.JSONDecodeError) as err:
+                raise ItemError(f"unreadable caption ({err})", f"{where}:{key}{ext}") from err
+        elif ext in IMAGE_EXTS and "image" not in item:
+            item["image"] = ref if isinstance(ref, str) else None
+            item["image_bytes"] = None if isinstance(ref, str) else read(ref)
+            item["image_name"] = f"{where}:{key}{ext}"
+        elif ext in VIDEO_EXTS and "video" not in item:
+            if not isinstance(ref, str):
+                raise ItemError("videos inside tar files are not supported; list them in a JSONL file", where)
+            item["video"] = ref
+    return item
+
+
+def iter_items(spec: ShardSpec) -> Iterator[tuple[int, dict | ItemError]]:
+    """(1-based line/sample number, item or the reason it is unusable) for one shard."""
+    number = spec.first_line
+    if spec.fmt == "jsonl":
+        with open(spec.path, "rb") as f:
+            f.seek(spec.start)
+            while f.tell() < spec.end:
+                raw = f.readline()
+                try:
+                    item = json.loads(raw)
+                    if not isinstance(item, dict):
+                        raise ItemError(f"a line must be a JSON object, got {type(item).__name__}")
+                    yield number, item
+                except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                    yield number, ItemError(f"malformed JSON ({err})")
+                except ItemError as err:
+                    yield number, err
+                number += 1
+        return
+    if spec.fmt == "dir":
+        folder = Path(spec.path).resolve()
+        for key in spec.keys:
+            files = {p.name[len(Path(key).name):]: str(p) for p in (folder / key).parent.glob(Path(key).name + ".*")}
+            try:
+                yield number, _sample_item(key, files, lambda p: Path(p).read_bytes(), spec.path)
+            except ItemError as err:
+                yield number, err
+            number += 1
+        return
+    # webdataset tar: members of one sample are consecutive and share the key (name up to the first dot)
+    import tarfile
+
+    def flush(key, files):
+        try:
+            return _sample_item(key, files, lambda data: data, spec.path)
+        except ItemError as err:
+            return err
+
+    key, files = None, {}
+    try:
+        with tarfile.open(spec.path, "r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                base, _, _ = member.name.rpartition("/")
+                stem, dot, ext = Path(member.name).name.partition(".")
+                member_key = f"{base}/{stem}" if base else stem
+                if member_key != key and key is not None:
+                    yield number, flush(key, files)
+                    number, files = number + 1, {}
+                key = member_key
+                files["." + ext if dot else ""] = tar.extractfile(member).read()
+    except (tarfile.TarError, OSError, EOFError) as err:
+        if key is not None:
+            yield number, flush(key, files)
+            number += 1
+        yield number, ItemError(f"unreadable tar ({type(err).__name__}: {err}); the rest of it is skipped", spec.path)
+        return
+    if key is not None:
+        yield number, flush(key, files)
 
 
 # ----------------------------------------------------------------------------- encoders
@@ -222,9 +350,12 @@ def make_encoder(cfg: PreprocessConfig):
 
 
 # ----------------------------------------------------------------------------- items
-def load_image(path: Path, size: int) -> np.ndarray:
-    """Reads an image as RGB, resizes its shorter side to ``size`` and center-crops: [size, size, 3] uint8."""
+def load_image(path, size: int, name: str | None = None) -> np.ndarray:
+    """Reads an image (a path or a file object) as RGB, resizes its shorter side to ``size`` and
+    center-crops: [size, size, 3] uint8. ``name`` labels a file object in errors."""
     from PIL import Image
+
+    name = name or str(path)
 
     try:
         with Image.open(path) as im:
@@ -237,9 +368,9 @@ def load_image(path: Path, size: int) -> np.ndarray:
             im = im.crop((left, top, left + size, top + size))
             return np.asarray(im, dtype=np.uint8)
     except FileNotFoundError as err:
-        raise ItemError("image file not found", str(path)) from err
+        raise ItemError("image file not found", name) from err
     except Exception as err:  # PIL raises many types for corrupt files
-        raise ItemError(f"unreadable image ({type(err).__name__}: {err})", str(path)) from err
+        raise ItemError(f"unreadable image ({type(err).__name__}: {err})", name) from err
 
 
 class ItemProcessor:
@@ -281,7 +412,10 @@ class ItemProcessor:
             return out
         if cfg.kind == "image-text":
             caption = self._text(item, "text")
-            image = load_image(base / self._field(item, "image", str), cfg.image_size)
+            if item.get("image_bytes") is not None:  # from a tar
+                image = load_image(io.BytesIO(item["image_bytes"]), cfg.image_size, item["image_name"])
+            else:
+                image = load_image(base / self._field(item, "image", str), cfg.image_size)
             (latents, grid), = self.encoder.encode(image[None])
             marker = [self.tok.boi_id, self.tok.eoi_id]
             if cfg.image_first:
@@ -383,33 +517,24 @@ def process_shard(cfg: PreprocessConfig, spec: ShardSpec, fingerprint: dict) -> 
                                 proc.encoder.storage if proc.encoder else None) for s in cfg.suffixes}
     errors, items, documents, visuals = [], 0, 0, 0
     try:
-        with open(spec.path, "rb") as f:
-            f.seek(spec.start)
-            line_no = spec.first_line
-            while f.tell() < spec.end:
-                raw = f.readline()
-                items += 1
-                try:
-                    try:
-                        item = json.loads(raw)
-                    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-                        raise ItemError(f"malformed JSON ({err})") from err
-                    if not isinstance(item, dict):
-                        raise ItemError(f"a line must be a JSON object, got {type(item).__name__}")
-                    docs = proc.process(item, base)
-                except ItemError as err:
-                    record = {"path": err.path or spec.path, "line": line_no, "input": spec.path, "reason": err.reason}
-                    if cfg.strict:
-                        raise PreprocessError(f"{spec.path}:{line_no}: {err.reason}"
-                                              + (f" ({err.path})" if err.path else "")
-                                              + "; rerun without --strict to skip bad items") from err
-                    errors.append(record)
-                else:
-                    for suffix, (tokens, vis) in docs.items():
-                        writers[suffix].add_document(tokens, vis)
-                    documents += 1
-                    visuals += sum(len(v) for _, v in docs.values())
-                line_no += 1
+        for line_no, item in iter_items(spec):
+            items += 1
+            try:
+                if isinstance(item, ItemError):
+                    raise item
+                docs = proc.process(item, base)
+            except ItemError as err:
+                record = {"path": err.path or spec.path, "line": line_no, "input": spec.path, "reason": err.reason}
+                if cfg.strict:
+                    raise PreprocessError(f"{spec.path}:{line_no}: {err.reason}"
+                                          + (f" ({err.path})" if err.path else "")
+                                          + "; rerun without --strict to skip bad items") from err
+                errors.append(record)
+                continue
+            for suffix, (tokens, vis) in docs.items():
+                writers[suffix].add_document(tokens, vis)
+            documents += 1
+            visuals += sum(len(v) for _, v in docs.values())
         for w in writers.values():
             w.finalize()
     except BaseException:

@@ -290,3 +290,39 @@ def test_video_and_action_video_survive_preprocess_load_pack(tmp_path, tok_path)
     eoi0 = (s.span_ids == 0).nonzero().max().item() + 1
     assert s.tokens[eoi0 + 1] == tok.action_ids()["W"] and s.labels[eoi0] == tok.action_ids()["W"]
     assert s.labels[eoi0 + 1] == tok.frame_id and s.labels[eoi0 + 2] == tok.boi_id
+
+
+def test_webdataset_tar_and_folder_inputs(tmp_path, tok_path):
+    import tarfile
+
+    size, patch = 16, 8
+    arrays = make_images(tmp_path / "src", 4, size)
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    tar_path = tmp_path / "shard-000.tar"
+    with tarfile.open(tar_path, "w") as tar:
+        for i in range(4):
+            png = (tmp_path / f"src/{i}.png").read_bytes()
+            caption = f"a blue square number {i}".encode()
+            if i == 2:
+                png = b"corrupt bytes"
+            for name, data in [(f"s{i}.png", png), (f"s{i}.txt", caption)]:
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, __import__("io").BytesIO(data))
+                (folder / name).write_bytes(data)
+    (folder / "s4.txt").write_text("a caption without an image")
+    tok = Tokenizer(tok_path)
+    for src in (tar_path, folder):
+        prefix = tmp_path / f"out/{src.name}"
+        summary = run_preprocess(PreprocessConfig(inputs=[str(src)], output_prefix=str(prefix), kind="image-text",
+                                                  tokenizer_model=tok_path, image_size=size, patch_size=patch,
+                                                  shard_size=2, progress=False))
+        assert summary.documents == 3, summary.errors
+        reasons = " ".join(e["reason"] for e in summary.errors)
+        assert "unreadable image" in reasons and any("s2.png" in e["path"] for e in summary.errors)
+        docs = IndexedDocuments(prefix)
+        for doc, i in zip((docs[j] for j in range(3)), [0, 1, 3]):
+            assert doc[0].tokens.tolist() == tok.encode(f"a blue square number {i}")
+            expect = arrays[i].reshape(2, patch, 2, patch, 3).transpose(0, 2, 1, 3, 4).reshape(4, -1) / 127.5 - 1
+            np.testing.assert_allclose(doc[1].latents, expect, atol=1e-6)
