@@ -21,3 +21,43 @@ requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a
 def seed():
     torch.manual_seed(0)
     return 0
+
+
+# --------------------------------------------------------------------------- running the trainer
+
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "examples" / "configs"
+
+
+def run_train(run_dir: Path, config: str, overrides: list[str] = (), nproc: int = 1,
+              expect_rc: int = 0, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Runs the real ``megafusion train`` entry point (under torchrun when nproc > 1)."""
+    config_path = CONFIGS / config if not Path(config).is_absolute() else Path(config)
+    args = ["--config", str(config_path), "--run-dir", str(run_dir)]
+    for item in overrides:
+        args += ["--set", item]
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+               "-m", "megafusion.train", *args]
+    else:
+        cmd = [sys.executable, "-m", "megafusion.train", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+    if proc.returncode != expect_rc:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode} (expected {expect_rc})\n"
+                             f"--- stdout ---\n{proc.stdout[-4000:]}\n--- stderr ---\n{proc.stderr[-8000:]}")
+    return proc
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def losses_by_step(run_dir: Path, key: str = "loss") -> dict[int, float]:
+    return {m["step"]: m[key] for m in read_metrics(run_dir) if key in m}
