@@ -142,6 +142,7 @@ def apply(device: str | torch.device = "cpu") -> bool:
         _patch_rng_tracker()
         _patch_cuda_tensor_methods()
         _patch_all_to_all()
+        _patch_distributed_optimizer_torch_adam_checkpoint()
     except BaseException:
         remove()
         raise
@@ -396,6 +397,7 @@ def _with_cpu_tensors_looking_like_cuda(function: Callable[..., Any]) -> Callabl
 
 def _patch_cuda_tensor_methods() -> None:
     from megatron.core import utils
+    from megatron.core.dist_checkpointing import exchange_utils
     from megatron.core.models.common.language_module import language_module
     from megatron.core.optimizer import clip_grads, distrib_optimizer, optimizer
 
@@ -415,8 +417,13 @@ def _patch_cuda_tensor_methods() -> None:
     lm = language_module.LanguageModule
     _patch(lm, "setup_embeddings_and_output_layer",
            _with_cpu_tensors_looking_like_cuda(lm.setup_embeddings_and_output_layer))
+    _patch(dist, "get_parameter_state_dp_zero",  # distributed-optimizer checkpoint save
+           _with_cpu_tensors_looking_like_cuda(dist.get_parameter_state_dp_zero))
     _patch(utils, "check_param_hashes_across_dp_replicas",
            _with_cpu_tensors_looking_like_cuda(utils.check_param_hashes_across_dp_replicas))
+    for name in ("exchange_loaded_tensors_gather_rounds", "exchange_loaded_tensors_broadcast"):
+        _patch(exchange_utils, name,  # fully parallel checkpoint load
+               _with_cpu_tensors_looking_like_cuda(getattr(exchange_utils, name)))
 
 
 # --------------------------------------------------------------------------- all-to-all
@@ -447,3 +454,49 @@ def _patch_all_to_all() -> None:
 
     for owner in (mappings, tensor_parallel, token_dispatcher):
         _patch(owner, "all_to_all", all_to_all)
+
+
+# --------------------------------------------------------------------------- DistributedOptimizer
+
+
+def _patch_distributed_optimizer_torch_adam_checkpoint() -> None:
+    """Without TE/Apex (always so on CPU) the distributed optimizer wraps torch Adam, whose
+    per-parameter state holds a tensor 'step'. megatron-core 0.19.2 mishandles that twice when
+    loading a checkpoint: ``state_dict()`` asserts on a fresh optimizer (no 'step' yet), and
+    the param-state loader looks for a 'step' shard that is never saved (megatron restores
+    'step' from the param groups instead), and ``load_state_dict`` gives every parameter the
+    *same* 'step' tensor, which torch's foreach Adam then increments once per parameter."""
+    from megatron.core.optimizer import distrib_optimizer
+
+    dist = distrib_optimizer.DistributedOptimizer
+    if distrib_optimizer.HAVE_APEX_OR_TE:
+        return
+    original_sharded_state_dict = dist.sharded_state_dict
+    original_set_states = dist._set_main_param_and_optimizer_states
+
+    @functools.wraps(original_sharded_state_dict)
+    def sharded_state_dict(self, model_sharded_state_dict=None, is_loading=False, *args, **kwargs):
+        if is_loading and len(self.optimizer.state) == 0:
+            # Allocate Adam states (a zero-gradient step); the load overwrites them and the params.
+            self._init_optimizer_states_with_dummy_values()
+        if model_sharded_state_dict is None:
+            model_sharded_state_dict = {}
+        return original_sharded_state_dict(self, model_sharded_state_dict, is_loading, *args, **kwargs)
+
+    @functools.wraps(original_set_states)
+    def set_states(self, model_param, tensors):
+        # None = "keep": the loader skips non-tensors, and load_state_dict already set 'step'.
+        return original_set_states(self, model_param, {"step": None, **tensors})
+
+    original_load_state_dict = dist.load_state_dict
+
+    @functools.wraps(original_load_state_dict)
+    def load_state_dict(self, state_dict):
+        original_load_state_dict(self, state_dict)
+        for state in self.optimizer.state.values():
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].clone()  # one counter per parameter
+
+    _patch(dist, "sharded_state_dict", sharded_state_dict)
+    _patch(dist, "load_state_dict", load_state_dict)
+    _patch(dist, "_set_main_param_and_optimizer_states", set_states)
