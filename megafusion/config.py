@@ -20,6 +20,8 @@ from typing import Any
 
 import yaml
 
+from megafusion.diffusion.flow import FlowMatchingConfig
+
 
 class ConfigError(ValueError):
     """A configuration that cannot run. The message names the key, the value and the fix."""
@@ -43,6 +45,9 @@ class MoEConfig:
     aux_loss_coeff: float = 0.0
     z_loss_coeff: float | None = None
     capacity_factor: float | None = None  # None = dropless
+    # Transfusion: a text shared expert for text tokens and a vision one for image/frame
+    # tokens (each of size shared_expert_ffn_hidden_size), instead of one global shared expert.
+    per_modality_shared_experts: bool = False
 
 
 @dataclass
@@ -63,6 +68,21 @@ class ModelConfig:
     init_std: float = 0.02
     attention: str = "sdpa"  # core attention backend of the transfusion model: sdpa | flex | triton
     moe: MoEConfig = field(default_factory=MoEConfig)
+    # ---- Transfusion only
+    ffn: str = "dense"  # dense: one FFN for all tokens | modality: separate text / vision FFN weights
+    patch_adapter: str = "linear"  # latent patches in/out: linear | unet
+    time_conditioning: str = "additive"  # timestep embedding on image tokens: additive | adaln
+    image_positions: str = "1d"  # RoPE positions of image/frame patches: 1d | 2d | 3d
+
+
+@dataclass
+class VisionConfig:
+    """The visual representation whose latents the Transfusion model diffuses (megafusion.vision)."""
+
+    representation: str = "pixel"  # pixel | rae | vae
+    path: str | None = None  # a saved representation directory (rae / vae weights, statistics)
+    image_size: int = 16
+    patch_size: int = 4  # pixel / vae patchification
 
 
 @dataclass
@@ -109,9 +129,13 @@ class TrainConfig:
 
 @dataclass
 class DataConfig:
-    kind: str = "synthetic"  # synthetic | indexed | shapes
+    kind: str = "synthetic"  # synthetic (text) | shapes (ShapesWorld, in-process) | indexed
     paths: list[str] = field(default_factory=list)  # indexed datasets (prefixes)
     weights: list[float] = field(default_factory=list)  # blending weights, one per path
+    tokenizer: str | None = None  # sentencepiece model path (indexed / shapes data)
+    # ShapesWorld mixture weights of its sources (data.kind = shapes)
+    shapes_weights: dict[str, float] = field(
+        default_factory=lambda: {"text": 1.0, "image_text": 1.0, "video": 0.0, "action_video": 0.0})
 
 
 @dataclass
@@ -131,6 +155,8 @@ class LoggingConfig:
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    diffusion: FlowMatchingConfig = field(default_factory=FlowMatchingConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -170,6 +196,11 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"config key '{key}' must be a mapping of {typ.__name__} fields, got {value!r}")
         return _build(typ, value, key)
+    if origin is dict:
+        key_type, value_type = typing.get_args(typ)
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a mapping, got {value!r}")
+        return {_coerce(k, key_type, key): _coerce(v, value_type, f"{key}.{k}") for k, v in value.items()}
     if origin is list:
         (item,) = typing.get_args(typ)
         if not isinstance(value, (list, tuple)):
@@ -216,7 +247,10 @@ def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
         if name not in hints:
             raise _unknown_key_error(cls, name, prefix)
         kwargs[name] = _coerce(value, hints[name], f"{prefix}.{name}" if prefix else name)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as err:  # a section's own checks (e.g. FlowMatchingConfig)
+        raise ConfigError(f"config section '{prefix or 'top level'}': {err}") from None
 
 
 def _apply_override(tree: dict[str, Any], assignment: str) -> None:
@@ -275,6 +309,11 @@ _CHOICES = {
     "model.activation": ("swiglu", "gelu"),
     "model.normalization": ("rmsnorm", "layernorm"),
     "model.attention": ("sdpa", "flex", "triton"),
+    "model.ffn": ("dense", "modality"),
+    "model.patch_adapter": ("linear", "unet"),
+    "model.time_conditioning": ("additive", "adaln"),
+    "model.image_positions": ("1d", "2d", "3d"),
+    "vision.representation": ("pixel", "rae", "vae"),
     "model.moe.dispatcher": ("alltoall", "allgather"),
     "model.moe.dispatch": ("megatron", "triton"),
     "model.moe.router_score": ("softmax", "sigmoid"),
