@@ -90,3 +90,75 @@ def compute_latent_stats(rep: Representation, batches: Iterable[torch.Tensor], m
 
 def apply_latent_stats(rep: Representation, stats: RunningStats, eps: float = 1e-6) -> None:
     rep.set_stats(stats.mean, stats.std(eps))
+
+
+# --- command line (tools/compute_latent_stats.py) --------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    """Compute a representation's latent statistics over a dataset and save them with it.
+
+    Runs under torchrun too: rank r encodes images r, r+world, ... of the first --num-images.
+    """
+    import argparse
+    import json
+    import os
+    import sys
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    from megafusion.vision import load_representation
+    from megafusion.vision.base import read_manifest
+    from megafusion.vision.images import open_image_source
+
+    p = argparse.ArgumentParser(prog="compute_latent_stats", description=main.__doc__.split("\n\n")[0])
+    p.add_argument("--kind", default="auto", help="pixel | rae | vae | auto (auto: the kind saved in --path)")
+    p.add_argument("--path", help="saved representation dir (or RAE encoder / VAE weights dir)")
+    p.add_argument("--data", required=True, help="folder of images, 'shapes' or 'synthetic'")
+    p.add_argument("--num-images", type=int, default=10_000)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--image-size", type=int, help="pixel/vae: image size (a saved representation keeps its own)")
+    p.add_argument("--patch-size", type=int, help="pixel/vae: patch size")
+    p.add_argument("--out", help="where to save; default --path (only latent_stats.safetensors is rewritten)")
+    p.add_argument("--eps", type=float, default=1e-6, help="floor of each channel's std")
+    p.add_argument("--seed", type=int, default=0, help="seed of generated data")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    args = p.parse_args(argv)
+
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    use_cuda = torch.cuda.is_available() if args.device == "auto" else args.device == "cuda"
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if use_cuda else torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    kw = {k: v for k, v in (("image_size", args.image_size), ("patch_size", args.patch_size)) if v is not None}
+    try:
+        rep = load_representation(args.kind, args.path, **kw).to(device).eval()
+        data = open_image_source(args.data, rep.image_size, length=args.num_images, seed=args.seed)
+    except (FileNotFoundError, ValueError, ImportError) as err:
+        print(f"compute_latent_stats: {err}", file=sys.stderr)
+        return 2
+    if args.out is None and args.path is None:
+        print("compute_latent_stats: pass --out DIR (or --path of a saved representation)", file=sys.stderr)
+        return 2
+    mine = list(range(rank, min(args.num_images, len(data)), world))
+    batches = (torch.stack([data[i] for i in mine[k:k + args.batch_size]])
+               for k in range(0, len(mine), args.batch_size))
+    stats = compute_latent_stats(rep, batches, eps=args.eps)
+    apply_latent_stats(rep, stats, eps=args.eps)
+    if rank == 0:
+        saved = Path(args.path) if args.path else None
+        if saved is not None and read_manifest(saved) is None and read_manifest(saved / "representation"):
+            saved = saved / "representation"  # a train-decoder run directory
+        out = Path(args.out) if args.out else saved
+        same = saved is not None and out.resolve() == saved.resolve() and read_manifest(out) is not None
+        if same:
+            rep.save_stats(out)
+        else:
+            rep.to("cpu").save(out)
+        print(json.dumps({"out": str(out), "kind": rep.kind, "observations": stats.count,
+                          "latent_dim": rep.latent_dim, "mean_of_means": float(stats.mean.mean()),
+                          "mean_of_stds": float(stats.std(args.eps).mean())}))
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return 0

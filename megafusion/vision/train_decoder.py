@@ -380,8 +380,7 @@ def train_decoder(cfg: DecoderTrainConfig, encoder: nn.Module | None = None) -> 
 # --- command line ----------------------------------------------------------------------
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="megafusion train-decoder", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(prog="megafusion train-decoder", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", help="YAML file whose keys are the fields below (flags override it)")
     for f in dataclasses.fields(DecoderTrainConfig):
         kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "str")

@@ -6,7 +6,12 @@ downloaded.
 
 from __future__ import annotations
 
-import numpy as np
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -280,3 +285,45 @@ def test_vae_shapes_statistics_and_save_load(tiny_vae_config, tmp_path):
     # a pretrained AutoencoderKL directory (save_pretrained layout) loads too
     rep.vae.save_pretrained(tmp_path / "kl")
     assert torch.equal(load_representation("vae", tmp_path / "kl", image_size=S).encode(x), z)
+
+
+# --- the statistics tool ----------------------------------------------------------------
+
+def _run_stats_tool(args, nproc=1):
+    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                     "--nproc_per_node", str(nproc)]
+    proc = subprocess.Popen([*launcher, "tools/compute_latent_stats.py", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            cwd=str(Path(__file__).resolve().parents[2]))
+    try:
+        out, _ = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail(f"compute_latent_stats timed out:\n{proc.communicate()[0][-3000:]}")
+    assert proc.returncode == 0, out[-3000:]
+
+
+def test_stats_tool_saves_the_dataset_statistics(tmp_path):
+    from megafusion.vision.stats import main
+
+    assert main(["--kind", "pixel", "--image-size", str(S), "--patch-size", "8", "--data", "synthetic",
+                 "--num-images", "20", "--batch-size", "6", "--out", str(tmp_path / "pix")]) == 0
+    rep = load_representation("auto", tmp_path / "pix")
+    z = rep.encode(images(20)).double().reshape(-1, rep.latent_dim)  # independent: all at once
+    torch.testing.assert_close(rep.latent_mean, z.mean(0), rtol=0, atol=1e-12)
+    torch.testing.assert_close(rep.latent_std, z.std(0, unbiased=False).clamp_min(1e-6), rtol=0, atol=1e-12)
+    assert main(["--path", str(tmp_path / "nope"), "--data", "synthetic"]) == 2
+
+
+@pytest.mark.distributed
+def test_stats_tool_two_ranks_match_one(tmp_path):
+    common = ["--kind", "pixel", "--image-size", str(S), "--patch-size", "8", "--data", "synthetic",
+              "--num-images", "21", "--batch-size", "4"]
+    _run_stats_tool([*common, "--out", str(tmp_path / "two")], nproc=2)
+    from megafusion.vision.stats import main
+
+    assert main([*common, "--out", str(tmp_path / "one")]) == 0
+    two, one = load_representation("auto", tmp_path / "two"), load_representation("auto", tmp_path / "one")
+    torch.testing.assert_close(two.latent_mean, one.latent_mean, rtol=0, atol=1e-12)
+    torch.testing.assert_close(two.latent_std, one.latent_std, rtol=0, atol=1e-12)
