@@ -326,3 +326,11 @@ def test_webdataset_tar_and_folder_inputs(tmp_path, tok_path):
             assert doc[0].tokens.tolist() == tok.encode(f"a blue square number {i}")
             expect = arrays[i].reshape(2, patch, 2, patch, 3).transpose(0, 2, 1, 3, 4).reshape(4, -1) / 127.5 - 1
             np.testing.assert_allclose(doc[1].latents, expect, atol=1e-6)
+
+
+def test_no_documents_is_an_error_not_an_empty_dataset(tmp_path, tok_path):
+    (tmp_path / "bad.jsonl").write_text("{x\n[]\n")
+    with pytest.raises(PreprocessError, match="no documents: 2 items read, 2 skipped"):
+        run_preprocess(PreprocessConfig(inputs=[str(tmp_path / "bad.jsonl")], output_prefix=str(tmp_path / "o"),
+                                        tokenizer_model=tok_path, progress=False))
+    assert not list(tmp_path.glob("o_text_document.*"))
