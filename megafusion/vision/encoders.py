@@ -122,12 +122,16 @@ class HFEncoder(FrozenEncoder):
         if family == "dinov2":
             self.skip_tokens = 1 + int(getattr(cfg, "num_register_tokens", 0) if cfg.model_type ==
                                        "dinov2_with_registers" else 0)
+        for owner in (self.model, getattr(self.model, "vision_model", None)):
+            if hasattr(owner, "use_head"):
+                owner.use_head = False  # SigLIP's pooling head: unused by the RAE, skip its compute
         if not self.final_norm_affine:
             norm = _final_norm(self.model)
             norm.register_forward_hook(
                 lambda mod, args, out: F.layer_norm(args[0], mod.normalized_shape, None, None, mod.eps))
 
     def _tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+        pixels = pixels.to(self.model.dtype)
         if self.family == "siglip2":
             from megafusion.vision.base import patchify
 
@@ -159,7 +163,7 @@ def _pixel_stats(path: Path, family: str) -> tuple[tuple, tuple]:
 
 
 def load_hf_encoder(path: str | os.PathLike, input_size: int | None = None, final_norm_affine: bool = False,
-                    mean=None, std=None) -> HFEncoder:
+                    mean=None, std=None, dtype: torch.dtype = torch.float32) -> HFEncoder:
     """Load a frozen DINOv2 / SigLIP / SigLIP 2 vision encoder from a local directory.
 
     ``input_size`` defaults to min(image_size, 224) for DINOv2 (its checkpoints say 518, RAE uses 224), the
@@ -184,7 +188,8 @@ def load_hf_encoder(path: str | os.PathLike, input_size: int | None = None, fina
     cls = {"dinov2": transformers.Dinov2WithRegistersModel if config.model_type == "dinov2_with_registers"
            else transformers.Dinov2Model,
            "siglip": transformers.SiglipVisionModel, "siglip2": transformers.Siglip2VisionModel}[family]
-    model = cls.from_pretrained(path, config=vision_config, local_files_only=True)
+    # an explicit dtype: transformers 5 otherwise keeps a bf16 checkpoint in bf16
+    model = cls.from_pretrained(path, config=vision_config, local_files_only=True).to(dtype)
     if input_size is None:
         if family == "dinov2":
             size = min(int(vision_config.image_size), 224)

@@ -131,6 +131,22 @@ def test_trains_from_an_image_folder(encoder_dir, tmp_path):
     assert np.isfinite(result["heldout_psnr_final"])
 
 
+class _Transpose(torch.nn.Module):
+    def forward(self, x):
+        return x.transpose(1, 2)
+
+
+def test_trains_on_a_module_encoder(tmp_path):
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 4, stride=4), torch.nn.Flatten(2), _Transpose())
+    result = train_decoder(DecoderTrainConfig(data="synthetic", run_dir=str(tmp_path / "run"), steps=3, batch_size=4,
+                                              image_size=32, heldout_images=4, stats_images=8, **TINY_DECODER),
+                           encoder=module)
+    rep = load_representation("rae", tmp_path / "run", encoder=module)
+    assert (rep.tokens_per_image, rep.latent_dim) == (64, 16) and rep.has_stats
+    assert np.isfinite(result["heldout_psnr_final"])
+
+
 def test_cli_errors_are_clear(encoder_dir, tmp_path, capsys):
     assert main(["--run-dir", str(tmp_path / "r")]) == 2
     assert "needs --encoder-path" in capsys.readouterr().err

@@ -170,6 +170,24 @@ def test_rae_takes_the_vision_tower_of_a_full_siglip_checkpoint(hf_dirs):
     torch.testing.assert_close(rep.encode(x), ref, rtol=1e-5, atol=1e-5)
 
 
+def test_rae_loads_a_bf16_checkpoint_in_float32(tmp_path):
+    torch.manual_seed(0)
+    model = transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**tiny_vit_kwargs(image_size=S)))
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    rep = load_representation("rae", tmp_path / "bf16", decoder=DECODER)
+    assert rep.encoder.model.dtype == torch.float32
+    assert rep.encode(images(1)).dtype == torch.float32
+
+
+def test_representation_config_builds_from_yaml_fields(tmp_path):
+    from megafusion.vision import RepresentationConfig
+
+    rep = RepresentationConfig(kind="pixel", options={"image_size": 16, "patch_size": 4}).build()
+    assert (rep.tokens_per_image, rep.latent_dim) == (16, 48)
+    rep.save(tmp_path / "p")
+    assert RepresentationConfig(kind="auto", path=str(tmp_path / "p")).build().image_size == 16
+
+
 def test_rae_decoder_paints_larger_images_than_the_encoder_sees(hf_dirs):
     dirs, _ = hf_dirs
     rep = load_representation("rae", dirs["siglip"], image_size=64, decoder=DECODER)  # 8x8 tokens, patch 8
