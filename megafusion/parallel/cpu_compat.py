@@ -22,8 +22,11 @@ nothing else:
   ``Tensor.type()`` or ``Tensor.cuda()`` run inside a context in which a CPU
   tensor reports CUDA type names and ``.cuda()`` returns the tensor itself.
   Those are set-up functions plus the gradient clip (one attribute swap per step).
-* **all-to-all split sizes** - ``tensor_parallel.all_to_all`` turns tensor or
-  numpy split sizes into Python lists before calling gloo.
+* **gloo collectives** - ``tensor_parallel.all_to_all`` turns tensor or numpy
+  split sizes into Python lists (gloo takes only lists), and the uneven
+  all-gather / reduce-scatter of ``tensor_parallel.mappings`` (expert TP with
+  the alltoall dispatcher), which gloo lacks, become pad-and-gather and
+  all-reduce-and-slice.
 
 The measured cost is nothing visible next to the model's own work (the only
 per-step additions are a Python wrapper around a handful of tensor factories).
@@ -454,6 +457,37 @@ def _patch_all_to_all() -> None:
 
     for owner in (mappings, tensor_parallel, token_dispatcher):
         _patch(owner, "all_to_all", all_to_all)
+
+    # Uneven all-gather / reduce-scatter (the alltoall dispatcher with expert TP > 1): NCCL
+    # takes per-rank sizes, gloo only equal ones. Pad-and-gather / all-reduce-and-slice instead.
+    original_gather = mappings._gather_along_first_dim
+    original_reduce_scatter = mappings._reduce_scatter_along_first_dim
+
+    @functools.wraps(original_gather)
+    def gather_along_first_dim(input_, group, output_split_sizes=None, use_global_buffer=False):
+        if output_split_sizes is None or group.size() == 1:
+            return original_gather(input_, group, output_split_sizes, use_global_buffer)
+        sizes = _as_split_list(output_split_sizes)
+        longest = max(sizes)
+        padded = input_.new_zeros((longest,) + tuple(input_.shape[1:]))
+        padded[: input_.shape[0]] = input_
+        gathered = input_.new_empty((longest * len(sizes),) + tuple(input_.shape[1:]))
+        torch.distributed.all_gather_into_tensor(gathered, padded, group=group)
+        return torch.cat([gathered[r * longest: r * longest + n] for r, n in enumerate(sizes)])
+
+    @functools.wraps(original_reduce_scatter)
+    def reduce_scatter_along_first_dim(input_, group, input_split_sizes=None,
+                                       use_global_buffer=False):
+        if input_split_sizes is None or group.size() == 1:
+            return original_reduce_scatter(input_, group, input_split_sizes, use_global_buffer)
+        sizes = _as_split_list(input_split_sizes)
+        total = input_.contiguous().clone()
+        torch.distributed.all_reduce(total, group=group)
+        start = sum(sizes[: group.rank()])
+        return total[start: start + sizes[group.rank()]].clone()
+
+    _patch(mappings, "_gather_along_first_dim", gather_along_first_dim)
+    _patch(mappings, "_reduce_scatter_along_first_dim", reduce_scatter_along_first_dim)
 
 
 # --------------------------------------------------------------------------- DistributedOptimizer
