@@ -215,3 +215,32 @@ class Loader:
 
     def __del__(self):
         self.close()
+
+
+def make_loader(prefixes: Sequence[str], weights: Sequence[float] | None, *, seq_len: int, batch_size: int,
+                seed: int = 0, rank: int = 0, world_size: int = 1, latent_dim: int | None = None,
+                latent_transform=None, prefetch: int = 2) -> Loader:
+    """The training loader over preprocessed datasets (``tools/preprocess_data.py`` prefixes).
+
+    Special token ids come from the datasets' ``meta.json`` (they must agree: one tokenizer);
+    ``latent_dim`` defaults to the multimodal datasets' (they must agree: one encoder), or 1
+    for text only. ``latent_transform`` maps each [T, C] float32 array on load (latent
+    normalisation). Resume with ``loader.load_state_dict(state)``.
+    """
+    from megafusion.data.indexed import IndexedDocuments
+
+    sources = [IndexedDocuments(p, latent_transform=latent_transform) for p in prefixes]
+    ids = {(s.meta.get("pad_id"), s.meta.get("boi_id"), s.meta.get("eoi_id")) for s in sources}
+    ids.discard((None, None, None))
+    if len(ids) != 1:
+        raise ValueError(f"datasets {list(prefixes)} disagree on (or lack) special token ids {sorted(ids)}; "
+                         "preprocess them with the same tokenizer")
+    dims = {s.latent_dim for s in sources if s.multimodal}
+    if latent_dim is None:
+        if len(dims) > 1:
+            raise ValueError(f"datasets have latent widths {sorted(dims)}; preprocess them with the same encoder")
+        latent_dim = dims.pop() if dims else 1
+    pad_id, boi_id, eoi_id = ids.pop()
+    mixture = Mixture(sources, weights, seed=seed, rank=rank, world_size=world_size)
+    packer = SequencePacker(seq_len, latent_dim, pad_id, boi_id, eoi_id)
+    return Loader(PackedStream(mixture, packer), batch_size, prefetch=prefetch)
