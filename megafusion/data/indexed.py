@@ -224,6 +224,12 @@ class IndexedDocuments:
                                  f"{len(self.visual)} items; the dataset is damaged, preprocess it again")
             self.boi_id, self.eoi_id = self.meta["boi_id"], self.meta["eoi_id"]
 
+    def __getstate__(self):  # reopen the memory maps in another process instead of copying them
+        return {"prefix": self.prefix, "latent_transform": self.latent_transform}
+
+    def __setstate__(self, state):
+        self.__init__(state["prefix"], state["latent_transform"])
+
     def __len__(self) -> int:
         return len(self.tokens)
 

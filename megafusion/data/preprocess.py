@@ -1,6 +1,8 @@
-"""Raw JSONL corpora -> indexed datasets (the logic behind ``tools/preprocess_data.py``).
+"""Raw corpora -> indexed datasets (the logic and CLI behind ``tools/preprocess_data.py``).
 
-Input: JSONL files, one item per line. By ``kind``:
+Input: JSONL files, one item per line; for image-text also webdataset-style ``.tar`` files
+and folders (``KEY.jpg`` + ``KEY.txt``), for video folders (``KEY.mp4`` [+ ``KEY.txt``]).
+By ``kind``:
 
 - ``text``: ``{"text": ...}`` (the fields named by ``json_keys``; one dataset per key,
   named ``<prefix>_<key>_document`` as Megatron's tool does).
@@ -14,7 +16,8 @@ Document token streams: image-text ``caption <boi><eoi>`` (or image first); vide
 ``[caption] <boi><eoi> <frame> <boi><eoi> ...``; action-video puts each transition's
 action tokens after its first frame: ``<boi><eoi> a0 <frame> <boi><eoi> a1 <frame> ...``.
 
-The input is cut into shards of ``shard_size`` lines by byte offset (never read whole);
+The input is cut into shards of ``shard_size`` lines by byte offset (never read whole;
+a tar is one shard, a folder is cut by sample keys);
 workers tokenize/encode a shard each and write it under ``<prefix>.shards/`` to temporary
 names, renamed when complete, with a ``.done.json`` marker written last. A re-run skips
 finished shards. When all are done they are merged with the indexed-dataset builder's
@@ -124,7 +127,7 @@ class PreprocessConfig:
         out["json_keys"] = list(self.json_keys)
         out["tokenizer_md5"] = hashlib.md5(Path(self.tokenizer_model).read_bytes()).hexdigest()
         out["inputs"] = [[str(Path(p).resolve()), Path(p).stat().st_size if Path(p).is_file()
-                          else len(_folder_keys(Path(p)))] for p in self.inputs]
+                          else len(_folder_samples(Path(p)))] for p in self.inputs]
         return out
 
 
@@ -143,7 +146,7 @@ class ShardSpec:
     end: int = 0
     first_line: int = 1  # 1-based number of the first line / sample
     fmt: str = "jsonl"  # jsonl | tar | dir
-    keys: list[str] | None = None  # dir: sample keys (file path without extension)
+    samples: list[tuple[str, dict[str, str]]] | None = None  # dir: (key, {extension: path})
 
 
 def input_format(path: str) -> str:
@@ -153,9 +156,16 @@ def input_format(path: str) -> str:
     return "tar" if p.name.endswith((".tar", ".tar.gz", ".tgz")) else "jsonl"
 
 
-def _folder_keys(folder: Path) -> list[str]:
-    """Sample keys of a folder: relative file paths without their extension, sorted."""
-    return sorted({str(p.relative_to(folder)).split(".")[0] for p in folder.rglob("*") if p.is_file()})
+def _folder_samples(folder: Path) -> list[tuple[str, dict[str, str]]]:
+    """A folder's samples, sorted by key: (relative path up to the file name's first dot,
+    {extension: file path}); one listing of the folder."""
+    samples: dict[str, dict[str, str]] = {}
+    for p in folder.rglob("*"):
+        if p.is_file():
+            stem, dot, ext = p.name.partition(".")
+            key = str(p.parent.relative_to(folder) / stem)
+            samples.setdefault(key, {})["." + ext if dot else ""] = str(p.resolve())
+    return sorted(samples.items())
 
 
 def iter_shards(inputs: list[str], shard_size: int) -> Iterator[ShardSpec]:
@@ -169,9 +179,9 @@ def iter_shards(inputs: list[str], shard_size: int) -> Iterator[ShardSpec]:
             index += 1
             continue
         if fmt == "dir":
-            keys = _folder_keys(Path(path))
-            for k in range(0, len(keys), shard_size):
-                yield ShardSpec(index, path, first_line=k + 1, fmt="dir", keys=keys[k:k + shard_size])
+            samples = _folder_samples(Path(path))
+            for k in range(0, len(samples), shard_size):
+                yield ShardSpec(index, path, first_line=k + 1, fmt="dir", samples=samples[k:k + shard_size])
                 index += 1
             continue
         with open(path, "rb") as f:
@@ -240,9 +250,7 @@ def iter_items(spec: ShardSpec) -> Iterator[tuple[int, dict | ItemError]]:
                 number += 1
         return
     if spec.fmt == "dir":
-        folder = Path(spec.path).resolve()
-        for key in spec.keys:
-            files = {p.name[len(Path(key).name):]: str(p) for p in (folder / key).parent.glob(Path(key).name + ".*")}
+        for key, files in spec.samples:
             try:
                 yield number, _sample_item(key, files, lambda p: Path(p).read_bytes(), spec.path)
             except ItemError as err:
@@ -581,6 +589,10 @@ class PreprocessSummary:
 
 def _clean_stale(cfg: PreprocessConfig) -> None:
     """Removes temporary files and shards without a done marker (from a killed run)."""
+    out = Path(cfg.output_prefix)
+    for p in out.parent.glob(out.name + "*.tmp*"):  # a merge killed half way
+        if p.is_file():
+            p.unlink()
     done = {p.name.split(".")[0] for p in cfg.shard_dir.glob("*.done.json")}
     for p in cfg.shard_dir.iterdir():
         if ".tmp" in p.name or p.name.split(".")[0].split("_")[0] not in done:
