@@ -270,7 +270,11 @@ def train_decoder(cfg: DecoderTrainConfig, encoder: nn.Module | None = None) -> 
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start if start else None)
-    metrics = open(run_dir / "metrics.jsonl", "a") if rank == 0 else None
+    metrics_path = run_dir / "metrics.jsonl"
+    if rank == 0 and start and metrics_path.exists():  # drop lines the interrupted run logged past its checkpoint
+        kept = [line for line in metrics_path.read_text().splitlines() if json.loads(line)["step"] <= start]
+        metrics_path.write_text("".join(line + "\n" for line in kept))
+    metrics = open(metrics_path, "a") if rank == 0 else None
 
     def log(record: dict[str, Any]) -> None:
         if rank != 0:
