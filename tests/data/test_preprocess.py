@@ -365,3 +365,36 @@ def test_make_loader_over_preprocessed_datasets_resumes(tmp_path, tok_path):
         got = next(resumed)
         assert all(torch.equal(getattr(got, k), getattr(want, k)) for k in want.__dict__)
     resumed.close()
+
+
+def test_representation_encoder_latents_stored_as_float16(tmp_path, tok_path, monkeypatch):
+    """--encoder rae/vae calls megafusion.vision.load_representation; here it is handed the pixel
+    representation (a real Representation), so the float16 store can be checked exactly."""
+    import megafusion.vision as vision
+
+    size, patch = 16, 4
+    calls = []
+    real_load = vision.load_representation
+
+    def fake_load(kind, path=None, **kw):
+        calls.append((kind, path))
+        return real_load("pixel", image_size=size, patch_size=patch)
+
+    monkeypatch.setattr(vision, "load_representation", fake_load)
+    arrays = make_images(tmp_path / "img", 3, size)
+    (tmp_path / "p.jsonl").write_text("\n".join(json.dumps({"image": f"img/{i}.png", "text": "x"}) for i in range(3)))
+    run_preprocess(PreprocessConfig(inputs=[str(tmp_path / "p.jsonl")], output_prefix=str(tmp_path / "o"),
+                                    tokenizer_model=tok_path, kind="image-text", encoder="rae",
+                                    encoder_path="some/dir", image_size=size, progress=False))
+    assert calls == [("rae", "some/dir")]
+    docs = IndexedDocuments(tmp_path / "o")
+    assert docs.meta["storage"] == "float16" and docs.latent_dim == 3 * patch * patch
+    rep = real_load("pixel", image_size=size, patch_size=patch)
+    for i in range(3):
+        ref = rep.encode(torch.from_numpy(arrays[i]).permute(2, 0, 1)[None].float() / 255)[0].numpy()
+        np.testing.assert_allclose(docs[i][1].latents, ref.astype(np.float16).astype(np.float32), rtol=0, atol=0)
+    # a representation of another image size is refused with the size to use
+    with pytest.raises(PreprocessError, match="--image-size 16"):
+        run_preprocess(PreprocessConfig(inputs=[str(tmp_path / "p.jsonl")], output_prefix=str(tmp_path / "o2"),
+                                        tokenizer_model=tok_path, kind="image-text", encoder="vae", image_size=32,
+                                        progress=False))
