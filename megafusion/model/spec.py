@@ -7,6 +7,8 @@ uses megatron-core's pure-torch modules (CPU and GPU); ``te`` uses Transformer E
 
 from __future__ import annotations
 
+import dataclasses
+
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_layer import TransformerLayer
@@ -48,3 +50,31 @@ def block_spec(transformer_config, spec: str, num_experts: int | None, vp_stage:
 
         final_norm = TENorm
     return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=final_norm)
+
+
+def transfusion_block_spec(transformer_config, attention: str, num_experts: int | None,
+                           vp_stage: int | None = None, mlp_spec=None) -> TransformerBlockSubmodules:
+    """The Transfusion layers of this pipeline stage: the local GPT layer with the hybrid
+    core attention ``attention`` (sdpa | flex | triton, megafusion.model.attention).
+
+    The attention mask type is ``arbitrary``: the model passes the packed ids
+    (``HybridMaskInfo.as_tensor()``) as ``attention_mask`` and the backend applies the rule.
+    FFN hook: ``mlp_spec`` (a ModuleSpec for the layer's ``mlp``) replaces megatron's dense
+    MLP / MoE chosen by ``num_experts``; this is the one place the FFN variant is plugged in.
+    """
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from megafusion.model.attention import core_attention_class
+
+    layer = local_layer_spec(num_experts)
+    sub = layer.submodules
+    attn = sub.self_attention
+    sub.self_attention = ModuleSpec(
+        module=attn.module,
+        params={**attn.params, "attn_mask_type": AttnMaskType.arbitrary},
+        submodules=dataclasses.replace(attn.submodules, core_attention=core_attention_class(attention)),
+    )
+    if mlp_spec is not None:
+        sub.mlp = mlp_spec
+    num_layers = get_num_layers_to_build(transformer_config, vp_stage=vp_stage)
+    return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=Norm)

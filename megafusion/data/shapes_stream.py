@@ -1,0 +1,151 @@
+"""ShapesWorld -> packed ``Sample``s, in-process (``data.kind: shapes``): data with no download.
+
+Packed sequence ``i`` is a pure function of ``(seed, i)``: its ``j``-th document is drawn
+with a generator keyed on ``(seed, i, j)`` (the source by ``data.shapes_weights``, then a
+ShapesWorld index), so any data-parallel layout and any resume read the same data.
+Documents are appended greedily until the next one does not fit; the rest is padding.
+
+Document layouts (``<boi> latents <eoi>`` is one image/frame span, written by the packer):
+
+- ``text``: a ShapesWorld text document, ``<eod>``.
+- ``image_text``: caption ``<boi> image <eoi>`` ``<eod>`` (generation) or, with
+  probability ``caption_first_prob`` complement, ``<boi> image <eoi>`` caption ``<eod>``
+  (captioning).
+- ``video``: caption, then the frames separated by ``<frame>``, ``<eod>``; one span per frame.
+- ``action_video``: caption, then each frame followed by the action token that moves it to
+  the next one; the first ``context_frames`` frames are clean (conditioning, no loss).
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from megafusion.data.packing import Document, Segment, SequencePacker
+from megafusion.data.sample import IMAGE, VIDEO, Sample
+from megafusion.data.shapes import ShapesWorld
+
+SOURCES = ("text", "image_text", "video", "action_video")
+_MAX_DOCS = 64  # per sequence; a guard, far above what fits
+
+
+def load_tokenizer(path: str | None):
+    """The byte tokenizer for ``None``, else a sentencepiece model file."""
+    if path is None:
+        from megafusion.data.byte_tokenizer import ByteTokenizer
+
+        return ByteTokenizer()
+    from megafusion.data.tokenizer import Tokenizer
+
+    return Tokenizer(path)
+
+
+@dataclass
+class ShapesStream:
+    """Index-addressable packed samples of ``seq_len`` positions.
+
+    ``representation``: a ``megafusion.vision`` representation (images -> [T, C] latents).
+    ``weights``: source -> mixture weight (missing sources weigh 0).
+    ``world``: the ShapesWorld; its clip lengths decide how long video documents are.
+    """
+
+    seed: int
+    seq_len: int
+    tokenizer: object
+    representation: object
+    weights: dict[str, float]
+    world: ShapesWorld
+    caption_first_prob: float = 0.8
+
+    def __post_init__(self):
+        unknown = sorted(set(self.weights) - set(SOURCES))
+        if unknown:
+            raise ValueError(f"data.shapes_weights has unknown sources {unknown}; choose from {list(SOURCES)}")
+        w = np.array([max(float(self.weights.get(s, 0.0)), 0.0) for s in SOURCES])
+        if w.sum() <= 0:
+            raise ValueError(f"data.shapes_weights = {self.weights}: at least one source needs a positive weight")
+        self._probs = w / w.sum()
+        tok = self.tokenizer
+        self.packer = SequencePacker(self.seq_len, self.latent_dim, tok.pad_id, tok.boi_id, tok.eoi_id)
+
+    @classmethod
+    def from_config(cls, cfg) -> "ShapesStream":
+        from megafusion.vision import load_representation
+
+        v = cfg.vision
+        kw = {"image_size": v.image_size}
+        if v.representation in ("pixel", "vae"):
+            kw["patch_size"] = v.patch_size
+        rep = load_representation(v.representation, v.path, **kw)
+        # Clips short enough that a video document fits a tiny sequence next to its caption.
+        world = ShapesWorld(seed=cfg.train.seed, image_size=v.image_size, video_frames=4, action_frames=4,
+                            context_frames=1)
+        return cls(cfg.train.seed, cfg.model.seq_length, load_tokenizer(cfg.data.tokenizer), rep,
+                   dict(cfg.data.shapes_weights), world)
+
+    @property
+    def latent_dim(self) -> int:
+        return self.representation.latent_dim
+
+    @property
+    def tokens_per_image(self) -> int:
+        return self.representation.tokens_per_image
+
+    # ----------------------------------------------------------------------- documents
+    @torch.no_grad()
+    def encode_images(self, frames: np.ndarray) -> np.ndarray:
+        """uint8 [T, S, S, 3] -> normalised latents [T, tokens_per_image, C] float32."""
+        images = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float() / 255.0
+        rep = self.representation
+        return rep.normalize(rep.encode(images)).float().numpy()
+
+    def _text(self, text: str) -> Segment:
+        return Segment(tokens=np.asarray(self.tokenizer.encode(text), dtype=np.int64))
+
+    def _ids(self, *ids: int) -> Segment:
+        return Segment(tokens=np.asarray(ids, dtype=np.int64))
+
+    def document(self, rng: np.random.Generator) -> Document:
+        """One document drawn with ``rng`` (source, then a ShapesWorld index)."""
+        source = SOURCES[int(rng.choice(len(SOURCES), p=self._probs))]
+        index = int(rng.integers(2**31 - 1))
+        eod = self._ids(self.tokenizer.eod_id)
+        if source == "text":
+            return [self._text(self.world.text_document(index).text), eod]
+        if source == "image_text":
+            s = self.world.image_text(index)
+            image = Segment(latents=self.encode_images(s.image[None])[0], modality=IMAGE)
+            if rng.random() < self.caption_first_prob:
+                return [self._text(s.caption), image, eod]
+            return [image, self._text(s.caption), eod]
+        if source == "video":
+            v = self.world.video(index)
+            doc: Document = [self._text(v.caption)]
+            for f, latents in enumerate(self.encode_images(v.frames)):
+                if f:
+                    doc.append(self._ids(self.tokenizer.frame_id))
+                doc.append(Segment(latents=latents, modality=VIDEO))
+            return doc + [eod]
+        a = self.world.action_video(index)
+        doc = [self._text(a.caption)]
+        for f, latents in enumerate(self.encode_images(a.frames)):
+            doc.append(Segment(latents=latents, modality=VIDEO, clean=f < a.context_frames))
+            if f < len(a.actions):
+                doc.append(Segment(tokens=np.asarray(self.tokenizer.encode_action(a.actions[f]), dtype=np.int64)))
+        return doc + [eod]
+
+    def sample(self, i: int) -> Sample:
+        """Packed sequence ``i``."""
+        packer = self.packer
+        packer.reset()
+        for j in range(_MAX_DOCS):
+            doc = self.document(np.random.default_rng([self.seed, zlib.crc32(b"shapes_stream"), int(i), j]))
+            if not packer.empty and not packer.fits(doc):
+                break
+            packer.add(doc)  # the first document is truncated if it is longer than a sequence
+            if packer.full:
+                break
+        return packer.flush()

@@ -1,0 +1,337 @@
+"""The Transfusion model on megatron-core, and its trainer provider.
+
+One transformer reads a packed sequence of text tokens and continuous image/frame latent
+patches (``megafusion.data.sample.Sample``). Text is trained by next-token prediction, the
+latents by flow matching (``megafusion.diffusion.flow``)::
+
+    tokens ─► VocabParallelEmbedding ─┐
+    x_t    ─► PatchIn  (latent pos.) ─┼─► + ─► [SP scatter] ─► TransformerBlock ─┬─► LM head ─► CE [b, s]
+    t      ─► TimestepEmbedding ──────┘        (hybrid mask,                    └─► PatchOut ─► pred [b, s, C]
+                                                RoPE from `positions`)
+
+The block is megatron-core's (``transfusion_block_spec``): every parallel layout of the
+trainer (TP, SP, PP, VPP, EP, DP) works for it, the word embedding is tied to the LM head
+across pipeline stages (``LanguageModule``) and the cross-entropy is vocab-parallel.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from megatron.core import tensor_parallel
+from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
+from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+from megatron.core.models.common.language_module.language_module import LanguageModule
+from megatron.core.transformer.enums import ModelType
+from megatron.core.transformer.transformer_block import TransformerBlock
+
+from megafusion.config import Config, ConfigError
+from megafusion.data import synthetic
+from megafusion.data.sample import IGNORE_INDEX, IMAGE, TEXT, VIDEO
+from megafusion.diffusion.flow import add_noise
+from megafusion.model.embeddings import PatchIn, PatchOut, TimestepEmbedding
+from megafusion.model.init import init_weights
+from megafusion.model.spec import transfusion_block_spec
+
+
+class TransfusionModel(LanguageModule):
+    """One pipeline (virtual) stage of the Transfusion transformer.
+
+    Args:
+        config: megatron ``TransformerConfig`` (``build_transformer_config``).
+        block_spec: ``TransformerBlockSubmodules`` of this stage (``transfusion_block_spec``).
+        vocab_size: text vocabulary (must be divisible by the TP size).
+        latent_dim: C, channels of one latent patch (from the vision representation).
+        pre_process / post_process: whether this stage holds the embeddings / the heads.
+        tie_embeddings: share the word embedding with the LM head.
+        rope_base: RoPE base.
+        modality_context: optional FFN hook object with ``set(modality [b, s])`` called
+            before the decoder runs (``megafusion.model.modality_ffn.ModalityContext``).
+    """
+
+    def __init__(self, config, block_spec, vocab_size: int, latent_dim: int, max_sequence_length: int,
+                 pre_process: bool = True, post_process: bool = True, tie_embeddings: bool = True,
+                 rope_base: float = 10000.0, vp_stage: int | None = None, modality_context=None) -> None:
+        super().__init__(config=config)
+        self.vocab_size = vocab_size
+        self.latent_dim = latent_dim
+        self.max_sequence_length = max_sequence_length
+        self.pre_process = pre_process
+        self.post_process = post_process
+        self.share_embeddings_and_output_weights = tie_embeddings
+        self.vp_stage = vp_stage
+        self.model_type = ModelType.encoder_or_decoder
+        self.modality_context = modality_context
+
+        if pre_process:
+            # Scatter to the sequence-parallel region ourselves, after the patches are added.
+            self.embedding = LanguageModelEmbedding(config=config, vocab_size=vocab_size,
+                                                    max_sequence_length=max_sequence_length,
+                                                    position_embedding_type="rope",
+                                                    scatter_to_sequence_parallel=False, tp_group=self.tp_group)
+            self.patch_in = PatchIn(latent_dim, config.hidden_size)
+            self.time_embed = TimestepEmbedding(config.hidden_size)
+        # Holds inv_freq only; positions are per token (they restart in every document).
+        self.rotary_pos_emb = RotaryEmbedding(kv_channels=config.kv_channels, rotary_percent=1.0,
+                                              rotary_interleaved=config.rotary_interleaved,
+                                              rotary_base=int(rope_base),
+                                              use_cpu_initialization=config.use_cpu_initialization)
+        self.decoder = TransformerBlock(config=config, spec=block_spec, pre_process=pre_process,
+                                        post_process=post_process, pg_collection=self.pg_collection,
+                                        vp_stage=vp_stage)
+        if post_process:
+            self.output_layer = tensor_parallel.ColumnParallelLinear(
+                config.hidden_size, vocab_size, config=config, init_method=config.init_method, bias=False,
+                skip_bias_add=False, gather_output=False,
+                skip_weight_param_allocation=pre_process and tie_embeddings, tp_group=self.tp_group)
+            self.patch_out = PatchOut(config.hidden_size, latent_dim)
+        if pre_process or post_process:
+            self.setup_embeddings_and_output_layer()
+
+    def set_input_tensor(self, input_tensor) -> None:
+        """Pipeline stages after the first read their input from the previous stage."""
+        if not isinstance(input_tensor, list):
+            input_tensor = [input_tensor]
+        assert len(input_tensor) == 1, "TransfusionModel takes one input tensor per stage"
+        self.decoder.set_input_tensor(input_tensor[0])
+
+    def rope(self, positions: torch.Tensor) -> torch.Tensor:
+        """positions [b, s] int -> rotary angles [s, b, 1, kv_channels] (megatron's layout)."""
+        inv_freq = self.rotary_pos_emb.inv_freq.to(positions.device)
+        freqs = positions.t().float()[..., None] * inv_freq  # [s, b, d/2]
+        if self.config.rotary_interleaved:
+            emb = torch.stack([freqs, freqs], dim=-1).flatten(-2)
+        else:
+            emb = torch.cat([freqs, freqs], dim=-1)
+        return emb[:, :, None, :]
+
+    def embed(self, tokens: torch.Tensor, latents: torch.Tensor, timesteps: torch.Tensor,
+              modality: torch.Tensor) -> torch.Tensor:
+        """Decoder input [s, b, h] (the local [s/tp, b, h] slice under sequence parallelism).
+
+        Text positions get their token embedding; latent positions (modality != TEXT) get
+        PatchIn(x_t) + TimestepEmbedding(t) instead.
+        """
+        text = self.embedding(input_ids=tokens, position_ids=None)  # [s, b, h]
+        is_latent = (modality != TEXT).t().unsqueeze(-1)  # [s, b, 1]
+        visual = self.patch_in(latents.transpose(0, 1).to(text.dtype))
+        visual = visual + self.time_embed(timesteps.t()).to(text.dtype)
+        hidden = torch.where(is_latent, visual, text)
+        if self.config.sequence_parallel:
+            hidden = tensor_parallel.scatter_to_sequence_parallel_region(hidden, group=self.tp_group)
+        return hidden
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, attention_mask: torch.Tensor,
+                latents: torch.Tensor | None = None, timesteps: torch.Tensor | None = None,
+                modality: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                decoder_input: torch.Tensor | None = None):
+        """Runs this stage.
+
+        Args:
+            tokens: [b, s] int64 token ids (anything at latent positions).
+            positions: [b, s] int64 RoPE positions (``Sample.positions``).
+            attention_mask: [2, b, s] int64, ``HybridMaskInfo(doc_ids, span_ids).as_tensor()``.
+            latents: [b, s, C] noised latents x_t (zeros at text positions).
+            timesteps: [b, s] float flow time t per position (0 at text).
+            modality: [b, s] int64 TEXT / IMAGE / VIDEO.
+            labels: [b, s] int64 next-token targets (``IGNORE_INDEX`` allowed) or None.
+            decoder_input: [s, b, h] overrides the embeddings (first stage only).
+
+        Returns:
+            Not the last stage: hidden states [s, b, h] ([s/tp, b, h] under SP).
+            Last stage: ``(text, latent_pred)`` with latent_pred [b, s, C] and ``text`` the
+            per-token cross-entropy [b, s] if ``labels`` is given, else the vocab-parallel
+            logits [b, s, vocab / tp].
+        """
+        b, s = tokens.shape
+        if modality is None:
+            modality = torch.full_like(tokens, TEXT)
+        if self.modality_context is not None:
+            self.modality_context.set(modality)
+        if decoder_input is None and self.pre_process:
+            if latents is None:
+                latents = torch.zeros(b, s, self.latent_dim, device=tokens.device)
+            if timesteps is None:
+                timesteps = torch.zeros(b, s, device=tokens.device)
+            decoder_input = self.embed(tokens, latents, timesteps, modality)
+
+        hidden = self.decoder(hidden_states=decoder_input, attention_mask=attention_mask,
+                              rotary_pos_emb=self.rope(positions))
+        if not self.post_process:
+            return hidden
+
+        output_weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
+        logits, _ = self.output_layer(hidden, weight=output_weight)  # [s, b, vocab / tp]
+        full = hidden
+        if self.config.sequence_parallel:
+            # The head sees every position on every TP rank; the backward splits the gradient.
+            full = tensor_parallel.gather_from_sequence_parallel_region(
+                hidden, tensor_parallel_output_grad=False, group=self.tp_group)
+        latent_pred = self.patch_out(full).transpose(0, 1)  # [b, s, C]
+        if labels is None:
+            return logits.transpose(0, 1).contiguous(), latent_pred
+        safe_labels = torch.where(labels == IGNORE_INDEX, torch.zeros_like(labels), labels)
+        return self.compute_language_model_loss(safe_labels, logits), latent_pred
+
+
+# --------------------------------------------------------------------------- the loss
+
+
+def transfusion_loss(batch: dict[str, torch.Tensor], loss_weight: float, output):
+    """megatron loss function of one micro-batch.
+
+    L = mean CE over text targets + loss_weight * mean flow-matching MSE over latent
+    loss positions. Each micro-batch counts once (``num_tokens = 1``): every layout cuts the
+    global batch into the same micro-batches, so the mean over micro-batches is
+    layout-independent. Per-modality metrics are token-weighted [sum, count] pairs.
+    """
+    ce, latent_pred = output
+    text_mask = batch["text_loss_mask"].float()
+    ce_sum = (ce.float() * text_mask).sum()
+    n_text = text_mask.sum()
+    mse = (latent_pred.float() - batch["target"].float()).pow(2).mean(-1)  # [b, s]
+    flow_mask = batch["flow_loss_mask"].float()
+    mse_sum = (mse * flow_mask).sum()
+    n_latent = flow_mask.sum()
+    loss = ce_sum / n_text.clamp_min(1) + loss_weight * mse_sum / n_latent.clamp_min(1)
+
+    def pair(values, mask):
+        return torch.stack([(values * mask).sum().detach(), mask.sum()])
+
+    is_image = (batch["modality"] == IMAGE).float() * flow_mask
+    is_video = (batch["modality"] == VIDEO).float() * flow_mask
+    metrics = {
+        "loss": torch.stack([loss.detach(), torch.ones_like(loss)]),
+        "loss_text": torch.stack([ce_sum.detach(), n_text]),
+        "loss_image": pair(mse.detach(), is_image),
+        "loss_video": pair(mse.detach(), is_video),
+    }
+    return loss, torch.tensor(1, dtype=torch.int, device=loss.device), metrics
+
+
+# --------------------------------------------------------------------------- the provider
+
+
+def drop_text_condition(tokens: torch.Tensor, labels: torch.Tensor, modality: torch.Tensor,
+                        doc_ids: torch.Tensor, drop: torch.Tensor, null_id: int):
+    """Classifier-free-guidance condition dropout, on [B, N] tensors.
+
+    In a flagged document (``drop``, set on all its positions by ``add_noise``) the text
+    before its first image/frame span (the caption; the ``<boi>`` marker stays) is replaced
+    by ``null_id`` in the model input and loses its next-token targets. Documents without
+    a leading caption (text only, image first) are unchanged. Returns (tokens, labels).
+    """
+    B, N = tokens.shape
+    index = torch.arange(N, device=tokens.device).expand(B, N)
+    is_latent = modality != TEXT
+    big = torch.full_like(index, N)
+    first_latent = torch.full((B, int(doc_ids.max()) + 1), N, dtype=index.dtype, device=tokens.device)
+    first_latent.scatter_reduce_(1, doc_ids, torch.where(is_latent, index, big), reduce="amin")
+    before = index < first_latent.gather(1, doc_ids) - 1  # strictly before <boi>
+    dropped = drop & ~is_latent & before
+    return torch.where(dropped, torch.full_like(tokens, null_id), tokens), \
+        torch.where(dropped, torch.full_like(labels, IGNORE_INDEX), labels)
+
+
+def _unsupported(cfg: Config) -> None:
+    m = cfg.model
+    for key, value, ok in (("model.patch_adapter", m.patch_adapter, "linear"),
+                           ("model.time_conditioning", m.time_conditioning, "additive"),
+                           ("model.image_positions", m.image_positions, "1d")):
+        if value != ok:
+            raise ConfigError(f"{key} = {value!r} is not implemented yet in the Transfusion model; use {ok!r}")
+    if m.spec != "local":
+        raise ConfigError(f"model.spec = {m.spec!r}: the Transfusion model builds its own layer spec with the "
+                          "hybrid attention backends; use model.spec = local")
+
+
+class TransfusionProvider:
+    """Builds the Transfusion model and feeds it packed ShapesWorld samples (``data.kind: shapes``)."""
+
+    metric_names = ("loss", "loss_text", "loss_image", "loss_video")
+
+    def __init__(self, cfg: Config, transformer_config) -> None:
+        from megafusion.data.shapes_stream import ShapesStream
+
+        _unsupported(cfg)
+        if cfg.data.kind != "shapes":
+            raise ConfigError(f"data.kind = {cfg.data.kind!r}: the Transfusion provider reads ShapesWorld "
+                              "in-process; set data.kind = shapes")
+        self.cfg = cfg
+        self.transformer_config = transformer_config
+        self.stream = ShapesStream.from_config(cfg)
+        if self.stream.tokenizer.vocab_size > cfg.model.vocab_size:
+            raise ConfigError(f"model.vocab_size = {cfg.model.vocab_size} is smaller than the tokenizer's "
+                              f"{self.stream.tokenizer.vocab_size} tokens; set model.vocab_size >= "
+                              f"{self.stream.tokenizer.vocab_size} (and divisible by parallel.tp)")
+        self.latent_dim = self.stream.latent_dim  # from the representation, not the config
+
+    def modality_context(self):
+        """The FFN hook's per-chunk context, or None with megatron's own FFN / MoE."""
+        m = self.cfg.model
+        if m.ffn == "dense" and not m.moe.per_modality_shared_experts:
+            return None
+        try:
+            from megafusion.model import modality_ffn
+        except ImportError as err:
+            raise ConfigError(f"model.ffn = {m.ffn!r} / model.moe.per_modality_shared_experts need "
+                              f"megafusion.model.modality_ffn, which failed to import ({err})") from err
+        return modality_ffn.ModalityContext()
+
+    def build(self, pre_process: bool, post_process: bool, vp_stage: int | None) -> torch.nn.Module:
+        m = self.cfg.model
+        context = self.modality_context()
+        mlp_spec = None
+        if context is not None:  # FFN hook: modality-specific FFN / MoE with per-modality shared experts
+            from megafusion.model import modality_ffn
+
+            mlp_spec = modality_ffn.ffn_spec(self.cfg, self.transformer_config, context)
+        spec = transfusion_block_spec(self.transformer_config, m.attention, m.moe.num_experts, vp_stage, mlp_spec)
+        model = TransfusionModel(self.transformer_config, spec, vocab_size=m.vocab_size, latent_dim=self.latent_dim,
+                                 max_sequence_length=m.seq_length, pre_process=pre_process,
+                                 post_process=post_process, tie_embeddings=m.tie_embeddings,
+                                 rope_base=m.rope_base, vp_stage=vp_stage, modality_context=context)
+        init_weights(model, self.cfg.train.seed, m.init_std, m.num_layers)
+        return model
+
+    def batch(self, indices) -> dict[str, torch.Tensor]:
+        """The training micro-batch of global sample ``indices``: a pure function of (seed, indices)."""
+        t = self.cfg.train
+        rows = []
+        for i in indices:
+            s = self.stream.sample(i)
+            generator = torch.Generator().manual_seed(t.seed * 1_000_003 + int(i) + 17)
+            noised = add_noise(s.latents, s.span_ids, s.clean_spans, self.cfg.diffusion, generator,
+                               image_loss_mask=s.image_loss_mask, doc_ids=s.doc_ids)
+            rows.append((s, noised))
+        stack = lambda f: torch.stack([f(s, n) for s, n in rows])  # noqa: E731
+        tokens, labels = stack(lambda s, n: s.tokens), stack(lambda s, n: s.labels)
+        modality, doc_ids = stack(lambda s, n: s.modality), stack(lambda s, n: s.doc_ids)
+        drop = stack(lambda s, n: n.drop_condition)
+        tokens, labels = drop_text_condition(tokens, labels, modality, doc_ids, drop,
+                                             self.stream.tokenizer.pad_id)
+        return {
+            "tokens": tokens,
+            "labels": labels,
+            "text_loss_mask": labels != IGNORE_INDEX,
+            "positions": stack(lambda s, n: s.positions),
+            "doc_ids": doc_ids,
+            "span_ids": stack(lambda s, n: s.span_ids),
+            "modality": modality,
+            "x_t": stack(lambda s, n: n.x_t),
+            "t": stack(lambda s, n: n.t),
+            "target": stack(lambda s, n: n.target),
+            "flow_loss_mask": stack(lambda s, n: n.loss_mask),
+        }
+
+    def micro_batches(self, step: int, dp_rank: int, dp_size: int) -> list[dict[str, torch.Tensor]]:
+        t = self.cfg.train
+        return [self.batch(idx) for idx in synthetic.micro_batch_indices(
+            step, t.global_batch_size, t.micro_batch_size, dp_rank, dp_size)]
+
+    def forward_step(self, batch: dict[str, torch.Tensor], model: torch.nn.Module):
+        mask = torch.stack([batch["doc_ids"], batch["span_ids"]])  # HybridMaskInfo.as_tensor()
+        output = model(batch["tokens"], batch["positions"], mask, latents=batch["x_t"], timesteps=batch["t"],
+                       modality=batch["modality"], labels=batch["labels"])
+        return output, partial(transfusion_loss, batch, self.cfg.diffusion.loss_weight)
