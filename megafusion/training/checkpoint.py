@@ -71,6 +71,14 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
+    """The model inside DDP / Float16Module wrappers: checkpoints hold its keys only, so a
+    checkpoint does not depend on how the model was wrapped (precision, DDP)."""
+    while hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk
+
+
 def _sharded_state_dict(model_chunks, optimizer, common: dict[str, Any], with_rng: bool,
                         device: torch.device, is_loading: bool) -> dict[str, Any]:
     from megatron.core import parallel_state as ps
@@ -78,10 +86,10 @@ def _sharded_state_dict(model_chunks, optimizer, common: dict[str, Any], with_rn
 
     state: dict[str, Any] = {"common": common}
     if len(model_chunks) == 1:
-        state["model"] = model_chunks[0].sharded_state_dict()
+        state["model"] = unwrap(model_chunks[0]).sharded_state_dict()
     else:
         for i, chunk in enumerate(model_chunks):
-            state[f"model{i}"] = chunk.sharded_state_dict()
+            state[f"model{i}"] = unwrap(chunk).sharded_state_dict()
     state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=is_loading)
     if with_rng:
         # One RNG state per (pp, tp) position; data-parallel replicas share it.
@@ -162,10 +170,10 @@ class Checkpointer:
         state = _sharded_state_dict(model_chunks, optimizer, common, same_layout, self.device, is_loading=True)
         loaded = dist_checkpointing.load(state, str(path))
         if len(model_chunks) == 1:
-            model_chunks[0].load_state_dict(loaded["model"], strict=True)
+            unwrap(model_chunks[0]).load_state_dict(loaded["model"], strict=True)
         else:
             for i, chunk in enumerate(model_chunks):
-                chunk.load_state_dict(loaded[f"model{i}"], strict=True)
+                unwrap(chunk).load_state_dict(loaded[f"model{i}"], strict=True)
         optimizer.load_state_dict(loaded["optimizer"])
         scheduler.load_state_dict(common["scheduler"])
         if same_layout:
