@@ -127,10 +127,14 @@ class RAERepresentation(Representation):
             module = encoder.module if isinstance(encoder, ModuleEncoder) else encoder
             module.load_state_dict(load_file(str(directory / "encoder.safetensors")))
             frozen = ModuleEncoder(module, enc_conf["input_size"], enc_conf["mean"], enc_conf["std"])
-        rep = cls(frozen, image_size=overrides.pop("image_size", config["image_size"]),
-                  decoder={**config["decoder"], **overrides.pop("decoder", {})})
+        image_size = overrides.pop("image_size", None) or config["image_size"]
+        if image_size != config["image_size"] or overrides.pop("decoder", None):
+            raise ValueError(f"the RAE saved in '{directory}' decodes {config['image_size']}px images with its "
+                             "trained decoder; image_size/decoder cannot change (train a new decoder instead)")
         if overrides:
-            raise TypeError(f"unexpected arguments for a saved RAE: {sorted(overrides)}")
+            raise TypeError(f"unexpected arguments for a saved RAE: {sorted(overrides)} (patch_size applies to "
+                            "pixel/vae; an RAE's token grid comes from its encoder)")
+        rep = cls(frozen, image_size=image_size, decoder=config["decoder"])
         rep.load_decoder_weights(directory / DECODER_FILE)
         rep.load_stats_from(directory)
         return rep

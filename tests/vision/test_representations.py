@@ -207,6 +207,11 @@ def test_rae_statistics_and_save_load_reproduce_latents(hf_dirs, tmp_path):
     z = rep.normalize(rep.encode(x))
     assert torch.equal(back.normalize(back.encode(x)), z)
     assert torch.equal(back.decode(back.denormalize(z)), rep.decode(rep.denormalize(z)))
+    assert load_representation("rae", tmp_path / "rae", image_size=S).image_size == S
+    with pytest.raises(ValueError, match="image_size/decoder cannot change"):
+        load_representation("rae", tmp_path / "rae", image_size=64)
+    with pytest.raises(TypeError, match="patch_size applies to pixel/vae"):
+        load_representation("rae", tmp_path / "rae", patch_size=4)
 
 
 class TinyConvEncoder(nn.Module):
