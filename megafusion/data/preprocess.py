@@ -74,7 +74,7 @@ class PreprocessConfig:
     encoder_path: str | None = None  # checkpoint/config for rae/vae
     image_size: int = 64  # images/frames are resized (shorter side) and center-cropped to this
     patch_size: int = 8  # pixel encoder patch
-    image_first: bool = False  # image-text: image before caption (captioning) instead of after
+    image_first: float = 0.0  # image-text: fraction of items with the image before its text (captioning)
     max_frames: int | None = None  # video clip length (first frames)
     frame_stride: int = 1
     fps: float | None = None  # resample videos to this frame rate (video kind only)
@@ -410,7 +410,8 @@ class ItemProcessor:
     def _eod(self) -> list[int]:
         return [self.tok.eod_id] if self.cfg.append_eod else []
 
-    def process(self, item: dict, base: Path) -> dict[str, tuple[list[int], list[VisualItem]]]:
+    def process(self, item: dict, base: Path, key: str = "") -> dict[str, tuple[list[int], list[VisualItem]]]:
+        """Documents per output suffix; ``key`` (file:line) seeds per-item choices deterministically."""
         cfg = self.cfg
         if cfg.kind == "text":
             out = {}
@@ -421,14 +422,14 @@ class ItemProcessor:
                 out[suffix] = (ids + self._eod(), [])
             return out
         if cfg.kind == "image-text":
-            caption = self._text(item, "text")
+            caption = [t for k in cfg.json_keys for t in self._text(item, k)]  # e.g. question + answer
             if item.get("image_bytes") is not None:  # from a tar
                 image = load_image(io.BytesIO(item["image_bytes"]), cfg.image_size, item["image_name"])
             else:
                 image = load_image(base / self._field(item, "image", str), cfg.image_size)
             (latents, grid), = self.encoder.encode(image[None])
             marker = [self.tok.boi_id, self.tok.eoi_id]
-            if cfg.image_first:
+            if cfg.image_first >= 1 or (cfg.image_first > 0 and _unit_hash(key) < cfg.image_first):
                 tokens, boi = marker + caption, 0
             else:
                 tokens, boi = caption + marker, len(caption)
@@ -489,6 +490,11 @@ class ItemProcessor:
         return {"": (tokens + self._eod(), visuals)}
 
 
+def _unit_hash(key: str) -> float:
+    """A number in [0, 1) fixed by ``key``: the same on every run and in every worker."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") / 2 ** 64
+
+
 # ----------------------------------------------------------------------------- shards
 _PROCESSOR: dict[str, ItemProcessor] = {}  # one per worker process
 
@@ -511,8 +517,10 @@ def _write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def process_shard(cfg: PreprocessConfig, spec: ShardSpec, fingerprint: dict) -> dict:
-    """Writes shard ``spec.index`` (unless done already); returns its stats."""
+def process_shard(cfg: PreprocessConfig, spec: ShardSpec, fingerprint: dict, on_item=None) -> dict:
+    """Writes shard ``spec.index`` (unless done already); returns its stats.
+
+    ``on_item()`` (in-process runs) is called after each item, for the progress bar."""
     done = _done_path(cfg, spec.index)
     if done.is_file():
         stats = json.loads(done.read_text())
@@ -529,10 +537,12 @@ def process_shard(cfg: PreprocessConfig, spec: ShardSpec, fingerprint: dict) -> 
     try:
         for line_no, item in iter_items(spec):
             items += 1
+            if on_item is not None:
+                on_item()
             try:
                 if isinstance(item, ItemError):
                     raise item
-                docs = proc.process(item, base)
+                docs = proc.process(item, base, f"{Path(spec.path).name}:{line_no}")
             except ItemError as err:
                 record = {"path": err.path or spec.path, "line": line_no, "input": spec.path, "reason": err.reason}
                 if cfg.strict:
@@ -624,9 +634,9 @@ def run_preprocess(cfg: PreprocessConfig) -> PreprocessSummary:
     pool = ProcessPoolExecutor(cfg.workers) if cfg.workers > 1 else None
     in_flight: deque = deque()
 
-    def collect(stats: dict):
+    def collect(stats: dict, counted: int = 0):
         results[stats["index"]] = stats
-        bar.update(stats["items"])
+        bar.update(stats["items"] - counted)
         bar.set_postfix(skipped=sum(len(r["errors"]) for r in results.values()), shards=len(results))
 
     try:
@@ -635,7 +645,15 @@ def run_preprocess(cfg: PreprocessConfig) -> PreprocessSummary:
                 complete = False
                 break
             if pool is None:
-                collect(process_shard(cfg, spec, fingerprint))
+                counted = [0]
+
+                def tick():
+                    counted[0] += 1
+                    if counted[0] % 64 == 0:
+                        bar.update(64)
+
+                stats = process_shard(cfg, spec, fingerprint, tick)
+                collect(stats, counted[0] - counted[0] % 64)
                 continue
             in_flight.append(pool.submit(process_shard, cfg, spec, fingerprint))
             while len(in_flight) >= 2 * cfg.workers:  # bounded: the input is never read ahead much
@@ -709,7 +727,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "KEY.{jpg,png,...}+KEY.txt (image-text) or KEY.{mp4,webm,...}[+KEY.txt] (video)")
     g.add_argument("--output-prefix", required=True, help="path prefix of the output dataset(s)")
     g.add_argument("--kind", choices=KINDS, default="text")
-    g.add_argument("--json-keys", nargs="+", default=["text"], help="text kind: fields to tokenize")
+    g.add_argument("--json-keys", nargs="+", default=["text"],
+                   help="text: fields to tokenize, one dataset each; image-text: fields joined into the "
+                        "image's text (e.g. question answer)")
     g.add_argument("--tokenizer-model", required=True, help="sentencepiece .model from tools/train_tokenizer.py")
     g.add_argument("--append-eod", action="store_true", help="end every document with the end-of-document token")
     g = p.add_argument_group("images and video")
@@ -718,7 +738,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--encoder-path", default=None, help="rae/vae checkpoint or config")
     g.add_argument("--image-size", type=int, default=64, help="resize (shorter side) + center crop to this")
     g.add_argument("--patch-size", type=int, default=8, help="pixel encoder patch size")
-    g.add_argument("--image-first", action="store_true", help="image-text: image before its caption")
+    g.add_argument("--image-first", type=float, nargs="?", const=1.0, default=0.0, metavar="FRACTION",
+                   help="image-text: put the image before its text (captioning/VQA) for this fraction of "
+                        "items, chosen per item by a hash of file and line (no value: all)")
     g.add_argument("--max-frames", type=int, default=None, help="video clip length (first frames)")
     g.add_argument("--frame-stride", type=int, default=1)
     g.add_argument("--fps", type=float, default=None, help="resample videos to this frame rate")

@@ -398,3 +398,22 @@ def test_representation_encoder_latents_stored_as_float16(tmp_path, tok_path, mo
         run_preprocess(PreprocessConfig(inputs=[str(tmp_path / "p.jsonl")], output_prefix=str(tmp_path / "o2"),
                                         tokenizer_model=tok_path, kind="image-text", encoder="vae", image_size=32,
                                         progress=False))
+
+
+def test_image_first_fraction_and_joined_fields(tmp_path, tok_path):
+    make_images(tmp_path / "img", 1, 16)
+    rows = [{"image": "img/0.png", "question": f"what is {i}", "answer": "red"} for i in range(40)]
+    (tmp_path / "vqa.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    tok = Tokenizer(tok_path)
+    orders = []
+    for run in range(2):
+        run_preprocess(PreprocessConfig(inputs=[str(tmp_path / "vqa.jsonl")], output_prefix=str(tmp_path / f"o{run}"),
+                                        tokenizer_model=tok_path, kind="image-text", json_keys=("question", "answer"),
+                                        image_first=0.5, image_size=16, progress=False))
+        docs = IndexedDocuments(tmp_path / f"o{run}")
+        orders.append([not docs[i][0].is_text for i in range(40)])
+        for i in range(40):
+            text = [s for s in docs[i] if s.is_text][0].tokens.tolist()
+            assert text == tok.encode(f"what is {i}") + tok.encode("red")
+    assert orders[0] == orders[1]  # deterministic
+    assert 10 <= sum(orders[0]) <= 30  # about half image-first
