@@ -177,8 +177,14 @@ def _lists_kernel(
     zero = tl.zeros([BLOCK_T], dtype=tl.int32)
     rs = ROW_SUM + b * 5 * TR + r
     cs = COL_SUM + b * 5 * TC + c
-    r_vals = [tl.load(rs + i * TR) + zero for i in tl.static_range(5)]
-    c_vals = [tl.load(cs + i * TC, mask=c_ok, other=0) for i in tl.static_range(5)]
+    r_vals = (
+        tl.load(rs) + zero, tl.load(rs + TR) + zero, tl.load(rs + 2 * TR) + zero,
+        tl.load(rs + 3 * TR) + zero, tl.load(rs + 4 * TR) + zero,
+    )
+    c_vals = (
+        tl.load(cs, mask=c_ok, other=0), tl.load(cs + TC, mask=c_ok, other=0), tl.load(cs + 2 * TC, mask=c_ok, other=0),
+        tl.load(cs + 3 * TC, mask=c_ok, other=0), tl.load(cs + 4 * TC, mask=c_ok, other=0),
+    )
     r_start = r * ROW_BLOCK + zero
     r_last = tl.minimum(r_start + ROW_BLOCK, N) - 1
     c_start = c * COL_BLOCK

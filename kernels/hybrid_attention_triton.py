@@ -48,21 +48,31 @@ class TileConfig:
     bwd_q_n: int
 
 
-def select_tiles(head_dim: int) -> TileConfig:
+def select_tiles(head_dim: int, dtype: torch.dtype = torch.bfloat16) -> TileConfig:
     """Fixed tile sizes per head dim (the tile lists depend on them, so they are not
     autotuned; warps/stages are). GPU sizes follow Triton's fused-attention tutorial
-    (FA2 split: small query steps under large key tiles for dk/dv, and the converse)."""
+    (FA2 split: small query steps under large key tiles for dk/dv, and the converse),
+    halved where the fp32 accumulators would spill registers on sm_90 (checked with
+    ptxas: D = 256 bf16, or fp32 inputs with D > 64)."""
     if interpreting():
         return TileConfig(64, 64, 64, 64, 64, 64)
-    if head_dim <= 128:
+    width = head_dim * (2 if dtype == torch.float32 else 1)
+    if width <= 128:
         return TileConfig(128, 64, 32, 128, 128, 32)
-    return TileConfig(64, 32, 32, 64, 64, 32)
+    return TileConfig(64, 32, 32, 32, 64, 32)
 
 
 def _autotune_configs() -> list[triton.Config]:
     if interpreting():
         return [triton.Config({}, num_warps=4, num_stages=1)]
     return [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3)]
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """4 warps spill the fp32 accumulators of wide heads (ptxas, sm_90, D >= 96)."""
+    d = kwargs.get("D", named_args.get("D", 0))
+    keep = [c for c in configs if d <= 64 or c.num_warps >= 8]
+    return keep or configs
 
 
 # ----------------------------------------------------------------------------- forward
@@ -119,7 +129,9 @@ def _fwd_tile(
     return acc, m_new, l_i
 
 
-@triton.autotune(configs=_autotune_configs(), key=["D", "BLOCK_M", "BLOCK_N", "N"])
+@triton.autotune(
+    configs=_autotune_configs(), key=["D", "BLOCK_M", "BLOCK_N", "N"], prune_configs_by={"early_config_prune": _prune_configs}
+)
 @triton.jit
 def _fwd_kernel(
     Q, K, V, O, LSE, DOC, SPAN, FULL_CNT, FULL_IDX, PART_CNT, PART_IDX,
@@ -242,7 +254,9 @@ def _bwd_kv_tile(
     return dk, dv
 
 
-@triton.autotune(configs=_autotune_configs(), key=["D", "BLOCK_M", "BLOCK_N", "N"])
+@triton.autotune(
+    configs=_autotune_configs(), key=["D", "BLOCK_M", "BLOCK_N", "N"], prune_configs_by={"early_config_prune": _prune_configs}
+)
 @triton.jit
 def _bwd_kv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, DOC, SPAN, FULL_CNT, FULL_IDX, PART_CNT, PART_IDX,
@@ -340,7 +354,9 @@ def _bwd_q_tile(
     return dq
 
 
-@triton.autotune(configs=_autotune_configs(), key=["D", "BLOCK_M", "BLOCK_N", "N"])
+@triton.autotune(
+    configs=_autotune_configs(), key=["D", "BLOCK_M", "BLOCK_N", "N"], prune_configs_by={"early_config_prune": _prune_configs}
+)
 @triton.jit
 def _bwd_q_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, DOC, SPAN, FULL_CNT, FULL_IDX, PART_CNT, PART_IDX,
@@ -419,7 +435,7 @@ def hybrid_attention_forward(
     Expects last-dim-contiguous q/k/v and int32 contiguous ids (``hybrid_attention``
     prepares them)."""
     bsz, heads, n, d = q.shape
-    cfg = select_tiles(d)
+    cfg = select_tiles(d, q.dtype)
     out = torch.empty_like(q)
     lse = torch.empty((bsz, heads, n), device=q.device, dtype=torch.float32)
     lists = build_tile_lists(doc_ids, span_ids, cfg.block_m, cfg.block_n, rows_are_queries=True)
@@ -445,7 +461,7 @@ def hybrid_attention_backward(
     """Returns ``dq, dk, dv`` (shapes and dtypes of q, k, v)."""
     bsz, heads, n, d = q.shape
     hkv = k.shape[1]
-    cfg = select_tiles(d)
+    cfg = select_tiles(d, q.dtype)
     upcast, prec = _kernel_flags(q.dtype)
     delta = torch.empty((bsz, heads, n), device=q.device, dtype=torch.float32)
     _delta_kernel[(triton.cdiv(n, 64), bsz * heads)](
