@@ -1,0 +1,290 @@
+"""megatron-core's MoE layer for Transfusion: per-modality shared experts and routing statistics.
+
+:class:`ModalityMoELayer` is megatron-core's ``MoELayer`` (router, top-k, capacity, load
+balancing and z-loss, token dispatchers, expert parallelism: all unchanged) with two additions:
+
+* **Per-modality shared experts** (``model.moe.per_modality_shared_experts``): instead of one
+  shared expert for every token, ``modality_shared_experts.text_mlp`` runs on text tokens and
+  ``modality_shared_experts.vision_mlp`` on image/frame tokens (a
+  :class:`~megafusion.model.modality_ffn.ModalityFFN` of width
+  ``model.moe.shared_expert_ffn_hidden_size``); its output is added to the routed output.
+  Without the flag, ``shared_expert_ffn_hidden_size`` gives megatron's one global shared expert.
+* **Routing counts**: each forward adds, per layer, how many (modality, expert) assignments
+  the router's ``routing_map`` made (after capacity dropping) and how many tokens of each
+  modality it routed, to the model chunk's ModalityContext. Recomputation inside backward
+  (activation checkpointing) does not count twice; set ``ctx.recording = False`` to leave
+  e.g. evaluation forwards out.
+
+Statistics (:func:`routing_stats_from_counts`), per layer ``L`` (0-based, the index of
+``decoder.layers.L``), with vision = image + video:
+
+* ``moe/layer{L}/frac_{m}_tokens_expert{E}``, m in text/image/video/vision: the fraction of
+  modality m's tokens routed to expert E (sums to top-k over experts when dropless);
+* ``moe/layer{L}/tokens_{m}``: tokens of modality m routed (summed over the reduced ranks);
+* ``moe/layer{L}/specialization_expert{E}`` in [-1, 1]: with v_E the vision share of expert
+  E's assignments and V the vision share of all the layer's assignments,
+  ``(v_E - V) / (1 - V)`` if v_E >= V else ``(v_E - V) / V``: +1 = the expert takes only
+  vision tokens, -1 = only text, 0 = the same mix as the layer;
+* ``moe/layer{L}/specialization`` in [0, 1]: the assignment-weighted mean of
+  ``|specialization_expert|``;
+* ``moe/layer{L}/modality_nmi`` in [0, 1]: mutual information between modality (text/vision)
+  and expert over the assignments, divided by the modality entropy (1 = the expert tells the
+  modality);
+* ``moe/specialization``, ``moe/modality_nmi``: means over the layers that have them.
+Specialization needs both modalities in the layer's tokens; absent keys mean undefined.
+
+Collecting (the trainer, every ``logging.every`` steps, on every rank, after the step's
+micro-batches)::
+
+    stats = collect_routing_stats(contexts)   # all model chunks of this rank; a collective
+
+It sums the counts over all ranks (data-, expert-, context- and pipeline-parallel ranks
+see different tokens or different layers; tensor-parallel ranks count only under sequence
+parallelism, otherwise only TP rank 0 contributes), resets them, and returns the floats
+for metrics.jsonl / TensorBoard (identical on every rank). The pieces are public for other
+reductions: ``take_routing_counts(ctx)`` -> ``reduce_routing_counts(counts, group)`` ->
+``routing_stats_from_counts(counts)``.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import math
+from typing import Iterable, Optional
+
+import torch
+from megatron.core.transformer.moe.moe_layer import MoELayer
+
+from megafusion.data.sample import IMAGE, TEXT, VIDEO
+from megafusion.model.modality_ffn import ModalityContext, ModalityFFN, _tp_rank_size
+
+__all__ = [
+    "ModalityMoELayer",
+    "collect_routing_stats",
+    "moe_spec",
+    "reduce_routing_counts",
+    "routing_counts",
+    "routing_stats_from_counts",
+    "take_routing_counts",
+]
+
+NUM_MODALITIES = 3  # TEXT, IMAGE, VIDEO
+
+
+def routing_counts(modality: torch.Tensor, routing_map: torch.Tensor) -> torch.Tensor:
+    """Per-modality routing counts of one forward.
+
+    Args:
+        modality: [T] int64 modality of each routed token.
+        routing_map: [T, E] bool, the router's token -> expert assignments.
+
+    Returns:
+        [3, E + 1] int64: ``[m, e]`` assignments of modality-m tokens to expert e, ``[m, E]``
+        number of modality-m tokens.
+    """
+    num_tokens, num_experts = routing_map.shape
+    if modality.numel() != num_tokens:
+        raise ValueError(f"routing map covers {num_tokens} tokens but the modality {modality.numel()}")
+    counts = torch.zeros(NUM_MODALITIES, num_experts + 1, dtype=torch.int64, device=routing_map.device)
+    counts[:, :num_experts].index_add_(0, modality, routing_map.to(torch.int64))
+    counts[:, num_experts] = torch.bincount(modality, minlength=NUM_MODALITIES)[:NUM_MODALITIES]
+    return counts
+
+
+class ModalityMoELayer(MoELayer):
+    """megatron-core's MoELayer + per-modality shared experts + routing counts (module docstring).
+
+    Same constructor as MoELayer plus keyword-only ``ctx`` (the chunk's ModalityContext),
+    ``shared_expert_submodules`` (MLPSubmodules of the shared experts),
+    ``per_modality_shared_experts`` and ``dispatch`` ("megatron" | "triton": the permute
+    implementation of :mod:`megafusion.model.moe_dispatch`).
+
+    Forward: hidden [s_local, b, h] -> (routed + shared output [s_local, b, h], None).
+    """
+
+    def __init__(self, config, submodules=None, layer_number: Optional[int] = None, pg_collection=None,
+                 is_mtp_layer: bool = False, name: Optional[str] = None, *, ctx: ModalityContext,
+                 shared_expert_submodules=None, per_modality_shared_experts: bool = False,
+                 dispatch: str = "megatron"):
+        if pg_collection is None:
+            from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+
+            pg_collection = get_default_pg_collection()
+        shared_width = config.moe_shared_expert_intermediate_size
+        moe_config = config
+        if per_modality_shared_experts:
+            if not shared_width:
+                raise ValueError("model.moe.per_modality_shared_experts = true needs "
+                                 "model.moe.shared_expert_ffn_hidden_size (the width of each shared expert)")
+            if config.moe_shared_expert_overlap:
+                raise ValueError("per-modality shared experts do not support moe_shared_expert_overlap")
+            # megatron's MoELayer must not build its own global shared expert
+            moe_config = copy.copy(config)
+            moe_config.moe_shared_expert_intermediate_size = None
+        super().__init__(moe_config, submodules=submodules, layer_number=layer_number, pg_collection=pg_collection,
+                         is_mtp_layer=is_mtp_layer, name=name)
+        self.ctx = ctx
+        self.modality_shared_experts = None
+        if per_modality_shared_experts:
+            self.modality_shared_experts = ModalityFFN(
+                config, shared_expert_submodules, ctx, pg_collection=pg_collection,
+                name=f"{name}.modality_shared_experts" if name else None, ffn_hidden_size=shared_width)
+        if dispatch == "triton":
+            from megafusion.model.moe_dispatch import install_triton_dispatcher
+
+            install_triton_dispatcher(self, pg_collection)
+        elif dispatch != "megatron":
+            raise ValueError(f"model.moe.dispatch = {dispatch!r} is not one of ('megatron', 'triton')")
+
+    def route(self, hidden_states: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
+        probs, routing_map = super().route(hidden_states, padding_mask)
+        # _current_graph_task_id() != -1 inside backward: an activation-checkpoint recompute
+        if self.ctx.recording and not self.is_mtp_layer and torch._C._current_graph_task_id() == -1:
+            tp_rank, tp_size = _tp_rank_size(self.attn_tp_group)
+            modality = self.ctx.local_modality(hidden_states.shape, tp_rank, tp_size)
+            self.ctx.add_routing_counts(self.layer_number - 1, routing_counts(modality, routing_map.detach()))
+        return probs, routing_map
+
+    def forward(self, hidden_states: torch.Tensor, intermediate_tensors=None, padding_mask=None):
+        if intermediate_tensors is not None:
+            raise NotImplementedError("ModalityMoELayer does not support partial CUDA-graph capture "
+                                      "(intermediate_tensors)")
+        output, bias = super().forward(hidden_states, padding_mask=padding_mask)
+        if self.modality_shared_experts is not None:
+            shared, _ = self.modality_shared_experts(hidden_states)
+            output = output + shared
+        return output, bias
+
+
+def moe_spec(cfg, transformer_config, ctx: ModalityContext, shared_expert_submodules):
+    """The ``mlp`` builder of a MoE Transfusion layer (called by ``modality_ffn.ffn_spec``)."""
+    from megatron.core.transformer.moe.moe_layer import MoESubmodules
+    from megatron.core.transformer.moe.shared_experts import SharedExpertMLP
+
+    from megafusion.model.modality_ffn import _backend
+
+    moe = cfg.model.moe
+    backend = _backend(cfg.model.spec)
+    experts = backend.grouped_mlp_modules(cfg.model.spec == "te")
+    submodules = MoESubmodules(
+        experts=experts,
+        shared_experts=functools.partial(SharedExpertMLP, submodules=shared_expert_submodules))
+    return functools.partial(
+        ModalityMoELayer, submodules=submodules, ctx=ctx, shared_expert_submodules=shared_expert_submodules,
+        per_modality_shared_experts=moe.per_modality_shared_experts, dispatch=moe.dispatch)
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def take_routing_counts(ctx: ModalityContext) -> torch.Tensor:
+    """[num_layers, 3, E + 1] int64 counts of this rank since the last take; resets the context.
+
+    Under tensor parallelism without sequence parallelism every TP rank routes the same
+    tokens, so only TP rank 0 contributes (the others return zeros) and a plain sum over
+    all ranks counts each token once.
+    """
+    counts = ctx._counts
+    ctx._counts = {}
+    device = next(iter(counts.values())).device if counts else torch.device("cpu")
+    if torch.cuda.is_available() and device.type == "cpu" and _backend_needs_cuda():
+        device = torch.device("cuda", torch.cuda.current_device())
+    out = torch.zeros(ctx.num_layers, NUM_MODALITIES, ctx.num_experts + 1, dtype=torch.int64, device=device)
+    for layer, c in counts.items():
+        out[layer] = c.to(device)
+    if not ctx.sequence_parallel and _tp_rank() != 0:
+        out.zero_()
+    return out
+
+
+def _backend_needs_cuda() -> bool:
+    return torch.distributed.is_initialized() and torch.distributed.get_backend() == "nccl"
+
+
+def _tp_rank() -> int:
+    if not torch.distributed.is_initialized():
+        return 0
+    from megatron.core import parallel_state
+
+    if not parallel_state.model_parallel_is_initialized():
+        return 0
+    return parallel_state.get_tensor_model_parallel_rank()
+
+
+def reduce_routing_counts(counts: torch.Tensor, group=None) -> torch.Tensor:
+    """Sums counts over ``group`` (default: all ranks) in place; a no-op without torch.distributed."""
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size(group) > 1:
+        torch.distributed.all_reduce(counts, group=group)
+    return counts
+
+
+def collect_routing_stats(contexts: Iterable[ModalityContext], group=None) -> dict[str, float]:
+    """Takes the counts of all this rank's model chunks, sums them over ``group``, returns metrics.
+
+    A collective over ``group`` (default: every rank): call it on every rank at the same
+    step. Returns {} for a model without MoE layers.
+    """
+    contexts = list(contexts)
+    if not contexts or not contexts[0].num_experts:
+        return {}
+    counts = sum(take_routing_counts(ctx) for ctx in contexts)
+    return routing_stats_from_counts(reduce_routing_counts(counts, group).cpu())
+
+
+def _specialization(vision_share: float, overall: float) -> float:
+    """Signed specialization in [-1, 1] of an expert whose assignments are ``vision_share`` vision."""
+    if vision_share >= overall:
+        return (vision_share - overall) / (1.0 - overall)
+    return (vision_share - overall) / overall
+
+
+def _entropy(p: Iterable[float]) -> float:
+    return -sum(x * math.log(x) for x in p if x > 0)
+
+
+def routing_stats_from_counts(counts: torch.Tensor) -> dict[str, float]:
+    """Metrics from (reduced) counts [num_layers, 3, E + 1]; key definitions in the module docstring."""
+    counts = counts.to(torch.float64)
+    num_experts = counts.shape[2] - 1
+    stats: dict[str, float] = {}
+    spec_layers, nmi_layers = [], []
+    for layer in range(counts.shape[0]):
+        c = counts[layer]
+        if c[:, num_experts].sum() == 0:
+            continue  # not a MoE layer, or nothing routed
+        assign = {"text": c[TEXT, :num_experts], "image": c[IMAGE, :num_experts], "video": c[VIDEO, :num_experts]}
+        tokens = {"text": c[TEXT, num_experts], "image": c[IMAGE, num_experts], "video": c[VIDEO, num_experts]}
+        assign["vision"] = assign["image"] + assign["video"]
+        tokens["vision"] = tokens["image"] + tokens["video"]
+        key = f"moe/layer{layer}"
+        for m in ("text", "image", "video", "vision"):
+            n = float(tokens[m])
+            stats[f"{key}/tokens_{m}"] = n
+            if n > 0:
+                for e in range(num_experts):
+                    stats[f"{key}/frac_{m}_tokens_expert{e}"] = float(assign[m][e]) / n
+        text_a, vision_a = assign["text"], assign["vision"]
+        load = text_a + vision_a
+        total = float(load.sum())
+        overall = float(vision_a.sum()) / total if total else 0.0
+        if not 0.0 < overall < 1.0:
+            continue  # specialization needs both modalities
+        weighted = 0.0
+        for e in range(num_experts):
+            if load[e] > 0:
+                s = _specialization(float(vision_a[e] / load[e]), overall)
+                stats[f"{key}/specialization_expert{e}"] = s
+                weighted += float(load[e]) * abs(s)
+        stats[f"{key}/specialization"] = weighted / total
+        joint = torch.stack([text_a, vision_a]) / total  # [modality, expert]
+        h_modality = _entropy([1.0 - overall, overall])
+        mutual = sum(float(joint[m, e]) * math.log(float(joint[m, e]) / (float(joint[m].sum()) * float(load[e]) / total))
+                     for m in range(2) for e in range(num_experts) if joint[m, e] > 0)
+        stats[f"{key}/modality_nmi"] = mutual / h_modality
+        spec_layers.append(stats[f"{key}/specialization"])
+        nmi_layers.append(stats[f"{key}/modality_nmi"])
+    if spec_layers:
+        stats["moe/specialization"] = sum(spec_layers) / len(spec_layers)
+        stats["moe/modality_nmi"] = sum(nmi_layers) / len(nmi_layers)
+    return stats
