@@ -22,6 +22,33 @@ from megafusion.training.metrics import MetricsWriter
 from megafusion.training.optim import build_optimizer, build_scheduler
 
 
+def _step_flops(shape, batches: list[dict[str, torch.Tensor]]) -> float:
+    """Model training FLOPs of this rank's micro-batches (attention on unmasked pairs only)."""
+    from megafusion.scaling.flops import training_flops_per_step
+
+    total = 0
+    for batch in batches:
+        tokens = batch["tokens"]
+        doc_ids = batch.get("doc_ids", torch.zeros_like(tokens))
+        span_ids = batch.get("span_ids", torch.full_like(tokens, -1))
+        modality = batch.get("modality", torch.zeros_like(tokens))
+        total += training_flops_per_step(shape, doc_ids.cpu().numpy(), span_ids.cpu().numpy(),
+                                         modality.cpu().numpy())
+    return float(total)
+
+
+def _throughput(cfg: Config, env: ParallelEnv, shape, batches, elapsed: float) -> dict[str, float | None]:
+    """TFLOP/s per GPU (model FLOPs, split over the model-parallel ranks) and, on a GPU, MFU."""
+    from megafusion.scaling.flops import mfu
+
+    per_gpu = _step_flops(shape, batches) / (cfg.parallel.tp * cfg.parallel.pp) / elapsed
+    out: dict[str, float | None] = {"tflops_per_gpu": per_gpu / 1e12}
+    if env.device.type == "cuda":
+        # None (JSON null) for a GPU whose peak we do not know: never another GPU's figure.
+        out["mfu"] = mfu(per_gpu, torch.cuda.get_device_name(env.device), cfg.train.precision)
+    return out
+
+
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or inf; the run stops without saving a new checkpoint."""
 
@@ -116,6 +143,9 @@ def train(cfg: Config, run_dir: Path) -> dict[str, float]:
 
         writer = MetricsWriter(run_dir, env.is_main, cfg.logging.tensorboard, cfg.train.steps)
         forward_backward = get_forward_backward_func()
+        from megafusion.scaling.flops import ModelShape
+
+        flops_shape = getattr(provider, "model_shape", None) or ModelShape.from_model_config(cfg.to_dict()["model"])
         tokens_per_step = cfg.train.global_batch_size * cfg.model.seq_length
         metrics: dict[str, float] = {}
 
@@ -150,6 +180,7 @@ def train(cfg: Config, run_dir: Path) -> dict[str, float]:
                     grad_norm=float(grad_norm) if grad_norm is not None else math.nan,
                     tokens_per_s=tokens_per_step / elapsed,
                     step_time_s=elapsed,
+                    **_throughput(cfg, env, flops_shape, batches, elapsed),
                 )
                 writer.log(step, metrics)
             checkpointer.poll()

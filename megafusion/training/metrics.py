@@ -41,7 +41,7 @@ class MetricsWriter:
 
     def progress(self, step: int, metrics: dict[str, Any]) -> None:
         parts = [f"step {step:>6}/{self.total_steps}"]
-        for key in ("loss", "loss_text", "loss_image", "loss_video", "lr", "grad_norm", "tokens_per_s", "mfu"):
+        for key in ("loss", "loss_text", "loss_image", "loss_video", "lr", "grad_norm", "tokens_per_s", "tflops_per_gpu", "mfu"):
             value = metrics.get(key)
             if isinstance(value, float):
                 parts.append(f"{key} {value:.4g}")

@@ -66,8 +66,9 @@ def test_run_dir_contents(tmp_path):
     assert (tmp_path / "config.yaml").is_file()
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     records = read_metrics(tmp_path)
-    for key in ("step", "loss", "lr", "grad_norm", "tokens_per_s"):
+    for key in ("step", "loss", "lr", "grad_norm", "tokens_per_s", "tflops_per_gpu"):
         assert key in records[-1], key
+    assert records[-1]["tflops_per_gpu"] > 0 and "mfu" not in records[-1]  # MFU only on a GPU
     assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])["step"] == 1
     assert [step for step, _ in complete_checkpoints(tmp_path)] == [3]  # the final save
 
