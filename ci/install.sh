@@ -3,7 +3,8 @@
 # with Python 3.11 (see README, "Install"). Safe to re-run: satisfied packages are skipped.
 #
 #   bash ci/install.sh          # runtime only
-#   bash ci/install.sh --dev    # + test and benchmark tools, PyAV, DALI (CPU decoding)
+#   bash ci/install.sh --dev    # + test and benchmark tools, PyAV, DALI (CPU decoding),
+#                               #   transformers / diffusers (RAE / VAE encoders)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -44,7 +45,7 @@ $PIP --no-deps --ignore-requires-python "megatron-core==0.19.2"
 
 if [ "$dev" = 1 ]; then
   echo "[install] 4/5 dev tools"
-  $PIP -c "$CONSTRAINTS" pytest pytest-benchmark av
+  $PIP -c "$CONSTRAINTS" pytest pytest-benchmark av transformers diffusers nvidia-dali-cuda130
 else
   echo "[install] 4/5 dev tools (skipped, pass --dev)"
 fi
