@@ -16,6 +16,7 @@ across pipeline stages (``LanguageModule``) and the cross-entropy is vocab-paral
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 
 import torch
@@ -32,6 +33,7 @@ from megafusion.data.sample import IGNORE_INDEX, IMAGE, TEXT, VIDEO
 from megafusion.diffusion.flow import add_noise
 from megafusion.model.embeddings import PatchIn, PatchOut, TimestepEmbedding
 from megafusion.model.init import init_weights
+from megafusion.model.modality_ffn import ModalityContext, ffn_spec
 from megafusion.model.spec import transfusion_block_spec
 
 
@@ -117,7 +119,8 @@ class TransfusionModel(LanguageModule):
         is_latent = (modality != TEXT).t().unsqueeze(-1)  # [s, b, 1]
         visual = self.patch_in(latents.transpose(0, 1).to(text.dtype))
         visual = visual + self.time_embed(timesteps.t()).to(text.dtype)
-        hidden = torch.where(is_latent, visual, text)
+        # contiguous: the residual stream keeps this layout and pipeline p2p sends need it
+        hidden = torch.where(is_latent, visual, text).contiguous()
         if self.config.sequence_parallel:
             hidden = tensor_parallel.scatter_to_sequence_parallel_region(hidden, group=self.tp_group)
         return hidden
@@ -267,26 +270,23 @@ class TransfusionProvider:
                               f"{self.stream.tokenizer.vocab_size} (and divisible by parallel.tp)")
         self.latent_dim = self.stream.latent_dim  # from the representation, not the config
 
-    def modality_context(self):
-        """The FFN hook's per-chunk context, or None with megatron's own FFN / MoE."""
+    @property
+    def model_shape(self):
+        """The sizes the trainer's FLOP counter needs (``megafusion.scaling.flops.ModelShape``)."""
+        from megafusion.scaling.flops import ModelShape
+
         m = self.cfg.model
-        if m.ffn == "dense" and not m.moe.per_modality_shared_experts:
-            return None
-        try:
-            from megafusion.model import modality_ffn
-        except ImportError as err:
-            raise ConfigError(f"model.ffn = {m.ffn!r} / model.moe.per_modality_shared_experts need "
-                              f"megafusion.model.modality_ffn, which failed to import ({err})") from err
-        return modality_ffn.ModalityContext()
+        shape = ModelShape.from_model_config({**self.cfg.to_dict()["model"], "latent_dim": self.latent_dim})
+        copies = {"ffn_copies": 2 if m.ffn == "modality" else 1,
+                  "shared_expert_copies": 2 if m.moe.per_modality_shared_experts else 1}
+        return dataclasses.replace(shape, **copies)
 
     def build(self, pre_process: bool, post_process: bool, vp_stage: int | None) -> torch.nn.Module:
         m = self.cfg.model
-        context = self.modality_context()
-        mlp_spec = None
-        if context is not None:  # FFN hook: modality-specific FFN / MoE with per-modality shared experts
-            from megafusion.model import modality_ffn
-
-            mlp_spec = modality_ffn.ffn_spec(self.cfg, self.transformer_config, context)
+        # FFN hook: dense / modality-specific FFN / MoE with per-modality shared experts, all
+        # reading the modality of each position from one context per model chunk.
+        context = ModalityContext()
+        mlp_spec = ffn_spec(self.cfg, self.transformer_config, context)
         spec = transfusion_block_spec(self.transformer_config, m.attention, m.moe.num_experts, vp_stage, mlp_spec)
         model = TransfusionModel(self.transformer_config, spec, vocab_size=m.vocab_size, latent_dim=self.latent_dim,
                                  max_sequence_length=m.seq_length, pre_process=pre_process,
