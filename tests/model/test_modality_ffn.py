@@ -376,3 +376,161 @@ def test_specialization_score():
     assert mixed["moe/layer0/modality_nmi"] == pytest.approx(0.0, abs=1e-12)
     text_only = routing_stats_from_counts(counts_from([10, 20], [0, 0], 15, 0))
     assert "moe/layer0/specialization" not in text_only and text_only["moe/layer0/tokens_text"] == 15
+
+
+# --------------------------------------------------------------------------- TP2+SP and EP2, torchrun
+
+
+def test_tp2_sp_and_ep2_match_the_unsharded_reference():
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", __file__]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert proc.stdout.count("WORKER OK") == 2, proc.stdout[-3000:]
+
+
+def _all_gather(t, group):
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, t.detach().contiguous(), group=group)
+    return parts
+
+
+def _full_swiglu_weights(mlp, group):
+    """(W1 [2f, h] = [gate; up], W2 [h, f]) of a TP-sharded megatron SwiGLU MLP (stride-2 fc1 shards)."""
+    fc1 = [w.chunk(2) for w in _all_gather(mlp.linear_fc1.weight, group)]
+    w1 = torch.cat([g for g, _ in fc1] + [u for _, u in fc1])
+    w2 = torch.cat(_all_gather(mlp.linear_fc2.weight, group), dim=1)
+    return w1.requires_grad_(), w2.requires_grad_()
+
+
+def _swiglu(x, w1, w2):
+    gate, up = F.linear(x, w1).chunk(2, dim=-1)
+    return F.linear(F.silu(gate) * up, w2)
+
+
+def _moe_reference(x, router_w, experts, top_k):
+    """Brute-force top-k MoE (top-k of the logits, softmax over the chosen ones): x [n, h] -> [n, h]."""
+    values, idx = (x @ router_w.t()).topk(top_k, dim=-1)
+    probs = values.softmax(-1)
+    out = torch.zeros_like(x)
+    for slot in range(top_k):
+        for e, (w1, w2) in enumerate(experts):
+            chosen = (idx[:, slot] == e).unsqueeze(-1)
+            out = out + torch.where(chosen, probs[:, slot:slot + 1] * _swiglu(x, w1, w2), 0.0)
+    return out, idx
+
+
+def _counts_from_topk(modality, idx, num_experts):
+    counts = torch.zeros(3, num_experts + 1, dtype=torch.int64)
+    for token, m in enumerate(modality.tolist()):
+        counts[m, num_experts] += 1
+        for e in idx[token].tolist():
+            counts[m, e] += 1
+    return counts
+
+
+def _init_parallel(tp, ep):
+    from megatron.core import parallel_state, tensor_parallel
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, expert_model_parallel_size=ep)
+    tensor_parallel.model_parallel_cuda_manual_seed(0)
+
+
+def _worker_modality_ffn_tp2_sp(rank):
+    from megatron.core import parallel_state
+
+    _init_parallel(tp=2, ep=1)
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+    cfg = run_config("model.ffn=modality", "parallel.tp=2", "parallel.sp=true")
+    tc = transformer_config_for(cfg)
+    ctx = ModalityContext()
+    torch.manual_seed(0)
+    ffn = ffn_spec(cfg, tc, ctx)(config=tc, pg_collection=pgs(), is_mtp_layer=False)
+    modality = random_modality(2)
+    modality[:, :6] = TEXT  # rank 0's chunk is all text, rank 1's mostly vision: uneven rows per rank
+    x_full, w_full = torch.randn(SEQ, BATCH, HIDDEN), torch.randn(SEQ, BATCH, HIDDEN)
+    mine = slice(rank * SEQ // 2, (rank + 1) * SEQ // 2)
+    ctx.set(modality)
+    x = x_full[mine].clone().requires_grad_()
+    out, _ = ffn(x)
+    (out * w_full[mine]).sum().backward()
+
+    weights = {name: _full_swiglu_weights(getattr(ffn, name), tp_group) for name in ("text_mlp", "vision_mlp")}
+    xr = x_full.clone().requires_grad_()
+    is_text = (modality.t() == TEXT).unsqueeze(-1)
+    ref = torch.where(is_text, _swiglu(xr, *weights["text_mlp"]), _swiglu(xr, *weights["vision_mlp"]))
+    (ref * w_full).sum().backward()
+    torch.testing.assert_close(out, ref[mine], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x.grad, xr.grad[mine], rtol=1e-5, atol=1e-6)
+    f = FFN // 2
+    for name, (w1, w2) in weights.items():
+        mlp = getattr(ffn, name)
+        gate, up = w1.grad.chunk(2)
+        shard = torch.cat([gate[rank * f:(rank + 1) * f], up[rank * f:(rank + 1) * f]])
+        torch.testing.assert_close(mlp.linear_fc1.weight.grad, shard, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(mlp.linear_fc2.weight.grad, w2.grad[:, rank * f:(rank + 1) * f],
+                                   rtol=1e-5, atol=1e-6)
+
+
+def _worker_moe(rank, tp, ep):
+    """MoE with per-modality shared experts at TP2+SP (same data on both ranks) or EP2 (different data)."""
+    from megatron.core import parallel_state
+
+    from megafusion.model.moe import collect_routing_stats
+
+    _init_parallel(tp=tp, ep=ep)
+    moe = [o for o in MOE if "loss_coeff" not in o]  # no aux/z loss: x gradients comparable to the reference
+    cfg = run_config(*moe, f"parallel.tp={tp}", f"parallel.sp={str(tp > 1).lower()}", f"parallel.ep={ep}")
+    ctx = ModalityContext()
+    torch.manual_seed(0)
+    _, layer = build_moe(cfg, ctx, layer_number=1)
+    torch.manual_seed(100 + (rank if ep > 1 else 0))  # EP ranks are data-parallel: their own data
+    modality = random_modality(20 + (rank if ep > 1 else 0))
+    x_full, w_full = torch.randn(SEQ, BATCH, HIDDEN), torch.randn(SEQ, BATCH, HIDDEN)
+    mine = slice(rank * SEQ // 2, (rank + 1) * SEQ // 2) if tp > 1 else slice(None)
+    ctx.set(modality)
+    x = x_full[mine].clone().requires_grad_()
+    out, _ = layer(x)
+    (out * w_full[mine]).sum().backward()
+
+    expert_tp = parallel_state.get_expert_tensor_parallel_group()
+    ep_group = parallel_state.get_expert_model_parallel_group()
+    # global expert r * num_local + i lives on EP rank r as local expert i
+    local = [[_all_gather(w, ep_group) for w in _full_swiglu_weights(e, expert_tp)]
+             for e in layer.experts.local_experts]
+    experts = [(w1[r], w2[r]) for r in range(ep) for w1, w2 in local]
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+    shared = {n: _full_swiglu_weights(getattr(layer.modality_shared_experts, n), tp_group)
+              for n in ("text_mlp", "vision_mlp")}
+    xr = x_full.clone().requires_grad_()
+    flat = xr.reshape(-1, HIDDEN)
+    routed, idx = _moe_reference(flat, layer.router.weight.detach(), experts, top_k=2)
+    is_text = (modality.t().reshape(-1) == TEXT).unsqueeze(-1)
+    ref = (routed + torch.where(is_text, _swiglu(flat, *shared["text_mlp"]), _swiglu(flat, *shared["vision_mlp"])))
+    ref = ref.view(SEQ, BATCH, HIDDEN)
+    (ref * w_full).sum().backward()
+    torch.testing.assert_close(out, ref[mine], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x.grad, xr.grad[mine], rtol=1e-5, atol=1e-6)
+
+    expected = _counts_from_topk(modality.t().reshape(-1), idx, 4)
+    if ep > 1:
+        dist.all_reduce(expected)  # every EP rank routed its own tokens
+    counts = torch.zeros(2, 3, 5, dtype=torch.int64)
+    counts[0] = expected
+    assert collect_routing_stats([ctx]) == routing_stats_from_counts(counts)
+
+
+if __name__ == "__main__":  # torchrun worker
+    from megafusion.parallel import cpu_compat
+
+    torch.set_num_threads(1)
+    cpu_compat.apply("cpu")
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    _worker_modality_ffn_tp2_sp(rank)
+    _worker_moe(rank, tp=2, ep=1)
+    _worker_moe(rank, tp=1, ep=2)
+    print(f"rank {rank} WORKER OK", flush=True)
+    dist.destroy_process_group()
