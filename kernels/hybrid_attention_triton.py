@@ -1,15 +1,17 @@
 """Triton kernels of hybrid causal + bidirectional attention (flash-attention style).
 
-Forward: one program per (query tile, batch*head). It walks the key tiles listed for its
-query tile (``hybrid_attention_tiles.tile_lists``): first the FULL tiles with no mask
+Forward: one program per (batch*head, query tile). It walks the key tiles listed for its
+query tile (``hybrid_attention_tiles.build_tile_lists``): first the FULL tiles with no mask
 arithmetic at all, then the PARTIAL tiles where the rule is evaluated per pair from the
 doc/span ids; SKIP tiles are never read. Online softmax in the log2 domain; it stores the
 output and the row log-sum-exp (log2, +inf for a row that sees nothing).
 
 Backward (FlashAttention-2 split, no atomics):
-- dk/dv: one program per (key tile, batch*kv-head); it loops over the q heads of its GQA
+- dk/dv: one program per (batch*kv-head, key tile); it loops over the q heads of its GQA
   group and over the query tiles listed for its key tile, accumulating dk, dv in fp32.
-- dq: one program per (query tile, batch*head) over the same key tiles as the forward.
+- dq: one program per (batch*head, query tile) over its listed key tiles.
+Tile sizes are fixed per head dim (``select_tiles``; the lists depend on them), warps and
+pipeline stages are autotuned on the GPU.
 ``delta = rowsum(dO * O)`` comes from a small kernel beforehand.
 
 Interpreter (``TRITON_INTERPRET=1``, CPU): bf16 ``tl.dot`` is wrong there, so operands are
@@ -142,8 +144,10 @@ def _fwd_kernel(
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     UPCAST: tl.constexpr, PREC: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    # Heads on the fast grid axis and the last query tiles first: under a causal mask
+    # those have the most key tiles to visit, so the long programs start early.
+    pid_bh = tl.program_id(0)
+    pid_m = n_tiles_m - 1 - tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     hk = h // GROUP
@@ -268,8 +272,9 @@ def _bwd_kv_kernel(
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     UPCAST: tl.constexpr, PREC: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    # Heads on the fast grid axis; first key tiles (the most query tiles to visit) first.
+    pid_bh = tl.program_id(0)
+    pid_n = tl.program_id(1)
     b = (pid_bh // HKV).to(tl.int64)
     hk = (pid_bh % HKV).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -368,8 +373,10 @@ def _bwd_q_kernel(
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     UPCAST: tl.constexpr, PREC: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    # Heads on the fast grid axis and the last query tiles first: under a causal mask
+    # those have the most key tiles to visit, so the long programs start early.
+    pid_bh = tl.program_id(0)
+    pid_m = n_tiles_m - 1 - tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     hk = h // GROUP
@@ -441,7 +448,7 @@ def hybrid_attention_forward(
     lists = build_tile_lists(doc_ids, span_ids, cfg.block_m, cfg.block_n, rows_are_queries=True)
     n_tiles_m = lists.full_count.shape[1]
     upcast, prec = _kernel_flags(q.dtype)
-    _fwd_kernel[(n_tiles_m, bsz * heads)](
+    _fwd_kernel[(bsz * heads, n_tiles_m)](
         q, k, v, out, lse, doc_ids, span_ids,
         lists.full_count, lists.full_index, lists.part_count, lists.part_index,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -474,7 +481,7 @@ def hybrid_attention_backward(
 
     kv_lists = build_tile_lists(doc_ids, span_ids, cfg.bwd_kv_n, cfg.bwd_kv_m, rows_are_queries=False)
     n_tiles_n = kv_lists.full_count.shape[1]
-    _bwd_kv_kernel[(n_tiles_n, bsz * hkv)](
+    _bwd_kv_kernel[(bsz * hkv, n_tiles_n)](
         q, k, v, dout, lse, delta, dk, dv, doc_ids, span_ids,
         kv_lists.full_count, kv_lists.full_index, kv_lists.part_count, kv_lists.part_index,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -487,7 +494,7 @@ def hybrid_attention_backward(
 
     q_lists = build_tile_lists(doc_ids, span_ids, cfg.bwd_q_m, cfg.bwd_q_n, rows_are_queries=True)
     n_tiles_m = q_lists.full_count.shape[1]
-    _bwd_q_kernel[(n_tiles_m, bsz * heads)](
+    _bwd_q_kernel[(bsz * heads, n_tiles_m)](
         q, k, v, dout, lse, delta, dq, doc_ids, span_ids,
         q_lists.full_count, q_lists.full_index, q_lists.part_count, q_lists.part_index,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
