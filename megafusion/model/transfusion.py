@@ -231,7 +231,8 @@ def drop_text_condition(tokens: torch.Tensor, labels: torch.Tensor, modality: to
     big = torch.full_like(index, N)
     first_latent = torch.full((B, int(doc_ids.max()) + 1), N, dtype=index.dtype, device=tokens.device)
     first_latent.scatter_reduce_(1, doc_ids, torch.where(is_latent, index, big), reduce="amin")
-    before = index < first_latent.gather(1, doc_ids) - 1  # strictly before <boi>
+    first = first_latent.gather(1, doc_ids)  # N: the document has no latents
+    before = (index < first - 1) & (first < N)  # strictly before <boi>
     dropped = drop & ~is_latent & before
     return torch.where(dropped, torch.full_like(tokens, null_id), tokens), \
         torch.where(dropped, torch.full_like(labels, IGNORE_INDEX), labels)

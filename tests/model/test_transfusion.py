@@ -1,0 +1,269 @@
+"""The Transfusion model and its provider, in one process (gloo world of one, CPU).
+
+Checks behaviour against independent definitions: the attention rule seen through the
+whole model (documents isolated, text causal, image spans bidirectional), RoPE positions
+restarting per document, sdpa vs flex through every layer, the loss formula, condition
+dropout against a brute-force reference, and layout-independent data.
+"""
+
+import math
+import tempfile
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+
+from megafusion.config import ConfigError, load_config
+from megafusion.data.byte_tokenizer import ByteTokenizer
+from megafusion.data.sample import IGNORE_INDEX, IMAGE, TEXT, VIDEO
+from megafusion.data.shapes_stream import ShapesStream
+
+CONFIG = "examples/configs/tiny_transfusion.yaml"
+SMALL = ["model.seq_length=128", "model.num_layers=2", "train.micro_batch_size=2", "train.device=cpu"]
+
+
+@pytest.fixture(scope="module")
+def megatron_world():
+    """A gloo world of one with megatron's model-parallel groups (left as found afterwards)."""
+    from megatron.core import parallel_state, tensor_parallel
+
+    from megafusion.parallel import cpu_compat
+
+    was_active = cpu_compat.is_active()
+    cpu_compat.apply("cpu")
+    owns_dist = not dist.is_initialized()
+    if owns_dist:
+        store = tempfile.NamedTemporaryFile(prefix="transfusion-store-", delete=False).name
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    owns_mp = not parallel_state.model_parallel_is_initialized()
+    if owns_mp:
+        parallel_state.initialize_model_parallel(1, 1)
+    tensor_parallel.model_parallel_cuda_manual_seed(0)
+    yield
+    if owns_mp:
+        parallel_state.destroy_model_parallel()
+    if owns_dist:
+        dist.destroy_process_group()
+    if not was_active:
+        cpu_compat.remove()
+
+
+def make_provider(overrides=()):
+    from megafusion.model.provider import build_transformer_config
+    from megafusion.model.transfusion import TransfusionProvider
+
+    cfg = load_config(CONFIG, [*SMALL, *overrides])
+    return TransfusionProvider(cfg, build_transformer_config(cfg, torch.device("cpu")))
+
+
+def run(model, tokens, positions, doc_ids, span_ids, latents, t, modality, labels=None):
+    mask = torch.stack([doc_ids, span_ids])
+    return model(tokens, positions, mask, latents=latents, timesteps=t, modality=modality, labels=labels)
+
+
+def hand_batch(n=24, c=192, seed=0):
+    """Two documents: [text(4) <boi> image(6) <eoi> text(3)] then [text(5) ...] + padding."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, 256, (1, n), generator=g)
+    modality = torch.full((1, n), TEXT)
+    span = torch.full((1, n), -1)
+    modality[0, 5:11] = IMAGE
+    span[0, 5:11] = 0
+    doc = torch.zeros(1, n, dtype=torch.long)
+    doc[0, 15:] = 1
+    positions = torch.cat([torch.arange(15), torch.arange(n - 15)])[None]
+    latents = torch.randn(1, n, c, generator=g) * (modality != TEXT).unsqueeze(-1)
+    t = torch.rand(1, n, generator=g) * (modality != TEXT)
+    return tokens, positions, doc, span, latents, t, modality
+
+
+# --------------------------------------------------------------------------- model
+
+
+def test_forward_backward_shapes_and_grads(megatron_world):
+    provider = make_provider()
+    model = provider.build(pre_process=True, post_process=True, vp_stage=None)
+    with_images = [i for i in range(40) if provider.stream.sample(i).image_loss_mask.any()][:2]
+    batch = provider.batch(with_images)
+    assert batch["flow_loss_mask"].any() and batch["text_loss_mask"].any()
+    output, loss_func = provider.forward_step(batch, model)
+    ce, pred = output
+    assert ce.shape == (2, 128) and pred.shape == (2, 128, provider.latent_dim) == (2, 128, 192)
+    loss, count, metrics = loss_func(output)
+    assert torch.isfinite(loss) and int(count) == 1
+    assert set(metrics) == set(provider.metric_names)
+    loss.backward()
+    for name in ("embedding.word_embeddings.weight", "patch_in.proj.weight", "time_embed.mlp.0.weight",
+                 "patch_out.proj.weight", "decoder.layers.0.self_attention.linear_qkv.weight"):
+        grad = dict(model.named_parameters())[name].grad
+        assert grad is not None and grad.abs().sum() > 0, name
+
+
+def test_attention_rule_through_the_model(megatron_world):
+    """Changing position k changes output i only if i may attend to k (directly or via layers)."""
+    provider = make_provider()
+    model = provider.build(pre_process=True, post_process=True, vp_stage=None).eval()
+    tokens, positions, doc, span, latents, t, modality = hand_batch()
+    with torch.no_grad():
+        base_logits, base_pred = run(model, tokens, positions, doc, span, latents, t, modality)
+
+        def changed_at(k_text=None, k_latent=None):
+            tok, lat = tokens.clone(), latents.clone()
+            if k_text is not None:
+                tok[0, k_text] = (tok[0, k_text] + 7) % 256
+            if k_latent is not None:
+                lat[0, k_latent] += 1.0
+            logits, pred = run(model, tok, positions, doc, span, lat, t, modality)
+            diff = (logits - base_logits).abs().amax(-1) + (pred - base_pred).abs().amax(-1)
+            return diff[0] > 1e-6
+
+        # later text in document 0 (position 12): nothing before it changes
+        d = changed_at(k_text=12)
+        assert not d[:12].any() and d[12:15].all() and not d[15:].any()
+        # the last patch of the image (position 10) reaches every patch of its span, not the text before it
+        d = changed_at(k_latent=10)
+        assert not d[:5].any() and d[5:15].all() and not d[15:].any()
+        # document 1 never affects document 0
+        d = changed_at(k_text=16)
+        assert not d[:15].any() and d[16:].all()
+
+
+def test_positions_restart_per_document(megatron_world):
+    """A document gives the same outputs alone or packed after another one (RoPE from positions)."""
+    provider = make_provider()
+    model = provider.build(pre_process=True, post_process=True, vp_stage=None).eval()
+    tokens, positions, doc, span, latents, t, modality = hand_batch()
+    second = slice(15, 24)
+    with torch.no_grad():
+        packed_logits, _ = run(model, tokens, positions, doc, span, latents, t, modality)
+        alone_logits, _ = run(model, tokens[:, second], positions[:, second], doc[:, second] * 0,
+                              span[:, second], latents[:, second], t[:, second], modality[:, second])
+    torch.testing.assert_close(packed_logits[:, second], alone_logits, atol=1e-5, rtol=1e-5)
+
+
+def test_sdpa_and_flex_backends_agree_through_the_model(megatron_world):
+    results = {}
+    for backend in ("sdpa", "flex"):
+        provider = make_provider([f"model.attention={backend}"])
+        model = provider.build(pre_process=True, post_process=True, vp_stage=None)
+        output, loss_func = provider.forward_step(provider.batch(range(3, 5)), model)
+        loss, _, _ = loss_func(output)
+        loss.backward()
+        results[backend] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+    assert results["sdpa"][0].item() == pytest.approx(results["flex"][0].item(), abs=1e-5)
+    for name, grad in results["sdpa"][1].items():
+        torch.testing.assert_close(results["flex"][1][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_layout_independent_init_and_checkpoint_keys(megatron_world):
+    """Two builds are identical (init by checkpoint key), and every extra module has a unique key."""
+    provider = make_provider()
+    a = provider.build(pre_process=True, post_process=True, vp_stage=None)
+    b = provider.build(pre_process=True, post_process=True, vp_stage=None)
+    for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
+        torch.testing.assert_close(pa, pb, atol=0, rtol=0, msg=name)
+    from megafusion.model.init import _leaf_sharded_tensors
+
+    keys = [(sh.key, sh.global_offset) for sh in _leaf_sharded_tensors(a.sharded_state_dict())]
+    assert len(keys) == len(set(keys))
+    names = {key for key, _ in keys}
+    assert {"patch_in.proj.weight", "patch_out.proj.weight", "time_embed.mlp.0.weight"} <= names
+
+
+# --------------------------------------------------------------------------- loss and data
+
+
+def test_loss_formula_known_answer():
+    from megafusion.model.transfusion import transfusion_loss
+
+    ce = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    target = torch.zeros(1, 4, 2)
+    pred = torch.tensor([[[0.0, 0.0], [0.0, 0.0], [1.0, 1.0], [2.0, 0.0]]])
+    batch = {"text_loss_mask": torch.tensor([[True, True, False, False]]), "target": target,
+             "flow_loss_mask": torch.tensor([[False, False, True, True]]),
+             "modality": torch.tensor([[TEXT, TEXT, IMAGE, VIDEO]])}
+    loss, count, metrics = transfusion_loss(batch, 3.0, (ce, pred))
+    # CE mean over text = 1.5; MSE per position: 1.0 (image) and 2.0 (video) -> mean 1.5
+    assert loss.item() == pytest.approx(1.5 + 3.0 * 1.5)
+    assert int(count) == 1
+    assert metrics["loss_text"].tolist() == [3.0, 2.0]
+    assert metrics["loss_image"].tolist() == [1.0, 1.0]
+    assert metrics["loss_video"].tolist() == [2.0, 1.0]
+
+
+def test_condition_dropout_matches_brute_force():
+    from megafusion.model.transfusion import drop_text_condition
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        B, N = 2, 30
+        doc = np.sort(rng.integers(0, 4, (B, N)), axis=1)
+        mod = np.where(rng.random((B, N)) < 0.3, IMAGE, TEXT)
+        drop = rng.random((B, N)) < 0.5
+        tokens = rng.integers(0, 256, (B, N))
+        labels = rng.integers(0, 256, (B, N))
+        out_t, out_l = drop_text_condition(*(torch.as_tensor(x) for x in (tokens, labels, mod, doc, drop)),
+                                           null_id=999)
+        for b in range(B):
+            for i in range(N):
+                later = [j for j in range(N) if doc[b, j] == doc[b, i] and mod[b, j] != TEXT]
+                dropped = drop[b, i] and mod[b, i] == TEXT and bool(later) and i < min(later) - 1
+                assert out_t[b, i] == (999 if dropped else tokens[b, i])
+                assert out_l[b, i] == (IGNORE_INDEX if dropped else labels[b, i])
+
+
+def test_stream_is_a_pure_function_of_seed_and_index():
+    cfg = load_config(CONFIG, ["data.shapes_weights={text: 1, image_text: 1, video: 1, action_video: 1}"])
+    a, b = ShapesStream.from_config(cfg), ShapesStream.from_config(cfg)
+    for i in (5, 0, 3):
+        b.sample(i + 100)  # a different history must not matter
+        sa, sb = a.sample(i), b.sample(i)
+        for name in ("tokens", "latents", "doc_ids", "span_ids", "image_loss_mask", "clean_spans"):
+            assert torch.equal(getattr(sa, name), getattr(sb, name)), name
+    kinds = set()
+    for i in range(24):
+        s = a.sample(i)
+        kinds |= set(s.modality.unique().tolist())
+        # every span holds whole images: tokens_per_image patches between <boi> and <eoi>
+        for span in s.span_ids.unique().tolist():
+            if span < 0:
+                continue
+            idx = (s.span_ids == span).nonzero().squeeze(1)
+            assert len(idx) == a.tokens_per_image
+            assert s.tokens[idx[0] - 1] == a.tokenizer.boi_id and s.tokens[idx[-1] + 1] == a.tokenizer.eoi_id
+        assert not (s.clean_spans & s.image_loss_mask).any()
+    assert kinds == {TEXT, IMAGE, VIDEO}
+    assert any(a.sample(i).clean_spans.any() for i in range(24))  # action videos' context frames
+
+
+def test_byte_tokenizer_roundtrip_and_vocab_check(megatron_world):
+    tok = ByteTokenizer()
+    text = "a big red circle: größer"
+    assert tok.decode(tok.encode(text)) == text
+    assert tok.decode([tok.boi_id, tok.eoi_id] + tok.encode_action("up")) == "<boi><eoi><act_up>"
+    assert tok.vocab_size == 266
+    with pytest.raises(ConfigError, match="model.vocab_size = 256 is smaller"):
+        make_provider(["model.vocab_size=256"])
+
+
+def test_unimplemented_options_are_refused(megatron_world):
+    for override in ("model.time_conditioning=adaln", "model.patch_adapter=unet", "model.image_positions=2d"):
+        with pytest.raises(ConfigError, match="not implemented yet"):
+            make_provider([override])
+
+
+def test_micro_batches_do_not_depend_on_the_data_parallel_layout():
+    provider_cfg = load_config(CONFIG, [*SMALL, "train.global_batch_size=4"])
+    from megafusion.model.transfusion import TransfusionProvider
+
+    provider = TransfusionProvider.__new__(TransfusionProvider)
+    TransfusionProvider.__init__(provider, provider_cfg, None)
+    single = provider.micro_batches(step=1, dp_rank=0, dp_size=1)
+    split = provider.micro_batches(step=1, dp_rank=0, dp_size=2) + provider.micro_batches(step=1, dp_rank=1,
+                                                                                          dp_size=2)
+    assert len(single) == len(split) == 2
+    for x, y in zip(single, split):
+        for key in x:
+            assert torch.equal(x[key], y[key]), key
+    assert not math.isclose(float(single[0]["x_t"].sum()), float(single[1]["x_t"].sum()))
