@@ -26,7 +26,12 @@ nothing else:
   split sizes into Python lists (gloo takes only lists), and the uneven
   all-gather / reduce-scatter of ``tensor_parallel.mappings`` (expert TP with
   the alltoall dispatcher), which gloo lacks, become pad-and-gather and
-  all-reduce-and-slice.
+  all-reduce-and-slice. Batched pipeline send/recv get a tag per direction:
+  with two pipeline ranks and virtual stages each rank's previous stage is also
+  its next, and gloo would pair an activation with a gradient of the same shape.
+* **distributed optimizer checkpoints** - three bugs of megatron-core's torch-Adam
+  path (taken whenever TE/Apex are absent, as on every CPU) are fixed; see
+  ``_patch_distributed_optimizer_torch_adam_checkpoint``.
 
 The measured cost is nothing visible next to the model's own work (the only
 per-step additions are a Python wrapper around a handful of tensor factories).
@@ -146,6 +151,7 @@ def apply(device: str | torch.device = "cpu") -> bool:
         _patch_cuda_tensor_methods()
         _patch_all_to_all()
         _patch_distributed_optimizer_torch_adam_checkpoint()
+        _patch_batched_p2p_tags()
     except BaseException:
         remove()
         raise
@@ -534,3 +540,34 @@ def _patch_distributed_optimizer_torch_adam_checkpoint() -> None:
     _patch(dist, "sharded_state_dict", sharded_state_dict)
     _patch(dist, "load_state_dict", load_state_dict)
     _patch(dist, "_set_main_param_and_optimizer_states", set_states)
+
+
+# --------------------------------------------------------------------------- pipeline p2p
+
+_TAG_TOWARD_NEXT = 1  # activations (send_next pairs with the peer's recv_prev)
+_TAG_TOWARD_PREV = 2  # gradients (send_prev pairs with the peer's recv_next)
+
+
+def _patch_batched_p2p_tags() -> None:
+    """megatron's ``_batched_p2p_ops`` with a tag per direction. NCCL pairs the ops of one
+    batch by position; gloo pairs by (peer, tag) in posting order, so with 2 pipeline ranks
+    under the interleaved schedule (previous rank == next rank) an activation and a gradient
+    of the same shape could swap silently."""
+    from megatron.core.pipeline_parallel import p2p_communication
+
+    def batched_p2p_ops(*, tensor_send_prev, tensor_recv_prev, tensor_send_next, tensor_recv_next,
+                        group, prev_pipeline_rank, next_pipeline_rank):
+        dist = torch.distributed
+        ops = [
+            dist.P2POp(op, tensor, peer, group, tag)
+            for op, tensor, peer, tag in (
+                (dist.isend, tensor_send_prev, prev_pipeline_rank, _TAG_TOWARD_PREV),
+                (dist.irecv, tensor_recv_prev, prev_pipeline_rank, _TAG_TOWARD_NEXT),
+                (dist.isend, tensor_send_next, next_pipeline_rank, _TAG_TOWARD_NEXT),
+                (dist.irecv, tensor_recv_next, next_pipeline_rank, _TAG_TOWARD_PREV),
+            )
+            if tensor is not None
+        ]
+        return dist.batch_isend_irecv(ops) if ops else []
+
+    _patch(p2p_communication, "_batched_p2p_ops", batched_p2p_ops)
