@@ -417,3 +417,25 @@ def test_image_first_fraction_and_joined_fields(tmp_path, tok_path):
             assert text == tok.encode(f"what is {i}") + tok.encode("red")
     assert orders[0] == orders[1]  # deterministic
     assert 10 <= sum(orders[0]) <= 30  # about half image-first
+
+
+def test_memory_stays_bounded_by_the_shard_not_the_input(tmp_path, tok_path):
+    import tracemalloc
+
+    rng = random.Random(2)
+    line = json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(200))})  # ~1 KB
+    with open(tmp_path / "big.jsonl", "w") as f:
+        for _ in range(1500):
+            f.write(line + "\n")
+    size = (tmp_path / "big.jsonl").stat().st_size
+    import megatron.core.datasets.indexed_dataset  # noqa: F401  (its import is not what is measured)
+
+    tracemalloc.start()
+    try:
+        summary = run_preprocess(PreprocessConfig(inputs=[str(tmp_path / "big.jsonl")], output_prefix=str(tmp_path / "o"),
+                                                  tokenizer_model=tok_path, shard_size=100, progress=False))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert summary.documents == 1500
+    assert peak < size / 4, f"peak Python memory {peak / 1e6:.1f} MB for a {size / 1e6:.1f} MB input"
