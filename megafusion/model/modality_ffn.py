@@ -27,6 +27,7 @@ sequence parallelism, the TP rank's contiguous chunk ``s / tp`` with it.
 
 from __future__ import annotations
 
+import collections
 import copy
 import functools
 from dataclasses import dataclass
@@ -68,33 +69,55 @@ class ModalityContext:
     One per model chunk (virtual pipeline stage). The model calls :meth:`set` before each
     decoder forward; the FFN modules of every layer read it. MoE layers also accumulate
     their routing counts here (see :mod:`megafusion.model.moe`).
+
+    Activation recompute: a layer recomputed inside backward must see the modality of the
+    micro-batch being back-propagated, not of the last one set (under pipeline parallelism
+    1F1B runs later forwards before earlier backwards). When the run recomputes the FFN
+    (``recompute`` - set by :func:`ffn_spec` from the TransformerConfig), every :meth:`set`
+    made with gradients enabled queues its modality; each backward (one autograd graph task
+    per micro-batch and model chunk, in forward order - megatron's schedules) takes the next
+    one for all recomputes inside it.
     """
 
     def __init__(self) -> None:
         self._modality: Optional[torch.Tensor] = None
         self._splits: dict[tuple, TokenSplit] = {}
+        self.recompute: bool = False  # whether layers recompute the FFN in backward (ffn_spec sets it)
+        self._pending: collections.deque[torch.Tensor] = collections.deque()  # awaiting their backward
+        self._backward_task: Optional[int] = None
+        self._backward_modality: Optional[torch.Tensor] = None
+        self._backward_splits: dict[tuple, TokenSplit] = {}
         self.recording: bool = True  # whether MoE layers add to the routing counts
         self.num_layers: int = 0  # set by ffn_spec (global layer count)
         self.num_experts: int = 0
         self.sequence_parallel: bool = False
         self._counts: dict[int, torch.Tensor] = {}  # layer index (0-based) -> [3, E + 1] int64
 
-    def set(self, modality: torch.Tensor) -> None:
+    def set(self, modality: torch.Tensor, will_backward: Optional[bool] = None) -> None:
         """Sets the modality of the next forward.
 
         Args:
             modality: [b, s] int64, ``TEXT``/``IMAGE``/``VIDEO`` per position, for the whole
                 sequence this rank's decoder runs (before any sequence-parallel split), on the
                 model's device.
+            will_backward: whether a backward of this forward follows (default: whether
+                gradients are enabled). Only read when the FFN is recomputed; pass False for a
+                forward-only pass run with gradients enabled.
         """
         if modality.dim() != 2:
             raise ValueError(f"ModalityContext.set expects modality [b, s], got shape {tuple(modality.shape)}")
         self._modality = modality.long()
         self._splits = {}
+        if self.recompute and (torch.is_grad_enabled() if will_backward is None else will_backward):
+            self._pending.append(self._modality)
 
     def clear(self) -> None:
+        """Forgets the modality and any queued for recompute (e.g. after an interrupted step)."""
         self._modality = None
         self._splits = {}
+        self._pending.clear()
+        self._backward_task = self._backward_modality = None
+        self._backward_splits = {}
 
     def local_modality(self, hidden_shape: torch.Size, tp_rank: int, tp_size: int) -> torch.Tensor:
         """[s_local * b] int64: the modality of the rows of ``hidden.view(-1, h)``."""
@@ -108,17 +131,33 @@ class ModalityContext:
             tp_rank, tp_size: this rank's place in the tensor-parallel group (its sequence
                 chunk under sequence parallelism).
         """
-        if self._modality is None:
-            raise RuntimeError("a modality-aware FFN ran before ModalityContext.set(modality): the model must call "
-                               "ctx.set(modality [b, s]) before each decoder forward")
+        modality, cache = self._active()
         key = (tuple(hidden_shape[:2]), tp_rank, tp_size)
-        if key not in self._splits:
-            self._splits[key] = self._build_split(hidden_shape, tp_rank, tp_size)
-        return self._splits[key]
+        if key not in cache:
+            cache[key] = self._build_split(modality, hidden_shape, tp_rank, tp_size)
+        return cache[key]
 
-    def _build_split(self, hidden_shape, tp_rank: int, tp_size: int) -> TokenSplit:
+    def _active(self) -> tuple[torch.Tensor, dict]:
+        """The modality of the running forward (or recompute) and its split cache."""
+        task = torch._C._current_graph_task_id()
+        if task == -1 or not self.recompute:  # an ordinary forward
+            if self._modality is None:
+                raise RuntimeError("a modality-aware FFN ran before ModalityContext.set(modality): the model must "
+                                   "call ctx.set(modality [b, s]) before each decoder forward")
+            return self._modality, self._splits
+        if task != self._backward_task:  # the first recompute of a new micro-batch's backward
+            if not self._pending:
+                raise RuntimeError("an FFN recompute in backward found no queued modality: ctx.set(modality) must run "
+                                   "with gradients enabled (or will_backward=True) before each forward that is "
+                                   "back-propagated")
+            self._backward_task = task
+            self._backward_modality = self._pending.popleft()
+            self._backward_splits = {}
+        return self._backward_modality, self._backward_splits
+
+    def _build_split(self, modality: torch.Tensor, hidden_shape, tp_rank: int, tp_size: int) -> TokenSplit:
         s_local, b = hidden_shape[0], hidden_shape[1]
-        mod = self._modality.t()  # [s, b], the hidden states' order
+        mod = modality.t()  # [s, b], the hidden states' order
         s = mod.shape[0]
         if mod.shape[1] != b:
             raise ValueError(f"ModalityContext holds modality for batch {mod.shape[1]} but the FFN got batch {b}")
@@ -259,6 +298,13 @@ def mlp_submodules(spec: str) -> MLPSubmodules:
     return MLPSubmodules(linear_fc1=backend.column_parallel_linear(), linear_fc2=backend.row_parallel_linear())
 
 
+def recomputes_ffn(transformer_config) -> bool:
+    """Whether megatron reruns the layer's mlp inside backward (activation recompute)."""
+    granularity = transformer_config.recompute_granularity
+    modules = set(transformer_config.recompute_modules or ())
+    return granularity == "full" or (granularity == "selective" and bool(modules & {"mlp", "moe", "shared_experts"}))
+
+
 def ffn_spec(cfg, transformer_config, ctx: ModalityContext):
     """The ``mlp`` submodule builder of the Transfusion TransformerLayer, by config.
 
@@ -277,6 +323,7 @@ def ffn_spec(cfg, transformer_config, ctx: ModalityContext):
     ctx.num_layers = transformer_config.num_layers
     ctx.num_experts = moe.num_experts
     ctx.sequence_parallel = bool(transformer_config.sequence_parallel)
+    ctx.recompute = recomputes_ffn(transformer_config)
     submodules = mlp_submodules(m.spec)
     if moe.num_experts:
         if m.ffn == "modality":

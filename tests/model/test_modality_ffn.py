@@ -165,6 +165,43 @@ def test_modality_ffn_in_a_transformer_layer(megatron_world):
             assert f"decoder.layers.0.mlp.{which}.{lin}.weight" in keys
 
 
+def _one_f_one_b_grads(ffn, ctx, xs, modalities, recompute):
+    """Forward micro-batch 0 then 1, then backward 0 then 1 (pipeline 1F1B order): input grads."""
+    from megatron.core import tensor_parallel
+
+    ffn.zero_grad()
+    xs = [x.clone().requires_grad_() for x in xs]
+    outs = []
+    for x, modality in zip(xs, modalities):
+        ctx.set(modality)
+        if recompute:
+            outs.append(tensor_parallel.checkpoint(lambda h: ffn(h)[0], False, x))
+        else:
+            outs.append(ffn(x)[0])
+    for out in outs:
+        out.square().sum().backward()
+    return [x.grad for x in xs] + [p.grad.clone() for p in ffn.parameters()]
+
+
+def test_recompute_in_backward_uses_the_micro_batch_modality(megatron_world):
+    cfg = run_config("model.ffn=modality", "train.recompute=full")
+    tc = transformer_config_for(cfg)
+    ctx = ModalityContext()
+    ffn = ffn_spec(cfg, tc, ctx)(config=tc, pg_collection=pgs(), is_mtp_layer=False)
+    assert ctx.recompute
+    xs = [torch.randn(SEQ, BATCH, HIDDEN) for _ in range(2)]
+    modalities = [random_modality(30), random_modality(31)]
+    expected = _one_f_one_b_grads(ffn, ctx, xs, modalities, recompute=False)
+    ctx.clear()
+    got = _one_f_one_b_grads(ffn, ctx, xs, modalities, recompute=True)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+    assert not ctx._pending  # every queued modality was taken by its backward
+    ctx.recompute = False  # without the queue, micro-batch 0's recompute would read micro-batch 1's modality
+    wrong = _one_f_one_b_grads(ffn, ctx, xs, modalities, recompute=True)
+    assert not torch.allclose(wrong[0], expected[0])
+
+
 def test_dense_ffn_is_megatrons_mlp(megatron_world):
     from megatron.core.transformer.mlp import MLP
 
