@@ -129,3 +129,14 @@ def test_corrupt_and_missing_files_raise(tmp_path):
         read_video(bad, backend="pyav")
     with pytest.raises(VideoDecodeError, match="not found"):
         read_video(tmp_path / "nope.webm")
+
+
+def test_without_dali_auto_falls_back_to_pyav(clips, monkeypatch):
+    import megafusion.data.video as video
+
+    monkeypatch.setattr(video, "dali_available", lambda: False)
+    _, paths = clips
+    assert video.choose_backend("vp9") == "pyav" and video.choose_backend("vp9", "cuda") == "pyav"
+    assert read_video(paths["vp9"], num_frames=2).shape == (2, H, W, 3)  # auto -> pyav
+    with pytest.raises(ImportError, match="pip install nvidia-dali"):
+        read_video(paths["vp9"], backend="dali-cpu")
