@@ -217,7 +217,8 @@ def test_tensor_parallel_two_process_gloo_matches_single_process(tmp_path):
 def _worker() -> None:
     """TP=2 on gloo: Column->Row parallel MLP (weights initialized through the forked RNG
     tracker) equals the dense float64 computation from the gathered weights, forward and
-    backward; all_to_all with tensor split sizes; uneven all-gather / reduce-scatter."""
+    backward; all_to_all with tensor split sizes; uneven all-gather / reduce-scatter; batched
+    pipeline p2p with previous rank == next rank."""
     import torch.distributed as dist
 
     cpu_compat.apply("cpu")
@@ -280,9 +281,30 @@ def _worker() -> None:
     total = torch.arange(6, dtype=torch.float32).reshape(3, 2) * 3
     torch.testing.assert_close(reduced, total[:1] if rank == 0 else total[1:])
 
+    # Batched pipeline p2p with 2 ranks: the peer is both previous and next stage (interleaved
+    # schedule); an activation (to next) and a gradient (to prev) of one shape must not swap.
+    from megatron.core.pipeline_parallel import p2p_communication
+
+    check_batched_p2p(p2p_communication._batched_p2p_ops)
+
     dist.barrier()
     dist.destroy_process_group()
     print("cpu_compat worker ok", flush=True)
+
+
+def check_batched_p2p(batched_p2p_ops) -> None:
+    import torch.distributed as dist
+
+    rank, peer = dist.get_rank(), 1 - dist.get_rank()
+    activation, gradient = torch.full((4,), 10.0 + rank), torch.full((4,), 20.0 + rank)
+    from_prev, from_next = torch.empty(4), torch.empty(4)
+    for request in batched_p2p_ops(tensor_send_prev=gradient, tensor_recv_prev=from_prev,
+                                   tensor_send_next=activation, tensor_recv_next=from_next,
+                                   group=dist.group.WORLD, prev_pipeline_rank=peer,
+                                   next_pipeline_rank=peer):
+        request.wait()
+    torch.testing.assert_close(from_prev, torch.full((4,), 10.0 + peer), msg="activation swapped")
+    torch.testing.assert_close(from_next, torch.full((4,), 20.0 + peer), msg="gradient swapped")
 
 
 if __name__ == "__main__":
