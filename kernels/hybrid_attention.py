@@ -23,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from megafusion_kernels.hybrid_attention_triton import hybrid_attention_backward, hybrid_attention_forward
+from megafusion_kernels.hybrid_attention_triton import hybrid_attention_backward, hybrid_attention_forward, interpreting
 
 __all__ = ["hybrid_attention", "hybrid_attention_reference", "visibility_mask"]
 
@@ -91,6 +91,11 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Ten
     for name, ids in (("doc_ids", doc_ids), ("span_ids", span_ids)):
         if tuple(ids.shape) != (bsz, n) or ids.dtype.is_floating_point or ids.dtype == torch.bool:
             raise ValueError(f"hybrid_attention: {name} must be an integer tensor [B, N] = [{bsz}, {n}]; got {ids.dtype} {tuple(ids.shape)}")
+    if q.device.type == "cpu" and not interpreting():
+        raise RuntimeError(
+            "hybrid_attention: q is on the CPU but Triton is not in interpreter mode; set TRITON_INTERPRET=1 "
+            "before anything imports triton (slow, for tests), or use another attention backend on CPU"
+        )
 
 
 def hybrid_attention(

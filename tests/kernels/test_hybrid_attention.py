@@ -34,6 +34,10 @@ from megafusion_kernels.hybrid_attention_tiles import (
     tile_lists,
 )
 
+# Kernels run where they would in production: the GPU when there is one, else the
+# interpreter on CPU. References are float64 on the CPU.
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
 TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 4e-2}
 
 
@@ -92,21 +96,21 @@ def random_pack(n: int, batch: int, gen: torch.Generator):
 def check(doc_ids, span_ids, heads=2, kv_heads=1, dim=32, dtype=torch.float32, seed=0, scale=None):
     gen = torch.Generator().manual_seed(seed)
     bsz, n = doc_ids.shape
-    q = torch.randn(bsz, heads, n, dim, generator=gen).to(dtype).requires_grad_()
-    k = torch.randn(bsz, kv_heads, n, dim, generator=gen).to(dtype).requires_grad_()
-    v = torch.randn(bsz, kv_heads, n, dim, generator=gen).to(dtype).requires_grad_()
-    dout = torch.randn(bsz, heads, n, dim, generator=gen).to(dtype)
+    q = torch.randn(bsz, heads, n, dim, generator=gen).to(DEV, dtype).requires_grad_()
+    k = torch.randn(bsz, kv_heads, n, dim, generator=gen).to(DEV, dtype).requires_grad_()
+    v = torch.randn(bsz, kv_heads, n, dim, generator=gen).to(DEV, dtype).requires_grad_()
+    dout = torch.randn(bsz, heads, n, dim, generator=gen).to(DEV, dtype)
 
-    out = hybrid_attention(q, k, v, doc_ids, span_ids, softmax_scale=scale)
+    out = hybrid_attention(q, k, v, doc_ids.to(DEV), span_ids.to(DEV), softmax_scale=scale)
     out.backward(dout)
 
-    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    q64, k64, v64 = (t.detach().cpu().double().requires_grad_() for t in (q, k, v))
     ref = reference(q64, k64, v64, doc_ids, span_ids, scale if scale is not None else 1 / math.sqrt(dim))
-    ref.backward(dout.double())
+    ref.backward(dout.cpu().double())
     tol = TOL[dtype]
     for name, got, want in (("out", out, ref), ("dq", q.grad, q64.grad), ("dk", k.grad, k64.grad), ("dv", v.grad, v64.grad)):
         assert got.dtype == dtype and got.shape == want.shape
-        err = (got.double() - want).abs().max().item()
+        err = (got.detach().cpu().double() - want).abs().max().item()
         assert err <= tol, f"{name}: max abs error {err:.3g} > {tol:g} ({dtype})"
 
 
@@ -167,12 +171,13 @@ def test_strided_inputs():
     """q/k/v as transposed views of a [B, N, H, D] layout (what Megatron hands over)."""
     gen = torch.Generator().manual_seed(0)
     doc, span = make_pack(n=70, spans=[(5, 40)])
-    q = torch.randn(1, 70, 2, 32, generator=gen).transpose(1, 2)
-    k = torch.randn(1, 70, 1, 32, generator=gen).transpose(1, 2)
-    v = torch.randn(1, 70, 1, 32, generator=gen).transpose(1, 2)
-    out = hybrid_attention(q, k, v, doc, span)
-    ref = reference(q.double(), k.double(), v.double(), doc, span, 1 / math.sqrt(32))
-    assert (out.double() - ref).abs().max() < TOL[torch.float32]
+    q = torch.randn(1, 70, 2, 32, generator=gen).to(DEV).transpose(1, 2)
+    k = torch.randn(1, 70, 1, 32, generator=gen).to(DEV).transpose(1, 2)
+    v = torch.randn(1, 70, 1, 32, generator=gen).to(DEV).transpose(1, 2)
+    assert not q.is_contiguous()
+    out = hybrid_attention(q, k, v, doc.to(DEV), span.to(DEV))
+    ref = reference(*(t.cpu().double() for t in (q, k, v)), doc, span, 1 / math.sqrt(32))
+    assert (out.cpu().double() - ref).abs().max() < TOL[torch.float32]
 
 
 @pytest.mark.filterwarnings("ignore:All-NaN slice")  # the second document's own rows are NaN
@@ -184,7 +189,7 @@ def test_skipped_tiles_are_never_read():
     q, k, v = (torch.randn(1, 1, 128, 32, generator=gen) for _ in range(3))
     k[:, :, 64:] = float("nan")
     v[:, :, 64:] = float("nan")
-    out = hybrid_attention(q, k, v, doc, span)
+    out = hybrid_attention(q.to(DEV), k.to(DEV), v.to(DEV), doc.to(DEV), span.to(DEV)).cpu()
     ref = reference(q[:, :, :64].double(), k[:, :, :64].double(), v[:, :, :64].double(), doc[:, :64], span[:, :64], 1 / math.sqrt(32))
     assert torch.isfinite(out[:, :, :64]).all()
     assert (out[:, :, :64].double() - ref).abs().max() < TOL[torch.float32]
@@ -193,11 +198,11 @@ def test_skipped_tiles_are_never_read():
 def test_zero_length_and_single_token():
     """N = 0 (the only way to get rows that see nothing is to have no rows) and N = 1."""
     for n in (0, 1):
-        q = torch.randn(1, 2, n, 16, requires_grad=True)
-        k = torch.randn(1, 1, n, 16, requires_grad=True)
-        v = torch.randn(1, 1, n, 16, requires_grad=True)
-        doc = torch.zeros(1, n, dtype=torch.long)
-        span = torch.full((1, n), -1, dtype=torch.long)
+        q = torch.randn(1, 2, n, 16, device=DEV, requires_grad=True)
+        k = torch.randn(1, 1, n, 16, device=DEV, requires_grad=True)
+        v = torch.randn(1, 1, n, 16, device=DEV, requires_grad=True)
+        doc = torch.zeros(1, n, dtype=torch.long, device=DEV)
+        span = torch.full((1, n), -1, dtype=torch.long, device=DEV)
         out = hybrid_attention(q, k, v, doc, span)
         out.sum().backward()
         assert out.shape == q.shape
@@ -299,7 +304,8 @@ def test_triton_tile_lists_match_torch(seed):
         q_block, k_block = (row_block, col_block) if rows_are_queries else (col_block, row_block)
         cls = classify_tiles(summarize_tiles(doc, span, q_block), summarize_tiles(doc, span, k_block))
         want = tile_lists(cls if rows_are_queries else cls.transpose(1, 2))
-        got = build_tile_lists(doc.int().contiguous(), span.int().contiguous(), row_block, col_block, rows_are_queries)
+        got = build_tile_lists(doc.to(DEV, torch.int32), span.to(DEV, torch.int32), row_block, col_block, rows_are_queries)
+        got = type(got)(*(t.cpu() for t in (got.full_count, got.full_index, got.part_count, got.part_index)))
         assert torch.equal(got.full_count, want.full_count) and torch.equal(got.part_count, want.part_count)
         for count, g_idx, w_idx in ((want.full_count, got.full_index, want.full_index), (want.part_count, got.part_index, want.part_index)):
             for b, t in zip(*torch.nonzero(count >= 0, as_tuple=True)):
@@ -312,18 +318,18 @@ def test_triton_tile_lists_match_torch(seed):
 
 def test_opcheck():
     doc, span = make_pack(n=40, spans=[(5, 20)])
-    doc, span = doc.int(), span.int()
-    q = torch.randn(1, 2, 40, 16, requires_grad=True)
-    k = torch.randn(1, 1, 40, 16, requires_grad=True)
-    v = torch.randn(1, 1, 40, 16, requires_grad=True)
+    doc, span = doc.to(DEV, torch.int32), span.to(DEV, torch.int32)
+    q = torch.randn(1, 2, 40, 16, device=DEV, requires_grad=True)
+    k = torch.randn(1, 1, 40, 16, device=DEV, requires_grad=True)
+    v = torch.randn(1, 1, 40, 16, device=DEV, requires_grad=True)
     torch.library.opcheck(torch.ops.megafusion.hybrid_attention_fwd.default, (q, k, v, doc, span, 0.25))
 
 
 def test_torch_compile_fullgraph_matches_eager():
-    doc, span = make_pack(n=64, docs=[20], spans=[(25, 50)])
+    doc, span = (t.to(DEV) for t in make_pack(n=64, docs=[20], spans=[(25, 50)]))
     gen = torch.Generator().manual_seed(0)
-    w = torch.randn(32, 32, generator=gen)
-    x = torch.randn(1, 64, 32, generator=gen)
+    w = torch.randn(32, 32, generator=gen).to(DEV)
+    x = torch.randn(1, 64, 32, generator=gen).to(DEV)
 
     def layer(x, w):
         h = (x @ w).view(1, 64, 2, 16).transpose(1, 2)  # [B, H, N, D]
