@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import queue
 import threading
+from collections import deque
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -108,17 +109,50 @@ class Mixture:
         self.counts = np.asarray(state["counts"], dtype=np.int64)
 
 
+_WORKER_SOURCES: list = []
+
+
+def _init_worker(sources) -> None:
+    _WORKER_SOURCES[:] = sources
+
+
+def _load_document(source: int, index: int) -> Document:
+    return _WORKER_SOURCES[source][index]
+
+
 class PackedStream:
     """Packed ``Sample``s from a ``Mixture``; resumable exactly through ``state_dict``.
 
     The state is the mixture's state before the first document not yet inside an
     emitted sample, so a restored stream re-reads that document and continues identically.
+
+    ``num_workers`` > 0 reads documents (memory-mapped reads, decoding, ``latent_transform``)
+    in that many processes, ``lookahead`` documents ahead, in the same order as without.
     """
 
-    def __init__(self, mixture: Mixture, packer: SequencePacker):
+    def __init__(self, mixture: Mixture, packer: SequencePacker, num_workers: int = 0, lookahead: int = 64):
         self.mixture, self.packer = mixture, packer
-        self._pending: Document | None = None  # drawn, did not fit the previous sample
-        self._state = mixture.state_dict()  # mixture state before _pending (or before the next doc)
+        self.num_workers, self.lookahead = num_workers, max(lookahead, 1)
+        self._pool = None
+        if num_workers > 0:
+            import multiprocessing as mp
+
+            self._pool = mp.get_context("fork").Pool(num_workers, _init_worker, (mixture.sources,))
+        self._queue: deque = deque()  # (mixture state before the document, document or async result)
+        self._pending: tuple[dict, Document] | None = None  # drawn, did not fit the previous sample
+
+    def _fill(self) -> None:
+        while len(self._queue) < (self.lookahead if self._pool is not None else 1):
+            state = self.mixture.state_dict()
+            source, index = self.mixture.next_index()
+            item = (self._pool.apply_async(_load_document, (source, index)) if self._pool is not None
+                    else self.mixture.sources[source][index])
+            self._queue.append((state, item))
+
+    def _next_document(self) -> tuple[dict, Document]:
+        self._fill()
+        state, item = self._queue.popleft()
+        return state, item.get() if self._pool is not None else item
 
     def __iter__(self):
         return self
@@ -126,11 +160,11 @@ class PackedStream:
     def __next__(self) -> Sample:
         while True:
             if self._pending is None:
-                self._state = self.mixture.state_dict()
-                self._pending = next(self.mixture)
-            if not self.packer.empty and not self.packer.fits(self._pending):
+                self._pending = self._next_document()
+            doc = self._pending[1]
+            if not self.packer.empty and not self.packer.fits(doc):
                 return self.packer.flush()
-            self.packer.add(self._pending)
+            self.packer.add(doc)
             self._pending = None
             if self.packer.full:
                 return self.packer.flush()
@@ -138,13 +172,26 @@ class PackedStream:
     def state_dict(self) -> dict:
         if not self.packer.empty:
             raise RuntimeError("state_dict() is taken between samples; a sample is half built")
-        return {"mixture": self._state if self._pending is not None else self.mixture.state_dict()}
+        if self._pending is not None:
+            return {"mixture": self._pending[0]}
+        if self._queue:
+            return {"mixture": self._queue[0][0]}
+        return {"mixture": self.mixture.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
+        self._queue.clear()  # documents read ahead are dropped (results of workers are ignored)
         self.mixture.load_state_dict(state["mixture"])
         self.packer.reset()
         self._pending = None
-        self._state = self.mixture.state_dict()
+
+    def close(self) -> None:
+        """Stops the worker processes."""
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool = None
+
+    def __del__(self):
+        self.close()
 
 
 class Loader:
@@ -219,13 +266,14 @@ class Loader:
 
 def make_loader(prefixes: Sequence[str], weights: Sequence[float] | None, *, seq_len: int, batch_size: int,
                 seed: int = 0, rank: int = 0, world_size: int = 1, latent_dim: int | None = None,
-                latent_transform=None, prefetch: int = 2) -> Loader:
+                latent_transform=None, prefetch: int = 2, num_workers: int = 0) -> Loader:
     """The training loader over preprocessed datasets (``tools/preprocess_data.py`` prefixes).
 
     Special token ids come from the datasets' ``meta.json`` (they must agree: one tokenizer);
     ``latent_dim`` defaults to the multimodal datasets' (they must agree: one encoder), or 1
     for text only. ``latent_transform`` maps each [T, C] float32 array on load (latent
-    normalisation). Resume with ``loader.load_state_dict(state)``.
+    normalisation). ``num_workers`` processes read documents ahead (see ``PackedStream``).
+    Resume with ``loader.load_state_dict(state)``.
     """
     from megafusion.data.indexed import IndexedDocuments
 
@@ -243,4 +291,4 @@ def make_loader(prefixes: Sequence[str], weights: Sequence[float] | None, *, seq
     pad_id, boi_id, eoi_id = ids.pop()
     mixture = Mixture(sources, weights, seed=seed, rank=rank, world_size=world_size)
     packer = SequencePacker(seq_len, latent_dim, pad_id, boi_id, eoi_id)
-    return Loader(PackedStream(mixture, packer), batch_size, prefetch=prefetch)
+    return Loader(PackedStream(mixture, packer, num_workers=num_workers), batch_size, prefetch=prefetch)

@@ -84,8 +84,8 @@ def test_mixture_resumes_exactly():
         make(weights=(1, 1, 1), seed=7, rank=1, world_size=2).load_state_dict(state)
 
 
-def packed_stream(seed=0):
-    return PackedStream(make(seed=seed), SequencePacker(seq_len=32, latent_dim=2, pad_id=0, boi_id=1, eoi_id=2))
+def packed_stream(seed=0, **kw):
+    return PackedStream(make(seed=seed), SequencePacker(seq_len=32, latent_dim=2, pad_id=0, boi_id=1, eoi_id=2), **kw)
 
 
 def samples_equal(a, b):
@@ -121,3 +121,18 @@ def test_packed_stream_and_loader_resume_equal_uninterrupted():
     assert samples_equal(nxt, cont)
     for j in range(3):
         assert samples_equal(type(nxt)(**{k: v[j] for k, v in nxt.__dict__.items()}), reference[12 + j])
+
+
+def test_worker_processes_read_the_same_stream_and_resume():
+    ref = packed_stream()
+    reference = [next(ref) for _ in range(20)]
+    s = packed_stream(num_workers=2, lookahead=8)
+    try:
+        assert all(samples_equal(next(s), want) for want in reference[:9])
+        state = s.state_dict()
+        s.load_state_dict(packed_stream().state_dict())  # back to the start, read-ahead dropped
+        assert samples_equal(next(s), reference[0])
+        s.load_state_dict(state)
+        assert all(samples_equal(next(s), want) for want in reference[9:])
+    finally:
+        s.close()

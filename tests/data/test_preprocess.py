@@ -359,12 +359,13 @@ def test_make_loader_over_preprocessed_datasets_resumes(tmp_path, tok_path):
         next(loader)
     state = loader.state_dict()
     loader.close()
-    resumed = make_loader(prefixes, [0.6, 0.4], **kw)
+    resumed = make_loader(prefixes, [0.6, 0.4], num_workers=2, **kw)  # documents read in worker processes
     resumed.load_state_dict(state)
     for want in batches[2:]:
         got = next(resumed)
         assert all(torch.equal(getattr(got, k), getattr(want, k)) for k in want.__dict__)
     resumed.close()
+    resumed.stream.close()
 
 
 def test_representation_encoder_latents_stored_as_float16(tmp_path, tok_path, monkeypatch):
