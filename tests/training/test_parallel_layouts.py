@@ -20,6 +20,10 @@ DENSE_LAYOUTS = {
     "pp2_1f1b_4_microbatches": (2, ["parallel.pp=2"]),  # global 8 / micro 2 = 4 micro-batches
     "tp2_pp2": (4, ["parallel.tp=2", "parallel.pp=2"]),
 }
+UNTIED = ["model.tie_embeddings=false"]
+UNTIED_LAYOUTS = {
+    "pp2_vpp2_interleaved": (2, ["parallel.pp=2", "parallel.vpp=2"]),
+}
 MOE_LAYOUTS = {
     "ep2_alltoall": (2, ["parallel.ep=2", "model.moe.dispatcher=alltoall"]),
     "ep2_allgather": (2, ["parallel.ep=2", "model.moe.dispatcher=allgather"]),
@@ -29,17 +33,18 @@ MOE_LAYOUTS = {
 @pytest.fixture(scope="module")
 def reference_losses(tmp_path_factory):
     refs = {}
-    for config in ("tiny_text.yaml", "tiny_text_moe.yaml"):
+    for name, config, extra in (("text", "tiny_text.yaml", []), ("moe", "tiny_text_moe.yaml", []),
+                                ("untied", "tiny_text.yaml", UNTIED)):
         run_dir = tmp_path_factory.mktemp("ref")
-        run_train(run_dir, config, COMMON)
-        refs[config] = losses_by_step(run_dir)
-        assert sorted(refs[config]) == list(range(1, STEPS + 1))
+        run_train(run_dir, config, COMMON + extra)
+        refs[name] = losses_by_step(run_dir)
+        assert sorted(refs[name]) == list(range(1, STEPS + 1))
     return refs
 
 
-def _check(tmp_path, reference_losses, config, nproc, overrides):
+def _check(tmp_path, reference_losses, name, config, nproc, overrides):
     run_train(tmp_path, config, COMMON + overrides, nproc=nproc)
-    got, ref = losses_by_step(tmp_path), reference_losses[config]
+    got, ref = losses_by_step(tmp_path), reference_losses[name]
     assert sorted(got) == sorted(ref)
     for step in ref:
         assert got[step] == pytest.approx(ref[step], abs=1e-5), f"step {step}: {got[step]} vs world-size-1 {ref[step]}"
@@ -49,11 +54,18 @@ def _check(tmp_path, reference_losses, config, nproc, overrides):
 @pytest.mark.parametrize("name", list(DENSE_LAYOUTS))
 def test_dense_layout_matches_single_process(tmp_path, reference_losses, name):
     nproc, overrides = DENSE_LAYOUTS[name]
-    _check(tmp_path, reference_losses, "tiny_text.yaml", nproc, overrides)
+    _check(tmp_path, reference_losses, "text", "tiny_text.yaml", nproc, overrides)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("name", list(UNTIED_LAYOUTS))
+def test_untied_layout_matches_single_process(tmp_path, reference_losses, name):
+    nproc, overrides = UNTIED_LAYOUTS[name]
+    _check(tmp_path, reference_losses, "untied", "tiny_text.yaml", nproc, UNTIED + overrides)
 
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("name", list(MOE_LAYOUTS))
 def test_moe_layout_matches_single_process(tmp_path, reference_losses, name):
     nproc, overrides = MOE_LAYOUTS[name]
-    _check(tmp_path, reference_losses, "tiny_text_moe.yaml", nproc, overrides)
+    _check(tmp_path, reference_losses, "moe", "tiny_text_moe.yaml", nproc, overrides)
