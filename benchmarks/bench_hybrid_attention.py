@@ -152,11 +152,19 @@ def test_hybrid_attention(benchmark, n, pack, impl, pas):
     flops = 4.0 * pairs * HEAD_DIM * HEADS * (3.5 if pas == "fwd_bwd" else 1.0)
     benchmark.extra_info.update(
         gpu=torch.cuda.get_device_name(),
+        torch=torch.__version__,
+        triton=_triton_version(),
         batch=batch,
         useful_pairs=pairs,
         flops=flops,
         tflops=flops / benchmark.stats.stats.median / 1e12,
     )
+
+
+def _triton_version() -> str:
+    import triton
+
+    return triton.__version__
 
 
 def table(json_path: str) -> str:
