@@ -30,7 +30,7 @@ from unittest import mock
 import numpy as np
 
 from megafusion.data.packing import Document, Segment
-from megafusion.data.sample import IMAGE, VIDEO
+from megafusion.data.sample import IMAGE
 
 LAYOUT_DTYPE = np.dtype([
     ("doc", "<i8"),       # document index in the dataset

@@ -17,6 +17,7 @@ keep their ids 0, 1, 2; ``<pad>`` is 3; the user-defined symbols follow.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -111,8 +112,9 @@ class Tokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         return self.sp.decode([int(i) for i in ids])
 
+    @functools.cache
     def action_ids(self) -> dict[str, int]:
-        """Reserved action name -> token id."""
+        """Reserved action name -> token id (a fresh dict is not made per call: do not modify)."""
         out = {}
         for i in range(self.vocab_size):
             piece = self.sp.id_to_piece(i)
