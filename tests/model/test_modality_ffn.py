@@ -166,7 +166,8 @@ def test_modality_ffn_in_a_transformer_layer(megatron_world):
 
 
 def _one_f_one_b_grads(ffn, ctx, xs, modalities, recompute):
-    """Forward micro-batch 0 then 1, then backward 0 then 1 (pipeline 1F1B order): input grads."""
+    """Forward micro-batch 0 then 1, then backward 0 then 1 (pipeline 1F1B order), through two
+    layers (the FFN twice, each checkpointed on its own): input and parameter grads."""
     from megatron.core import tensor_parallel
 
     ffn.zero_grad()
@@ -174,17 +175,20 @@ def _one_f_one_b_grads(ffn, ctx, xs, modalities, recompute):
     outs = []
     for x, modality in zip(xs, modalities):
         ctx.set(modality)
-        if recompute:
-            outs.append(tensor_parallel.checkpoint(lambda h: ffn(h)[0], False, x))
-        else:
-            outs.append(ffn(x)[0])
+        h = x
+        for _layer in range(2):
+            if recompute:
+                h = tensor_parallel.checkpoint(lambda t: ffn(t)[0], False, h)
+            else:
+                h = ffn(h)[0]
+        outs.append(h)
     for out in outs:
         out.square().sum().backward()
     return [x.grad for x in xs] + [p.grad.clone() for p in ffn.parameters()]
 
 
 def test_recompute_in_backward_uses_the_micro_batch_modality(megatron_world):
-    cfg = run_config("model.ffn=modality", "train.recompute=full")
+    cfg = run_config("model.ffn=modality", "train.recompute=full", "model.init_std=0.5")  # O(1) through 2 layers
     tc = transformer_config_for(cfg)
     ctx = ModalityContext()
     ffn = ffn_spec(cfg, tc, ctx)(config=tc, pg_collection=pgs(), is_mtp_layer=False)
@@ -195,11 +199,11 @@ def test_recompute_in_backward_uses_the_micro_batch_modality(megatron_world):
     ctx.clear()
     got = _one_f_one_b_grads(ffn, ctx, xs, modalities, recompute=True)
     for g, e in zip(got, expected):
-        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)  # fp32 at O(10) magnitudes
     assert not ctx._pending  # every queued modality was taken by its backward
     ctx.recompute = False  # without the queue, micro-batch 0's recompute would read micro-batch 1's modality
     wrong = _one_f_one_b_grads(ffn, ctx, xs, modalities, recompute=True)
-    assert not torch.allclose(wrong[0], expected[0])
+    assert not torch.allclose(wrong[0], expected[0], rtol=1e-2)
 
 
 def test_dense_ffn_is_megatrons_mlp(megatron_world):
