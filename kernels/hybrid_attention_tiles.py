@@ -27,6 +27,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import triton
+import triton.language as tl
 
 SKIP, PARTIAL, FULL = 0, 1, 2
 
@@ -140,10 +142,6 @@ def tile_lists(cls: torch.Tensor) -> TileLists:
 #
 # The same summaries, classes and lists in two small kernels; the torch functions above
 # are the reference they are tested against.
-
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
-
 
 @triton.jit
 def _summarize_kernel(DOC, SPAN, OUT, N, T, BLOCK: tl.constexpr):
