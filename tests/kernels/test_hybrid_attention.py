@@ -10,8 +10,9 @@ Tolerances (max abs error vs float64, inputs ~N(0, 1)):
   bf16: 4e-2 (bf16 storage, and the interpreter's fp32->bf16 cast truncates)
 
 Empty rows: under the rule every row sees itself (j == i is causal and in its own
-document), so no row of a non-empty sequence can be empty; the kernel still returns 0
-for such rows (lse = +inf), which is reachable only through N = 0, tested below.
+document), so no ids can make a row of a non-empty sequence see nothing. The public API
+reaches "no rows" only through N = 0 (tested); the kernels' empty-row path (out = 0,
+lse = +inf, zero gradients) is tested by withholding a query tile from the tile lists.
 """
 
 from __future__ import annotations
@@ -41,8 +42,9 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 4e-2}
 
 
-def reference(q, k, v, doc_ids, span_ids, scale):
-    """Float64 attention from the rule: dense mask, softmax, fully masked rows -> 0."""
+def reference(q, k, v, doc_ids, span_ids, scale, blind_rows=None):
+    """Float64 attention from the rule: dense mask, softmax, fully masked rows -> 0.
+    ``blind_rows`` (a slice) see nothing at all, whatever the rule says."""
     n = q.shape[2]
     group = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(group, dim=1)
@@ -52,6 +54,8 @@ def reference(q, k, v, doc_ids, span_ids, scale):
     doc_i, doc_j = doc_ids[:, :, None], doc_ids[:, None, :]
     span_i, span_j = span_ids[:, :, None], span_ids[:, None, :]
     mask = (doc_i == doc_j) & ((j <= i) | ((span_i >= 0) & (span_i == span_j)))
+    if blind_rows is not None:
+        mask[:, blind_rows] = False
     s = (q @ k.transpose(-1, -2)) * scale
     s = s.masked_fill(~mask[:, None], float("-inf"))
     p = torch.softmax(s, dim=-1).nan_to_num(0.0)
@@ -93,7 +97,7 @@ def random_pack(n: int, batch: int, gen: torch.Generator):
     return docs, spans
 
 
-def check(doc_ids, span_ids, heads=2, kv_heads=1, dim=32, dtype=torch.float32, seed=0, scale=None):
+def check(doc_ids, span_ids, heads=2, kv_heads=1, dim=32, dtype=torch.float32, seed=0, scale=None, blind_rows=None):
     gen = torch.Generator().manual_seed(seed)
     bsz, n = doc_ids.shape
     q = torch.randn(bsz, heads, n, dim, generator=gen).to(DEV, dtype).requires_grad_()
@@ -105,7 +109,7 @@ def check(doc_ids, span_ids, heads=2, kv_heads=1, dim=32, dtype=torch.float32, s
     out.backward(dout)
 
     q64, k64, v64 = (t.detach().cpu().double().requires_grad_() for t in (q, k, v))
-    ref = reference(q64, k64, v64, doc_ids, span_ids, scale if scale is not None else 1 / math.sqrt(dim))
+    ref = reference(q64, k64, v64, doc_ids, span_ids, scale if scale is not None else 1 / math.sqrt(dim), blind_rows)
     ref.backward(dout.cpu().double())
     tol = TOL[dtype]
     for name, got, want in (("out", out, ref), ("dq", q.grad, q64.grad), ("dk", k.grad, k64.grad), ("dv", v.grad, v64.grad)):
@@ -210,6 +214,30 @@ def test_zero_length_and_single_token():
             torch.testing.assert_close(out, v.expand(1, 2, 1, 16), rtol=1e-6, atol=1e-6)
             torch.testing.assert_close(v.grad, torch.full_like(v, 2.0))
             torch.testing.assert_close(q.grad, torch.zeros_like(q))
+
+
+def test_rows_that_see_nothing_give_zero_and_zero_grads(monkeypatch):
+    """The kernels' empty-row path, reached by withholding query tile 0 from every tile
+    list (no ids can do it under the rule): those rows must give out = 0, dq = 0 and
+    contribute nothing to dk/dv, with no NaN anywhere."""
+    real_build = hat.build_tile_lists
+
+    def without_query_tile_0(doc, span, row_block, col_block, rows_are_queries):
+        lists = real_build(doc, span, row_block, col_block, rows_are_queries)
+        for count, index in ((lists.full_count, lists.full_index), (lists.part_count, lists.part_index)):
+            if rows_are_queries:
+                count[:, 0] = 0
+            else:  # lists are ascending: query tile 0, if listed, comes first
+                first = (count > 0) & (index[:, :, 0] == 0)
+                index[first] = torch.roll(index[first], -1, dims=-1)
+                count[first] -= 1
+        return lists
+
+    monkeypatch.setattr(hat, "build_tile_lists", without_query_tile_0)
+    monkeypatch.setattr(hat, "select_tiles", lambda *args: hat.TileConfig(64, 64, 64, 64, 64, 64))
+    rows = slice(0, 64)  # query tile 0 in the forward, dk/dv and dq alike
+    doc, span = make_pack(n=150, docs=[100], spans=[(20, 90), (110, 140)])
+    check(doc, span, blind_rows=rows)
 
 
 def test_bad_inputs_raise_clear_errors():
