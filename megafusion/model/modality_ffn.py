@@ -40,7 +40,7 @@ from megatron.core.transformer.module import MegatronModule
 
 from megafusion.data.sample import TEXT
 
-__all__ = ["ModalityContext", "ModalityFFN", "TokenSplit", "ffn_spec", "mlp_submodules"]
+__all__ = ["ModalityContext", "ModalityFFN", "TokenSplit", "ffn_spec", "mlp_submodules", "model_contexts"]
 
 
 @dataclass
@@ -212,6 +212,20 @@ class ModalityContext:
         from megafusion.model.moe import collect_routing_stats
 
         return collect_routing_stats([self], group=group)
+
+
+def model_contexts(model) -> list[ModalityContext]:
+    """The ModalityContexts the FFN modules of ``model`` read (a module or a list of model chunks,
+    DDP-wrapped or not), each once, in module order - what the trainer passes to
+    :func:`megafusion.model.moe.collect_routing_stats`."""
+    chunks = model if isinstance(model, (list, tuple)) else [model]
+    found: dict[int, ModalityContext] = {}
+    for chunk in chunks:
+        for module in chunk.modules():
+            ctx = getattr(module, "ctx", None)
+            if isinstance(ctx, ModalityContext):
+                found.setdefault(id(ctx), ctx)
+    return list(found.values())
 
 
 def _tp_rank_size(tp_group) -> tuple[int, int]:

@@ -36,7 +36,8 @@ Specialization needs both modalities in the layer's tokens; absent keys mean und
 Collecting (the trainer, every ``logging.every`` steps, on every rank, after the step's
 micro-batches)::
 
-    stats = collect_routing_stats(contexts)   # all model chunks of this rank; a collective
+    from megafusion.model.modality_ffn import model_contexts
+    stats = collect_routing_stats(model_contexts(model_chunks))   # a collective over all ranks
 
 It sums the counts over all ranks (data-, expert-, context- and pipeline-parallel ranks
 see different tokens or different layers; tensor-parallel ranks count only under sequence

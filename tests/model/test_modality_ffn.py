@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from megafusion.config import load_config
 from megafusion.data.sample import IMAGE, TEXT, VIDEO
-from megafusion.model.modality_ffn import ModalityContext, ModalityFFN, ffn_spec
+from megafusion.model.modality_ffn import ModalityContext, ModalityFFN, ffn_spec, model_contexts
 from megafusion.model.moe import (
     ModalityMoELayer,
     routing_counts,
@@ -349,6 +349,7 @@ def test_collect_routing_stats_in_a_world_of_one(megatron_world):
     for ctx, layer in ((ctx_a, layer_a), (ctx_b, layer_b)):
         ctx.set(random_modality(5))
         layer(torch.randn(SEQ, BATCH, HIDDEN))
+    assert model_contexts([torch.nn.ModuleList([layer_a]), layer_b]) == [ctx_a, ctx_b]
     stats = collect_routing_stats([ctx_a, ctx_b])
     assert "moe/layer0/specialization" in stats and "moe/layer1/specialization" in stats
     assert stats["moe/specialization"] == pytest.approx(
