@@ -124,7 +124,8 @@ class PackedStream:
     """Packed ``Sample``s from a ``Mixture``; resumable exactly through ``state_dict``.
 
     The state is the mixture's state before the first document not yet inside an
-    emitted sample, so a restored stream re-reads that document and continues identically.
+    emitted sample (and which of its pieces comes next, when long documents are split), so
+    a restored stream re-reads that document and continues identically.
 
     ``num_workers`` > 0 reads documents (memory-mapped reads, decoding, ``latent_transform``)
     in that many processes, ``lookahead`` documents ahead, in the same order as without.
@@ -139,7 +140,9 @@ class PackedStream:
 
             self._pool = mp.get_context("fork").Pool(num_workers, _init_worker, (mixture.sources,))
         self._queue: deque = deque()  # (mixture state before the document, document or async result)
-        self._pending: tuple[dict, Document] | None = None  # drawn, did not fit the previous sample
+        # pieces of the current document not yet packed: (mixture state before it, piece number, piece)
+        self._pieces: deque = deque()
+        self._skip = 0  # pieces of the next document already packed before a resume
 
     def _fill(self) -> None:
         while len(self._queue) < (self.lookahead if self._pool is not None else 1):
@@ -159,30 +162,36 @@ class PackedStream:
 
     def __next__(self) -> Sample:
         while True:
-            if self._pending is None:
-                self._pending = self._next_document()
-            doc = self._pending[1]
-            if not self.packer.empty and not self.packer.fits(doc):
+            if not self._pieces:
+                state, doc = self._next_document()
+                pieces = list(enumerate(self.packer.prepare(doc)))[self._skip:]
+                self._pieces.extend((state, k, piece) for k, piece in pieces)
+                self._skip = 0
+                continue
+            piece = self._pieces[0][2]
+            if not self.packer.empty and not self.packer.fits(piece):
                 return self.packer.flush()
-            self.packer.add(doc)
-            self._pending = None
+            self.packer.add(piece)
+            self._pieces.popleft()
             if self.packer.full:
                 return self.packer.flush()
 
     def state_dict(self) -> dict:
         if not self.packer.empty:
             raise RuntimeError("state_dict() is taken between samples; a sample is half built")
-        if self._pending is not None:
-            return {"mixture": self._pending[0]}
+        if self._pieces:
+            state, piece, _ = self._pieces[0]
+            return {"mixture": state, "piece": piece}
         if self._queue:
-            return {"mixture": self._queue[0][0]}
-        return {"mixture": self.mixture.state_dict()}
+            return {"mixture": self._queue[0][0], "piece": 0}
+        return {"mixture": self.mixture.state_dict(), "piece": 0}
 
     def load_state_dict(self, state: dict) -> None:
         self._queue.clear()  # documents read ahead are dropped (results of workers are ignored)
+        self._pieces.clear()
         self.mixture.load_state_dict(state["mixture"])
         self.packer.reset()
-        self._pending = None
+        self._skip = int(state.get("piece", 0))
 
     def close(self) -> None:
         """Stops the worker processes."""
@@ -266,7 +275,8 @@ class Loader:
 
 def make_loader(prefixes: Sequence[str], weights: Sequence[float] | None, *, seq_len: int, batch_size: int,
                 seed: int = 0, rank: int = 0, world_size: int = 1, latent_dim: int | None = None,
-                latent_transform=None, prefetch: int = 2, num_workers: int = 0) -> Loader:
+                latent_transform=None, prefetch: int = 2, num_workers: int = 0,
+                long_documents: str = "truncate") -> Loader:
     """The training loader over preprocessed datasets (``tools/preprocess_data.py`` prefixes).
 
     Special token ids come from the datasets' ``meta.json`` (they must agree: one tokenizer);
@@ -290,5 +300,5 @@ def make_loader(prefixes: Sequence[str], weights: Sequence[float] | None, *, seq
         latent_dim = dims.pop() if dims else 1
     pad_id, boi_id, eoi_id = ids.pop()
     mixture = Mixture(sources, weights, seed=seed, rank=rank, world_size=world_size)
-    packer = SequencePacker(seq_len, latent_dim, pad_id, boi_id, eoi_id)
+    packer = SequencePacker(seq_len, latent_dim, pad_id, boi_id, eoi_id, long_documents=long_documents)
     return Loader(PackedStream(mixture, packer, num_workers=num_workers), batch_size, prefetch=prefetch)

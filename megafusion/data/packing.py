@@ -9,7 +9,8 @@ Packing is greedy and in order: a document that fits the space left in the curre
 sequence is appended; one that does not fit closes the sequence (the rest is padding)
 and starts the next. A document longer than the whole sequence is truncated at a span
 boundary (text may be cut between any two tokens; an image span is kept whole or dropped
-with everything after it), and counted in ``PackingStats``. Image spans are never split.
+with everything after it), or split there into several documents (``long_documents``),
+and counted in ``PackingStats``. Image spans are never split.
 """
 
 from __future__ import annotations
@@ -81,12 +82,45 @@ def truncate_document(doc: Document, max_len: int) -> tuple[Document, int]:
     return out, total - used
 
 
+def split_document(doc: Document, max_len: int) -> tuple[list[Document], int]:
+    """Cuts ``doc`` into pieces of at most ``max_len`` positions at span boundaries (text between
+    any two tokens, a visual span only whole); returns (pieces, dropped positions): a visual span
+    longer than ``max_len`` cannot be placed and is dropped. Each piece packs as a document."""
+    pieces: list[Document] = []
+    cur: Document = []
+    used = dropped = 0
+    for seg in doc:
+        if not seg.is_text:
+            if seg.length > max_len:
+                dropped += seg.length
+                continue
+            if used + seg.length > max_len:
+                pieces.append(cur)
+                cur, used = [], 0
+            cur.append(seg)
+            used += seg.length
+            continue
+        tokens = seg.tokens
+        while len(tokens):
+            if used == max_len:
+                pieces.append(cur)
+                cur, used = [], 0
+            room = max_len - used
+            cur.append(Segment(tokens=tokens[:room]))
+            used += min(room, len(tokens))
+            tokens = tokens[room:]
+    if cur:
+        pieces.append(cur)
+    return pieces, dropped
+
+
 @dataclass
 class PackingStats:
     documents: int = 0
     samples: int = 0
     truncated_documents: int = 0
-    dropped_positions: int = 0  # positions lost by truncation
+    split_documents: int = 0
+    dropped_positions: int = 0  # positions lost by truncation (or images too long to place)
     padding_positions: int = 0
 
     def state_dict(self) -> dict:
@@ -95,18 +129,40 @@ class PackingStats:
 
 @dataclass
 class SequencePacker:
-    """Builds ``Sample``s of ``seq_len`` positions with latent width ``latent_dim``."""
+    """Builds ``Sample``s of ``seq_len`` positions with latent width ``latent_dim``.
+
+    ``long_documents``: what happens to a document longer than ``seq_len``: ``truncate``
+    (keep its start, cut at a span boundary) or ``split`` (pack all of it as several
+    documents, cut at span boundaries, as Megatron's GPT datasets do for text).
+    """
 
     seq_len: int
     latent_dim: int
     pad_id: int
     boi_id: int
     eoi_id: int
+    long_documents: str = "truncate"
     stats: PackingStats = field(default_factory=PackingStats)
 
     def __post_init__(self):
+        if self.long_documents not in ("truncate", "split"):
+            raise ValueError(f"long_documents must be 'truncate' or 'split', got {self.long_documents!r}")
         self._docs: list[Document] = []
         self._used = 0
+
+    def prepare(self, doc: Document) -> list[Document]:
+        """The document(s) to pack for ``doc``: itself, truncated, or split (counted in ``stats``)."""
+        if document_length(doc) <= self.seq_len:
+            return [doc] if doc else []
+        if self.long_documents == "truncate":
+            doc, dropped = truncate_document(doc, self.seq_len)
+            self.stats.truncated_documents += 1
+            self.stats.dropped_positions += dropped
+            return [doc] if doc else []
+        pieces, dropped = split_document(doc, self.seq_len)
+        self.stats.split_documents += 1
+        self.stats.dropped_positions += dropped
+        return [p for p in pieces if p]
 
     # -- incremental interface (used by the resumable stream) --------------------------
     def fits(self, doc: Document) -> bool:
@@ -125,15 +181,11 @@ class SequencePacker:
         self._docs, self._used = [], 0
 
     def add(self, doc: Document) -> None:
-        """Appends a document that ``fits`` (or truncates it when the pack is empty)."""
+        """Appends a document that ``fits`` (one from ``prepare``)."""
         length = document_length(doc)
         if length > self.seq_len - self._used:
-            if self._docs:
-                raise ValueError("document does not fit; call flush() first")
-            doc, dropped = truncate_document(doc, self.seq_len)
-            self.stats.truncated_documents += 1
-            self.stats.dropped_positions += dropped
-            length = document_length(doc)
+            raise ValueError(f"a document of {length} positions does not fit the {self.seq_len - self._used} left; "
+                             "flush() first, and pass documents through prepare()")
         for seg in doc:
             if not seg.is_text and seg.latents.shape[1] != self.latent_dim:
                 raise ValueError(f"image latents have width {seg.latents.shape[1]}, the packer expects "
@@ -152,10 +204,11 @@ class SequencePacker:
     # -- one-shot interface --------------------------------------------------------------
     def pack(self, docs: Iterable[Document]) -> Iterator[Sample]:
         """Yields packed samples; the last, partly filled one too."""
-        for doc in docs:
-            if not self.fits(doc) and not self.empty:
-                yield self.flush()
-            self.add(doc)
+        for whole in docs:
+            for doc in self.prepare(whole):
+                if not self.fits(doc) and not self.empty:
+                    yield self.flush()
+                self.add(doc)
         if not self.empty:
             yield self.flush()
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from megafusion.data.packing import Segment, SequencePacker, document_length, truncate_document
+from megafusion.data.packing import Segment, SequencePacker, document_length, split_document, truncate_document
 from megafusion.data.sample import IGNORE_INDEX, IMAGE, TEXT, VIDEO, Sample
 
 PAD, BOI, EOI = 0, 1, 2
@@ -106,9 +106,9 @@ def test_long_documents_truncate_at_span_boundaries():
     packer = SequencePacker(10, C, PAD, BOI, EOI)
     short = [Segment(tokens=np.array([50, 51]))]
     samples = list(packer.pack([short, doc, short]))
-    assert len(samples) == 2  # [short], [doc cut to 5, short]
-    check_sample(samples[1], [cut, short], 10)
-    assert (samples[1].span_ids == -1).all()
+    assert len(samples) == 1  # truncated first, so the cut document (5 positions) fits after the short one
+    check_sample(samples[0], [short, cut, short], 10)
+    assert (samples[0].span_ids == -1).all()
     assert packer.stats.truncated_documents == 1 and packer.stats.dropped_positions == 18
 
 
@@ -131,3 +131,20 @@ def test_latent_width_mismatch_is_refused():
         packer.add([Segment(latents=np.zeros((2, 5), np.float32), modality=IMAGE)])
     with pytest.raises(ValueError, match="either text tokens or latents"):
         Segment()
+
+
+def test_split_mode_packs_every_position_of_long_documents():
+    img = np.ones((6, C), np.float32)
+    doc = [Segment(tokens=np.arange(10, 15)), Segment(latents=img, modality=IMAGE), Segment(tokens=np.arange(20, 30))]
+    pieces, dropped = split_document(doc, 10)
+    assert dropped == 0 and [[s.length for s in p] for p in pieces] == [[5], [8, 2], [8]]
+    assert np.concatenate([s.tokens for p in pieces for s in p if s.is_text]).tolist() == \
+        list(range(10, 15)) + list(range(20, 30))
+    # an image longer than the sequence cannot be placed: dropped and counted, the text is kept
+    pieces, dropped = split_document([Segment(latents=np.ones((12, C), np.float32), modality=IMAGE),
+                                      Segment(tokens=np.arange(3))], 10)
+    assert dropped == 14 and [[s.length for s in p] for p in pieces] == [[3]]
+    packer = SequencePacker(10, C, PAD, BOI, EOI, long_documents="split")
+    samples = list(packer.pack([doc]))
+    assert len(samples) == 3 and packer.stats.split_documents == 1 and packer.stats.dropped_positions == 0
+    check_sample(samples[1], [split_document(doc, 10)[0][1]], 10)
