@@ -43,6 +43,9 @@ from megafusion.data.sample import TEXT
 __all__ = ["ModalityContext", "ModalityFFN", "TokenSplit", "ffn_spec", "mlp_submodules", "model_contexts"]
 
 
+MAX_PENDING = 1024  # micro-batches in flight between forward and backward; more means a leak
+
+
 @dataclass
 class TokenSplit:
     """Which of this rank's tokens are text and which vision, for one micro-batch.
@@ -109,6 +112,10 @@ class ModalityContext:
         self._modality = modality.long()
         self._splits = {}
         if self.recompute and (torch.is_grad_enabled() if will_backward is None else will_backward):
+            if len(self._pending) >= MAX_PENDING:
+                raise RuntimeError(f"{MAX_PENDING} modalities are queued for recompute but no backward took them: "
+                                   "call ctx.set(modality, will_backward=False) (or run under torch.no_grad()) "
+                                   "for forwards that are not back-propagated")
             self._pending.append(self._modality)
 
     def clear(self) -> None:

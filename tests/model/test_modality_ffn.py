@@ -284,6 +284,21 @@ def test_moe_with_modality_shared_experts_matches_reference(megatron_world, disp
             torch.testing.assert_close(p.grad, g_ref[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_moe_with_one_global_shared_expert_is_megatrons(megatron_world):
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_submodules
+    from megatron.core.transformer.moe.shared_experts import SharedExpertMLP
+
+    cfg = run_config(*[o for o in MOE if "per_modality" not in o])
+    ctx = ModalityContext()
+    tc, layer = build_moe(cfg, ctx)
+    assert isinstance(layer.shared_experts, SharedExpertMLP) and layer.modality_shared_experts is None
+    ref = get_gpt_layer_local_submodules(num_experts=4, moe_grouped_gemm=False).mlp(config=tc)
+    ref.load_state_dict(layer.state_dict())
+    ctx.set(random_modality(4))
+    x = torch.randn(SEQ, BATCH, HIDDEN)
+    torch.testing.assert_close(layer(x)[0], ref(x)[0], rtol=1e-6, atol=1e-7)
+
+
 def brute_force_counts(layer, x, modality, num_experts=4, top_k=2):
     """(modality, expert) assignment counts from the router's own top-k of softmax scores."""
     counts = torch.zeros(3, num_experts + 1, dtype=torch.int64)
