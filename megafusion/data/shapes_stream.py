@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from megafusion.data.packing import Document, Segment, SequencePacker
+from megafusion.data.packing import Document, Segment, SequencePacker, document_length, truncate_document
 from megafusion.data.sample import IMAGE, VIDEO, Sample
 from megafusion.data.shapes import ShapesWorld
 
@@ -143,9 +143,12 @@ class ShapesStream:
         packer.reset()
         for j in range(_MAX_DOCS):
             doc = self.document(np.random.default_rng([self.seed, zlib.crc32(b"shapes_stream"), int(i), j]))
-            if not packer.empty and not packer.fits(doc):
+            if document_length(doc) > self.seq_len:  # keep its start; it only fits an empty pack
+                doc, _ = truncate_document(doc, self.seq_len)
+            if not packer.fits(doc):
                 break
-            packer.add(doc)  # the first document is truncated if it is longer than a sequence
+            if doc:
+                packer.add(doc)
             if packer.full:
                 break
         return packer.flush()
