@@ -4,7 +4,11 @@ Run on a GPU machine (CPU runs skip every case with a reason), then print the ta
 
     python3 -m pytest benchmarks/bench_hybrid_attention.py -o addopts="" --benchmark-only \
         --benchmark-json benchmarks/results/hybrid_attention_h100.json
-    python3 benchmarks/bench_hybrid_attention.py benchmarks/results/hybrid_attention_h100.json
+    python3 benchmarks/bench_hybrid_attention.py table benchmarks/results/hybrid_attention_h100.json
+
+Without pytest-benchmark, the same cases and JSON fields (``-k`` selects by case id):
+
+    python3 benchmarks/bench_hybrid_attention.py run benchmarks/results/hybrid_attention_h100.json -k N2048
 
 Implementations, all bf16, B*N = 16k tokens per step, H = 16 heads, D = 128:
   triton       megafusion_kernels.hybrid_attention (tile metadata computed inside each call)
@@ -28,12 +32,12 @@ import json
 import math
 import sys
 
-import pytest
 import torch
 
-pytestmark = pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="GPU benchmark: needs a CUDA device (the Triton interpreter is not a speed test)"
-)
+try:
+    import pytest
+except ImportError:  # `python3 benchmarks/bench_hybrid_attention.py run ...` needs no pytest
+    pytest = None
 
 SEQ_LENS = [2048, 8192, 16384]
 TOKENS_PER_STEP = 16384
@@ -42,6 +46,7 @@ PACKS = ["text", "image_heavy", "mixed"]
 IMPLS = ["triton", "flex", "sdpa_mask", "sdpa_causal"]
 PASSES = ["fwd", "fwd_bwd"]
 DTYPE = torch.bfloat16
+DEVICE = "cuda"
 
 
 def make_pack(kind: str, n: int, batch: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,19 +117,25 @@ def _build(impl, q, k, v, doc, span):
     raise ValueError(impl)
 
 
-def _cases():
+def _cases() -> list[tuple[int, str, str, str, str]]:
+    """(n, pack, impl, pass, id) of every case."""
+    cases = []
     for n in SEQ_LENS:
         for pack in PACKS:
             for impl in IMPLS:
                 if impl == "sdpa_causal" and pack != "text":
                     continue
                 for pas in PASSES:
-                    yield pytest.param(n, pack, impl, pas, id=f"{pas}-{impl}-{pack}-N{n}")
+                    cases.append((n, pack, impl, pas, f"{pas}-{impl}-{pack}-N{n}"))
+    return cases
 
 
-@pytest.mark.parametrize("n,pack,impl,pas", list(_cases()))
-def test_hybrid_attention(benchmark, n, pack, impl, pas):
-    dev = "cuda"
+def _setup(n: int, pack: str, impl: str, pas: str):
+    """(step, info): ``step()`` runs one timed iteration and synchronises; ``info`` holds
+    what the TFLOP/s need (useful pairs, FLOPs) and the machine."""
+    import triton
+
+    dev = DEVICE
     batch = max(1, TOKENS_PER_STEP // n)
     doc, span = (t.to(dev) for t in make_pack(pack, n, batch))
     if impl == "sdpa_causal":
@@ -147,34 +158,63 @@ def test_hybrid_attention(benchmark, n, pack, impl, pas):
             torch.autograd.grad(out, (q, k, v), dout)
             torch.cuda.synchronize()
 
-    benchmark.pedantic(step, rounds=20, warmup_rounds=3, iterations=1)
     pairs = visible_pairs(doc, span)
-    flops = 4.0 * pairs * HEAD_DIM * HEADS * (3.5 if pas == "fwd_bwd" else 1.0)
-    benchmark.extra_info.update(
-        gpu=torch.cuda.get_device_name(),
-        torch=torch.__version__,
-        triton=_triton_version(),
-        batch=batch,
-        useful_pairs=pairs,
-        flops=flops,
-        tflops=flops / benchmark.stats.stats.median / 1e12,
+    info = dict(
+        gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__, batch=batch,
+        useful_pairs=pairs, flops=4.0 * pairs * HEAD_DIM * HEADS * (3.5 if pas == "fwd_bwd" else 1.0),
+    )
+    return step, info
+
+
+if pytest is not None:
+    pytestmark = pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="GPU benchmark: needs a CUDA device (the Triton interpreter is not a speed test)"
     )
 
+    @pytest.mark.parametrize("n,pack,impl,pas", [pytest.param(*c[:4], id=c[4]) for c in _cases()])
+    def test_hybrid_attention(benchmark, n, pack, impl, pas):
+        step, info = _setup(n, pack, impl, pas)
+        benchmark.pedantic(step, rounds=20, warmup_rounds=3, iterations=1)
+        benchmark.extra_info.update(info, tflops=info["flops"] / benchmark.stats.stats.median / 1e12)
 
-def _triton_version() -> str:
-    import triton
 
-    return triton.__version__
+def run_standalone(json_path: str, select: str = "", rounds: int = 20, warmup: int = 3) -> None:
+    """The same cases without pytest-benchmark (for machines that lack it); writes a JSON
+    with the fields ``table`` reads (``params``, ``stats.median`` in s, ``extra_info``)."""
+    import statistics
+    import time
+
+    results = []
+    for n, pack, impl, pas, case_id in _cases():
+        if select not in case_id:
+            continue
+        step, info = _setup(n, pack, impl, pas)
+        for _ in range(warmup):
+            step()
+        times = []
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t0)
+        median = statistics.median(times)
+        info["tflops"] = info["flops"] / median / 1e12
+        results.append(dict(name=case_id, params=dict(n=n, pack=pack, impl=impl, pas=pas),
+                            stats=dict(median=median, min=min(times), max=max(times), rounds=rounds), extra_info=info))
+        print(f"{case_id:40s} {median * 1e3:9.3f} ms {info['tflops']:7.1f} TFLOP/s", flush=True)
+        with open(json_path, "w") as f:  # after every case: a run cut short keeps what it measured
+            json.dump(dict(benchmarks=results), f, indent=1)
 
 
-def table(json_path: str) -> str:
-    """Markdown table from a --benchmark-json file: TFLOP/s per case, triton/flex and
-    triton/causal-flash ratios (both per useful FLOP)."""
-    with open(json_path) as f:
-        data = json.load(f)
+def table(*json_paths: str) -> str:
+    """Markdown table from --benchmark-json (or ``run``) files, merged: TFLOP/s per case,
+    triton/flex and triton/causal-flash ratios (both per useful FLOP)."""
+    benches = []
+    for path in json_paths:
+        with open(path) as f:
+            benches += json.load(f)["benchmarks"]
     rows = {}
     gpu = "?"
-    for bench in data["benchmarks"]:
+    for bench in benches:
         p = bench["params"]
         gpu = bench["extra_info"].get("gpu", gpu)
         rows[(p["pas"], p["n"], p["pack"], p["impl"])] = bench["extra_info"]["tflops"]
@@ -192,5 +232,24 @@ def table(json_path: str) -> str:
     return "\n".join(out)
 
 
+def main(argv: list[str]) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p_run = sub.add_parser("run", help="time the cases without pytest-benchmark and write JSON")
+    p_run.add_argument("json")
+    p_run.add_argument("-k", default="", help="only cases whose id contains this, e.g. N2048 or fwd_bwd-triton")
+    p_table = sub.add_parser("table", help="print the markdown table of one or more JSON files")
+    p_table.add_argument("json", nargs="+")
+    args = parser.parse_args(argv)
+    if args.cmd == "run":
+        run_standalone(args.json, args.k)
+        print(table(args.json))
+    else:
+        print(table(*args.json))
+    return 0
+
+
 if __name__ == "__main__":
-    print(table(sys.argv[1]))
+    sys.exit(main(sys.argv[1:]))
