@@ -32,7 +32,7 @@ echo "[install] 2/5 runtime dependencies"
 CONSTRAINTS=$(mktemp)
 echo "$TORCH_PIN" > "$CONSTRAINTS"
 $PIP -c "$CONSTRAINTS" numpy "packaging>=24.2" psutil sentencepiece tensorboard PyYAML tqdm \
-  safetensors matplotlib
+  safetensors matplotlib Pillow
 # The CPU torch wheel declares no triton; the CUDA build brings its own.
 if ! $PY -c "import triton" 2>/dev/null; then
   $PIP -c "$CONSTRAINTS" "triton==3.7.1"

@@ -16,10 +16,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("megafusion.inference.generate", "generate text, images and video frames from a run"),
     "eval": ("megafusion.eval.cli", "evaluate a run on ShapesWorld and held-out text"),
     "quickstart": ("megafusion.quickstart", "generate data, train, evaluate and report, on CPU in minutes"),
+    "preprocess-data": ("megafusion.data.preprocess", "turn raw files into indexed datasets (tools/preprocess_data.py)"),
+    "train-tokenizer": ("megafusion.data.tokenizer", "train a sentencepiece tokenizer with megafusion's special tokens"),
+    "shapes-data": ("megafusion.data.shapes.export", "write a ShapesWorld dataset (text, image-text, video, actions)"),
     "isoflop": ("megafusion.scaling.isoflop_cli", "plan IsoFLOP sweeps and fit scaling laws"),
     "train-decoder": ("megafusion.vision.train_decoder", "train an RAE pixel decoder on frozen features"),
-    "export": ("megafusion.interop.export", "export a checkpoint to safetensors"),
-    "import": ("megafusion.interop.import_", "import safetensors weights into a run dir"),
 }
 
 
