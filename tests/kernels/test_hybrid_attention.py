@@ -172,16 +172,23 @@ def test_small_tiles_every_class(monkeypatch, tiles):
 
 
 def test_strided_inputs():
-    """q/k/v as transposed views of a [B, N, H, D] layout (what Megatron hands over)."""
+    """q/k/v as transposed views of a [B, N, H, D] layout (what Megatron hands over): no
+    copies, the output keeps that layout, and values and grads match."""
     gen = torch.Generator().manual_seed(0)
     doc, span = make_pack(n=70, spans=[(5, 40)])
-    q = torch.randn(1, 70, 2, 32, generator=gen).to(DEV).transpose(1, 2)
-    k = torch.randn(1, 70, 1, 32, generator=gen).to(DEV).transpose(1, 2)
-    v = torch.randn(1, 70, 1, 32, generator=gen).to(DEV).transpose(1, 2)
+    base = [torch.randn(1, 70, h, 32, generator=gen).to(DEV).requires_grad_() for h in (2, 1, 1)]
+    q, k, v = (t.transpose(1, 2) for t in base)
     assert not q.is_contiguous()
     out = hybrid_attention(q, k, v, doc.to(DEV), span.to(DEV))
-    ref = reference(*(t.cpu().double() for t in (q, k, v)), doc, span, 1 / math.sqrt(32))
-    assert (out.cpu().double() - ref).abs().max() < TOL[torch.float32]
+    assert out.transpose(1, 2).is_contiguous()  # [B, N, H, D] again, ready to reshape
+    dout = torch.randn(out.shape, generator=gen).to(DEV)
+    out.backward(dout)
+    leaves = [t.detach().cpu().double().transpose(1, 2).requires_grad_() for t in base]
+    ref = reference(*leaves, doc, span, 1 / math.sqrt(32))
+    ref.backward(dout.cpu().double())
+    assert (out.detach().cpu().double() - ref).abs().max() < TOL[torch.float32]
+    for got, want in zip(base, leaves):
+        assert (got.grad.cpu().double() - want.grad.transpose(1, 2)).abs().max() < TOL[torch.float32]
 
 
 @pytest.mark.filterwarnings("ignore:All-NaN slice")  # the second document's own rows are NaN
