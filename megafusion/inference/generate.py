@@ -1,0 +1,540 @@
+"""Generation from a trained Transfusion model: text, images, captions, action rollouts.
+
+    megafusion generate --run-dir runs/tiny --prompt "a red circle" --image-prompt --out out/
+    megafusion generate --run-dir runs/tiny --caption image.png --out out/
+    megafusion generate --run-dir runs/tiny --rollout 3 --out out/        # held-out action video 3
+
+From Python::
+
+    gen = Generator.from_run(load_run("runs/tiny"))
+    result = gen.generate("There is", max_new_tokens=64)      # text; images where <boi> appears
+    image = gen.generate_image("a small red circle at the top left")   # uint8 [S, S, 3]
+    text = gen.caption(image)
+    frames = gen.rollout(context_frames, actions, caption)
+
+How a sequence is decoded (one document, positions 0..L-1, the layout of
+``megafusion.data.shapes_stream``):
+
+- Text: next-token sampling (greedy, or temperature with top-k) with a KV cache: megatron's
+  ``StaticInferenceContext`` keeps every layer's keys/values; each step runs only the new
+  positions, whose queries are the *last* positions of the keys (``HybridMaskInfo``).
+- ``<boi>`` (sampled or forced) starts an image: its ``tokens_per_image`` latent positions
+  all carry the same flow time t and are denoised jointly (bidirectional inside the span)
+  by an ODE from noise at t = 1 to t = 0 (``megafusion.diffusion.sampling.sample_ode``,
+  Euler or Heun, time shift as in training). Each ODE step re-runs only the span's
+  positions against the cached prefix (the cache slots of the span are overwritten, not
+  committed). Classifier-free guidance mixes in the same span predicted without its text
+  condition: the prefix with the caption replaced by the null token, exactly as training's
+  condition dropout (``transfusion.drop_text_condition``). The clean latents (t = 0) and
+  ``<eoi>`` are then committed and text continues.
+- Captioning: the image is encoded to clean latents (t = 0) in ``<boi> .. <eoi>`` and text
+  is generated after it.
+- Action rollout: caption, context frames (clean), each followed by its action token; every
+  new frame is sampled by the ODE and appended as clean context for the next.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from megafusion.data.sample import IMAGE, TEXT, VIDEO
+from megafusion.model.mask import HybridMaskInfo
+
+# --------------------------------------------------------------------------- sequence state
+
+
+@dataclass
+class Chunk:
+    """Positions appended to a sequence: tokens [k] int64, latents [k, C], t [k], modality [k],
+    span_ids [k] (-1 at text)."""
+
+    tokens: torch.Tensor
+    latents: torch.Tensor
+    t: torch.Tensor
+    modality: torch.Tensor
+    span_ids: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    @staticmethod
+    def cat(chunks: list["Chunk"]) -> "Chunk":
+        return Chunk(*(torch.cat([getattr(c, f) for c in chunks]) for f in
+                       ("tokens", "latents", "t", "modality", "span_ids")))
+
+
+class DecodeState:
+    """One sequence being decoded (batch of one, a single document) and its KV cache.
+
+    ``run(chunk, commit)`` returns (logits [k, V], latent predictions [k, C]) of the chunk's
+    positions given everything committed before. ``commit=False`` leaves the sequence as it
+    was (used by the ODE steps); the cache slots it wrote are overwritten by the next run.
+    Without a cache (``use_cache=False``) every run recomputes the whole sequence: the
+    reference the cached path is tested against.
+    """
+
+    def __init__(self, generator: "Generator", use_cache: bool) -> None:
+        self.gen = generator
+        dev, C = generator.device, generator.latent_dim
+        self.seq = Chunk(torch.zeros(0, dtype=torch.long, device=dev), torch.zeros(0, C, device=dev),
+                         torch.zeros(0, device=dev), torch.zeros(0, dtype=torch.long, device=dev),
+                         torch.zeros(0, dtype=torch.long, device=dev))
+        self.context = None
+        if use_cache:
+            from megatron.core.inference.contexts import StaticInferenceContext
+
+            self.context = StaticInferenceContext(max_batch_size=1, max_sequence_length=generator.max_length)
+        self.last_logits: torch.Tensor | None = None  # [V] after the last committed position
+        self.next_span = 0
+
+    def __len__(self) -> int:
+        return len(self.seq)
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.seq.tokens.tolist()
+
+    @torch.no_grad()
+    def run(self, chunk: Chunk, commit: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        start, k = len(self.seq), len(chunk)
+        end = start + k
+        if end > self.gen.max_length:
+            raise ValueError(f"sequence of {end} positions exceeds the generator's max_length "
+                             f"{self.gen.max_length}; generate fewer tokens or raise max_length")
+        full = Chunk.cat([self.seq, chunk])
+        model = self.gen.model
+        positions = torch.arange(end, device=self.gen.device)[None]
+        doc_ids = torch.zeros(1, end, dtype=torch.long, device=self.gen.device)
+        mask = HybridMaskInfo(doc_ids, full.span_ids[None])
+        if self.context is None:
+            logits, latent_pred = model(full.tokens[None], positions, mask.as_tensor(), latents=full.latents[None],
+                                        timesteps=full.t[None], modality=full.modality[None])
+            logits, latent_pred = logits[0, start:], latent_pred[0, start:]
+        else:
+            self.context.sequence_len_offset = start
+            if model.modality_context is not None:
+                model.modality_context.set(chunk.modality[None])
+            hidden = model.embed(chunk.tokens[None], chunk.latents[None], chunk.t[None], chunk.modality[None])
+            hidden = model.decoder(hidden_states=hidden, attention_mask=mask, rotary_pos_emb=model.rope(positions),
+                                   inference_context=self.context)
+            weight = model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights else None
+            logits, _ = model.output_layer(hidden, weight=weight)  # [k, 1, V]
+            logits, latent_pred = logits[:, 0], model.patch_out(hidden)[:, 0]
+        if commit:
+            self.seq = full
+            self.last_logits = logits[-1]
+        return logits.float(), latent_pred.float()
+
+    def append_tokens(self, ids: list[int]) -> torch.Tensor:
+        """Commits text tokens; returns their logits [k, V]."""
+        return self.run(self.gen.text_chunk(ids))[0]
+
+    def new_span_id(self) -> int:
+        span = self.next_span
+        self.next_span += 1
+        return span
+
+
+# --------------------------------------------------------------------------- options and results
+
+
+@dataclass
+class SamplingOptions:
+    """Text: ``temperature`` 0 = greedy; ``top_k`` 0 = no cut. Images: ODE ``steps``,
+    ``method`` euler|heun, guidance ``cfg_scale`` (1 = none). ``seed`` drives both."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    steps: int = 25
+    method: str = "euler"
+    cfg_scale: float = 3.0
+    seed: int = 0
+
+
+@dataclass
+class GenerationResult:
+    """``text``: the generated text with ``<image k>`` placeholders; ``images``: uint8
+    [S, S, 3] each; ``tokens``: the whole sequence's token ids (latent positions hold pad)."""
+
+    prompt: str
+    text: str
+    images: list[np.ndarray] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- the generator
+
+
+class Generator:
+    """Decoding, image sampling, captioning and rollouts with one Transfusion model.
+
+    Args:
+        model: the (unwrapped) ``TransfusionModel`` with pre_process = post_process = True.
+        cfg: the run's Config (diffusion prediction / time shift, model sizes).
+        tokenizer: the run's tokenizer (``boi_id``, ``eoi_id``, ``eod_id``, ``pad_id``, ...).
+        representation: the run's visual representation (encode/decode, normalize).
+        use_cache: decode with the KV cache (False: recompute the whole sequence each step).
+        max_length: longest sequence a state may reach (default 4x the training length).
+    """
+
+    def __init__(self, model, cfg, tokenizer, representation, device=None, use_cache: bool = True,
+                 max_length: int | None = None, world_config=None) -> None:
+        self.model = model.eval()
+        self.world_config = world_config  # the training stream's WorldConfig (clip lengths), if known
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.representation = representation
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.use_cache = use_cache
+        self.max_length = max_length or max(4 * cfg.model.seq_length, 512)
+        self.latent_dim = representation.latent_dim
+        self.tokens_per_image = representation.tokens_per_image
+        vocab = model.vocab_size
+        # Never sample padding rows of the embedding, nor the null/pad token.
+        self._banned = torch.zeros(vocab, dtype=torch.bool, device=self.device)
+        self._banned[min(tokenizer.vocab_size, vocab):] = True
+        self._banned[tokenizer.pad_id] = True
+        # <eoi> is written by the generator after an image's latents, never predicted (it is
+        # no training target: it follows a latent position).
+        self._banned[tokenizer.eoi_id] = True
+        self._banned_no_images = self._banned.clone()
+        self._banned_no_images[tokenizer.boi_id] = True
+
+    @classmethod
+    def from_run(cls, loaded, **kw) -> "Generator":
+        """From ``megafusion.inference.loading.load_run`` / ``build_model``."""
+        stream = loaded.provider.stream
+        return cls(loaded.model, loaded.cfg, stream.tokenizer, stream.representation, loaded.device,
+                   world_config=stream.world.config, **kw)
+
+    def new_state(self, use_cache: bool | None = None) -> DecodeState:
+        return DecodeState(self, self.use_cache if use_cache is None else use_cache)
+
+    # ------------------------------------------------------------------ chunks
+    def text_chunk(self, ids: list[int]) -> Chunk:
+        k, dev = len(ids), self.device
+        return Chunk(torch.as_tensor(ids, dtype=torch.long, device=dev), torch.zeros(k, self.latent_dim, device=dev),
+                     torch.zeros(k, device=dev), torch.full((k,), TEXT, dtype=torch.long, device=dev),
+                     torch.full((k,), -1, dtype=torch.long, device=dev))
+
+    def latent_chunk(self, latents: torch.Tensor, t: float, span: int, modality: int = IMAGE) -> Chunk:
+        k, dev = latents.shape[0], self.device
+        return Chunk(torch.full((k,), self.tokenizer.pad_id, dtype=torch.long, device=dev), latents.to(dev).float(),
+                     torch.full((k,), float(t), device=dev), torch.full((k,), modality, dtype=torch.long, device=dev),
+                     torch.full((k,), span, dtype=torch.long, device=dev))
+
+    # ------------------------------------------------------------------ images <-> latents
+    @torch.no_grad()
+    def encode_images(self, images: np.ndarray) -> torch.Tensor:
+        """uint8 [n, S, S, 3] -> normalised latents [n, tokens_per_image, C] (as training)."""
+        x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
+        rep = self.representation
+        return rep.normalize(rep.encode(x)).float().to(self.device)
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> np.ndarray:
+        """normalised latents [n, T, C] -> uint8 images [n, S, S, 3]."""
+        rep = self.representation
+        images = rep.decode(rep.denormalize(latents.float().cpu()))
+        return (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+    # ------------------------------------------------------------------ text
+    def pick_token(self, logits: torch.Tensor, opts: SamplingOptions, rng: torch.Generator,
+                   allow_images: bool = True) -> int:
+        """Greedy (temperature 0) or temperature / top-k sampling from logits [V]."""
+        banned = self._banned if allow_images else self._banned_no_images
+        logits = logits.float().masked_fill(banned, float("-inf"))
+        if opts.temperature <= 0:
+            return int(logits.argmax())
+        logits = logits / opts.temperature
+        if opts.top_k > 0:
+            kth = torch.topk(logits, min(opts.top_k, logits.numel())).values[-1]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        probs = torch.softmax(logits, -1).cpu()
+        return int(torch.multinomial(probs, 1, generator=rng))
+
+    # ------------------------------------------------------------------ images
+    def _unconditional_state(self, state: DecodeState) -> DecodeState:
+        """The state's sequence with its text condition dropped (training's CFG convention:
+        the text before the document's first image/frame, ``<boi>`` kept, becomes the null
+        token), prefilled into a new cache."""
+        from megafusion.model.transfusion import drop_text_condition
+
+        seq = state.seq
+        # One pending latent position marks where the image being sampled starts when the
+        # sequence holds no latent yet.
+        modality = torch.cat([seq.modality, seq.modality.new_full((1,), IMAGE)])[None]
+        tokens = torch.cat([seq.tokens, seq.tokens.new_full((1,), self.tokenizer.pad_id)])[None]
+        doc_ids = torch.zeros_like(tokens)
+        drop = torch.ones_like(tokens, dtype=torch.bool)
+        nulled, _ = drop_text_condition(tokens, tokens.clone(), modality, doc_ids, drop, self.tokenizer.pad_id)
+        uncond = self.new_state()
+        uncond.run(Chunk(nulled[0, :-1], seq.latents, seq.t, seq.modality, seq.span_ids))
+        uncond.next_span = state.next_span
+        return uncond
+
+    @torch.no_grad()
+    def sample_latents(self, state: DecodeState, opts: SamplingOptions, modality: int = IMAGE,
+                       rng: torch.Generator | None = None) -> torch.Tensor:
+        """Samples one image/frame after ``state`` (which must end with ``<boi>``) by the ODE;
+        commits its clean latents and ``<eoi>``. Returns normalised latents [T, C]."""
+        from megafusion.diffusion.flow import resolve_shift
+        from megafusion.diffusion.sampling import sample_ode
+
+        if not len(state) or state.tokens[-1] != self.tokenizer.boi_id:
+            raise ValueError("sample_latents: the sequence must end with <boi>")
+        T, C = self.tokens_per_image, self.latent_dim
+        span = state.new_span_id()
+        if rng is None:
+            rng = torch.Generator().manual_seed(opts.seed)
+        noise = torch.randn(1, T, C, generator=rng).to(self.device)
+        uncond = self._unconditional_state(state) if opts.cfg_scale != 1.0 else None
+
+        def denoiser(on: DecodeState):
+            def run(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+                return on.run(self.latent_chunk(x[0], float(t[0]), span, modality), commit=False)[1][None]
+            return run
+
+        d = self.cfg.diffusion
+        x0 = sample_ode(denoiser(state), noise, opts.steps, method=opts.method, prediction=d.prediction,
+                        shift=float(resolve_shift(d, T * C)), cfg_scale=opts.cfg_scale,
+                        uncond_model=denoiser(uncond) if uncond is not None else None,
+                        min_denominator=d.min_denominator)[0]
+        state.run(Chunk.cat([self.latent_chunk(x0, 0.0, span, modality), self.text_chunk([self.tokenizer.eoi_id])]))
+        return x0
+
+    def generate_image(self, prompt: str, opts: SamplingOptions | None = None) -> np.ndarray:
+        """An image for a text prompt (``prompt <boi>``, then the ODE): uint8 [S, S, 3]."""
+        opts = opts or SamplingOptions()
+        state = self.new_state()
+        state.append_tokens(self.tokenizer.encode(prompt) + [self.tokenizer.boi_id])
+        return self.decode_latents(self.sample_latents(state, opts)[None])[0]
+
+    # ------------------------------------------------------------------ text (+ images)
+    def continue_text(self, state: DecodeState, max_new_tokens: int, opts: SamplingOptions,
+                      rng: torch.Generator, images: list | None = None, max_images: int = 4) -> list[int]:
+        """Samples up to ``max_new_tokens`` tokens (stops after ``<eod>``); a ``<boi>`` (sampled,
+        or already last in ``state``) is followed by an ODE-sampled image whose latents go to
+        ``images``. Returns the new token ids (images not included)."""
+        tok = self.tokenizer
+        new: list[int] = []
+        for _ in range(max_new_tokens + 1):
+            if state.tokens and state.tokens[-1] == tok.boi_id and images is not None and len(images) < max_images:
+                images.append(self.sample_latents(state, opts, rng=rng))
+                new.append(tok.eoi_id)
+                continue
+            if len(new) >= max_new_tokens:
+                break
+            t = self.pick_token(state.last_logits, opts, rng, allow_images=images is not None)
+            new.append(t)
+            state.append_tokens([t])
+            if t == tok.eod_id:
+                break
+        return new
+
+    def _render(self, ids: list[int]) -> str:
+        """Token ids as text, each image shown as ``<image k>``."""
+        tok, out, k, run = self.tokenizer, [], 0, []
+        for i in ids:
+            if i == tok.eoi_id:
+                out.append(tok.decode(run))
+                out.append(f"<image {k}>")
+                run, k = [], k + 1
+            elif i != tok.boi_id:
+                run.append(i)
+        out.append(tok.decode(run))
+        return "".join(out)
+
+    def generate(self, prompt: str, max_new_tokens: int = 64, opts: SamplingOptions | None = None,
+                 force_image: bool = False, max_images: int = 4) -> GenerationResult:
+        """Text continuation of ``prompt`` (``force_image``: a ``<boi>`` is appended, so an
+        image comes first), sampling images wherever ``<boi>`` appears."""
+        opts = opts or SamplingOptions()
+        rng = torch.Generator().manual_seed(opts.seed)
+        state = self.new_state()
+        ids = self.tokenizer.encode(prompt) + ([self.tokenizer.boi_id] if force_image else [])
+        if not ids:
+            raise ValueError("generate: empty prompt; give some text or force_image=True")
+        state.append_tokens(ids)
+        latents: list[torch.Tensor] = []
+        new = self.continue_text(state, max_new_tokens, opts, rng, latents, max_images)
+        images = list(self.decode_latents(torch.stack(latents))) if latents else []
+        shown = ([self.tokenizer.boi_id] if force_image else []) + new
+        return GenerationResult(prompt, self._render(shown), images, state.tokens)
+
+    def caption(self, image: np.ndarray, max_new_tokens: int = 96, opts: SamplingOptions | None = None) -> str:
+        """Text generated after ``<boi> image <eoi>`` (clean latents, t = 0), up to ``<eod>``."""
+        opts = opts or SamplingOptions()
+        rng = torch.Generator().manual_seed(opts.seed)
+        state = self.new_state()
+        latents = self.encode_images(np.asarray(image)[None])[0]
+        tok = self.tokenizer
+        state.run(Chunk.cat([self.text_chunk([tok.boi_id]), self.latent_chunk(latents, 0.0, state.new_span_id()),
+                             self.text_chunk([tok.eoi_id])]))
+        new = self.continue_text(state, max_new_tokens, opts, rng, images=None)
+        return tok.decode([i for i in new if i != tok.eod_id])
+
+    # ------------------------------------------------------------------ action rollout
+    def rollout(self, context_frames: np.ndarray, actions: list[str], caption: str,
+                opts: SamplingOptions | None = None) -> np.ndarray:
+        """Next-frame rollout given actions, in the action-video layout of the training data:
+        ``caption``, then each frame in ``<boi> .. <eoi>`` followed by the action that moves
+        it to the next frame. ``context_frames`` uint8 [c, S, S, 3] are clean context;
+        ``actions[f]`` moves frame f to f + 1, so ``len(actions) + 1 - c`` frames are
+        predicted (each sampled by the ODE, then appended as clean context).
+        Returns uint8 [len(actions) + 1 - c, S, S, 3]."""
+        opts = opts or SamplingOptions()
+        tok = self.tokenizer
+        c = len(context_frames)
+        if not 1 <= c <= len(actions):
+            raise ValueError(f"rollout: {c} context frames need 1 <= c <= len(actions) = {len(actions)}")
+        rng = torch.Generator().manual_seed(opts.seed)
+        state = self.new_state()
+        context = self.encode_images(np.asarray(context_frames))
+        parts = [self.text_chunk(tok.encode(caption))]
+        for f in range(c):
+            parts += [self.text_chunk([tok.boi_id]), self.latent_chunk(context[f], 0.0, state.new_span_id(), VIDEO),
+                      self.text_chunk([tok.eoi_id]), self.text_chunk(tok.encode_action(actions[f]))]
+        parts.append(self.text_chunk([tok.boi_id]))
+        state.run(Chunk.cat(parts))
+        frames = []
+        for f in range(c, len(actions) + 1):
+            frames.append(self.sample_latents(state, opts, modality=VIDEO, rng=rng))
+            if f < len(actions):
+                state.append_tokens(tok.encode_action(actions[f]) + [tok.boi_id])
+        return self.decode_latents(torch.stack(frames))
+
+    # ------------------------------------------------------------------ scoring
+    @torch.no_grad()
+    def text_logprobs(self, text: str) -> np.ndarray:
+        """Natural-log probabilities of each token of ``text`` + ``<eod>`` after the first
+        (one full forward, truncated to the training length); float64 [n - 1]."""
+        ids = (self.tokenizer.encode(text) + [self.tokenizer.eod_id])[: self.cfg.model.seq_length]
+        state = self.new_state(use_cache=False)
+        logits = state.run(self.text_chunk(ids))[0]  # [n, V]
+        logp = torch.log_softmax(logits[:-1].double(), -1)
+        return logp.gather(1, torch.as_tensor(ids[1:], device=logp.device)[:, None])[:, 0].cpu().numpy()
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="megafusion generate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run-dir", required=True, help="a `megafusion train` run dir (config.yaml + checkpoints/)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    p.add_argument("--prompt", default=None, help="text prompt (continuation; with --image-prompt, image caption; "
+                                                 "with --rollout, overrides the episode caption)")
+    p.add_argument("--image-prompt", action="store_true", help="append <boi> to the prompt: generate an image first")
+    p.add_argument("--caption", metavar="IMAGE.png", default=None, help="caption this image (image-to-text)")
+    p.add_argument("--rollout", type=int, metavar="INDEX", default=None,
+                   help="roll out held-out ShapesWorld action video INDEX from its context frames and actions")
+    p.add_argument("--actions", default=None, help="comma-separated actions for --rollout (up,down,left,right,stay; "
+                                                   "W/A/S/D), replacing the episode's")
+    p.add_argument("--steps", type=int, default=25, help="ODE steps per image")
+    p.add_argument("--sampler", choices=("euler", "heun"), default="euler")
+    p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="cpu | cuda | auto (default: the run's train.device)")
+    p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence per token (reference)")
+    p.add_argument("--out", required=True, help="output directory (PNG files + generation.json)")
+    return p
+
+
+def _save_png(image: np.ndarray, path: Path) -> str:
+    from megafusion.data.shapes import save_png
+
+    save_png(image, path)
+    return path.name
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    modes = sum([args.caption is not None, args.rollout is not None])
+    if modes > 1:
+        print("megafusion generate: choose one of --caption and --rollout", file=sys.stderr)
+        return 2
+    if modes == 0 and args.prompt is None:
+        print("megafusion generate: give --prompt (text or, with --image-prompt, an image caption), "
+              "--caption IMAGE.png or --rollout INDEX", file=sys.stderr)
+        return 2
+    from megafusion.inference.loading import close, load_run
+
+    try:
+        loaded = load_run(args.run_dir, args.step, args.device)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"megafusion generate: {err}", file=sys.stderr)
+        return 2
+    try:
+        gen = Generator.from_run(loaded, use_cache=not args.no_cache)
+        opts = SamplingOptions(args.temperature, args.top_k, args.steps, args.sampler, args.cfg, args.seed)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        record: dict = {"run_dir": str(args.run_dir), "step": loaded.step, "seed": args.seed,
+                        "sampler": args.sampler, "steps": args.steps, "cfg": args.cfg}
+        if args.caption is not None:
+            from megafusion.data.shapes import load_png
+
+            image = load_png(args.caption)
+            record.update(mode="caption", image=str(args.caption),
+                          text=gen.caption(image, args.max_new_tokens, opts))
+        elif args.rollout is not None:
+            record.update(mode="rollout", **_rollout(gen, loaded.cfg, args, opts, out))
+        else:
+            result = gen.generate(args.prompt, args.max_new_tokens, opts, force_image=args.image_prompt)
+            names = [_save_png(im, out / f"image_{k}.png") for k, im in enumerate(result.images)]
+            record.update(mode="image" if args.image_prompt else "text", prompt=args.prompt, text=result.text,
+                          images=names)
+        (out / "generation.json").write_text(json.dumps(record, indent=2) + "\n")
+        print(json.dumps(record, indent=2))
+    finally:
+        close()
+    return 0
+
+
+def _rollout(gen: Generator, cfg, args, opts: SamplingOptions, out: Path) -> dict:
+    from megafusion.data.shapes import HELDOUT_SEED, canonical_action
+    from megafusion.data.shapes.video import agent_caption, apply_actions
+    from megafusion.eval.shapes import save_grid
+
+    world = eval_world(gen)
+    sample = world.action_video(args.rollout)
+    actions = sample.actions
+    truth = sample.frames
+    if args.actions:
+        actions = [canonical_action(a.strip()) for a in args.actions.split(",") if a.strip()]
+        start = tuple(int(v) for v in sample.path[0])
+        truth = sample.episode.render(apply_actions(start, actions, world.lattice.k))
+    c = sample.context_frames
+    caption = args.prompt if args.prompt is not None else agent_caption(sample.episode, actions)
+    frames = gen.rollout(truth[:c], actions, caption, opts)
+    names = [_save_png(f, out / f"frame_{c + k}.png") for k, f in enumerate(frames)]
+    save_grid(list(truth) + list(truth[:c]) + list(frames), out / "rollout_grid.png", ncols=len(truth))
+    return {"index": args.rollout, "seed": HELDOUT_SEED, "actions": actions, "caption": caption,
+            "context_frames": c, "frames": names, "grid": "rollout_grid.png",
+            "grid_rows": ["ground truth", "context + predicted"]}
+
+
+def eval_world(gen: Generator):
+    """The held-out ShapesWorld (``HELDOUT_SEED``) with the training stream's clip lengths."""
+    from dataclasses import replace
+
+    from megafusion.data.shapes import HELDOUT_SEED, ShapesWorld, WorldConfig
+
+    base = gen.world_config or WorldConfig(image_size=gen.representation.image_size)
+    return ShapesWorld(config=replace(base, seed=HELDOUT_SEED))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""Load a trained model from a run directory, in one process, for generation and evaluation.
+
+    loaded = load_run("runs/tiny_transfusion")          # latest checkpoint
+    loaded = load_run("runs/tiny_transfusion", step=20)  # a given one
+    loaded.model, loaded.cfg, loaded.provider, loaded.step, loaded.device
+    ...
+    close()                                             # tears the process groups down
+
+The run's ``config.yaml`` is read back and its parallel layout forced to a world of one
+(TP = PP = EP = 1, no SP, no VPP): dist_checkpointing stores tensors with their global
+shapes, so a checkpoint saved at any layout loads here. Only the model's weights are read
+(the checkpoint's optimizer and RNG entries are left on disk).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from megafusion.config import Config, ConfigError, load_config
+
+
+@dataclass
+class LoadedRun:
+    """A trained model ready for inference (eval mode, no gradients needed)."""
+
+    cfg: Config
+    model: torch.nn.Module   # the unwrapped TransfusionModel (pre_process = post_process = True)
+    provider: object         # the model.kind provider (tokenizer, representation via provider.stream)
+    step: int | None         # checkpoint step, None for an untrained (freshly initialised) model
+    device: torch.device
+    run_dir: Path | None
+
+
+def single_process_config(cfg: Config, device: str | None = None) -> Config:
+    """``cfg`` with the parallel layout of a world of one (and ``train.device`` if given)."""
+    parallel = replace(cfg.parallel, tp=1, pp=1, ep=1, sp=False, vpp=None, distributed_optimizer=False)
+    train = replace(cfg.train, device=device) if device is not None else cfg.train
+    return replace(cfg, parallel=parallel, train=train)
+
+
+def checkpoint_path(run_dir: Path, step: int | None) -> tuple[int, Path]:
+    """(step, directory) of the requested (or latest) complete checkpoint, with errors that say what exists."""
+    from megafusion.training.checkpoint import complete_checkpoints
+
+    found = complete_checkpoints(run_dir)
+    if not found:
+        raise FileNotFoundError(f"run dir '{run_dir}' has no complete checkpoint under checkpoints/ "
+                                "(train it with `megafusion train ... --run-dir` first; checkpoint.save_final "
+                                "writes one at the end)")
+    if step is None:
+        return found[-1]
+    for s, path in found:
+        if s == step:
+            return s, path
+    raise FileNotFoundError(f"run dir '{run_dir}' has no checkpoint for step {step}; available steps: "
+                            f"{[s for s, _ in found]}")
+
+
+def build_model(cfg: Config, device: str | None = None) -> LoadedRun:
+    """Starts a world of one and builds ``cfg``'s model, freshly initialised (no checkpoint)."""
+    from megafusion.model.provider import build_transformer_config, get_provider
+    from megafusion.parallel.setup import init_parallel
+
+    cfg = single_process_config(cfg, device)
+    env = init_parallel(cfg)
+    transformer_config = build_transformer_config(cfg, env.device)
+    provider = get_provider(cfg, transformer_config)
+    model = provider.build(pre_process=True, post_process=True, vp_stage=None).to(env.device)
+    model.eval()
+    return LoadedRun(cfg, model, provider, None, env.device, None)
+
+
+def load_run(run_dir: str | Path, step: int | None = None, device: str | None = None) -> LoadedRun:
+    """Builds the run's model at world size 1 and loads its checkpoint's weights.
+
+    ``device``: "cpu", "cuda" or "auto"; default: the run's ``train.device``.
+    """
+    from megatron.core import dist_checkpointing
+
+    from megafusion.training.checkpoint import unwrap
+
+    run_dir = Path(run_dir)
+    config_file = run_dir / "config.yaml"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"'{config_file}' does not exist: --run-dir must be a directory written by "
+                                "`megafusion train` (it holds config.yaml and checkpoints/)")
+    cfg = load_config(config_file)
+    if cfg.model.kind != "transfusion":
+        raise ConfigError(f"{config_file}: model.kind = {cfg.model.kind!r}; generation and ShapesWorld "
+                          "evaluation need a Transfusion model (model.kind: transfusion)")
+    ckpt_step, path = checkpoint_path(run_dir, step)
+    loaded = build_model(cfg, device)
+    model = unwrap(loaded.model)
+    state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(path))
+    model.load_state_dict(state["model"], strict=True)
+    model.eval()
+    loaded.step, loaded.run_dir = ckpt_step, run_dir
+    return loaded
+
+
+def close() -> None:
+    """Destroys the process groups ``build_model`` / ``load_run`` started."""
+    from megafusion.parallel.setup import shutdown
+
+    shutdown()
