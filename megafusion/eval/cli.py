@@ -1,0 +1,218 @@
+"""``megafusion eval``: the exact ShapesWorld evaluations and held-out perplexity of a trained run.
+
+    megafusion eval --run-dir runs/tiny_transfusion --out runs/tiny_transfusion/eval --n 32
+
+Everything is scored on the held-out world (``HELDOUT_SEED``, never drawn in training),
+with the clip lengths the training stream used. What runs depends on what the run was
+trained on (``data.shapes_weights``); an evaluation whose data the model never saw is
+written as ``{"skipped": "not trained on this modality: ..."}``, never silently left out:
+
+- ``generation`` (image_text): an image per held-out caption (``caption <boi>`` + ODE with
+  guidance), parsed by the deterministic detector (GenEval-like correctness).
+- ``captioning`` (image_text, image-first documents): text after ``<boi> image <eoi>``,
+  parsed against the true scene.
+- ``vqa``: the stream has no question-answer documents, so it is skipped as untrained.
+- ``world_model`` (action_video): rollouts from the context frames given the actions:
+  next-frame / rollout MSE and the agent's lattice-position accuracy.
+- ``planning`` (action_video): each candidate action sequence is imagined with the model
+  as world model; the one whose final frame is nearest the goal is chosen (NWM-style).
+- ``perplexity``: per-token log-probabilities of held-out text documents.
+
+Writes ``OUT/metrics.json`` (every result, and ``headlines``: one figure per evaluation with
+its chance level), sample grids ``OUT/*.png``, and TensorBoard scalars ``eval/...`` at the
+checkpoint's step under ``RUN_DIR/tensorboard``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from megafusion.inference.generate import Generator, SamplingOptions, eval_world
+
+
+def _skip(reason: str) -> dict:
+    return {"skipped": f"not trained on this modality: {reason}"}
+
+
+def evaluate(gen: Generator, cfg, out: Path, n: int = 32, opts: SamplingOptions | None = None,
+             planning_candidates: int = 8, caption_first_prob: float = 0.8,
+             log: Callable[[str], None] = print) -> dict:
+    """Runs every evaluation the run's training data supports; returns the metrics dict
+    (also written to ``out/metrics.json``) and saves sample grids under ``out``.
+
+    ``caption_first_prob``: the training stream's share of caption-first image documents
+    (``ShapesStream.caption_first_prob``); 1.0 means it never saw image-first (captioning) ones.
+    """
+    from megafusion.data.shapes.video import agent_caption
+    from megafusion.eval.shapes import (save_grid, score_agent_positions, score_captions, score_generation,
+                                        score_planning, score_rollout, world_model_plan_scorer)
+    from megafusion.eval.text import heldout_documents, perplexity
+
+    opts = opts or SamplingOptions()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    weights = {k: float(v) for k, v in cfg.data.shapes_weights.items()}
+    trained = lambda source: weights.get(source, 0.0) > 0  # noqa: E731
+    world = eval_world(gen)
+    results: dict[str, dict] = {}
+    samples: dict[str, list] = {}
+
+    def timed(name: str, fn: Callable[[], dict]) -> None:
+        started = time.perf_counter()
+        results[name] = fn()
+        results[name]["seconds"] = round(time.perf_counter() - started, 3)
+        head = results[name].get("headline")
+        if head:
+            log(f"[eval] {name}: {head['metric']} = {head['value']:.4g} (chance {head['chance']})")
+        else:
+            log(f"[eval] {name}: {results[name].get('skipped')}")
+
+    def seeded(i: int) -> SamplingOptions:
+        return SamplingOptions(opts.temperature, opts.top_k, opts.steps, opts.method, opts.cfg_scale, opts.seed + i)
+
+    items = [world.image_text(i) for i in range(n)]
+
+    # ---------------------------------------------------------------- image generation
+    def generation() -> dict:
+        images = [gen.generate_image(s.caption, seeded(i)) for i, s in enumerate(items)]
+        k = min(len(items), 8)
+        save_grid([s.image for s in items[:k]] + images[:k], out / "generation_grid.png", ncols=k)
+        samples["generation"] = [{"prompt": s.caption} for s in items[:k]]
+        return {**score_generation(images, [s.caption for s in items]), "grid": "generation_grid.png",
+                "grid_rows": ["ground truth render", "generated"]}
+
+    timed("generation", generation if trained("image_text") else
+          lambda: _skip("data.shapes_weights.image_text = 0 (no caption-image documents)"))
+
+    # ---------------------------------------------------------------- captioning
+    def captioning() -> dict:
+        captions = [gen.caption(s.image, opts=seeded(i)) for i, s in enumerate(items)]
+        samples["captioning"] = [{"truth": s.caption, "generated": c} for s, c in zip(items[:8], captions[:8])]
+        return score_captions(captions, [s.scene for s in items])
+
+    timed("captioning", captioning if trained("image_text") and caption_first_prob < 1.0 else
+          lambda: _skip("no image-first (captioning) documents in training"))
+
+    # ---------------------------------------------------------------- VQA
+    timed("vqa", lambda: _skip("the ShapesWorld training stream has no question-answer documents "
+                               f"(sources: {sorted(k for k, v in weights.items() if v > 0)})"))
+
+    # ---------------------------------------------------------------- world model
+    def world_model() -> dict:
+        clips = [world.action_video(i) for i in range(n)]
+        c = clips[0].context_frames
+        pred = np.stack([gen.rollout(a.frames[:c], a.actions, a.caption, seeded(i)) for i, a in enumerate(clips)])
+        k = min(len(clips), 4)
+        rows = []
+        for a, p in zip(clips[:k], pred[:k]):
+            rows += list(a.frames) + list(a.frames[:c]) + list(p)
+        save_grid(rows, out / "rollout_grid.png", ncols=len(clips[0].frames))
+        positions = score_agent_positions(pred, clips)
+        return {"rollout": score_rollout(pred, np.stack([a.frames for a in clips]), c),
+                "agent_positions": positions, "headline": positions["headline"], "grid": "rollout_grid.png",
+                "grid_rows": "per clip: ground truth, then context + predicted"}
+
+    # ---------------------------------------------------------------- planning
+    def planning() -> dict:
+        wc = world.config
+        horizon = wc.action_frames - wc.context_frames  # the rollout length seen in training
+        tasks = [world.planning_task(i, horizon=horizon, n_candidates=planning_candidates) for i in range(n)]
+        by_start = {id(t.start_frame): t for t in tasks}
+
+        def scorer(start, goal, candidates):
+            task = by_start[id(start)]
+            predict = lambda s, acts: gen.rollout(s[None], acts, agent_caption(task.episode, acts),  # noqa: E731
+                                                  seeded(task.index))[-1]
+            return world_model_plan_scorer(predict)(start, goal, candidates)
+
+        return score_planning(tasks, scorer)
+
+    no_actions = lambda: _skip("data.shapes_weights.action_video = 0 (no action-conditioned video)")  # noqa: E731
+    timed("world_model", world_model if trained("action_video") else no_actions)
+    timed("planning", planning if trained("action_video") else no_actions)
+
+    # ---------------------------------------------------------------- text
+    def text() -> dict:
+        docs = heldout_documents(n, image_size=world.image_size)
+        return perplexity(docs, gen.text_logprobs, vocab_size=gen.tokenizer.vocab_size)
+
+    timed("perplexity", text)
+
+    metrics = {
+        "settings": {"n": n, "steps": opts.steps, "sampler": opts.method, "cfg_scale": opts.cfg_scale,
+                     "seed": opts.seed, "planning_candidates": planning_candidates,
+                     "heldout_seed": world.config.seed, "training_sources": weights},
+        "headlines": {name: r["headline"] for name, r in results.items() if "headline" in r},
+        "results": results,
+        "samples": samples,
+    }
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+def write_tensorboard(metrics: dict, run_dir: Path, step: int) -> None:
+    """Every scalar of the results as ``eval/<evaluation>/<metric>`` at ``step``."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    from megafusion.eval.shapes import flatten_results
+
+    writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+    for key, value in flatten_results(metrics["results"], "eval").items():
+        writer.add_scalar(key, value, step)
+    writer.close()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="megafusion eval", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run-dir", required=True, help="a `megafusion train` run dir (config.yaml + checkpoints/)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    p.add_argument("--out", default=None, help="output directory (default: RUN_DIR/eval/step_NNNNNNNN)")
+    p.add_argument("--n", type=int, default=32, help="items per evaluation")
+    p.add_argument("--steps", type=int, default=25, help="ODE steps per image or frame")
+    p.add_argument("--sampler", choices=("euler", "heun"), default="euler")
+    p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale for images (1 = off)")
+    p.add_argument("--planning-candidates", type=int, default=8, help="candidate action sequences per planning task")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="cpu | cuda | auto (default: the run's train.device)")
+    p.add_argument("--no-tensorboard", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.n < 2:
+        print("megafusion eval: --n must be >= 2 (chance levels compare items with each other)", file=sys.stderr)
+        return 2
+    from megafusion.inference.loading import close, load_run
+
+    try:
+        loaded = load_run(args.run_dir, args.step, args.device)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"megafusion eval: {err}", file=sys.stderr)
+        return 2
+    try:
+        gen = Generator.from_run(loaded)
+        out = Path(args.out) if args.out else Path(args.run_dir) / "eval" / f"step_{loaded.step:08d}"
+        opts = SamplingOptions(steps=args.steps, method=args.sampler, cfg_scale=args.cfg, seed=args.seed)
+        metrics = evaluate(gen, loaded.cfg, out, args.n, opts, args.planning_candidates,
+                           caption_first_prob=loaded.provider.stream.caption_first_prob)
+        metrics.update(run_dir=str(args.run_dir), step=loaded.step)
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        if not args.no_tensorboard:
+            write_tensorboard(metrics, Path(args.run_dir), loaded.step)
+        print(f"[eval] wrote {out / 'metrics.json'}")
+    finally:
+        close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
