@@ -127,3 +127,11 @@ def load_representation(kind: str, path: str | os.PathLike | None = None, **kw: 
 
 __all__ = ["Representation", "RepresentationConfig", "RepresentationKind", "REGISTRY", "load_representation",
            "register_representation"]
+
+
+def representation_from_config(vision) -> Representation:
+    """The representation a run's ``vision:`` section names (``megafusion.config.VisionConfig``)."""
+    kw: dict[str, Any] = {"image_size": vision.image_size}
+    if vision.representation in ("pixel", "vae"):
+        kw["patch_size"] = vision.patch_size
+    return load_representation(vision.representation, vision.path, **kw)
