@@ -59,18 +59,42 @@ def checkpoint_path(run_dir: Path, step: int | None) -> tuple[int, Path]:
                             f"{[s for s, _ in found]}")
 
 
+# How many loaded models share the process groups this module started (``close`` tears
+# them down when the last one is closed).
+_users = 0
+
+
+def _start_world_of_one(cfg: Config) -> torch.device:
+    """Starts torch.distributed + megatron's groups for one process, or reuses the ones a
+    previous ``build_model`` started (several models loaded in one process)."""
+    global _users
+    from megatron.core import parallel_state as ps
+
+    from megafusion.parallel.setup import init_parallel, resolve_device
+
+    if _users > 0 and ps.model_parallel_is_initialized():
+        _users += 1
+        return resolve_device(cfg.train.device)
+    if ps.model_parallel_is_initialized():
+        raise RuntimeError("megatron's model-parallel groups are already initialised by someone else; "
+                           "load the model in a fresh process (or shut the other world down first)")
+    env = init_parallel(cfg)
+    _users = 1
+    return env.device
+
+
 def build_model(cfg: Config, device: str | None = None) -> LoadedRun:
-    """Starts a world of one and builds ``cfg``'s model, freshly initialised (no checkpoint)."""
+    """Starts a world of one and builds ``cfg``'s model, freshly initialised (no checkpoint).
+    Call ``close()`` once per ``build_model`` / ``load_run`` when done."""
     from megafusion.model.provider import build_transformer_config, get_provider
-    from megafusion.parallel.setup import init_parallel
 
     cfg = single_process_config(cfg, device)
-    env = init_parallel(cfg)
-    transformer_config = build_transformer_config(cfg, env.device)
+    dev = _start_world_of_one(cfg)
+    transformer_config = build_transformer_config(cfg, dev)
     provider = get_provider(cfg, transformer_config)
-    model = provider.build(pre_process=True, post_process=True, vp_stage=None).to(env.device)
+    model = provider.build(pre_process=True, post_process=True, vp_stage=None).to(dev)
     model.eval()
-    return LoadedRun(cfg, model, provider, None, env.device, None)
+    return LoadedRun(cfg, model, provider, None, dev, None)
 
 
 def load_run(run_dir: str | Path, step: int | None = None, device: str | None = None) -> LoadedRun:
@@ -93,16 +117,25 @@ def load_run(run_dir: str | Path, step: int | None = None, device: str | None = 
                           "evaluation need a Transfusion model (model.kind: transfusion)")
     ckpt_step, path = checkpoint_path(run_dir, step)
     loaded = build_model(cfg, device)
-    model = unwrap(loaded.model)
-    state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(path))
-    model.load_state_dict(state["model"], strict=True)
-    model.eval()
+    try:
+        model = unwrap(loaded.model)
+        state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(path))
+        model.load_state_dict(state["model"], strict=True)
+        model.eval()
+    except BaseException:
+        close()
+        raise
     loaded.step, loaded.run_dir = ckpt_step, run_dir
     return loaded
 
 
 def close() -> None:
-    """Destroys the process groups ``build_model`` / ``load_run`` started."""
+    """Releases one ``build_model`` / ``load_run``; the last one destroys the process groups."""
+    global _users
     from megafusion.parallel.setup import shutdown
 
-    shutdown()
+    if _users <= 0:
+        return
+    _users -= 1
+    if _users == 0:
+        shutdown()
