@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-exec ${PYTHON:-python3} -m pytest -q --durations=20 "$@"
+exec ${PYTHON:-python3} -m pytest -q --durations=20 --benchmark-skip "$@"
