@@ -53,7 +53,7 @@ def block_spec(transformer_config, spec: str, num_experts: int | None, vp_stage:
 
 
 def transfusion_block_spec(transformer_config, attention: str, num_experts: int | None,
-                           vp_stage: int | None = None, mlp_spec=None) -> TransformerBlockSubmodules:
+                           vp_stage: int | None = None, mlp_spec=None, norm_spec=None) -> TransformerBlockSubmodules:
     """The Transfusion layers of this pipeline stage: the local GPT layer with the hybrid
     core attention ``attention`` (sdpa | flex | triton, megafusion.model.attention).
 
@@ -61,6 +61,7 @@ def transfusion_block_spec(transformer_config, attention: str, num_experts: int 
     (``HybridMaskInfo.as_tensor()``) as ``attention_mask`` and the backend applies the rule.
     FFN hook: ``mlp_spec`` (a ModuleSpec for the layer's ``mlp``) replaces megatron's dense
     MLP / MoE chosen by ``num_experts``; this is the one place the FFN variant is plugged in.
+    ``norm_spec`` replaces both pre-norms of every layer (AdaLN time conditioning).
     """
     from megatron.core.transformer.enums import AttnMaskType
 
@@ -76,5 +77,7 @@ def transfusion_block_spec(transformer_config, attention: str, num_experts: int 
     )
     if mlp_spec is not None:
         sub.mlp = mlp_spec
+    if norm_spec is not None:
+        sub.input_layernorm = sub.pre_mlp_layernorm = norm_spec
     num_layers = get_num_layers_to_build(transformer_config, vp_stage=vp_stage)
     return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=Norm)

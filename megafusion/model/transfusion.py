@@ -25,12 +25,14 @@ from megatron.core.models.common.embeddings.language_model_embedding import Lang
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.models.common.language_module.language_module import LanguageModule
 from megatron.core.transformer.enums import ModelType
+from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlock
 
 from megafusion.config import Config, ConfigError
 from megafusion.data import synthetic
 from megafusion.data.sample import IGNORE_INDEX, IMAGE, TEXT, VIDEO
 from megafusion.diffusion.flow import add_noise
+from megafusion.model.adaln import AdaLNNorm, TimeContext
 from megafusion.model.embeddings import PatchIn, PatchOut, TimestepEmbedding
 from megafusion.model.init import init_weights
 from megafusion.model.modality_ffn import ModalityContext, ffn_spec
@@ -50,11 +52,15 @@ class TransfusionModel(LanguageModule):
         rope_base: RoPE base.
         modality_context: optional FFN hook object with ``set(modality [b, s])`` called
             before the decoder runs (``megafusion.model.modality_ffn.ModalityContext``).
+        time_context: the ``TimeContext`` of the block's AdaLN norms (``time_conditioning:
+            adaln``), set before the decoder runs; None adds the timestep embedding to the
+            latent inputs instead (``additive``).
     """
 
     def __init__(self, config, block_spec, vocab_size: int, latent_dim: int, max_sequence_length: int,
                  pre_process: bool = True, post_process: bool = True, tie_embeddings: bool = True,
-                 rope_base: float = 10000.0, vp_stage: int | None = None, modality_context=None) -> None:
+                 rope_base: float = 10000.0, vp_stage: int | None = None, modality_context=None,
+                 time_context=None) -> None:
         super().__init__(config=config)
         self.vocab_size = vocab_size
         self.latent_dim = latent_dim
@@ -65,6 +71,7 @@ class TransfusionModel(LanguageModule):
         self.vp_stage = vp_stage
         self.model_type = ModelType.encoder_or_decoder
         self.modality_context = modality_context
+        self.time_context = time_context
 
         if pre_process:
             # Scatter to the sequence-parallel region ourselves, after the patches are added.
@@ -73,7 +80,8 @@ class TransfusionModel(LanguageModule):
                                                     position_embedding_type="rope",
                                                     scatter_to_sequence_parallel=False, tp_group=self.tp_group)
             self.patch_in = PatchIn(latent_dim, config.hidden_size)
-            self.time_embed = TimestepEmbedding(config.hidden_size)
+            if time_context is None:
+                self.time_embed = TimestepEmbedding(config.hidden_size)
         # Holds inv_freq only; positions are per token (they restart in every document).
         self.rotary_pos_emb = RotaryEmbedding(kv_channels=config.kv_channels, rotary_percent=1.0,
                                               rotary_interleaved=config.rotary_interleaved,
@@ -113,12 +121,13 @@ class TransfusionModel(LanguageModule):
         """Decoder input [s, b, h] (the local [s/tp, b, h] slice under sequence parallelism).
 
         Text positions get their token embedding; latent positions (modality != TEXT) get
-        PatchIn(x_t) + TimestepEmbedding(t) instead.
+        PatchIn(x_t) + TimestepEmbedding(t) instead (PatchIn(x_t) alone with AdaLN).
         """
         text = self.embedding(input_ids=tokens, position_ids=None)  # [s, b, h]
         is_latent = (modality != TEXT).t().unsqueeze(-1)  # [s, b, 1]
         visual = self.patch_in(latents.transpose(0, 1).to(text.dtype))
-        visual = visual + self.time_embed(timesteps.t()).to(text.dtype)
+        if self.time_context is None:
+            visual = visual + self.time_embed(timesteps.t()).to(text.dtype)
         # contiguous: the residual stream keeps this layout and pipeline p2p sends need it
         hidden = torch.where(is_latent, visual, text).contiguous()
         if self.config.sequence_parallel:
@@ -150,13 +159,15 @@ class TransfusionModel(LanguageModule):
         b, s = tokens.shape
         if modality is None:
             modality = torch.full_like(tokens, TEXT)
+        if timesteps is None:
+            timesteps = torch.zeros(b, s, device=tokens.device)
         if self.modality_context is not None:
             self.modality_context.set(modality)
+        if self.time_context is not None:
+            self.time_context.set(timesteps, modality)
         if decoder_input is None and self.pre_process:
             if latents is None:
                 latents = torch.zeros(b, s, self.latent_dim, device=tokens.device)
-            if timesteps is None:
-                timesteps = torch.zeros(b, s, device=tokens.device)
             decoder_input = self.embed(tokens, latents, timesteps, modality)
 
         hidden = self.decoder(hidden_states=decoder_input, attention_mask=attention_mask,
@@ -241,7 +252,6 @@ def drop_text_condition(tokens: torch.Tensor, labels: torch.Tensor, modality: to
 def _unsupported(cfg: Config) -> None:
     m = cfg.model
     for key, value, ok in (("model.patch_adapter", m.patch_adapter, "linear"),
-                           ("model.time_conditioning", m.time_conditioning, "additive"),
                            ("model.image_positions", m.image_positions, "1d")):
         if value != ok:
             raise ConfigError(f"{key} = {value!r} is not implemented yet in the Transfusion model; use {ok!r}")
@@ -270,6 +280,16 @@ class TransfusionProvider:
                               f"{self.stream.tokenizer.vocab_size} tokens; set model.vocab_size >= "
                               f"{self.stream.tokenizer.vocab_size} (and divisible by parallel.tp)")
         self.latent_dim = self.stream.latent_dim  # from the representation, not the config
+        self.modality_contexts: list[ModalityContext] = []  # one per built chunk
+
+    def step_metrics(self, group=None) -> dict[str, float]:
+        """Per-layer, per-modality MoE routing statistics since the last call ({} without MoE).
+
+        A collective over ``group`` (default: all ranks): call it on every rank at the same step.
+        """
+        from megafusion.model.moe import collect_routing_stats
+
+        return collect_routing_stats(self.modality_contexts, group=group)
 
     @property
     def model_shape(self):
@@ -287,12 +307,19 @@ class TransfusionProvider:
         # FFN hook: dense / modality-specific FFN / MoE with per-modality shared experts, all
         # reading the modality of each position from one context per model chunk.
         context = ModalityContext()
+        self.modality_contexts.append(context)
         mlp_spec = ffn_spec(self.cfg, self.transformer_config, context)
-        spec = transfusion_block_spec(self.transformer_config, m.attention, m.moe.num_experts, vp_stage, mlp_spec)
+        time_context = norm_spec = None
+        if m.time_conditioning == "adaln":
+            time_context = TimeContext()
+            norm_spec = ModuleSpec(module=AdaLNNorm, params={"context": time_context})
+        spec = transfusion_block_spec(self.transformer_config, m.attention, m.moe.num_experts, vp_stage, mlp_spec,
+                                      norm_spec)
         model = TransfusionModel(self.transformer_config, spec, vocab_size=m.vocab_size, latent_dim=self.latent_dim,
                                  max_sequence_length=m.seq_length, pre_process=pre_process,
                                  post_process=post_process, tie_embeddings=m.tie_embeddings,
-                                 rope_base=m.rope_base, vp_stage=vp_stage, modality_context=context)
+                                 rope_base=m.rope_base, vp_stage=vp_stage, modality_context=context,
+                                 time_context=time_context)
         init_weights(model, self.cfg.train.seed, m.init_std, m.num_layers)
         return model
 

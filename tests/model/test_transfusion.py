@@ -248,7 +248,7 @@ def test_byte_tokenizer_roundtrip_and_vocab_check(megatron_world):
 
 
 def test_unimplemented_options_are_refused(megatron_world):
-    for override in ("model.time_conditioning=adaln", "model.patch_adapter=unet", "model.image_positions=2d"):
+    for override in ("model.patch_adapter=unet", "model.image_positions=2d"):
         with pytest.raises(ConfigError, match="not implemented yet"):
             make_provider([override])
 
@@ -267,3 +267,39 @@ def test_micro_batches_do_not_depend_on_the_data_parallel_layout():
         for key in x:
             assert torch.equal(x[key], y[key]), key
     assert not math.isclose(float(single[0]["x_t"].sum()), float(single[1]["x_t"].sum()))
+
+
+# --------------------------------------------------------------------------- AdaLN
+
+
+def test_adaln_norm_modulates_latent_positions_only(megatron_world):
+    from megafusion.model.adaln import AdaLNNorm, TimeContext
+    from megafusion.model.embeddings import sinusoidal_embedding
+
+    provider = make_provider(["model.time_conditioning=adaln"])
+    ctx = TimeContext()
+    norm = AdaLNNorm(provider.transformer_config, 64, eps=1e-5, context=ctx)
+    torch.nn.init.normal_(norm.modulation.weight)
+    s, b = 6, 2
+    x = torch.randn(s, b, 64)
+    modality = torch.tensor([[TEXT, IMAGE, IMAGE, TEXT, VIDEO, TEXT]] * b)
+    t = torch.rand(b, s)
+    ctx.set(t, modality)
+    y = norm(x)
+    plain = torch.nn.functional.rms_norm(x, (64,), norm.norm.norm.weight, 1e-5)
+    shift, scale = (sinusoidal_embedding(t.t(), 256) @ norm.modulation.weight.t()).chunk(2, -1)
+    expected = torch.where((modality != TEXT).t()[..., None], plain * (1 + scale) + shift, plain)
+    torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_adaln_model_conditions_on_time(megatron_world):
+    provider = make_provider(["model.time_conditioning=adaln"])
+    model = provider.build(pre_process=True, post_process=True, vp_stage=None).eval()
+    assert not hasattr(model, "time_embed")
+    assert any("modulation" in name for name, _ in model.named_parameters())
+    tokens, positions, doc, span, latents, t, modality = hand_batch()
+    with torch.no_grad():
+        logits_a, pred_a = run(model, tokens, positions, doc, span, latents, t, modality)
+        logits_b, pred_b = run(model, tokens, positions, doc, span, latents, t * 0.5, modality)
+    assert (pred_a[0, 5:11] - pred_b[0, 5:11]).abs().amax() > 1e-4  # the image hears t
+    torch.testing.assert_close(logits_a[0, :5], logits_b[0, :5], atol=0, rtol=0)  # text before it does not

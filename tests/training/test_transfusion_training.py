@@ -1,8 +1,9 @@
 """The tiny Transfusion configs through the real `megafusion train` entry point.
 
 - tiny_transfusion.yaml learns: both the text and the image loss fall.
-- TP2, TP2+SP, PP2 (tiny_transfusion.yaml) and EP2 (tiny_transfusion_moe.yaml) reproduce the
-  world-size-1 losses (total and per modality) to 1e-5: weights are initialised by
+- TP2, TP2+SP, PP2 (tiny_transfusion.yaml), EP2 (tiny_transfusion_moe.yaml) and TP2+SP with
+  AdaLN time conditioning reproduce the world-size-1 losses (total and per modality) to
+  1e-5: weights are initialised by
   checkpoint key, data and noise are functions of (seed, sample index), and each
   micro-batch's loss is a mean over the same micro-batch in every layout.
 """
@@ -16,12 +17,16 @@ LAYOUT_STEPS = 2
 LAYOUT_COMMON = [f"train.steps={LAYOUT_STEPS}", "schedule.warmup_steps=1", "model.seq_length=128", *QUIET]
 KEYS = ("loss", "loss_text", "loss_image")
 
+# name -> (config, model overrides shared with its world-size-1 reference, parallel overrides)
 LAYOUTS = {
-    "tp2": ("tiny_transfusion.yaml", ["parallel.tp=2"]),
-    "tp2_sp": ("tiny_transfusion.yaml", ["parallel.tp=2", "parallel.sp=true"]),
-    "pp2": ("tiny_transfusion.yaml", ["parallel.pp=2"]),
-    "ep2": ("tiny_transfusion_moe.yaml", ["parallel.ep=2"]),
+    "tp2": ("tiny_transfusion.yaml", (), ["parallel.tp=2"]),
+    "tp2_sp": ("tiny_transfusion.yaml", (), ["parallel.tp=2", "parallel.sp=true"]),
+    "pp2": ("tiny_transfusion.yaml", (), ["parallel.pp=2"]),
+    "ep2": ("tiny_transfusion_moe.yaml", (), ["parallel.ep=2"]),
+    "adaln_tp2_sp": ("tiny_transfusion.yaml", ("model.time_conditioning=adaln",),
+                     ["parallel.tp=2", "parallel.sp=true"]),
 }
+REFERENCES = sorted({(config, model) for config, model, _ in LAYOUTS.values()})
 
 
 def test_tiny_transfusion_text_and_image_losses_fall(tmp_path):
@@ -38,21 +43,21 @@ def test_tiny_transfusion_text_and_image_losses_fall(tmp_path):
 @pytest.fixture(scope="module")
 def reference_metrics(tmp_path_factory):
     refs = {}
-    for config in ("tiny_transfusion.yaml", "tiny_transfusion_moe.yaml"):
+    for config, model in REFERENCES:
         run_dir = tmp_path_factory.mktemp("ref")
-        run_train(run_dir, config, LAYOUT_COMMON)
-        refs[config] = {key: losses_by_step(run_dir, key) for key in KEYS}
-        assert sorted(refs[config]["loss"]) == list(range(1, LAYOUT_STEPS + 1))
+        run_train(run_dir, config, LAYOUT_COMMON + list(model))
+        refs[config, model] = {key: losses_by_step(run_dir, key) for key in KEYS}
+        assert sorted(refs[config, model]["loss"]) == list(range(1, LAYOUT_STEPS + 1))
     return refs
 
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_layout_matches_single_process(tmp_path, reference_metrics, name):
-    config, overrides = LAYOUTS[name]
-    run_train(tmp_path, config, LAYOUT_COMMON + overrides, nproc=2)
+    config, model, parallel = LAYOUTS[name]
+    run_train(tmp_path, config, LAYOUT_COMMON + list(model) + parallel, nproc=2)
     for key in KEYS:
-        got, ref = losses_by_step(tmp_path, key), reference_metrics[config][key]
+        got, ref = losses_by_step(tmp_path, key), reference_metrics[config, model][key]
         assert sorted(got) == sorted(ref), key
         for step in ref:
             assert got[step] == pytest.approx(ref[step], abs=1e-5), \
