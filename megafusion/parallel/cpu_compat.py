@@ -33,8 +33,8 @@ nothing else:
   path (taken whenever TE/Apex are absent, as on every CPU) are fixed; see
   ``_patch_distributed_optimizer_torch_adam_checkpoint``.
 
-The measured cost is nothing visible next to the model's own work (the only
-per-step additions are a Python wrapper around a handful of tensor factories).
+Cost: a tensor factory called from a patched module takes ~0.8 us longer (2.1 -> 2.9 us,
+measured); nothing else runs per step, against ~100 ms steps of the smallest CPU model.
 
 Usage, once per process before building any megatron model::
 
