@@ -71,3 +71,27 @@ class TimestepEmbedding(nn.Module):
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         features = sinusoidal_embedding(t, self.frequency_dim)
         return self.mlp(features.to(self.mlp[0].weight.dtype))
+
+
+def rope_coordinates(positions: torch.Tensor, span_ids: torch.Tensor, grid_width: int) -> torch.Tensor:
+    """2-D RoPE coordinates (``model.image_positions: 2d``), M-RoPE style: [3, b, s] int64.
+
+    The three axes are (time, row, column). A text position uses its 1-D position on every
+    axis, so text rotates exactly as with 1-D RoPE. Patch k of an image/frame span whose
+    first patch sits at 1-D position p0 gets (p0, p0 + k // grid_width, p0 + k % grid_width):
+    patches of one row share a row coordinate, one column a column coordinate, and every
+    frame of a video has its own time p0. ``positions``/``span_ids``: [b, s] (``Sample``);
+    spans are contiguous and laid out row-major (``megafusion.vision`` patchify order).
+    """
+    b, s = positions.shape
+    index = torch.arange(s, device=positions.device).expand(b, s)
+    is_latent = span_ids >= 0
+    previous = torch.cat([torch.full_like(span_ids[:, :1], -1), span_ids[:, :-1]], dim=1)
+    starts = is_latent & (span_ids != previous)
+    start_index = torch.cummax(torch.where(starts, index, torch.zeros_like(index)), dim=1).values
+    k = index - start_index
+    p0 = positions.gather(1, start_index)
+    time = torch.where(is_latent, p0, positions)
+    row = torch.where(is_latent, p0 + k // grid_width, positions)
+    col = torch.where(is_latent, p0 + k % grid_width, positions)
+    return torch.stack([time, row, col])

@@ -17,6 +17,7 @@ across pipeline stages (``LanguageModule``) and the cross-entropy is vocab-paral
 from __future__ import annotations
 
 import dataclasses
+import math
 from functools import partial
 
 import torch
@@ -33,8 +34,9 @@ from megafusion.data import synthetic
 from megafusion.data.sample import IGNORE_INDEX, IMAGE, TEXT, VIDEO
 from megafusion.diffusion.flow import add_noise
 from megafusion.model.adaln import AdaLNNorm, TimeContext
-from megafusion.model.embeddings import PatchIn, PatchOut, TimestepEmbedding
+from megafusion.model.embeddings import PatchIn, PatchOut, TimestepEmbedding, rope_coordinates
 from megafusion.model.init import init_weights
+from megafusion.model.mask import HybridMaskInfo
 from megafusion.model.modality_ffn import ModalityContext, ffn_spec
 from megafusion.model.spec import transfusion_block_spec
 
@@ -55,12 +57,14 @@ class TransfusionModel(LanguageModule):
         time_context: the ``TimeContext`` of the block's AdaLN norms (``time_conditioning:
             adaln``), set before the decoder runs; None adds the timestep embedding to the
             latent inputs instead (``additive``).
+        image_grid_width: patches per row of an image for 2-D RoPE (``image_positions: 2d``,
+            see ``rope_coordinates``); None = 1-D positions.
     """
 
     def __init__(self, config, block_spec, vocab_size: int, latent_dim: int, max_sequence_length: int,
                  pre_process: bool = True, post_process: bool = True, tie_embeddings: bool = True,
                  rope_base: float = 10000.0, vp_stage: int | None = None, modality_context=None,
-                 time_context=None) -> None:
+                 time_context=None, image_grid_width: int | None = None) -> None:
         super().__init__(config=config)
         self.vocab_size = vocab_size
         self.latent_dim = latent_dim
@@ -72,6 +76,7 @@ class TransfusionModel(LanguageModule):
         self.model_type = ModelType.encoder_or_decoder
         self.modality_context = modality_context
         self.time_context = time_context
+        self.image_grid_width = image_grid_width
 
         if pre_process:
             # Scatter to the sequence-parallel region ourselves, after the patches are added.
@@ -106,10 +111,20 @@ class TransfusionModel(LanguageModule):
         assert len(input_tensor) == 1, "TransfusionModel takes one input tensor per stage"
         self.decoder.set_input_tensor(input_tensor[0])
 
-    def rope(self, positions: torch.Tensor) -> torch.Tensor:
-        """positions [b, s] int -> rotary angles [s, b, 1, kv_channels] (megatron's layout)."""
+    def rope(self, positions: torch.Tensor, span_ids: torch.Tensor) -> torch.Tensor:
+        """positions, span_ids [b, s] -> rotary angles [s, b, 1, kv_channels] (megatron's layout).
+
+        1-D: angle = position * inv_freq. 2-D: the frequencies are cut into three contiguous
+        sections rotated by the (time, row, column) coordinates of ``rope_coordinates``.
+        """
         inv_freq = self.rotary_pos_emb.inv_freq.to(positions.device)
-        freqs = positions.t().float()[..., None] * inv_freq  # [s, b, d/2]
+        if self.image_grid_width is None:
+            freqs = positions.t().float()[..., None] * inv_freq  # [s, b, d/2]
+        else:
+            coords = rope_coordinates(positions, span_ids, self.image_grid_width)  # [3, b, s]
+            n = inv_freq.numel()
+            section = torch.arange(n, device=positions.device) * 3 // n  # [d/2] in {0, 1, 2}
+            freqs = coords[section].permute(2, 1, 0).float() * inv_freq  # [s, b, d/2]
         if self.config.rotary_interleaved:
             emb = torch.stack([freqs, freqs], dim=-1).flatten(-2)
         else:
@@ -143,7 +158,8 @@ class TransfusionModel(LanguageModule):
         Args:
             tokens: [b, s] int64 token ids (anything at latent positions).
             positions: [b, s] int64 RoPE positions (``Sample.positions``).
-            attention_mask: [2, b, s] int64, ``HybridMaskInfo(doc_ids, span_ids).as_tensor()``.
+            attention_mask: [2, b, s] int64, ``HybridMaskInfo(doc_ids, span_ids).as_tensor()``
+                (a ``HybridMaskInfo`` works too, but not with activation recomputation).
             latents: [b, s, C] noised latents x_t (zeros at text positions).
             timesteps: [b, s] float flow time t per position (0 at text).
             modality: [b, s] int64 TEXT / IMAGE / VIDEO.
@@ -171,7 +187,7 @@ class TransfusionModel(LanguageModule):
             decoder_input = self.embed(tokens, latents, timesteps, modality)
 
         hidden = self.decoder(hidden_states=decoder_input, attention_mask=attention_mask,
-                              rotary_pos_emb=self.rope(positions))
+                              rotary_pos_emb=self.rope(positions, HybridMaskInfo.coerce(attention_mask).span_ids))
         if not self.post_process:
             return hidden
 
@@ -251,10 +267,12 @@ def drop_text_condition(tokens: torch.Tensor, labels: torch.Tensor, modality: to
 
 def _unsupported(cfg: Config) -> None:
     m = cfg.model
-    for key, value, ok in (("model.patch_adapter", m.patch_adapter, "linear"),
-                           ("model.image_positions", m.image_positions, "1d")):
-        if value != ok:
-            raise ConfigError(f"{key} = {value!r} is not implemented yet in the Transfusion model; use {ok!r}")
+    if m.patch_adapter != "linear":
+        raise ConfigError(f"model.patch_adapter = {m.patch_adapter!r} is not implemented yet in the Transfusion "
+                          "model; use 'linear'")
+    if m.image_positions == "3d":
+        raise ConfigError("model.image_positions = '3d' is not implemented yet in the Transfusion model; use '2d' "
+                          "(video frames already get their own time coordinate) or '1d'")
     if m.spec != "local":
         raise ConfigError(f"model.spec = {m.spec!r}: the Transfusion model builds its own layer spec with the "
                           "hybrid attention backends; use model.spec = local")
@@ -281,6 +299,12 @@ class TransfusionProvider:
                               f"{self.stream.tokenizer.vocab_size} (and divisible by parallel.tp)")
         self.latent_dim = self.stream.latent_dim  # from the representation, not the config
         self.modality_contexts: list[ModalityContext] = []  # one per built chunk
+        self.image_grid_width = None
+        if cfg.model.image_positions == "2d":
+            self.image_grid_width = math.isqrt(self.stream.tokens_per_image)
+            if self.image_grid_width ** 2 != self.stream.tokens_per_image:
+                raise ConfigError(f"model.image_positions = 2d needs square patch grids; the representation has "
+                                  f"{self.stream.tokens_per_image} tokens per image")
 
     def step_metrics(self, group=None) -> dict[str, float]:
         """Per-layer, per-modality MoE routing statistics since the last call ({} without MoE).
@@ -319,7 +343,7 @@ class TransfusionProvider:
                                  max_sequence_length=m.seq_length, pre_process=pre_process,
                                  post_process=post_process, tie_embeddings=m.tie_embeddings,
                                  rope_base=m.rope_base, vp_stage=vp_stage, modality_context=context,
-                                 time_context=time_context)
+                                 time_context=time_context, image_grid_width=self.image_grid_width)
         init_weights(model, self.cfg.train.seed, m.init_std, m.num_layers)
         return model
 

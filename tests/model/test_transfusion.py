@@ -248,7 +248,7 @@ def test_byte_tokenizer_roundtrip_and_vocab_check(megatron_world):
 
 
 def test_unimplemented_options_are_refused(megatron_world):
-    for override in ("model.patch_adapter=unet", "model.image_positions=2d"):
+    for override in ("model.patch_adapter=unet", "model.image_positions=3d"):
         with pytest.raises(ConfigError, match="not implemented yet"):
             make_provider([override])
 
@@ -303,3 +303,33 @@ def test_adaln_model_conditions_on_time(megatron_world):
         logits_b, pred_b = run(model, tokens, positions, doc, span, latents, t * 0.5, modality)
     assert (pred_a[0, 5:11] - pred_b[0, 5:11]).abs().amax() > 1e-4  # the image hears t
     torch.testing.assert_close(logits_a[0, :5], logits_b[0, :5], atol=0, rtol=0)  # text before it does not
+
+
+# --------------------------------------------------------------------------- 2-D positions
+
+
+def test_rope_coordinates_known_answer():
+    from megafusion.model.embeddings import rope_coordinates
+
+    # text(2) <boi> 4 patches of a 2x2 image <eoi> text, then a frame of 4 patches
+    span = torch.tensor([[-1, -1, -1, 0, 0, 0, 0, -1, -1, 1, 1, 1, 1]])
+    pos = torch.arange(13)[None]
+    coords = rope_coordinates(pos, span, grid_width=2)
+    assert coords[:, 0, :3].tolist() == [[0, 1, 2]] * 3
+    assert coords[:, 0, 3:7].tolist() == [[3, 3, 3, 3], [3, 3, 4, 4], [3, 4, 3, 4]]
+    assert coords[:, 0, 7:9].tolist() == [[7, 8]] * 3
+    assert coords[:, 0, 9:].tolist() == [[9, 9, 9, 9], [9, 9, 10, 10], [9, 10, 9, 10]]
+
+
+def test_2d_positions_leave_text_unchanged_and_move_images(megatron_world):
+    tokens, positions, doc, span, latents, t, modality = hand_batch()
+    outputs = {}
+    for mode in ("1d", "2d"):
+        provider = make_provider([f"model.image_positions={mode}"])
+        model = provider.build(pre_process=True, post_process=True, vp_stage=None).eval()
+        with torch.no_grad():
+            outputs[mode] = run(model, tokens, positions, doc, span, latents, t, modality)
+    (logits_1d, pred_1d), (logits_2d, pred_2d) = outputs["1d"], outputs["2d"]
+    torch.testing.assert_close(logits_2d[0, :5], logits_1d[0, :5], atol=1e-6, rtol=1e-6)  # text before the image
+    torch.testing.assert_close(logits_2d[0, 15:], logits_1d[0, 15:], atol=1e-6, rtol=1e-6)  # a text-only document
+    assert (pred_2d[0, 5:11] - pred_1d[0, 5:11]).abs().amax() > 1e-4
