@@ -333,3 +333,26 @@ def test_2d_positions_leave_text_unchanged_and_move_images(megatron_world):
     torch.testing.assert_close(logits_2d[0, :5], logits_1d[0, :5], atol=1e-6, rtol=1e-6)  # text before the image
     torch.testing.assert_close(logits_2d[0, 15:], logits_1d[0, 15:], atol=1e-6, rtol=1e-6)  # a text-only document
     assert (pred_2d[0, 5:11] - pred_1d[0, 5:11]).abs().amax() > 1e-4
+
+
+def test_sentencepiece_tokenizer_path(tmp_path):
+    from megafusion.data.shapes import ACTIONS, ShapesWorld
+    from megafusion.data.tokenizer import train_tokenizer
+
+    world = ShapesWorld(seed=0, image_size=32)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join([world.text_document(i).text for i in range(40)]
+                                + [world.image_text(i).caption for i in range(40)]))
+    model = train_tokenizer([corpus], tmp_path / "sp", vocab_size=400, actions=ACTIONS)
+    cfg = load_config(CONFIG, ["model.seq_length=256", f"data.tokenizer={model}",
+                               "data.shapes_weights={text: 0, image_text: 0, video: 0, action_video: 1}"])
+    stream = ShapesStream.from_config(cfg)
+    tok = stream.tokenizer
+    sample = stream.sample(0)
+    ids = sample.tokens[sample.modality == TEXT].tolist()
+    action_ids = set(tok.action_ids().values())
+    assert len(action_ids) == len(ACTIONS) and action_ids & set(ids)  # actions are single tokens
+    assert tok.eod_id in ids and tok.boi_id in ids
+    assert sample.clean_spans.any()  # the context frame of the action video
+    caption = tok.decode(ids[:ids.index(tok.boi_id)])
+    assert caption.startswith("The agent")
