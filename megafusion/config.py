@@ -372,10 +372,6 @@ def validate(cfg: Config, world_size: int) -> None:
     stages = p.pp * (p.vpp or 1)
     if m.num_layers % stages:
         problems.append(f"model.num_layers = {m.num_layers} is not divisible by parallel.pp * vpp = {stages}")
-    if p.vpp is not None and m.tie_embeddings:
-        problems.append("parallel.vpp with model.tie_embeddings = true is not supported yet: the tied embedding's "
-                        "gradients diverge from the single-process run under interleaved pipelining; set "
-                        "model.tie_embeddings = false")
     if p.vpp is not None and p.pp < 2:
         problems.append(f"parallel.vpp = {p.vpp} needs parallel.pp >= 2, got pp = {p.pp}")
     if p.sp and p.tp < 2:

@@ -62,7 +62,7 @@ def test_wrong_type_is_refused():
     (["train.global_batch_size=6", "train.micro_batch_size=2"], 2,
      "train.global_batch_size = 6 is not divisible by train.micro_batch_size * data-parallel size = 2 * 2"),
     (["parallel.ep=2"], 2, "parallel.ep = 2 needs a MoE model"),
-    (["parallel.pp=2", "parallel.vpp=2"], 2, "parallel.vpp with model.tie_embeddings = true is not supported yet"),
+    (["parallel.vpp=2"], 1, "parallel.vpp = 2 needs parallel.pp >= 2"),
 ])
 def test_impossible_layouts_are_refused_with_numbers(overrides, world_size, message):
     cfg = load_config(CONFIGS / "tiny_text.yaml", overrides)

@@ -90,7 +90,12 @@ def _sharded_state_dict(model_chunks, optimizer, common: dict[str, Any], with_rn
     else:
         for i, chunk in enumerate(model_chunks):
             state[f"model{i}"] = unwrap(chunk).sharded_state_dict()
-    state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=is_loading)
+    # fully_reshardable: optimizer state stored per parameter in global coordinates, so it
+    # loads at another TP/PP/DP layout; no chained-optimizer prefix, so expert-parallel
+    # checkpoints load at another layout with the same EP.
+    state["optimizer"] = optimizer.sharded_state_dict(
+        state, is_loading=is_loading,
+        metadata={"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True})
     if with_rng:
         # One RNG state per (pp, tp) position; data-parallel replicas share it.
         state["rng_state"] = ShardedObject(

@@ -42,6 +42,17 @@ def test_checkpoint_saved_at_tp2_resumes_at_other_layout(tmp_path, uninterrupted
         assert resumed[step] == pytest.approx(uninterrupted[step], abs=1e-5), f"step {step}"
 
 
+@pytest.mark.distributed
+def test_distributed_optimizer_checkpoint_reshards(tmp_path, uninterrupted):
+    """Optimizer state sharded over DP2 resumes sharded over TP2 (fully reshardable format)."""
+    do = ["parallel.distributed_optimizer=true"]
+    run_train(tmp_path, "tiny_text.yaml", BASE + do + ["train.steps=3"], nproc=2)
+    run_train(tmp_path, "tiny_text.yaml", BASE + do + ["train.steps=6", "parallel.tp=2"], nproc=2)
+    resumed = losses_by_step(tmp_path)
+    for step in range(4, 7):
+        assert resumed[step] == pytest.approx(uninterrupted[step], abs=1e-5), f"step {step}"
+
+
 def test_incomplete_checkpoint_is_ignored_and_removed(tmp_path, uninterrupted):
     """A crash mid-save leaves a .tmp directory: resume uses the last complete one."""
     run_train(tmp_path, "tiny_text.yaml", BASE + ["train.steps=3"])

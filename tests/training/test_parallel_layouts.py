@@ -19,9 +19,6 @@ DENSE_LAYOUTS = {
     "tp2_sp": (2, ["parallel.tp=2", "parallel.sp=true"]),
     "pp2_1f1b_4_microbatches": (2, ["parallel.pp=2"]),  # global 8 / micro 2 = 4 micro-batches
     "tp2_pp2": (4, ["parallel.tp=2", "parallel.pp=2"]),
-}
-UNTIED = ["model.tie_embeddings=false"]
-UNTIED_LAYOUTS = {
     "pp2_vpp2_interleaved": (2, ["parallel.pp=2", "parallel.vpp=2"]),
 }
 MOE_LAYOUTS = {
@@ -33,10 +30,9 @@ MOE_LAYOUTS = {
 @pytest.fixture(scope="module")
 def reference_losses(tmp_path_factory):
     refs = {}
-    for name, config, extra in (("text", "tiny_text.yaml", []), ("moe", "tiny_text_moe.yaml", []),
-                                ("untied", "tiny_text.yaml", UNTIED)):
+    for name, config in (("text", "tiny_text.yaml"), ("moe", "tiny_text_moe.yaml")):
         run_dir = tmp_path_factory.mktemp("ref")
-        run_train(run_dir, config, COMMON + extra)
+        run_train(run_dir, config, COMMON)
         refs[name] = losses_by_step(run_dir)
         assert sorted(refs[name]) == list(range(1, STEPS + 1))
     return refs
@@ -55,13 +51,6 @@ def _check(tmp_path, reference_losses, name, config, nproc, overrides):
 def test_dense_layout_matches_single_process(tmp_path, reference_losses, name):
     nproc, overrides = DENSE_LAYOUTS[name]
     _check(tmp_path, reference_losses, "text", "tiny_text.yaml", nproc, overrides)
-
-
-@pytest.mark.distributed
-@pytest.mark.parametrize("name", list(UNTIED_LAYOUTS))
-def test_untied_layout_matches_single_process(tmp_path, reference_losses, name):
-    nproc, overrides = UNTIED_LAYOUTS[name]
-    _check(tmp_path, reference_losses, "untied", "tiny_text.yaml", nproc, UNTIED + overrides)
 
 
 @pytest.mark.distributed
