@@ -39,6 +39,9 @@ class ModelProvider(Protocol):
                      ) -> tuple[torch.Tensor, Callable[[torch.Tensor], Any]]:
         """Runs the model; returns its output and megatron's loss function for it."""
 
+    # Optional: ``step_metrics(model_chunks) -> dict[str, float]``, called on every rank at
+    # each logged step (it may run collectives); its entries join metrics.jsonl/TensorBoard.
+
 
 def get_provider(cfg: Config, transformer_config) -> ModelProvider:
     module_name, cls_name = PROVIDERS[cfg.model.kind].split(":")

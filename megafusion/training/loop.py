@@ -182,6 +182,9 @@ def train(cfg: Config, run_dir: Path) -> dict[str, float]:
                     step_time_s=elapsed,
                     **_throughput(cfg, env, flops_shape, batches, elapsed),
                 )
+                # Model-specific statistics (e.g. MoE routing per modality); a collective.
+                if hasattr(provider, "step_metrics"):
+                    metrics.update(provider.step_metrics(model_chunks))
                 writer.log(step, metrics)
             checkpointer.poll()
             if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or (
