@@ -35,6 +35,7 @@ from megafusion.data.sample import IGNORE_INDEX, IMAGE, TEXT, VIDEO
 from megafusion.diffusion.flow import add_noise
 from megafusion.model.adaln import AdaLNNorm, TimeContext
 from megafusion.model.embeddings import PatchIn, PatchOut, TimestepEmbedding, rope_coordinates
+from megafusion.model.unet import UNetDown, UNetUp, latent_layout
 from megafusion.model.init import init_weights
 from megafusion.model.mask import HybridMaskInfo
 from megafusion.model.modality_ffn import ModalityContext, ffn_spec
@@ -59,12 +60,16 @@ class TransfusionModel(LanguageModule):
             latent inputs instead (``additive``).
         image_grid_width: patches per row of an image for 2-D RoPE (``image_positions: 2d``,
             see ``rope_coordinates``); None = 1-D positions.
+        unet_layout: (channels, patch size, tokens per image) of the latent tokens for U-Net
+            patch adapters (``patch_adapter: unet``, ``megafusion.model.unet``); None =
+            linear adapters. Every image/frame span must then hold a whole image.
     """
 
     def __init__(self, config, block_spec, vocab_size: int, latent_dim: int, max_sequence_length: int,
                  pre_process: bool = True, post_process: bool = True, tie_embeddings: bool = True,
                  rope_base: float = 10000.0, vp_stage: int | None = None, modality_context=None,
-                 time_context=None, image_grid_width: int | None = None) -> None:
+                 time_context=None, image_grid_width: int | None = None,
+                 unet_layout: tuple[int, int, int] | None = None) -> None:
         super().__init__(config=config)
         self.vocab_size = vocab_size
         self.latent_dim = latent_dim
@@ -77,6 +82,7 @@ class TransfusionModel(LanguageModule):
         self.modality_context = modality_context
         self.time_context = time_context
         self.image_grid_width = image_grid_width
+        self.unet_layout = unet_layout
 
         if pre_process:
             # Scatter to the sequence-parallel region ourselves, after the patches are added.
@@ -84,7 +90,8 @@ class TransfusionModel(LanguageModule):
                                                     max_sequence_length=max_sequence_length,
                                                     position_embedding_type="rope",
                                                     scatter_to_sequence_parallel=False, tp_group=self.tp_group)
-            self.patch_in = PatchIn(latent_dim, config.hidden_size)
+            self.patch_in = (PatchIn(latent_dim, config.hidden_size) if unet_layout is None
+                             else UNetDown(*unet_layout[:2], config.hidden_size))
             if time_context is None:
                 self.time_embed = TimestepEmbedding(config.hidden_size)
         # Holds inv_freq only; positions are per token (they restart in every document).
@@ -100,7 +107,8 @@ class TransfusionModel(LanguageModule):
                 config.hidden_size, vocab_size, config=config, init_method=config.init_method, bias=False,
                 skip_bias_add=False, gather_output=False,
                 skip_weight_param_allocation=pre_process and tie_embeddings, tp_group=self.tp_group)
-            self.patch_out = PatchOut(config.hidden_size, latent_dim)
+            self.patch_out = (PatchOut(config.hidden_size, latent_dim) if unet_layout is None
+                              else UNetUp(*unet_layout[:2], config.hidden_size))
         if pre_process or post_process:
             self.setup_embeddings_and_output_layer()
 
@@ -131,6 +139,28 @@ class TransfusionModel(LanguageModule):
             emb = torch.cat([freqs, freqs], dim=-1)
         return emb[:, :, None, :]
 
+    def adapt(self, adapter: torch.nn.Module, x: torch.Tensor, timesteps: torch.Tensor,
+              modality: torch.Tensor) -> torch.Tensor:
+        """Applies a patch adapter to x [b, s, d_in] -> [b, s, d_out].
+
+        Linear adapters run on every position (text positions are discarded later); U-Net
+        adapters run on the images: the latent positions regrouped as [n, T, d_in].
+        """
+        if self.unet_layout is None:
+            return adapter(x)
+        b, s, _ = x.shape
+        is_latent = modality != TEXT
+        per_image = self.unet_layout[2]
+        count = int(is_latent.sum())
+        if count % per_image:
+            raise ValueError(f"the U-Net patch adapter needs whole images of {per_image} patches; the batch has "
+                             f"{count} latent positions")
+        t_image = timesteps[is_latent].view(-1, per_image)[:, 0]
+        y = adapter(x[is_latent].view(-1, per_image, x.shape[-1]), t_image)
+        out = y.new_zeros(b, s, y.shape[-1])
+        out[is_latent] = y.reshape(-1, y.shape[-1])
+        return out
+
     def embed(self, tokens: torch.Tensor, latents: torch.Tensor, timesteps: torch.Tensor,
               modality: torch.Tensor) -> torch.Tensor:
         """Decoder input [s, b, h] (the local [s/tp, b, h] slice under sequence parallelism).
@@ -140,7 +170,7 @@ class TransfusionModel(LanguageModule):
         """
         text = self.embedding(input_ids=tokens, position_ids=None)  # [s, b, h]
         is_latent = (modality != TEXT).t().unsqueeze(-1)  # [s, b, 1]
-        visual = self.patch_in(latents.transpose(0, 1).to(text.dtype))
+        visual = self.adapt(self.patch_in, latents.to(text.dtype), timesteps, modality).transpose(0, 1)
         if self.time_context is None:
             visual = visual + self.time_embed(timesteps.t()).to(text.dtype)
         # contiguous: the residual stream keeps this layout and pipeline p2p sends need it
@@ -198,7 +228,7 @@ class TransfusionModel(LanguageModule):
             # The head sees every position on every TP rank; the backward splits the gradient.
             full = tensor_parallel.gather_from_sequence_parallel_region(
                 hidden, tensor_parallel_output_grad=False, group=self.tp_group)
-        latent_pred = self.patch_out(full).transpose(0, 1)  # [b, s, C]
+        latent_pred = self.adapt(self.patch_out, full.transpose(0, 1), timesteps, modality)  # [b, s, C]
         if labels is None:
             return logits.transpose(0, 1).contiguous(), latent_pred
         safe_labels = torch.where(labels == IGNORE_INDEX, torch.zeros_like(labels), labels)
@@ -267,9 +297,6 @@ def drop_text_condition(tokens: torch.Tensor, labels: torch.Tensor, modality: to
 
 def _unsupported(cfg: Config) -> None:
     m = cfg.model
-    if m.patch_adapter != "linear":
-        raise ConfigError(f"model.patch_adapter = {m.patch_adapter!r} is not implemented yet in the Transfusion "
-                          "model; use 'linear'")
     if m.image_positions == "3d":
         raise ConfigError("model.image_positions = '3d' is not implemented yet in the Transfusion model; use '2d' "
                           "(video frames already get their own time coordinate) or '1d'")
@@ -299,6 +326,9 @@ class TransfusionProvider:
                               f"{self.stream.tokenizer.vocab_size} (and divisible by parallel.tp)")
         self.latent_dim = self.stream.latent_dim  # from the representation, not the config
         self.modality_contexts: list[ModalityContext] = []  # one per built chunk
+        self.unet_layout = None
+        if cfg.model.patch_adapter == "unet":
+            self.unet_layout = (*latent_layout(self.stream.representation), self.stream.tokens_per_image)
         self.image_grid_width = None
         if cfg.model.image_positions == "2d":
             self.image_grid_width = math.isqrt(self.stream.tokens_per_image)
@@ -321,7 +351,10 @@ class TransfusionProvider:
         from megafusion.scaling.flops import ModelShape
 
         m = self.cfg.model
-        shape = ModelShape.from_model_config({**self.cfg.to_dict()["model"], "latent_dim": self.latent_dim})
+        # The FLOP counter knows linear patch adapters only: a U-Net run counts its adapters as
+        # linear ones (its transformer FLOPs, the bulk, are exact).
+        shape = ModelShape.from_model_config({**self.cfg.to_dict()["model"], "latent_dim": self.latent_dim,
+                                              "patch_adapter": "linear"})
         copies = {"ffn_copies": 2 if m.ffn == "modality" else 1,
                   "shared_expert_copies": 2 if m.moe.per_modality_shared_experts else 1}
         return dataclasses.replace(shape, **copies)
@@ -343,7 +376,8 @@ class TransfusionProvider:
                                  max_sequence_length=m.seq_length, pre_process=pre_process,
                                  post_process=post_process, tie_embeddings=m.tie_embeddings,
                                  rope_base=m.rope_base, vp_stage=vp_stage, modality_context=context,
-                                 time_context=time_context, image_grid_width=self.image_grid_width)
+                                 time_context=time_context, image_grid_width=self.image_grid_width,
+                                 unet_layout=self.unet_layout)
         init_weights(model, self.cfg.train.seed, m.init_std, m.num_layers)
         return model
 

@@ -356,3 +356,38 @@ def test_sentencepiece_tokenizer_path(tmp_path):
     assert sample.clean_spans.any()  # the context frame of the action video
     caption = tok.decode(ids[:ids.index(tok.boi_id)])
     assert caption.startswith("The agent")
+
+
+# --------------------------------------------------------------------------- U-Net adapters
+
+
+def test_unet_adapters_shapes_and_locality():
+    from megafusion.model.unet import UNetDown, UNetUp, latent_layout
+    from megafusion.vision import load_representation
+
+    rep = load_representation("pixel", image_size=32, patch_size=8)
+    channels, patch = latent_layout(rep)
+    assert (channels, patch) == (3, 8)
+    down, up = UNetDown(channels, patch, 64), UNetUp(channels, patch, 64)
+    latents = rep.encode(torch.rand(3, 3, 32, 32))  # [3, 16, 192]
+    t = torch.rand(3)
+    h = down(latents, t)
+    assert h.shape == (3, 16, 64) and up(h, t).shape == (3, 16, 192)
+    changed = latents.clone()
+    changed[1] += 1.0
+    diff = (down(changed, t) - h).abs().amax(dim=(1, 2))
+    assert diff[1] > 1e-4 and diff[0] == 0 and diff[2] == 0  # images are processed independently
+
+
+def test_unet_model_trains_on_whole_images(megatron_world):
+    provider = make_provider(["model.patch_adapter=unet"])
+    model = provider.build(pre_process=True, post_process=True, vp_stage=None)
+    with_images = [i for i in range(40) if provider.stream.sample(i).image_loss_mask.any()][:2]
+    output, loss_func = provider.forward_step(provider.batch(with_images), model)
+    loss, _, _ = loss_func(output)
+    loss.backward()
+    assert model.patch_in.conv_in.weight.grad.abs().sum() > 0
+    assert model.patch_out.conv_out.weight.grad.abs().sum() > 0
+    tokens, positions, doc, span, latents, t, modality = hand_batch()  # a 6-patch span: not a whole image
+    with pytest.raises(ValueError, match="whole images of 16 patches"):
+        run(model, tokens, positions, doc, span, latents, t, modality)

@@ -1,9 +1,9 @@
 """The tiny Transfusion configs through the real `megafusion train` entry point.
 
 - tiny_transfusion.yaml learns: both the text and the image loss fall.
-- TP2, TP2+SP, PP2 (tiny_transfusion.yaml), EP2 (tiny_transfusion_moe.yaml) and TP2+SP with
-  AdaLN time conditioning reproduce the world-size-1 losses (total and per modality) to
-  1e-5: weights are initialised by
+- TP2, TP2+SP, PP2 (tiny_transfusion.yaml), EP2 (tiny_transfusion_moe.yaml), TP2+SP with
+  AdaLN time conditioning and PP2 with U-Net adapters and 2-D positions reproduce the
+  world-size-1 losses (total and per modality) to 1e-5: weights are initialised by
   checkpoint key, data and noise are functions of (seed, sample index), and each
   micro-batch's loss is a mean over the same micro-batch in every layout.
 """
@@ -25,6 +25,8 @@ LAYOUTS = {
     "ep2": ("tiny_transfusion_moe.yaml", (), ["parallel.ep=2"]),
     "adaln_tp2_sp": ("tiny_transfusion.yaml", ("model.time_conditioning=adaln",),
                      ["parallel.tp=2", "parallel.sp=true"]),
+    "unet_2d_pp2": ("tiny_transfusion.yaml", ("model.patch_adapter=unet", "model.image_positions=2d"),
+                    ["parallel.pp=2"]),
 }
 REFERENCES = sorted({(config, model) for config, model, _ in LAYOUTS.values()})
 
