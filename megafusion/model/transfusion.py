@@ -336,10 +336,12 @@ class TransfusionProvider:
                 raise ConfigError(f"model.image_positions = 2d needs square patch grids; the representation has "
                                   f"{self.stream.tokens_per_image} tokens per image")
 
-    def step_metrics(self, group=None) -> dict[str, float]:
+    def step_metrics(self, model_chunks=None, group=None) -> dict[str, float]:
         """Per-layer, per-modality MoE routing statistics since the last call ({} without MoE).
 
-        A collective over ``group`` (default: all ranks): call it on every rank at the same step.
+        ``model_chunks`` (the trainer's wrapped chunks) is unused: the provider keeps the
+        ModalityContext of every chunk it built. A collective over ``group`` (default: all
+        ranks): call it on every rank at the same step.
         """
         from megafusion.model.moe import collect_routing_stats
 
