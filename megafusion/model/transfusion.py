@@ -179,6 +179,20 @@ class TransfusionModel(LanguageModule):
             hidden = tensor_parallel.scatter_to_sequence_parallel_region(hidden, group=self.tp_group)
         return hidden
 
+    def heads(self, hidden: torch.Tensor, timesteps: torch.Tensor, modality: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Last stage: final hidden states [s, b, h] ([s/tp, b, h] under SP) -> (vocab-parallel
+        logits [s, b, vocab / tp], latent predictions [b, s, C]); ``timesteps``/``modality``
+        [b, s] are read by U-Net adapters (whole images only)."""
+        output_weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
+        logits, _ = self.output_layer(hidden, weight=output_weight)
+        full = hidden
+        if self.config.sequence_parallel:
+            # The head sees every position on every TP rank; the backward splits the gradient.
+            full = tensor_parallel.gather_from_sequence_parallel_region(
+                hidden, tensor_parallel_output_grad=False, group=self.tp_group)
+        return logits, self.adapt(self.patch_out, full.transpose(0, 1), timesteps, modality)
+
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, attention_mask: torch.Tensor,
                 latents: torch.Tensor | None = None, timesteps: torch.Tensor | None = None,
                 modality: torch.Tensor | None = None, labels: torch.Tensor | None = None,
@@ -221,14 +235,7 @@ class TransfusionModel(LanguageModule):
         if not self.post_process:
             return hidden
 
-        output_weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
-        logits, _ = self.output_layer(hidden, weight=output_weight)  # [s, b, vocab / tp]
-        full = hidden
-        if self.config.sequence_parallel:
-            # The head sees every position on every TP rank; the backward splits the gradient.
-            full = tensor_parallel.gather_from_sequence_parallel_region(
-                hidden, tensor_parallel_output_grad=False, group=self.tp_group)
-        latent_pred = self.adapt(self.patch_out, full.transpose(0, 1), timesteps, modality)  # [b, s, C]
+        logits, latent_pred = self.heads(hidden, timesteps, modality)
         if labels is None:
             return logits.transpose(0, 1).contiguous(), latent_pred
         safe_labels = torch.where(labels == IGNORE_INDEX, torch.zeros_like(labels), labels)
