@@ -76,6 +76,10 @@ class IndexedStream:
     def latent_dim(self) -> int:
         return self.representation.latent_dim
 
+    @property
+    def tokens_per_image(self) -> int:
+        return self.representation.tokens_per_image
+
     def sample(self, i: int) -> Sample:
         """Packed sequence ``i``."""
         packer = self.packer

@@ -313,20 +313,23 @@ def _unsupported(cfg: Config) -> None:
 
 
 class TransfusionProvider:
-    """Builds the Transfusion model and feeds it packed ShapesWorld samples (``data.kind: shapes``)."""
+    """Builds the Transfusion model and feeds it packed samples: ShapesWorld in-process
+    (``data.kind: shapes``) or preprocessed indexed datasets (``data.kind: indexed``)."""
 
     metric_names = ("loss", "loss_text", "loss_image", "loss_video")
 
     def __init__(self, cfg: Config, transformer_config) -> None:
+        from megafusion.data.indexed_stream import IndexedStream
         from megafusion.data.shapes_stream import ShapesStream
 
         _unsupported(cfg)
-        if cfg.data.kind != "shapes":
+        if cfg.data.kind not in ("shapes", "indexed"):
             raise ConfigError(f"data.kind = {cfg.data.kind!r}: the Transfusion provider reads ShapesWorld "
-                              "in-process; set data.kind = shapes")
+                              "in-process (shapes) or preprocessed datasets (indexed)")
         self.cfg = cfg
         self.transformer_config = transformer_config
-        self.stream = ShapesStream.from_config(cfg)
+        # Both streams give packed sample i as a pure function of (seed, i).
+        self.stream = (ShapesStream if cfg.data.kind == "shapes" else IndexedStream).from_config(cfg)
         if self.stream.tokenizer.vocab_size > cfg.model.vocab_size:
             raise ConfigError(f"model.vocab_size = {cfg.model.vocab_size} is smaller than the tokenizer's "
                               f"{self.stream.tokenizer.vocab_size} tokens; set model.vocab_size >= "
