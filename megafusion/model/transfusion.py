@@ -12,6 +12,15 @@ latents by flow matching (``megafusion.diffusion.flow``)::
 The block is megatron-core's (``transfusion_block_spec``): every parallel layout of the
 trainer (TP, SP, PP, VPP, EP, DP) works for it, the word embedding is tied to the LM head
 across pipeline stages (``LanguageModule``) and the cross-entropy is vocab-parallel.
+
+Options (``model.*``): ``attention`` sdpa | flex | triton (``megafusion.model.attention``);
+``ffn`` dense | modality and ``moe.*`` (``megafusion.model.modality_ffn``);
+``time_conditioning`` additive (above) | adaln (``megafusion.model.adaln``);
+``patch_adapter`` linear (above) | unet (``megafusion.model.unet``);
+``image_positions`` 1d | 2d (``megafusion.model.embeddings.rope_coordinates``).
+
+``TransfusionProvider`` (``model.kind: transfusion``) feeds it packed ShapesWorld
+sequences (``megafusion.data.shapes_stream``), noises the latents and defines the loss.
 """
 
 from __future__ import annotations
@@ -35,11 +44,11 @@ from megafusion.data.sample import IGNORE_INDEX, IMAGE, TEXT, VIDEO
 from megafusion.diffusion.flow import add_noise
 from megafusion.model.adaln import AdaLNNorm, TimeContext
 from megafusion.model.embeddings import PatchIn, PatchOut, TimestepEmbedding, rope_coordinates
-from megafusion.model.unet import UNetDown, UNetUp, latent_layout
 from megafusion.model.init import init_weights
 from megafusion.model.mask import HybridMaskInfo
 from megafusion.model.modality_ffn import ModalityContext, ffn_spec
 from megafusion.model.spec import transfusion_block_spec
+from megafusion.model.unet import UNetDown, UNetUp, latent_layout
 
 
 class TransfusionModel(LanguageModule):
