@@ -4,10 +4,11 @@ One transformer reads a packed sequence of text tokens and continuous image/fram
 patches (``megafusion.data.sample.Sample``). Text is trained by next-token prediction, the
 latents by flow matching (``megafusion.diffusion.flow``)::
 
-    tokens ─► VocabParallelEmbedding ─┐
-    x_t    ─► PatchIn  (latent pos.) ─┼─► + ─► [SP scatter] ─► TransformerBlock ─┬─► LM head ─► CE [b, s]
-    t      ─► TimestepEmbedding ──────┘        (hybrid mask,                    └─► PatchOut ─► pred [b, s, C]
-                                                RoPE from `positions`)
+    tokens ─► VocabParallelEmbedding ────────────┐
+    x_t    ─► PatchIn + TimestepEmbedding(t) ────┴► where(latent) ─► [SP scatter]
+           ─► TransformerBlock (hybrid mask, RoPE from `positions`)
+           ─┬► LM head ─► CE [b, s]
+            └► PatchOut ─► latent prediction [b, s, C]
 
 The block is megatron-core's (``transfusion_block_spec``): every parallel layout of the
 trainer (TP, SP, PP, VPP, EP, DP) works for it, the word embedding is tied to the LM head

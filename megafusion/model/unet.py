@@ -37,7 +37,10 @@ def _groups(channels: int) -> int:
 
 
 class ResBlock(nn.Module):
-    """GroupNorm-SiLU-Conv3x3, + time, GroupNorm-SiLU-Conv3x3, plus a (1x1) skip: [n, c_in, H, W] -> [n, c_out, H, W]."""
+    """GroupNorm-SiLU-Conv3x3, + time, GroupNorm-SiLU-Conv3x3, plus a (1x1) skip.
+
+    [n, c_in, H, W] and time features [n, time_dim] -> [n, c_out, H, W].
+    """
 
     def __init__(self, c_in: int, c_out: int, time_dim: int) -> None:
         super().__init__()
