@@ -97,8 +97,12 @@ def prepare_data(out: Path, scale: Scale, seed: int) -> tuple[Path, list[Path]]:
 
 
 def train_overrides(tokenizer: Path, prefixes: list[Path], steps: int, device: str) -> list[str]:
+    from megafusion.data.tokenizer import Tokenizer
+
     paths = ", ".join(str(p) for p in prefixes)
+    vocab = -(-Tokenizer(tokenizer).vocab_size // 64) * 64  # padded: divisible by any small TP
     return [
+        f"model.vocab_size={vocab}",
         "data.kind=indexed",
         f"data.paths=[{paths}]",
         "data.weights=[1.0, 1.0, 0.4, 0.4]",
