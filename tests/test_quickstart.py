@@ -1,0 +1,30 @@
+"""A shortened quickstart runs end to end and leaves artifacts that parse."""
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def test_quick_quickstart_writes_report_and_eval(tmp_path):
+    out = tmp_path / "qs"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([sys.executable, "-m", "megafusion.cli", "quickstart", "--quick", "--out", str(out),
+                           "--device", "cpu"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    for stage in range(1, 6):
+        assert f"[quickstart {stage}/5]" in proc.stdout
+
+    # data made by the tools, a trained run, an evaluation, a report
+    assert (out / "data" / "tokenizer.model").is_file()
+    assert (out / "data" / "indexed" / "image_text.bin").is_file()
+    records = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["step"] == 6 and "loss_text" in records[-1]
+    metrics = json.loads((out / "eval" / "metrics.json").read_text())
+    headlines = [r["headline"] for r in metrics.values() if isinstance(r, dict) and "headline" in r]
+    assert headlines and all("chance" in h and "value" in h for h in headlines)
+    report = (out / "report.md").read_text()
+    assert "loss_curves.png" in report and "| evaluation | metric | value | chance |" in report
+    assert (out / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
