@@ -312,6 +312,29 @@ def drop_text_condition(tokens: torch.Tensor, labels: torch.Tensor, modality: to
         torch.where(dropped, torch.full_like(labels, IGNORE_INDEX), labels)
 
 
+def conditions_later_text(labels: torch.Tensor, span_ids: torch.Tensor, doc_ids: torch.Tensor) -> torch.Tensor:
+    """[N] bool: latent positions whose span is followed, in its document, by text that has
+    next-token targets beyond the span's own ``<eoi>`` (a captioning image, a video frame
+    before more text/frames). Only these spans may be noise-capped (``clean_fraction``):
+    a caption-first image (``caption <boi> image <eoi> <eod>``) is not. One sequence [N].
+    """
+    n = labels.shape[0]
+    has_target = labels != IGNORE_INDEX
+    # targets strictly after position i in the same document: suffix sums reset per document
+    after = torch.zeros(n + 1, dtype=torch.long)
+    for i in range(n - 1, -1, -1):
+        same_doc = i + 1 < n and bool(doc_ids[i + 1] == doc_ids[i])
+        after[i] = (after[i + 1] + int(has_target[i + 1])) if same_doc else 0
+    out = torch.zeros(n, dtype=torch.bool)
+    for span in span_ids.unique().tolist():
+        if span < 0:
+            continue
+        idx = (span_ids == span).nonzero().squeeze(1)
+        eoi = int(idx[-1]) + 1
+        out[idx] = eoi < n and bool(doc_ids[eoi] == doc_ids[idx[0]]) and bool(after[eoi] > 0)
+    return out
+
+
 def _unsupported(cfg: Config) -> None:
     m = cfg.model
     if m.image_positions == "3d":
@@ -411,7 +434,8 @@ class TransfusionProvider:
             s = self.stream.sample(i)
             generator = torch.Generator().manual_seed(t.seed * 1_000_003 + int(i) + 17)
             noised = add_noise(s.latents, s.span_ids, s.clean_spans, self.cfg.diffusion, generator,
-                               image_loss_mask=s.image_loss_mask, doc_ids=s.doc_ids)
+                               image_loss_mask=s.image_loss_mask, doc_ids=s.doc_ids,
+                               cap_eligible=conditions_later_text(s.labels, s.span_ids, s.doc_ids))
             rows.append((s, noised))
         stack = lambda f: torch.stack([f(s, n) for s, n in rows])  # noqa: E731
         tokens, labels = stack(lambda s, n: s.tokens), stack(lambda s, n: s.labels)

@@ -391,3 +391,21 @@ def test_unet_model_trains_on_whole_images(megatron_world):
     tokens, positions, doc, span, latents, t, modality = hand_batch()  # a 6-patch span: not a whole image
     with pytest.raises(ValueError, match="whole images of 16 patches"):
         run(model, tokens, positions, doc, span, latents, t, modality)
+
+
+def test_noise_capping_only_for_spans_that_condition_later_text():
+    from megafusion.data.packing import Segment, build_sample
+    from megafusion.model.transfusion import conditions_later_text
+
+    tok = ByteTokenizer()
+    image = Segment(latents=np.zeros((4, 3), np.float32), modality=IMAGE)
+    text = lambda s: Segment(tokens=np.array(tok.encode(s)))  # noqa: E731
+    eod = Segment(tokens=np.array([tok.eod_id]))
+    docs = [[text("a cat"), image, eod],  # generation: the image conditions nothing after it
+            [image, text("a dog"), eod],  # captioning: the caption is predicted from the image
+            [text("two"), image, Segment(tokens=np.array([tok.frame_id])), image, eod]]  # a 2-frame clip
+    s = build_sample(docs, 64, 3, tok.pad_id, tok.boi_id, tok.eoi_id)
+    got = conditions_later_text(s.labels, s.span_ids, s.doc_ids)
+    per_span = {span: bool(got[s.span_ids == span].all()) for span in range(4)}
+    assert per_span == {0: False, 1: True, 2: True, 3: False}
+    assert not got[s.span_ids < 0].any()
