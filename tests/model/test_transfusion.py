@@ -142,18 +142,19 @@ def test_positions_restart_per_document(megatron_world):
     torch.testing.assert_close(packed_logits[:, second], alone_logits, atol=1e-5, rtol=1e-5)
 
 
-def test_sdpa_and_flex_backends_agree_through_the_model(megatron_world):
+@pytest.mark.parametrize("backend", ["flex", "triton"])
+def test_attention_backends_agree_with_sdpa_through_the_model(megatron_world, backend):
     results = {}
-    for backend in ("sdpa", "flex"):
-        provider = make_provider([f"model.attention={backend}"])
+    for name in ("sdpa", backend):
+        provider = make_provider([f"model.attention={name}"])
         model = provider.build(pre_process=True, post_process=True, vp_stage=None)
         output, loss_func = provider.forward_step(provider.batch(range(3, 5)), model)
         loss, _, _ = loss_func(output)
         loss.backward()
-        results[backend] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
-    assert results["sdpa"][0].item() == pytest.approx(results["flex"][0].item(), abs=1e-5)
-    for name, grad in results["sdpa"][1].items():
-        torch.testing.assert_close(results["flex"][1][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+        results[name] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+    assert results["sdpa"][0].item() == pytest.approx(results[backend][0].item(), abs=1e-5)
+    for param, grad in results["sdpa"][1].items():
+        torch.testing.assert_close(results[backend][1][param], grad, atol=1e-5, rtol=1e-4, msg=param)
 
 
 def test_layout_independent_init_and_checkpoint_keys(megatron_world):
