@@ -57,6 +57,11 @@ def make_provider(overrides=()):
     return TransfusionProvider(cfg, build_transformer_config(cfg, torch.device("cpu")))
 
 
+def image_indices(provider, n=2):
+    """The first n sample indices whose packs hold images or frames with a diffusion loss."""
+    return [i for i in range(64) if provider.stream.sample(i).image_loss_mask.any()][:n]
+
+
 def run(model, tokens, positions, doc_ids, span_ids, latents, t, modality, labels=None):
     mask = torch.stack([doc_ids, span_ids])
     return model(tokens, positions, mask, latents=latents, timesteps=t, modality=modality, labels=labels)
@@ -84,8 +89,7 @@ def hand_batch(n=24, c=192, seed=0):
 def test_forward_backward_shapes_and_grads(megatron_world):
     provider = make_provider()
     model = provider.build(pre_process=True, post_process=True, vp_stage=None)
-    with_images = [i for i in range(40) if provider.stream.sample(i).image_loss_mask.any()][:2]
-    batch = provider.batch(with_images)
+    batch = provider.batch(image_indices(provider))
     assert batch["flow_loss_mask"].any() and batch["text_loss_mask"].any()
     output, loss_func = provider.forward_step(batch, model)
     ce, pred = output
@@ -148,7 +152,9 @@ def test_attention_backends_agree_with_sdpa_through_the_model(megatron_world, ba
     for name in ("sdpa", backend):
         provider = make_provider([f"model.attention={name}"])
         model = provider.build(pre_process=True, post_process=True, vp_stage=None)
-        output, loss_func = provider.forward_step(provider.batch(range(3, 5)), model)
+        batch = provider.batch(image_indices(provider))
+        assert batch["span_ids"].max() >= 1  # image spans, so the bidirectional part is exercised
+        output, loss_func = provider.forward_step(batch, model)
         loss, _, _ = loss_func(output)
         loss.backward()
         results[name] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
@@ -383,8 +389,7 @@ def test_unet_adapters_shapes_and_locality():
 def test_unet_model_trains_on_whole_images(megatron_world):
     provider = make_provider(["model.patch_adapter=unet"])
     model = provider.build(pre_process=True, post_process=True, vp_stage=None)
-    with_images = [i for i in range(40) if provider.stream.sample(i).image_loss_mask.any()][:2]
-    output, loss_func = provider.forward_step(provider.batch(with_images), model)
+    output, loss_func = provider.forward_step(provider.batch(image_indices(provider)), model)
     loss, _, _ = loss_func(output)
     loss.backward()
     assert model.patch_in.conv_in.weight.grad.abs().sum() > 0
