@@ -18,7 +18,7 @@ import torch
 
 from megafusion.config import ConfigError
 from megafusion.data.indexed import IndexedDocuments
-from megafusion.data.packing import SequencePacker, document_length, truncate_document
+from megafusion.data.packing import Document, SequencePacker, pack_drawn_documents
 from megafusion.data.sample import Sample
 
 _MAX_DOCS = 256  # per sequence; a guard, far above what fits
@@ -80,20 +80,12 @@ class IndexedStream:
     def tokens_per_image(self) -> int:
         return self.representation.tokens_per_image
 
+    def document(self, i: int, j: int) -> Document:
+        """Document ``j`` of packed sequence ``i``: a source by weight, then one of its documents."""
+        rng = np.random.default_rng([self.seed, zlib.crc32(b"indexed_stream"), int(i), j])
+        source = self.sources[int(rng.choice(len(self.sources), p=self._probs))]
+        return source[int(rng.integers(len(source)))]
+
     def sample(self, i: int) -> Sample:
         """Packed sequence ``i``."""
-        packer = self.packer
-        packer.reset()
-        for j in range(_MAX_DOCS):
-            rng = np.random.default_rng([self.seed, zlib.crc32(b"indexed_stream"), int(i), j])
-            source = self.sources[int(rng.choice(len(self.sources), p=self._probs))]
-            doc = source[int(rng.integers(len(source)))]
-            if document_length(doc) > self.seq_len:
-                doc, _ = truncate_document(doc, self.seq_len)
-            if not packer.fits(doc):
-                break
-            if doc:
-                packer.add(doc)
-            if packer.full:
-                break
-        return packer.flush()
+        return pack_drawn_documents(self.packer, lambda j: self.document(i, j), _MAX_DOCS)

@@ -15,7 +15,7 @@ and counted in ``PackingStats``. Image spans are never split.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -271,3 +271,24 @@ def build_sample(docs: list[Document], seq_len: int, latent_dim: int, pad_id: in
         clean_spans=torch.from_numpy(clean & latent_pos),
         image_loss_mask=torch.from_numpy(latent_pos & ~clean),
     )
+
+
+def pack_drawn_documents(packer: SequencePacker, draw: Callable[[int], Document], max_docs: int) -> Sample:
+    """One sequence from documents ``draw(0), draw(1), ...``, until the next one does not fit.
+
+    The index-addressable streams use this: ``draw(j)`` is a pure function of the
+    sequence's index and ``j``, so the sequence is too. A document longer than the whole
+    sequence keeps its start (it only fits an empty sequence); the rest is padding.
+    """
+    packer.reset()
+    for j in range(max_docs):
+        doc = draw(j)
+        if document_length(doc) > packer.seq_len:
+            doc, _ = truncate_document(doc, packer.seq_len)
+        if not packer.fits(doc):
+            break
+        if doc:
+            packer.add(doc)
+        if packer.full:
+            break
+    return packer.flush()

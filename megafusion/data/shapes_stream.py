@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from megafusion.data.packing import Document, Segment, SequencePacker, document_length, truncate_document
+from megafusion.data.packing import Document, Segment, SequencePacker, pack_drawn_documents
 from megafusion.data.sample import IMAGE, VIDEO, Sample
 from megafusion.data.shapes import ShapesWorld
 
@@ -73,13 +73,10 @@ class ShapesStream:
 
     @classmethod
     def from_config(cls, cfg) -> "ShapesStream":
-        from megafusion.vision import load_representation
+        from megafusion.vision import representation_from_config
 
         v = cfg.vision
-        kw = {"image_size": v.image_size}
-        if v.representation in ("pixel", "vae"):
-            kw["patch_size"] = v.patch_size
-        rep = load_representation(v.representation, v.path, **kw)
+        rep = representation_from_config(v)
         # Clips short enough that a video document fits a tiny sequence next to its caption.
         world = ShapesWorld(seed=cfg.train.seed, image_size=v.image_size, video_frames=4, action_frames=4,
                             context_frames=1)
@@ -139,16 +136,6 @@ class ShapesStream:
 
     def sample(self, i: int) -> Sample:
         """Packed sequence ``i``."""
-        packer = self.packer
-        packer.reset()
-        for j in range(_MAX_DOCS):
-            doc = self.document(np.random.default_rng([self.seed, zlib.crc32(b"shapes_stream"), int(i), j]))
-            if document_length(doc) > self.seq_len:  # keep its start; it only fits an empty pack
-                doc, _ = truncate_document(doc, self.seq_len)
-            if not packer.fits(doc):
-                break
-            if doc:
-                packer.add(doc)
-            if packer.full:
-                break
-        return packer.flush()
+        return pack_drawn_documents(
+            self.packer, lambda j: self.document(np.random.default_rng([self.seed, zlib.crc32(b"shapes_stream"), int(i), j])),
+            _MAX_DOCS)
