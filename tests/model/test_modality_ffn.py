@@ -8,7 +8,6 @@ comparisons with a world-size-1 run are in the torchrun worker at the bottom of 
 import os
 import subprocess
 import sys
-import tempfile
 
 import pytest
 import torch
@@ -25,32 +24,6 @@ from megafusion.model.moe import (
 )
 
 HIDDEN, FFN, SEQ, BATCH = 16, 24, 12, 2
-
-
-@pytest.fixture(scope="module")
-def megatron_world():
-    """A gloo world of one with megatron's model-parallel groups (left as found afterwards)."""
-    from megatron.core import parallel_state, tensor_parallel
-
-    from megafusion.parallel import cpu_compat
-
-    was_active = cpu_compat.is_active()
-    cpu_compat.apply("cpu")
-    owns_dist = not dist.is_initialized()
-    if owns_dist:
-        store = tempfile.NamedTemporaryFile(prefix="modality-ffn-store-", delete=False).name
-        dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
-    owns_mp = not parallel_state.model_parallel_is_initialized()
-    if owns_mp:
-        parallel_state.initialize_model_parallel()
-    tensor_parallel.model_parallel_cuda_manual_seed(0)
-    yield
-    if owns_mp:
-        parallel_state.destroy_model_parallel()
-    if owns_dist:
-        dist.destroy_process_group()
-    if not was_active:
-        cpu_compat.remove()
 
 
 def run_config(*overrides):

@@ -10,7 +10,6 @@ import functools
 import os
 import subprocess
 import sys
-import tempfile
 
 import pytest
 import torch
@@ -23,32 +22,6 @@ from megafusion.model.moe_dispatch import (
     routing_map_to_topk,
     with_moe_dispatch,
 )
-
-
-@pytest.fixture(scope="module")
-def megatron_world():
-    """A gloo world of one with megatron's model-parallel groups (left as found afterwards)."""
-    from megatron.core import parallel_state, tensor_parallel
-
-    from megafusion.parallel import cpu_compat
-
-    was_active = cpu_compat.is_active()
-    cpu_compat.apply("cpu")
-    owns_dist = not dist.is_initialized()
-    if owns_dist:
-        store = tempfile.NamedTemporaryFile(prefix="moe-dispatch-store-", delete=False).name
-        dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
-    owns_mp = not parallel_state.model_parallel_is_initialized()
-    if owns_mp:
-        parallel_state.initialize_model_parallel(1, 1, expert_model_parallel_size=1)
-    tensor_parallel.model_parallel_cuda_manual_seed(0)
-    yield
-    if owns_mp:
-        parallel_state.destroy_model_parallel()
-    if owns_dist:
-        dist.destroy_process_group()
-    if not was_active:
-        cpu_compat.remove()
 
 
 def moe_config(dispatcher, capacity_factor=None, **overrides):

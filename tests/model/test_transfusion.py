@@ -7,12 +7,10 @@ dropout against a brute-force reference, and layout-independent data.
 """
 
 import math
-import tempfile
 
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 
 from megafusion.config import ConfigError, load_config
 from megafusion.data.byte_tokenizer import ByteTokenizer
@@ -21,32 +19,6 @@ from megafusion.data.shapes_stream import ShapesStream
 
 CONFIG = "examples/configs/tiny_transfusion.yaml"
 SMALL = ["model.seq_length=128", "model.num_layers=2", "train.micro_batch_size=2", "train.device=cpu"]
-
-
-@pytest.fixture(scope="module")
-def megatron_world():
-    """A gloo world of one with megatron's model-parallel groups (left as found afterwards)."""
-    from megatron.core import parallel_state, tensor_parallel
-
-    from megafusion.parallel import cpu_compat
-
-    was_active = cpu_compat.is_active()
-    cpu_compat.apply("cpu")
-    owns_dist = not dist.is_initialized()
-    if owns_dist:
-        store = tempfile.NamedTemporaryFile(prefix="transfusion-store-", delete=False).name
-        dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
-    owns_mp = not parallel_state.model_parallel_is_initialized()
-    if owns_mp:
-        parallel_state.initialize_model_parallel(1, 1)
-    tensor_parallel.model_parallel_cuda_manual_seed(0)
-    yield
-    if owns_mp:
-        parallel_state.destroy_model_parallel()
-    if owns_dist:
-        dist.destroy_process_group()
-    if not was_active:
-        cpu_compat.remove()
 
 
 def make_provider(overrides=()):
