@@ -4,3 +4,5 @@
 """
 from megafusion_kernels.moe_dispatch import moe_permute, moe_unpermute  # noqa: F401
 from megafusion_kernels.hybrid_attention import hybrid_attention  # noqa: F401
+
+__all__ = ["hybrid_attention", "moe_permute", "moe_unpermute"]
