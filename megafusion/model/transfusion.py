@@ -18,7 +18,8 @@ Options (``model.*``): ``attention`` sdpa | flex | triton (``megafusion.model.at
 ``ffn`` dense | modality and ``moe.*`` (``megafusion.model.modality_ffn``);
 ``time_conditioning`` additive (above) | adaln (``megafusion.model.adaln``);
 ``patch_adapter`` linear (above) | unet (``megafusion.model.unet``);
-``image_positions`` 1d | 2d (``megafusion.model.embeddings.rope_coordinates``).
+``image_positions`` 1d | 2d | 3d (``megafusion.model.embeddings.rope_coordinates``: (time, row,
+column) per patch, time = the span's start, so 3d is the same scheme seen on video frames).
 
 ``TransfusionProvider`` (``model.kind: transfusion``) feeds it packed ShapesWorld
 sequences (``megafusion.data.shapes_stream``), noises the latents and defines the loss.
@@ -337,9 +338,6 @@ def conditions_later_text(labels: torch.Tensor, span_ids: torch.Tensor, doc_ids:
 
 def _unsupported(cfg: Config) -> None:
     m = cfg.model
-    if m.image_positions == "3d":
-        raise ConfigError("model.image_positions = '3d' is not implemented yet in the Transfusion model; use '2d' "
-                          "(video frames already get their own time coordinate) or '1d'")
     if m.spec != "local":
         raise ConfigError(f"model.spec = {m.spec!r}: the Transfusion model builds its own layer spec with the "
                           "hybrid attention backends; use model.spec = local")
@@ -373,10 +371,12 @@ class TransfusionProvider:
         if cfg.model.patch_adapter == "unet":
             self.unet_layout = (*latent_layout(self.stream.representation), self.stream.tokens_per_image)
         self.image_grid_width = None
-        if cfg.model.image_positions == "2d":
+        # 2d and 3d share the (time, row, column) coordinates of rope_coordinates: the time
+        # axis is each span's start position, so every video frame has its own time.
+        if cfg.model.image_positions in ("2d", "3d"):
             self.image_grid_width = math.isqrt(self.stream.tokens_per_image)
             if self.image_grid_width ** 2 != self.stream.tokens_per_image:
-                raise ConfigError(f"model.image_positions = 2d needs square patch grids; the representation has "
+                raise ConfigError(f"model.image_positions = {cfg.model.image_positions} needs square patch grids; the representation has "
                                   f"{self.stream.tokens_per_image} tokens per image")
 
     def step_metrics(self, model_chunks=None, group=None) -> dict[str, float]:

@@ -226,10 +226,10 @@ def test_byte_tokenizer_roundtrip_and_vocab_check(megatron_world):
         make_provider(["model.vocab_size=256"])
 
 
-def test_unimplemented_options_are_refused(megatron_world):
-    for override in ("model.image_positions=3d",):
-        with pytest.raises(ConfigError, match="not implemented yet"):
-            make_provider([override])
+def test_3d_positions_use_the_time_row_column_scheme(megatron_world):
+    """Video frames get their own time coordinate: 3d is the 2d (time, row, col) scheme."""
+    two_d, three_d = make_provider(["model.image_positions=2d"]), make_provider(["model.image_positions=3d"])
+    assert three_d.image_grid_width == two_d.image_grid_width == 4
 
 
 def test_micro_batches_do_not_depend_on_the_data_parallel_layout():
