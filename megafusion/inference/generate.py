@@ -118,11 +118,17 @@ class DecodeState:
                                         timesteps=full.t[None], modality=full.modality[None])
             logits, latent_pred = logits[0, start:], latent_pred[0, start:]
         else:
+            # TransfusionModel.forward for the chunk's positions only, plus megatron's KV
+            # cache: the per-position hooks (FFN modality, AdaLN time) see the chunk; RoPE
+            # and the mask cover all `end` positions (megatron slices the queries' rows).
             self.context.sequence_len_offset = start
             if model.modality_context is not None:
                 model.modality_context.set(chunk.modality[None])
+            if getattr(model, "time_context", None) is not None:
+                model.time_context.set(chunk.t[None], chunk.modality[None])
             hidden = model.embed(chunk.tokens[None], chunk.latents[None], chunk.t[None], chunk.modality[None])
-            hidden = model.decoder(hidden_states=hidden, attention_mask=mask, rotary_pos_emb=model.rope(positions),
+            hidden = model.decoder(hidden_states=hidden, attention_mask=mask,
+                                   rotary_pos_emb=model.rope(positions, mask.span_ids),
                                    inference_context=self.context)
             weight = model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights else None
             logits, _ = model.output_layer(hidden, weight=weight)  # [k, 1, V]
@@ -234,7 +240,7 @@ class Generator:
     @torch.no_grad()
     def encode_images(self, images: np.ndarray) -> torch.Tensor:
         """uint8 [n, S, S, 3] -> normalised latents [n, tokens_per_image, C] (as training)."""
-        x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
+        x = torch.from_numpy(np.array(images, dtype=np.uint8)).permute(0, 3, 1, 2).float() / 255.0
         rep = self.representation
         return rep.normalize(rep.encode(x)).float().to(self.device)
 
