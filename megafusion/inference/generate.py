@@ -212,6 +212,9 @@ class Generator:
         self._banned[tokenizer.eoi_id] = True
         self._banned_no_images = self._banned.clone()
         self._banned_no_images[tokenizer.boi_id] = True
+        # A caption is text: no video continuation (<frame>) after the captioned image.
+        self._banned_caption = self._banned_no_images.clone()
+        self._banned_caption[tokenizer.frame_id] = True
 
     @classmethod
     def from_run(cls, loaded, **kw) -> "Generator":
@@ -253,9 +256,10 @@ class Generator:
 
     # ------------------------------------------------------------------ text
     def pick_token(self, logits: torch.Tensor, opts: SamplingOptions, rng: torch.Generator,
-                   allow_images: bool = True) -> int:
-        """Greedy (temperature 0) or temperature / top-k sampling from logits [V]."""
-        banned = self._banned if allow_images else self._banned_no_images
+                   allow_images: bool = True, text_only: bool = False) -> int:
+        """Greedy (temperature 0) or temperature / top-k sampling from logits [V]
+        (``text_only``: no ``<boi>`` nor ``<frame>``; else ``allow_images`` decides ``<boi>``)."""
+        banned = self._banned_caption if text_only else self._banned if allow_images else self._banned_no_images
         logits = logits.float().masked_fill(banned, float("-inf"))
         if opts.temperature <= 0:
             return int(logits.argmax())
@@ -325,7 +329,8 @@ class Generator:
 
     # ------------------------------------------------------------------ text (+ images)
     def continue_text(self, state: DecodeState, max_new_tokens: int, opts: SamplingOptions,
-                      rng: torch.Generator, images: list | None = None, max_images: int = 4) -> list[int]:
+                      rng: torch.Generator, images: list | None = None, max_images: int = 4,
+                      text_only: bool = False) -> list[int]:
         """Samples up to ``max_new_tokens`` tokens (stops after ``<eod>``); a ``<boi>`` (sampled,
         or already last in ``state``) is followed by an ODE-sampled image whose latents go to
         ``images``. Returns the new token ids (images not included)."""
@@ -338,7 +343,7 @@ class Generator:
                 continue
             if len(new) >= max_new_tokens:
                 break
-            t = self.pick_token(state.last_logits, opts, rng, allow_images=images is not None)
+            t = self.pick_token(state.last_logits, opts, rng, allow_images=images is not None, text_only=text_only)
             new.append(t)
             state.append_tokens([t])
             if t == tok.eod_id:
@@ -384,7 +389,7 @@ class Generator:
         tok = self.tokenizer
         state.run(Chunk.cat([self.text_chunk([tok.boi_id]), self.latent_chunk(latents, 0.0, state.new_span_id()),
                              self.text_chunk([tok.eoi_id])]))
-        new = self.continue_text(state, max_new_tokens, opts, rng, images=None)
+        new = self.continue_text(state, max_new_tokens, opts, rng, images=None, text_only=True)
         return tok.decode([i for i in new if i != tok.eod_id])
 
     # ------------------------------------------------------------------ action rollout
