@@ -35,10 +35,15 @@ class LoadedRun:
 
 
 def single_process_config(cfg: Config, device: str | None = None) -> Config:
-    """``cfg`` with the parallel layout of a world of one (and ``train.device`` if given)."""
+    """``cfg`` with the parallel layout of a world of one (and ``train.device`` if given).
+
+    The ``triton`` attention kernel needs as many queries as keys, which KV-cached decoding
+    does not have; such runs decode with ``sdpa`` (same weights, same rule, the reference).
+    """
     parallel = replace(cfg.parallel, tp=1, pp=1, ep=1, sp=False, vpp=None, distributed_optimizer=False)
     train = replace(cfg.train, device=device) if device is not None else cfg.train
-    return replace(cfg, parallel=parallel, train=train)
+    model = replace(cfg.model, attention="sdpa") if cfg.model.attention == "triton" else cfg.model
+    return replace(cfg, parallel=parallel, train=train, model=model)
 
 
 def checkpoint_path(run_dir: Path, step: int | None) -> tuple[int, Path]:
