@@ -147,15 +147,15 @@ def write_report(out: Path, run_dir: Path, eval_dir: Path | None) -> Path:
         if key in first and key in last:
             lines.append(f"| {key} | {first[key]:.4f} | {last[key]:.4f} |")
     if eval_dir is not None and (eval_dir / "metrics.json").is_file():
-        results = json.loads((eval_dir / "metrics.json").read_text())
+        metrics = json.loads((eval_dir / "metrics.json").read_text())
         lines += ["", "## Evaluation (ShapesWorld, exact)", "",
                   "| evaluation | metric | value | chance | better |", "|---|---|---|---|---|"]
-        for name, result in results.items():
-            head = result.get("headline") if isinstance(result, dict) else None
+        for name, result in metrics["results"].items():
+            head = metrics["headlines"].get(name)
             if head:
                 better = "higher" if head.get("higher_is_better", True) else "lower"
                 lines.append(f"| {name} | {head['metric']} | {head['value']:.4g} | {head['chance']:.4g} | {better} |")
-            elif isinstance(result, dict) and "skipped" in result:
+            elif "skipped" in result:
                 lines.append(f"| {name} | skipped: {result['skipped']} | | | |")
         for grid in sorted(eval_dir.glob("*.png")):
             lines += ["", f"![{grid.stem}]({grid.relative_to(out)})"]

@@ -23,8 +23,10 @@ def test_quick_quickstart_writes_report_and_eval(tmp_path):
     records = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["step"] == 6 and "loss_text" in records[-1]
     metrics = json.loads((out / "eval" / "metrics.json").read_text())
-    headlines = [r["headline"] for r in metrics.values() if isinstance(r, dict) and "headline" in r]
-    assert headlines and all("chance" in h and "value" in h for h in headlines)
+    headlines = metrics["headlines"]
+    assert {"generation", "captioning", "world_model", "perplexity"} <= set(headlines)
+    assert all("chance" in h and "value" in h for h in headlines.values())
     report = (out / "report.md").read_text()
     assert "loss_curves.png" in report and "| evaluation | metric | value | chance |" in report
+    assert "| perplexity | perplexity |" in report
     assert (out / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -59,6 +59,9 @@ def evaluate(gen: Generator, cfg, out: Path, n: int = 32, opts: SamplingOptions 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     weights = {k: float(v) for k, v in cfg.data.shapes_weights.items()}
+    if cfg.data.kind == "indexed":
+        # Preprocessed data does not say which ShapesWorld sources it holds: evaluate them all.
+        weights = {source: 1.0 for source in ("text", "image_text", "video", "action_video")}
     trained = lambda source: weights.get(source, 0.0) > 0  # noqa: E731
     world = eval_world(gen)
     results: dict[str, dict] = {}
@@ -203,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out) if args.out else Path(args.run_dir) / "eval" / f"step_{loaded.step:08d}"
         opts = SamplingOptions(steps=args.steps, method=args.sampler, cfg_scale=args.cfg, seed=args.seed)
         metrics = evaluate(gen, loaded.cfg, out, args.n, opts, args.planning_candidates,
-                           caption_first_prob=loaded.provider.stream.caption_first_prob)
+                           caption_first_prob=getattr(loaded.provider.stream, "caption_first_prob", 0.8))
         metrics.update(run_dir=str(args.run_dir), step=loaded.step)
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         if not args.no_tensorboard:

@@ -220,8 +220,9 @@ class Generator:
     def from_run(cls, loaded, **kw) -> "Generator":
         """From ``megafusion.inference.loading.load_run`` / ``build_model``."""
         stream = loaded.provider.stream
+        world = getattr(stream, "world", None)  # in-process ShapesWorld runs only; indexed runs have none
         return cls(loaded.model, loaded.cfg, stream.tokenizer, stream.representation, loaded.device,
-                   world_config=stream.world.config, **kw)
+                   world_config=world.config if world is not None else None, **kw)
 
     def new_state(self, use_cache: bool | None = None) -> DecodeState:
         return DecodeState(self, self.use_cache if use_cache is None else use_cache)
