@@ -130,9 +130,9 @@ class DecodeState:
             hidden = model.decoder(hidden_states=hidden, attention_mask=mask,
                                    rotary_pos_emb=model.rope(positions, mask.span_ids),
                                    inference_context=self.context)
-            weight = model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights else None
-            logits, _ = model.output_layer(hidden, weight=weight)  # [k, 1, V]
-            logits, latent_pred = logits[:, 0], model.patch_out(hidden)[:, 0]
+            # The model's own heads (LM head + patch-out or U-Net adapter; whole images per chunk).
+            logits, latent_pred = model.heads(hidden, chunk.t[None], chunk.modality[None])  # [k,1,V], [1,k,C]
+            logits, latent_pred = logits[:, 0], latent_pred[0]
         if commit:
             self.seq = full
             self.last_logits = logits[-1]
