@@ -37,13 +37,18 @@ class Scale:
     n_video: int
     n_action: int
     steps: int
-    eval_n: int
+    eval_n: int  # items per evaluation
+    eval_ode_steps: int  # ODE steps per generated image / frame
+    planning_candidates: int
 
 
 SCALES = {
-    "quick": Scale(n_text=60, n_image=60, n_video=6, n_action=6, steps=6, eval_n=4),
-    "default": Scale(n_text=600, n_image=600, n_video=60, n_action=60, steps=300, eval_n=32),
-    "full": Scale(n_text=4000, n_image=4000, n_video=400, n_action=400, steps=3000, eval_n=128),
+    "quick": Scale(n_text=60, n_image=60, n_video=6, n_action=6, steps=6, eval_n=4, eval_ode_steps=4,
+                   planning_candidates=2),
+    "default": Scale(n_text=2000, n_image=2000, n_video=200, n_action=200, steps=1500, eval_n=16,
+                     eval_ode_steps=10, planning_candidates=4),
+    "full": Scale(n_text=8000, n_image=8000, n_video=800, n_action=800, steps=8000, eval_n=128,
+                  eval_ode_steps=25, planning_candidates=8),
 }
 IMAGE_SIZE, PATCH_SIZE = 32, 8
 KINDS = {"text": "text", "image_text": "image-text", "video": "video", "action_video": "action-video"}
@@ -198,7 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     eval_dir = out / "eval"
     from megafusion.eval import cli as eval_cli
 
-    if eval_cli.main(["--run-dir", str(run_dir), "--out", str(eval_dir), "--n", str(scale.eval_n)]) != 0:
+    if eval_cli.main(["--run-dir", str(run_dir), "--out", str(eval_dir), "--n", str(scale.eval_n),
+                      "--steps", str(scale.eval_ode_steps),
+                      "--planning-candidates", str(scale.planning_candidates)]) != 0:
         print("[quickstart] evaluation failed; the report has the training part only", file=sys.stderr)
         eval_dir = None
     report = write_report(out, run_dir, eval_dir)
