@@ -212,9 +212,13 @@ class Generator:
         self._banned[tokenizer.eoi_id] = True
         self._banned_no_images = self._banned.clone()
         self._banned_no_images[tokenizer.boi_id] = True
-        # A caption is text: no video continuation (<frame>) after the captioned image.
+        # A caption is text: no video continuation (<frame>) and no action after the captioned
+        # image (in action videos an action token follows each frame).
         self._banned_caption = self._banned_no_images.clone()
         self._banned_caption[tokenizer.frame_id] = True
+        for action_id in tokenizer.action_ids().values():
+            if action_id < vocab:
+                self._banned_caption[action_id] = True
 
     @classmethod
     def from_run(cls, loaded, **kw) -> "Generator":
