@@ -1,0 +1,2 @@
+"""Checkpoint interop: ``megafusion export`` (distributed checkpoint -> safetensors + config.json)
+and ``megafusion import`` (the reverse). ``names`` owns the parameter-name mapping both ways."""

@@ -1,0 +1,153 @@
+"""``megafusion export``: a run's checkpoint (any TP/PP/EP/DP layout) -> one safetensors model.
+
+    megafusion export --run-dir runs/tiny --out exported/tiny [--step N] [--dtype bf16|fp32]
+
+Writes ``OUT/model.safetensors`` (or ``model-0000X-of-0000Y.safetensors`` shards with
+``model.safetensors.index.json`` above ``--max-shard-size``), ``OUT/config.json`` (the run's
+full config under ``"config"`` plus an ``"architecture"`` summary) and a copy of the
+tokenizer model when ``data.tokenizer`` is set. Tensor names: see ``megafusion.interop.names``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from megafusion.interop import names
+
+FORMAT = "megafusion-safetensors-v1"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def parse_size(text: str) -> int:
+    """'2GB' / '500MB' / '10KB' / '123' -> bytes."""
+    units = {"KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30, "B": 1}
+    t = text.strip().upper()
+    for unit, factor in units.items():
+        if t.endswith(unit):
+            return int(float(t[: -len(unit)]) * factor)
+    return int(t)
+
+
+def architecture(cfg, model: torch.nn.Module) -> dict:
+    """A summary of the model's shape for other stacks (informational; ``config`` is the truth)."""
+    m = cfg.model
+    arch = {"kind": m.kind, "vocab_size": m.vocab_size, "hidden_size": m.hidden_size,
+            "num_layers": m.num_layers, "num_heads": m.num_heads,
+            "ffn_hidden_size": m.ffn_hidden_size or 4 * m.hidden_size, "seq_length": m.seq_length}
+    moe = getattr(m, "moe", None)
+    if moe is not None and moe.num_experts:
+        arch["moe"] = {"num_experts": moe.num_experts, "top_k": moe.top_k,
+                       "expert_ffn_hidden_size": moe.ffn_hidden_size or arch["ffn_hidden_size"]}
+    for field in ("latent_dim", "tokens_per_image"):
+        for owner in (m, model):
+            if isinstance(getattr(owner, field, None), int):
+                arch[field] = getattr(owner, field)
+                break
+    return arch
+
+
+def load_checkpoint_world_of_one(run_dir: Path, step: int | None):
+    """(cfg, unwrapped model, step) rebuilt at world size 1 from any layout (any model.kind).
+
+    Same as ``inference.loading.load_run`` without its Transfusion-only check. Call
+    ``inference.loading.close()`` afterwards."""
+    from megatron.core import dist_checkpointing
+
+    from megafusion.config import load_config
+    from megafusion.inference.loading import build_model, checkpoint_path, close
+    from megafusion.training.checkpoint import unwrap
+
+    config_file = run_dir / "config.yaml"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"'{config_file}' does not exist: --run-dir must be a directory written by "
+                                "`megafusion train` (it holds config.yaml and checkpoints/)")
+    cfg = load_config(config_file)
+    ckpt_step, path = checkpoint_path(run_dir, step)
+    loaded = build_model(cfg, "cpu")
+    try:
+        model = unwrap(loaded.model)
+        state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(path))
+        model.load_state_dict(state["model"], strict=True)
+    except BaseException:
+        close()
+        raise
+    return cfg, model, ckpt_step
+
+
+def write_tensors(tensors: dict[str, torch.Tensor], out: Path, max_shard_bytes: int, metadata: dict) -> list[Path]:
+    """Writes one file, or shards plus the Hugging Face index, under ``out``."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().contiguous().cpu() for k, v in sorted(tensors.items())}
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    if len(shards) == 1:
+        path = out / "model.safetensors"
+        save_file(shards[0], str(path), metadata=metadata)
+        return [path]
+    paths, weight_map = [], {}
+    for i, shard in enumerate(shards):
+        path = out / f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(path), metadata=metadata)
+        paths.append(path)
+        weight_map.update({name: path.name for name in shard})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    (out / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    return paths
+
+
+def export_run(run_dir: str | Path, out: str | Path, step: int | None = None, dtype: str = "fp32",
+               max_shard_bytes: int = 2 << 30) -> Path:
+    """Exports ``run_dir``'s checkpoint to ``out``; returns ``out``."""
+    from megafusion.inference.loading import close
+
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype!r}: choose one of {sorted(DTYPES)}")
+    run_dir, out = Path(run_dir), Path(out)
+    cfg, model, ckpt_step = load_checkpoint_world_of_one(run_dir, step)
+    try:
+        tensors = {k: v.to(DTYPES[dtype]) for k, v in names.export_state(model.state_dict()).items()}
+        arch = architecture(cfg, model)
+    finally:
+        close()
+    out.mkdir(parents=True, exist_ok=True)
+    for old in list(out.glob("model*.safetensors")) + list(out.glob("model.safetensors.index.json")):
+        old.unlink()
+    write_tensors(tensors, out, max_shard_bytes, {"format": FORMAT})
+    config = cfg.to_dict()
+    tokenizer = getattr(cfg.data, "tokenizer", None)
+    if tokenizer:
+        src = Path(tokenizer)
+        if not src.is_file():
+            raise FileNotFoundError(f"data.tokenizer = '{tokenizer}' does not exist; cannot copy it into the export")
+        shutil.copy2(src, out / src.name)
+        config["data"]["tokenizer"] = src.name  # relative to the export directory
+    (out / "config.json").write_text(json.dumps(
+        {"format": FORMAT, "step": ckpt_step, "dtype": dtype, "architecture": arch, "config": config}, indent=2))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="megafusion export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run-dir", required=True, help="directory written by `megafusion train`")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument("--max-shard-size", default="2GB", help="shard above this size (e.g. 2GB, 500MB)")
+    args = parser.parse_args(argv)
+    out = export_run(args.run_dir, args.out, args.step, args.dtype, parse_size(args.max_shard_size))
+    print(f"[megafusion] exported {args.run_dir} to {out}")
+    return 0
