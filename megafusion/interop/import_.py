@@ -4,8 +4,13 @@
 
 Reads ``config.json`` and the safetensors file(s) (safetensors only, never pickle), loads
 them strictly into the model built at world size 1, and writes ``config.yaml`` and
-``checkpoints/step_00000000`` (fresh optimizer and LR schedule). dist_checkpointing stores
-global shapes, so ``megafusion train --run-dir`` then continues at any parallel layout.
+``checkpoints/step_00000000`` (fresh optimizer and LR schedule), stored with global shapes.
+
+Known gap: ``megafusion train`` cannot resume from this checkpoint yet. A never-stepped
+optimizer has no state, and megatron-core drops an optimizer step of 0 when saving
+(``if step:`` in ``FP32Optimizer.sharded_state_dict``), so the Checkpointer's optimizer
+load fails (``KeyError``). The fix belongs in ``training/checkpoint.py`` (e.g. a
+"fresh optimizer" flag in the common state that skips loading optimizer state).
 """
 
 from __future__ import annotations
