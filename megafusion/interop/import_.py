@@ -6,11 +6,9 @@ Reads ``config.json`` and the safetensors file(s) (safetensors only, never pickl
 them strictly into the model built at world size 1, and writes ``config.yaml`` and
 ``checkpoints/step_00000000`` (fresh optimizer and LR schedule), stored with global shapes.
 
-Known gap: ``megafusion train`` cannot resume from this checkpoint yet. A never-stepped
-optimizer has no state, and megatron-core drops an optimizer step of 0 when saving
-(``if step:`` in ``FP32Optimizer.sharded_state_dict``), so the Checkpointer's optimizer
-load fails (``KeyError``). The fix belongs in ``training/checkpoint.py`` (e.g. a
-"fresh optimizer" flag in the common state that skips loading optimizer state).
+The checkpoint holds no optimizer state (a never-stepped optimizer has none, and
+megatron-core drops an optimizer step of 0 when saving), so ``megafusion train`` on the
+run dir resumes the weights at any layout with a fresh optimizer.
 """
 
 from __future__ import annotations
@@ -135,7 +133,7 @@ def import_export(src: str | Path, run_dir: str | Path) -> Path:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")  # the exported run's own layout
         Checkpointer(run_dir, cfg.checkpoint.keep, False, env.device).save(
-            0, chunks, optimizer, scheduler, data_state={"step": 0})
+            0, chunks, optimizer, scheduler, data_state={"step": 0}, with_optimizer=False)
         dist.barrier()
     finally:
         shutdown()

@@ -93,9 +93,10 @@ def _sharded_state_dict(model_chunks, optimizer, common: dict[str, Any], with_rn
     # fully_reshardable: optimizer state stored per parameter in global coordinates, so it
     # loads at another TP/PP/DP layout; no chained-optimizer prefix, so expert-parallel
     # checkpoints load at another layout with the same EP.
-    state["optimizer"] = optimizer.sharded_state_dict(
-        state, is_loading=is_loading,
-        metadata={"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True})
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(
+            state, is_loading=is_loading,
+            metadata={"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True})
     if with_rng:
         # One RNG state per (pp, tp) position; data-parallel replicas share it.
         state["rng_state"] = ShardedObject(
@@ -121,7 +122,11 @@ class Checkpointer:
         dist.barrier()
 
     # ------------------------------------------------------------------ save
-    def save(self, step: int, model_chunks, optimizer, scheduler, data_state: dict[str, Any]) -> None:
+    def save(self, step: int, model_chunks, optimizer, scheduler, data_state: dict[str, Any],
+             with_optimizer: bool = True) -> None:
+        """Writes checkpoint ``step``. ``with_optimizer=False`` stores model weights and the
+        LR schedule only (an imported model: its optimizer has never stepped and holds no
+        state); resuming from it starts a fresh optimizer."""
         from megatron.core import dist_checkpointing
 
         root = checkpoint_root(self.run_dir)
@@ -130,8 +135,10 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         dist.barrier()
-        common = {"step": step, "scheduler": scheduler.state_dict(), "layout": _layout(), "data": data_state}
-        state = _sharded_state_dict(model_chunks, optimizer, common, True, self.device, is_loading=False)
+        common = {"step": step, "scheduler": scheduler.state_dict(), "layout": _layout(), "data": data_state,
+                  "has_optimizer": with_optimizer}
+        state = _sharded_state_dict(model_chunks, optimizer if with_optimizer else None, common, True, self.device,
+                                    is_loading=False)
         if self.async_save:
             from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
@@ -172,14 +179,17 @@ class Checkpointer:
         _, path = latest
         common = dist_checkpointing.load_common_state_dict(str(path))["common"]
         same_layout = common["layout"] == _layout()
-        state = _sharded_state_dict(model_chunks, optimizer, common, same_layout, self.device, is_loading=True)
+        has_optimizer = common.get("has_optimizer", True)
+        state = _sharded_state_dict(model_chunks, optimizer if has_optimizer else None, common, same_layout,
+                                    self.device, is_loading=True)
         loaded = dist_checkpointing.load(state, str(path))
         if len(model_chunks) == 1:
             unwrap(model_chunks[0]).load_state_dict(loaded["model"], strict=True)
         else:
             for i, chunk in enumerate(model_chunks):
                 unwrap(chunk).load_state_dict(loaded[f"model{i}"], strict=True)
-        optimizer.load_state_dict(loaded["optimizer"])
+        if has_optimizer:
+            optimizer.load_state_dict(loaded["optimizer"])
         scheduler.load_state_dict(common["scheduler"])
         if same_layout:
             _set_rng_state(loaded["rng_state"])

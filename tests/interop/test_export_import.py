@@ -111,6 +111,24 @@ def test_import_then_reexport_is_byte_identical(moe_export, tmp_path):
         assert first[name].numpy().tobytes() == second[name].numpy().tobytes(), name
 
 
+def test_training_resumes_from_an_import_at_any_layout(moe_export, tmp_path):
+    """Imported weights train on at EP1 and at EP2 with a fresh optimizer, to the same losses."""
+    from conftest import losses_by_step, run_train
+
+    losses = {}
+    for name, nproc, layout in (("ep1", 1, "parallel.ep=1"), ("ep2", 2, "parallel.ep=2")):
+        run_dir = tmp_path / name
+        cli("import", "--from", str(moe_export), "--run-dir", str(run_dir))
+        proc = run_train(run_dir, str(run_dir / "config.yaml"),
+                         ["train.steps=2", layout, "logging.tensorboard=false", "checkpoint.save_final=false"],
+                         nproc=nproc)
+        assert "resumed from step 0" in proc.stdout
+        losses[name] = losses_by_step(run_dir)
+    assert sorted(losses["ep1"]) == [1, 2]
+    for step, loss in losses["ep1"].items():
+        assert losses["ep2"][step] == pytest.approx(loss, abs=1e-5)
+
+
 def test_truncated_safetensors_is_a_clear_error(moe_export, tmp_path):
     from megafusion.interop.import_ import ImportError_, read_tensors
 
