@@ -102,10 +102,13 @@ def build_model(cfg: Config, device: str | None = None) -> LoadedRun:
     return LoadedRun(cfg, model, provider, None, dev, None)
 
 
-def load_run(run_dir: str | Path, step: int | None = None, device: str | None = None) -> LoadedRun:
+def load_run(run_dir: str | Path, step: int | None = None, device: str | None = None,
+             kinds: tuple[str, ...] | None = ("transfusion",)) -> LoadedRun:
     """Builds the run's model at world size 1 and loads its checkpoint's weights.
 
     ``device``: "cpu", "cuda" or "auto"; default: the run's ``train.device``.
+    ``kinds``: the model kinds the caller can use (generation and evaluation need a
+    Transfusion model); None accepts any.
     """
     from megatron.core import dist_checkpointing
 
@@ -117,7 +120,7 @@ def load_run(run_dir: str | Path, step: int | None = None, device: str | None = 
         raise FileNotFoundError(f"'{config_file}' does not exist: --run-dir must be a directory written by "
                                 "`megafusion train` (it holds config.yaml and checkpoints/)")
     cfg = load_config(config_file)
-    if cfg.model.kind != "transfusion":
+    if kinds is not None and cfg.model.kind not in kinds:
         raise ConfigError(f"{config_file}: model.kind = {cfg.model.kind!r}; generation and ShapesWorld "
                           "evaluation need a Transfusion model (model.kind: transfusion)")
     ckpt_step, path = checkpoint_path(run_dir, step)

@@ -51,34 +51,6 @@ def architecture(cfg, model: torch.nn.Module) -> dict:
     return arch
 
 
-def load_checkpoint_world_of_one(run_dir: Path, step: int | None):
-    """(cfg, unwrapped model, step) rebuilt at world size 1 from any layout (any model.kind).
-
-    Same as ``inference.loading.load_run`` without its Transfusion-only check. Call
-    ``inference.loading.close()`` afterwards."""
-    from megatron.core import dist_checkpointing
-
-    from megafusion.config import load_config
-    from megafusion.inference.loading import build_model, checkpoint_path, close
-    from megafusion.training.checkpoint import unwrap
-
-    config_file = run_dir / "config.yaml"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"'{config_file}' does not exist: --run-dir must be a directory written by "
-                                "`megafusion train` (it holds config.yaml and checkpoints/)")
-    cfg = load_config(config_file)
-    ckpt_step, path = checkpoint_path(run_dir, step)
-    loaded = build_model(cfg, "cpu")
-    try:
-        model = unwrap(loaded.model)
-        state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(path))
-        model.load_state_dict(state["model"], strict=True)
-    except BaseException:
-        close()
-        raise
-    return cfg, model, ckpt_step
-
-
 def write_tensors(tensors: dict[str, torch.Tensor], out: Path, max_shard_bytes: int, metadata: dict) -> list[Path]:
     """Writes one file, or shards plus the Hugging Face index, under ``out``."""
     from safetensors.torch import save_file
@@ -117,7 +89,13 @@ def export_run(run_dir: str | Path, out: str | Path, step: int | None = None, dt
     if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r}: choose one of {sorted(DTYPES)}")
     run_dir, out = Path(run_dir), Path(out)
-    cfg, model, ckpt_step = load_checkpoint_world_of_one(run_dir, step)
+    from megafusion.config import load_config
+    from megafusion.inference.loading import load_run
+    from megafusion.training.checkpoint import unwrap
+
+    loaded = load_run(run_dir, step, "cpu", kinds=None)  # any model.kind, any saved layout
+    model, ckpt_step = unwrap(loaded.model), loaded.step
+    cfg = load_config(run_dir / "config.yaml")  # the run's own layout (load_run's is a world of one)
     try:
         tensors = {k: v.to(DTYPES[dtype]) for k, v in names.export_state(model.state_dict()).items()}
         arch = architecture(cfg, model)
