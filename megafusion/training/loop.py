@@ -114,8 +114,13 @@ def _check_finite(losses_reduced: list[dict], step: int, env: ParallelEnv) -> No
             f"saving a checkpoint. Lower optimizer.lr, enable clipping (optimizer.clip_grad) or use fp32/bf16.")
 
 
-def train(cfg: Config, run_dir: Path) -> dict[str, float]:
-    """Trains ``cfg`` in ``run_dir`` (resuming from its latest checkpoint). Returns the last metrics."""
+def train(cfg: Config, run_dir: Path, profiler=None) -> dict[str, float]:
+    """Trains ``cfg`` in ``run_dir`` (resuming from its latest checkpoint). Returns the last metrics.
+
+    ``profiler``: an optional ``torch.profiler.profile`` (already entered); it is stepped once
+    per training step. Data loading, attention and MoE dispatch run inside the named ranges
+    ``megafusion.data``, ``megafusion.attention`` and ``megafusion.moe_dispatch``.
+    """
     from megatron.core.distributed import finalize_model_grads
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -154,8 +159,10 @@ def train(cfg: Config, run_dir: Path) -> dict[str, float]:
 
         for step in range(start_step + 1, cfg.train.steps + 1):
             started = time.perf_counter()
-            batches = [{k: v.to(env.device, non_blocking=True) for k, v in b.items()}
-                       for b in provider.micro_batches(step - 1, env.dp_rank, env.dp_size)]
+            with torch.profiler.record_function("megafusion.data"):
+                batches = [{k: v.to(env.device, non_blocking=True) for k, v in b.items()}
+                           for b in provider.micro_batches(step - 1, env.dp_rank, env.dp_size)]
+            data_time = time.perf_counter() - started
             for chunk in model_chunks:
                 chunk.zero_grad_buffer()
             optimizer.zero_grad()
@@ -180,12 +187,15 @@ def train(cfg: Config, run_dir: Path) -> dict[str, float]:
                     grad_norm=float(grad_norm) if grad_norm is not None else math.nan,
                     tokens_per_s=tokens_per_step / elapsed,
                     step_time_s=elapsed,
+                    data_time_s=data_time,
                     **_throughput(cfg, env, flops_shape, batches, elapsed),
                 )
                 # Model-specific statistics (e.g. MoE routing per modality); a collective.
                 if hasattr(provider, "step_metrics"):
                     metrics.update(provider.step_metrics(model_chunks))
                 writer.log(step, metrics)
+            if profiler is not None:
+                profiler.step()
             checkpointer.poll()
             if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or (
                     step == cfg.train.steps and cfg.checkpoint.save_final):
