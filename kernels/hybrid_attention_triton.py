@@ -99,6 +99,48 @@ def _load_rows(base, offs, stride, offs_d, N, D: tl.constexpr, BLOCK_D: tl.const
 
 
 @triton.jit
+def _load_ids(DOC, SPAN, offs, N):
+    """doc and span ids at positions ``offs``; past N they read as (0, -1), which the
+    callers mask out anyway."""
+    ok = offs < N
+    return tl.load(DOC + offs, mask=ok, other=0), tl.load(SPAN + offs, mask=ok, other=-1)
+
+
+@triton.jit
+def _visible(pos_q, doc_q, span_q, pos_k, doc_k, span_k):
+    """The hybrid rule, elementwise on broadcastable query / key operands: same document,
+    and causal or inside the query's own image span."""
+    return (doc_q == doc_k) & ((pos_k <= pos_q) | ((span_q >= 0) & (span_q == span_k)))
+
+
+@triton.jit
+def _load_kv(k_base, v_base, stride_kn, stride_vn, offs_n, offs_d, N,
+             D: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr, UPCAST: tl.constexpr):
+    """A key tile and its value tile; FULL tiles are complete (no position past N), so
+    only PARTIAL ones (``MASKED``) check N."""
+    k = _load_rows(k_base, offs_n, stride_kn, offs_d, N, D, BLOCK_D, MASKED)
+    v = _load_rows(v_base, offs_n, stride_vn, offs_d, N, D, BLOCK_D, MASKED)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    return k, v
+
+
+@triton.jit
+def _query_program(H, N, GROUP, n_tiles_m, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """(pid_bh, pid_m, b, h, hk, offs_m, offs_d, row_ok) of a per-query-tile program.
+
+    Heads on the fast grid axis and the last query tiles first: under a causal mask
+    those have the most key tiles to visit, so the long programs start early."""
+    pid_bh = tl.program_id(0)
+    pid_m = n_tiles_m - 1 - tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    return pid_bh, pid_m, b, h, h // GROUP, offs_m, tl.arange(0, BLOCK_D), offs_m < N
+
+
+@triton.jit
 def _fwd_tile(
     acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, DOC, SPAN,
     start_n, offs_m, offs_d, doc_q, span_q, N, qk_scale,
@@ -106,19 +148,11 @@ def _fwd_tile(
     UPCAST: tl.constexpr, PREC: tl.constexpr,
 ):
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    # FULL tiles are complete (no position past N), so only PARTIAL ones check N.
-    k = _load_rows(k_base, offs_n, stride_kn, offs_d, N, D, BLOCK_D, MASKED)
-    v = _load_rows(v_base, offs_n, stride_vn, offs_d, N, D, BLOCK_D, MASKED)
-    if UPCAST:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
+    k, v = _load_kv(k_base, v_base, stride_kn, stride_vn, offs_n, offs_d, N, D, BLOCK_D, MASKED, UPCAST)
     s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
     if MASKED:
-        doc_k = tl.load(DOC + offs_n, mask=offs_n < N, other=0)
-        span_k = tl.load(SPAN + offs_n, mask=offs_n < N, other=-1)
-        vis = (doc_q[:, None] == doc_k[None, :]) & (
-            (offs_n[None, :] <= offs_m[:, None]) | ((span_q[:, None] >= 0) & (span_q[:, None] == span_k[None, :]))
-        )
+        doc_k, span_k = _load_ids(DOC, SPAN, offs_n, N)
+        vis = _visible(offs_m[:, None], doc_q[:, None], span_q[:, None], offs_n[None, :], doc_k[None, :], span_k[None, :])
         vis = vis & (offs_n[None, :] < N)
         s = tl.where(vis, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -144,16 +178,7 @@ def _fwd_kernel(
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     UPCAST: tl.constexpr, PREC: tl.constexpr,
 ):
-    # Heads on the fast grid axis and the last query tiles first: under a causal mask
-    # those have the most key tiles to visit, so the long programs start early.
-    pid_bh = tl.program_id(0)
-    pid_m = n_tiles_m - 1 - tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    hk = h // GROUP
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_m < N
+    pid_bh, pid_m, b, h, hk, offs_m, offs_d, row_ok = _query_program(H, N, GROUP, n_tiles_m, BLOCK_M, BLOCK_D)
     q = tl.load(
         Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
         mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0,
@@ -162,8 +187,7 @@ def _fwd_kernel(
         q = q.to(tl.float32)
     DOC = DOC + b * N
     SPAN = SPAN + b * N
-    doc_q = tl.load(DOC + offs_m, mask=row_ok, other=0)
-    span_q = tl.load(SPAN + offs_m, mask=row_ok, other=-1)
+    doc_q, span_q = _load_ids(DOC, SPAN, offs_m, N)
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
 
@@ -244,11 +268,8 @@ def _bwd_kv_tile(
     s_t = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale  # [BLOCK_N, BLOCK_M]
     p_t = tl.math.exp2(s_t - lse[None, :])
     if MASKED:
-        doc_q = tl.load(DOC + offs_m, mask=row_ok, other=0)
-        span_q = tl.load(SPAN + offs_m, mask=row_ok, other=-1)
-        vis = (doc_k[:, None] == doc_q[None, :]) & (
-            (offs_n[:, None] <= offs_m[None, :]) | ((span_q[None, :] >= 0) & (span_q[None, :] == span_k[:, None]))
-        )
+        doc_q, span_q = _load_ids(DOC, SPAN, offs_m, N)
+        vis = _visible(offs_m[None, :], doc_q[None, :], span_q[None, :], offs_n[:, None], doc_k[:, None], span_k[:, None])
         vis = vis & row_ok[None, :]
         p_t = tl.where(vis, p_t, 0.0)
     dv += tl.dot(p_t.to(do.dtype), do, input_precision=PREC)
@@ -288,8 +309,7 @@ def _bwd_kv_kernel(
         v = v.to(tl.float32)
     DOC = DOC + b * N
     SPAN = SPAN + b * N
-    doc_k = tl.load(DOC + offs_n, mask=col_ok, other=0)
-    span_k = tl.load(SPAN + offs_n, mask=col_ok, other=-1)
+    doc_k, span_k = _load_ids(DOC, SPAN, offs_n, N)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
@@ -337,20 +357,12 @@ def _bwd_q_tile(
     UPCAST: tl.constexpr, PREC: tl.constexpr,
 ):
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    # FULL tiles are complete (no position past N), so only PARTIAL ones check N.
-    k = _load_rows(k_base, offs_n, stride_kn, offs_d, N, D, BLOCK_D, MASKED)
-    v = _load_rows(v_base, offs_n, stride_vn, offs_d, N, D, BLOCK_D, MASKED)
-    if UPCAST:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
+    k, v = _load_kv(k_base, v_base, stride_kn, stride_vn, offs_n, offs_d, N, D, BLOCK_D, MASKED, UPCAST)
     s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
     p = tl.math.exp2(s - lse[:, None])
     if MASKED:
-        doc_k = tl.load(DOC + offs_n, mask=offs_n < N, other=0)
-        span_k = tl.load(SPAN + offs_n, mask=offs_n < N, other=-1)
-        vis = (doc_q[:, None] == doc_k[None, :]) & (
-            (offs_n[None, :] <= offs_m[:, None]) | ((span_q[:, None] >= 0) & (span_q[:, None] == span_k[None, :]))
-        )
+        doc_k, span_k = _load_ids(DOC, SPAN, offs_n, N)
+        vis = _visible(offs_m[:, None], doc_q[:, None], span_q[:, None], offs_n[None, :], doc_k[None, :], span_k[None, :])
         vis = vis & (offs_n[None, :] < N)
         p = tl.where(vis, p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=PREC)
@@ -373,16 +385,7 @@ def _bwd_q_kernel(
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     UPCAST: tl.constexpr, PREC: tl.constexpr,
 ):
-    # Heads on the fast grid axis and the last query tiles first: under a causal mask
-    # those have the most key tiles to visit, so the long programs start early.
-    pid_bh = tl.program_id(0)
-    pid_m = n_tiles_m - 1 - tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    hk = h // GROUP
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_m < N
+    pid_bh, pid_m, b, h, hk, offs_m, offs_d, row_ok = _query_program(H, N, GROUP, n_tiles_m, BLOCK_M, BLOCK_D)
     ld_mask = row_ok[:, None] & (offs_d[None, :] < D)
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :], mask=ld_mask, other=0.0)
     do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :], mask=ld_mask, other=0.0)
@@ -393,8 +396,7 @@ def _bwd_q_kernel(
     delta = tl.load(DELTA + pid_bh.to(tl.int64) * N + offs_m, mask=row_ok, other=0.0)
     DOC = DOC + b * N
     SPAN = SPAN + b * N
-    doc_q = tl.load(DOC + offs_m, mask=row_ok, other=0)
-    span_q = tl.load(SPAN + offs_m, mask=row_ok, other=-1)
+    doc_q, span_q = _load_ids(DOC, SPAN, offs_m, N)
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
