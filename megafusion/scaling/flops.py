@@ -11,19 +11,24 @@ Megatron-LM's and PaLM's accounting):
   weighted sum of values, 2 * 2 * hidden_size FLOPs. Pairs are those the packing really
   has (``i`` sees ``j`` iff same document and (``j <= i`` or same image span)), counted
   per document without building the N x N mask;
-- the LM head on text positions, the linear patch-in / patch-out adapters on latent
-  positions;
+- the LM head on text positions; on latent positions the patch-in / patch-out adapters
+  (linear, or the U-Net's convolutions per image: ``megafusion.model.unet``) and the time
+  conditioning (``additive``: the timestep-embedding MLP; ``adaln``: the modulation
+  ``Linear(freq_dim -> 2 hidden)`` of both pre-norms of every layer);
 - backward = 2 x forward, so a training step is 3 x forward. This assumes gradients
-  w.r.t. every input, also the first layer's (the usual 6ND convention); a real step
-  skips the input-gradient of patch-in, a difference of 2 * latent_dim * hidden_size per
-  latent position.
+  w.r.t. every input, also those fed by data (the usual 6ND convention); a real step
+  skips the input-gradients of patch-in and of the timestep features.
 
-Every position of the packing is counted, padding too: it costs the same work. Pass the
-packing without its padding to count only useful FLOPs.
+These are *model* FLOPs, the work the result needs (what MFU divides by the peak): the
+model also runs its linear adapters, time embedding and LM head on positions of the other
+modality and throws the result away, and a dense attention kernel may compute masked
+pairs; none of that is counted. Every position of the packing is counted, padding too:
+it costs the same work. Pass the packing without its padding to count only useful FLOPs.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
@@ -41,6 +46,10 @@ class ModelShape:
     ``ffn_hidden_size``. ``latent_dim`` 0 means a text-only model (no patch adapters).
     ``ffn_copies`` / ``shared_expert_copies`` count modality-specific copies (one per
     modality, each position uses one): they add parameters, not FLOPs.
+    ``time_conditioning`` (none | additive | adaln) applies to latent positions only.
+    U-Net adapters (``patch_adapter = "unet"``) need the latent layout: ``latent_channels``
+    x ``latent_patch_size``^2 = ``latent_dim`` values per token, ``tokens_per_image``
+    tokens (a square grid) per image, ``unet_channels`` conv channels.
     """
 
     hidden_size: int
@@ -59,6 +68,12 @@ class ModelShape:
     tie_embeddings: bool = True
     ffn_copies: int = 1
     shared_expert_copies: int = 1
+    time_conditioning: str = "none"  # none | additive | adaln
+    time_frequency_dim: int = 256  # sinusoidal features of t (megafusion.model.embeddings)
+    latent_channels: int = 0  # U-Net only
+    latent_patch_size: int = 1
+    tokens_per_image: int = 0
+    unet_channels: int = 32
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "num_layers", "num_heads", "vocab_size"):
@@ -73,9 +88,22 @@ class ModelShape:
         if self.num_experts and not 1 <= self.moe_top_k <= self.num_experts:
             raise ValueError(f"ModelShape.moe_top_k = {self.moe_top_k} must be between 1 and "
                              f"num_experts = {self.num_experts}")
-        if self.patch_adapter != "linear":
-            raise ValueError(f"ModelShape.patch_adapter = {self.patch_adapter!r}: only 'linear' patch adapters "
-                             "are counted; add the adapter's FLOPs to megafusion/scaling/flops.py first")
+        if self.patch_adapter not in ("linear", "unet"):
+            raise ValueError(f"ModelShape.patch_adapter = {self.patch_adapter!r}: only 'linear' and 'unet' patch "
+                             "adapters are counted; add the adapter's FLOPs to megafusion/scaling/flops.py first")
+        if self.time_conditioning not in ("none", "additive", "adaln"):
+            raise ValueError(f"ModelShape.time_conditioning = {self.time_conditioning!r} is not one of none, "
+                             "additive, adaln")
+        if self.patch_adapter == "unet":
+            p, grid = self.latent_patch_size, math.isqrt(self.tokens_per_image)
+            if (self.latent_channels < 1 or p < 1 or p & (p - 1) or grid < 1 or grid * grid != self.tokens_per_image
+                    or self.latent_channels * p * p != self.latent_dim):
+                raise ValueError(
+                    f"ModelShape with patch_adapter = 'unet' needs latent_channels * latent_patch_size^2 = latent_dim "
+                    f"(a power-of-two patch size) and a square tokens_per_image; got latent_channels = "
+                    f"{self.latent_channels}, latent_patch_size = {p}, latent_dim = {self.latent_dim}, "
+                    f"tokens_per_image = {self.tokens_per_image} (from_model_config: pass "
+                    "unet_layout = (channels, patch size, tokens per image), the provider's unet_layout)")
 
     @property
     def head_dim(self) -> int:
@@ -101,9 +129,13 @@ class ModelShape:
     def from_model_config(cls, model: Mapping[str, Any]) -> "ModelShape":
         """Reads the ``model:`` section of a trainer config as a plain dict (YAML keys).
 
-        Unset keys take the trainer's defaults (megafusion.config.ModelConfig).
+        Unset keys take the trainer's defaults (megafusion.config.ModelConfig). Two keys
+        that are not in the YAML come from the vision representation: ``latent_dim`` (0 or
+        absent: a text-only model, which has no time conditioning either) and, for
+        ``patch_adapter: unet``, ``unet_layout`` = (channels, patch size, tokens per image).
         """
         moe = model.get("moe") or {}
+        latent_dim = int(model.get("latent_dim") or 0)
         kw: dict[str, Any] = dict(
             hidden_size=int(model.get("hidden_size", 64)),
             num_layers=int(model.get("num_layers", 2)),
@@ -111,7 +143,7 @@ class ModelShape:
             vocab_size=int(model.get("vocab_size", 256)),
             ffn_hidden_size=model.get("ffn_hidden_size"),
             num_kv_heads=model.get("num_kv_heads"),
-            latent_dim=int(model.get("latent_dim") or 0),
+            latent_dim=latent_dim,
             gated_ffn=model.get("activation", "swiglu") == "swiglu",
             num_experts=int(moe.get("num_experts") or 0),
             moe_top_k=int(moe.get("top_k", 2)),
@@ -119,8 +151,17 @@ class ModelShape:
             shared_expert_ffn_hidden_size=moe.get("shared_expert_ffn_hidden_size"),
             tie_embeddings=bool(model.get("tie_embeddings", True)),
         )
-        if "patch_adapter" in model:
-            kw["patch_adapter"] = model["patch_adapter"]
+        if latent_dim:
+            kw["time_conditioning"] = model.get("time_conditioning", "additive")
+            kw["patch_adapter"] = model.get("patch_adapter", "linear")
+            if kw["patch_adapter"] == "unet":
+                layout = model.get("unet_layout")
+                if not layout or len(layout) != 3:
+                    raise ValueError("model.patch_adapter = unet: pass unet_layout = (channels, patch size, tokens per "
+                                     "image) of the representation (TransfusionProvider.unet_layout) to count the "
+                                     "U-Net's convolutions")
+                kw.update(latent_channels=int(layout[0]), latent_patch_size=int(layout[1]),
+                          tokens_per_image=int(layout[2]))
         return cls(**kw)
 
 
@@ -154,6 +195,30 @@ def attention_pairs(doc_ids: Any, span_ids: Any) -> int:
 
 
 @dataclass(frozen=True)
+class PackingCounts:
+    """What the FLOPs of a packed batch depend on: position counts and unmasked pairs.
+
+    Integers for one batch (:func:`packing_counts`); means per sequence (floats) for a
+    measured packing (:func:`mean_packing_counts`).
+    """
+
+    positions: float
+    latent: float  # positions whose modality is not TEXT (image patches, video frames)
+    pairs: float  # (query, key) pairs of the hybrid mask, see attention_pairs
+
+    @property
+    def text(self) -> float:
+        return self.positions - self.latent
+
+
+def packing_counts(doc_ids: Any, span_ids: Any, modality: Any) -> PackingCounts:
+    """Counts of a packed batch ([N] or [B, N] arrays, see Sample)."""
+    mod = _as_2d(modality)
+    return PackingCounts(positions=int(mod.size), latent=int((mod != TEXT).sum()),
+                         pairs=attention_pairs(doc_ids, span_ids))
+
+
+@dataclass(frozen=True)
 class FlopBreakdown:
     """Forward FLOPs of one step by part; ``training`` = 3 x ``forward`` (fwd + bwd)."""
 
@@ -163,6 +228,7 @@ class FlopBreakdown:
     router: int
     lm_head: int  # text positions
     patch_adapters: int  # patch-in and patch-out, latent positions
+    time_conditioning: int  # timestep embedding MLP / AdaLN modulations, latent positions
 
     @property
     def forward(self) -> int:
@@ -177,16 +243,68 @@ def _ffn_flops_per_position(width: int, hidden: int, gated: bool) -> int:
     return 2 * hidden * width * (3 if gated else 2)
 
 
-def flop_breakdown(shape: ModelShape, doc_ids: Any, span_ids: Any, modality: Any) -> FlopBreakdown:
-    """Forward FLOPs of one step over a packed batch ([N] or [B, N] arrays, see Sample)."""
-    mod = _as_2d(modality)
-    positions = mod.size
-    text = int((mod == TEXT).sum())
-    latent = positions - text
-    if latent and not shape.latent_dim:
-        raise ValueError(f"the packing has {latent} latent positions but ModelShape.latent_dim = 0 "
+def _time_mlp(frequency_dim: int, width: int) -> tuple[int, int]:
+    """(forward FLOPs, parameters) of ``TimestepEmbedding(width, frequency_dim)``: one call."""
+    return 2 * (frequency_dim * width + width * width), frequency_dim * width + width * width + 2 * width
+
+
+@dataclass(frozen=True)
+class UNetCost:
+    """Forward FLOPs per image and parameters of the U-Net adapters (megafusion.model.unet)."""
+
+    down_flops: int
+    up_flops: int
+    down_params: int
+    up_params: int
+
+
+def unet_cost(shape: ModelShape) -> UNetCost:
+    """Every convolution (2 x c_in x c_out x k^2 per output pixel, as torch's FLOP counter
+    counts it: padding included) and linear of ``UNetDown`` + ``UNetUp`` on one image of
+    ``tokens_per_image`` = g^2 tokens, i.e. a (g p) x (g p) map of ``latent_channels``.
+    GroupNorm, SiLU, nearest upsampling and bias adds are not matrix products: not counted."""
+    c, p, h, b = shape.latent_channels, shape.latent_patch_size, shape.hidden_size, shape.unet_channels
+    g, levels = math.isqrt(shape.tokens_per_image), int(math.log2(p))
+    size = g * p  # the latent map's side
+
+    def conv(c_in: int, c_out: int, kernel: int, side: int) -> int:  # side: output resolution
+        return 2 * c_in * c_out * kernel * kernel * side * side
+
+    time_flops, time_params = _time_mlp(shape.time_frequency_dim, b)
+    block_flops = [2 * conv(b, b, 3, side) + 2 * b * b for side in (size >> k for k in range(levels + 1))]
+    block_params = 2 * (9 * b * b + b) + (b * b + b) + 2 * 2 * b  # two convs, time linear, two GroupNorms
+    down = (time_flops + conv(c, b, 3, size) + sum(block_flops)
+            + sum(conv(b, b, 3, size >> (k + 1)) for k in range(levels)) + conv(b, h, 1, g))
+    up = (time_flops + conv(h, b, 1, g) + sum(block_flops)
+          + sum(conv(b, b, 3, g << (k + 1)) for k in range(levels)) + conv(b, c, 3, size))
+    down_params = (time_params + 9 * c * b + b + (levels + 1) * block_params + levels * (9 * b * b + b)
+                   + b * h + h)
+    up_params = (time_params + h * b + b + levels * (9 * b * b + b) + (levels + 1) * block_params + 2 * b
+                 + 9 * b * c + c)
+    return UNetCost(down, up, down_params, up_params)
+
+
+def _adapter_flops_per_latent(shape: ModelShape) -> float:
+    if shape.patch_adapter == "unet":
+        cost = unet_cost(shape)
+        return (cost.down_flops + cost.up_flops) / shape.tokens_per_image  # whole images only
+    return 2 * 2 * shape.hidden_size * shape.latent_dim
+
+
+def _time_flops_per_latent(shape: ModelShape) -> int:
+    if shape.time_conditioning == "additive":
+        return _time_mlp(shape.time_frequency_dim, shape.hidden_size)[0]
+    if shape.time_conditioning == "adaln":  # both pre-norms of every layer: F -> 2 h
+        return shape.num_layers * 2 * 2 * shape.time_frequency_dim * 2 * shape.hidden_size
+    return 0
+
+
+def flop_breakdown_of_counts(shape: ModelShape, counts: PackingCounts) -> FlopBreakdown:
+    """Forward FLOPs of one step over a batch with these counts (floats are rounded)."""
+    if counts.latent and not shape.latent_dim:
+        raise ValueError(f"the packing has {counts.latent:g} latent positions but ModelShape.latent_dim = 0 "
                          "(a text-only model); set latent_dim to the patch width")
-    h, layers = shape.hidden_size, shape.num_layers
+    h, layers, positions = shape.hidden_size, shape.num_layers, counts.positions
     qkv_out = 2 * h * (h + 2 * shape.kv_heads * shape.head_dim) + 2 * h * h
     if shape.num_experts:
         ffn = shape.moe_top_k * _ffn_flops_per_position(shape.expert_ffn, h, shape.gated_ffn)
@@ -195,13 +313,19 @@ def flop_breakdown(shape: ModelShape, doc_ids: Any, span_ids: Any, modality: Any
     else:
         ffn, router = _ffn_flops_per_position(shape.ffn, h, shape.gated_ffn), 0
     return FlopBreakdown(
-        attention_projections=layers * positions * qkv_out,
-        attention_scores=layers * attention_pairs(doc_ids, span_ids) * 4 * h,
-        ffn=layers * positions * ffn,
-        router=layers * positions * router,
-        lm_head=text * 2 * h * shape.vocab_size,
-        patch_adapters=latent * 2 * 2 * h * shape.latent_dim,
+        attention_projections=round(layers * positions * qkv_out),
+        attention_scores=round(layers * counts.pairs * 4 * h),
+        ffn=round(layers * positions * ffn),
+        router=round(layers * positions * router),
+        lm_head=round(counts.text * 2 * h * shape.vocab_size),
+        patch_adapters=round(counts.latent * _adapter_flops_per_latent(shape)) if counts.latent else 0,
+        time_conditioning=round(counts.latent * _time_flops_per_latent(shape)),
     )
+
+
+def flop_breakdown(shape: ModelShape, doc_ids: Any, span_ids: Any, modality: Any) -> FlopBreakdown:
+    """Forward FLOPs of one step over a packed batch ([N] or [B, N] arrays, see Sample)."""
+    return flop_breakdown_of_counts(shape, packing_counts(doc_ids, span_ids, modality))
 
 
 def training_flops_per_step(shape: ModelShape, doc_ids: Any, span_ids: Any, modality: Any) -> int:
@@ -253,7 +377,8 @@ class ParamCount:
 
 
 def params(shape: ModelShape) -> ParamCount:
-    """Parameters of the model: bias-free linears, one RMSNorm weight per norm."""
+    """Parameters of the model: bias-free transformer linears, one RMSNorm weight per norm;
+    the patch adapters and timestep embeddings with their biases, as megafusion builds them."""
     h = shape.hidden_size
     proj = 2 if not shape.gated_ffn else 3
     attn = h * (h + 2 * shape.kv_heads * shape.head_dim) + h * h + 2 * h  # + two norms
@@ -266,8 +391,18 @@ def params(shape: ModelShape) -> ParamCount:
     else:
         ffn_total = shape.ffn_copies * proj * h * shape.ffn
         ffn_active = proj * h * shape.ffn
+    if shape.time_conditioning == "adaln":  # a modulation Linear(F -> 2 h, no bias) per pre-norm
+        attn += 2 * shape.time_frequency_dim * 2 * h
     embedding = shape.vocab_size * h * (1 if shape.tie_embeddings else 2)
-    adapters = 2 * h * shape.latent_dim
+    adapters = 0
+    if shape.latent_dim:
+        if shape.patch_adapter == "unet":
+            cost = unet_cost(shape)
+            adapters = cost.down_params + cost.up_params
+        else:
+            adapters = 2 * h * shape.latent_dim + h + shape.latent_dim
+        if shape.time_conditioning == "additive":
+            adapters += _time_mlp(shape.time_frequency_dim, h)[1]
     rest = embedding + adapters + h  # + final norm
     return ParamCount(total=shape.num_layers * (attn + ffn_total) + rest,
                       active=shape.num_layers * (attn + ffn_active) + rest, embedding=embedding)

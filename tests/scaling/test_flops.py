@@ -10,6 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from megafusion.model.embeddings import TimestepEmbedding, sinusoidal_embedding
+from megafusion.model.unet import UNetDown, UNetUp
+
 from megafusion.scaling.flops import (ModelShape, attention_pairs, flop_breakdown, format_mfu, mfu,
                                       nominal_packing, params, peak_flops, training_flops_per_step)
 
@@ -26,16 +29,18 @@ def hybrid_mask(doc_ids: torch.Tensor, span_ids: torch.Tensor) -> torch.Tensor:
     return same_doc & ((j <= i) | same_span)
 
 
-def random_packing(n: int, gen: torch.Generator, max_doc: int = 24, max_span: int = 6):
-    """Documents of random length, each with contiguous image spans after a marker token."""
+def random_packing(n: int, gen: torch.Generator, max_doc: int = 24, max_span: int = 6, span_size: int | None = None):
+    """Documents of random length, each with contiguous image spans after a marker token
+    (of ``span_size`` patches each - whole images - when given, else 1..max_span)."""
     doc_ids, span_ids, modality = [], [], []
     doc = span = 0
     while len(doc_ids) < n:
         length = int(torch.randint(1, max_doc + 1, (1,), generator=gen))
         pos = 0
         while pos < length:
-            if pos + 2 < length and torch.rand((), generator=gen) < 0.3:
-                size = min(int(torch.randint(1, max_span + 1, (1,), generator=gen)), length - pos - 1)
+            fits = pos + 2 < length if span_size is None else pos + span_size + 1 <= length
+            if fits and torch.rand((), generator=gen) < 0.3:
+                size = span_size or min(int(torch.randint(1, max_span + 1, (1,), generator=gen)), length - pos - 1)
                 doc_ids += [doc] * (size + 1)
                 span_ids += [-1] + [span] * size
                 modality += [0] + [1 + int(torch.randint(0, 2, (1,), generator=gen))] * size
@@ -129,6 +134,8 @@ class Layer(nn.Module):
         h, d = s.hidden_size, s.head_dim
         self.s = s
         self.norm1, self.norm2 = nn.RMSNorm(h), nn.RMSNorm(h)
+        if s.time_conditioning == "adaln":  # DiT modulation of both pre-norms, latent positions only
+            self.mod1, self.mod2 = (nn.Linear(s.time_frequency_dim, 2 * h, bias=False) for _ in range(2))
         self.q = nn.Linear(h, h, bias=False)
         self.k = nn.Linear(h, s.kv_heads * d, bias=False)
         self.v = nn.Linear(h, s.kv_heads * d, bias=False)
@@ -150,37 +157,63 @@ class Layer(nn.Module):
             rows.append(torch.bmm(p, v[keys].permute(1, 0, 2)).reshape(-1))  # [H * d]
         return self.o(torch.stack(rows))
 
-    def forward(self, x, mask, modality):
-        x = x + self.attend(self.norm1(x), mask)
-        y = self.norm2(x)
+    def norm(self, which, x, lat, features):
+        y = getattr(self, f"norm{which}")(x)
+        if self.s.time_conditioning != "adaln" or not len(lat):
+            return y
+        shift, scale = getattr(self, f"mod{which}")(features).chunk(2, dim=-1)
+        return y.index_put((lat,), y[lat] * (1 + scale) + shift)
+
+    def forward(self, x, mask, modality, lat, features):
+        x = x + self.attend(self.norm(1, x, lat, features), mask)
+        y = self.norm(2, x, lat, features)
         return x + (self.ffn(y, modality) if self.s.num_experts else self.ffn(y))
 
 
 class TinyTransfusion(nn.Module):
+    """A literal Transfusion forward whose every matmul is one the accounting counts: the
+    real U-Net adapters and timestep embedding of megafusion.model, on latent positions."""
+
     def __init__(self, s: ModelShape):
         super().__init__()
+        self.s = s
         self.embed = nn.Embedding(s.vocab_size, s.hidden_size)
         self.layers = nn.ModuleList(Layer(s) for _ in range(s.num_layers))
         self.norm = nn.RMSNorm(s.hidden_size)
         self.head = None if s.tie_embeddings else nn.Linear(s.hidden_size, s.vocab_size, bias=False)
-        if s.latent_dim:
-            self.patch_in = nn.Linear(s.latent_dim, s.hidden_size, bias=False)
-            self.patch_out = nn.Linear(s.hidden_size, s.latent_dim, bias=False)
+        if s.patch_adapter == "unet":
+            self.patch_in = UNetDown(s.latent_channels, s.latent_patch_size, s.hidden_size, s.unet_channels)
+            self.patch_out = UNetUp(s.latent_channels, s.latent_patch_size, s.hidden_size, s.unet_channels)
+        elif s.latent_dim:
+            self.patch_in = nn.Linear(s.latent_dim, s.hidden_size)
+            self.patch_out = nn.Linear(s.hidden_size, s.latent_dim)
+        if s.time_conditioning == "additive":
+            self.time_embed = TimestepEmbedding(s.hidden_size, s.time_frequency_dim)
 
-    def forward(self, tokens, latents, doc_ids, span_ids, modality):
+    def adapt(self, adapter, x, t):
+        if self.s.patch_adapter != "unet":
+            return adapter(x)
+        images = x.view(-1, self.s.tokens_per_image, x.shape[-1])  # whole images, in order
+        return adapter(images, t.view(-1, self.s.tokens_per_image)[:, 0]).reshape(x.shape[0], -1)
+
+    def forward(self, tokens, latents, t, doc_ids, span_ids, modality):
         mask = hybrid_mask(doc_ids, span_ids)
         text = (modality == 0).nonzero(as_tuple=True)[0]
         lat = (modality != 0).nonzero(as_tuple=True)[0]
+        features = sinusoidal_embedding(t[lat], self.s.time_frequency_dim)
         x = self.embed(tokens)
         if len(lat):
-            x = x.index_put((lat,), self.patch_in(latents[lat]))
+            visual = self.adapt(self.patch_in, latents[lat], t[lat])
+            if self.s.time_conditioning == "additive":
+                visual = visual + self.time_embed(t[lat])
+            x = x.index_put((lat,), visual)
         for layer in self.layers:
-            x = layer(x, mask, modality)
+            x = layer(x, mask, modality, lat, features)
         x = self.norm(x)
         head = self.embed.weight if self.head is None else self.head.weight
         out = (x[text] @ head.t()).square().mean()
         if len(lat):
-            out = out + self.patch_out(x[lat]).square().mean()
+            out = out + self.adapt(self.patch_out, x[lat], t[lat]).square().mean()
         return out
 
 
@@ -193,6 +226,17 @@ SHAPES = {
                                           latent_dim=4, num_experts=4, moe_top_k=2, moe_ffn_hidden_size=8,
                                           shared_expert_ffn_hidden_size=12, shared_expert_copies=2),
     "text_only": ModelShape(hidden_size=8, num_layers=2, num_heads=2, vocab_size=29),
+    "additive_time": ModelShape(hidden_size=16, num_layers=2, num_heads=4, vocab_size=23, ffn_hidden_size=24,
+                                latent_dim=6, time_conditioning="additive"),
+    "adaln_time": ModelShape(hidden_size=16, num_layers=2, num_heads=4, vocab_size=23, ffn_hidden_size=24,
+                             latent_dim=6, time_conditioning="adaln"),
+    # U-Net adapters: pixel-like latents (3 channels, 4x4 patches -> two levels) and RAE-like (patch 1)
+    "unet_pixel": ModelShape(hidden_size=16, num_layers=1, num_heads=2, vocab_size=23, latent_dim=48,
+                             patch_adapter="unet", latent_channels=3, latent_patch_size=4, tokens_per_image=4,
+                             unet_channels=8, time_conditioning="additive"),
+    "unet_rae_adaln": ModelShape(hidden_size=16, num_layers=1, num_heads=2, vocab_size=23, latent_dim=6,
+                                 patch_adapter="unet", latent_channels=6, latent_patch_size=1, tokens_per_image=9,
+                                 unet_channels=8, time_conditioning="adaln"),
 }
 
 
@@ -202,7 +246,7 @@ def test_training_flops_match_torch_flop_counter(name):
     gen = torch.Generator().manual_seed(3)
     torch.manual_seed(0)
     n = 40
-    doc_ids, span_ids, modality = random_packing(n, gen)
+    doc_ids, span_ids, modality = random_packing(n, gen, span_size=s.tokens_per_image or None)
     if not s.latent_dim:
         span_ids = torch.full_like(span_ids, -1)
         modality = torch.zeros_like(modality)
@@ -210,8 +254,9 @@ def test_training_flops_match_torch_flop_counter(name):
     model = TinyTransfusion(s)
     tokens = torch.randint(0, s.vocab_size, (n,), generator=gen)
     latents = torch.randn(n, max(s.latent_dim, 1), generator=gen, requires_grad=True)
+    t = torch.rand(n, generator=gen, requires_grad=True)  # input gradients everywhere: the 6ND convention
     with FlopCounterMode(display=False) as counter:
-        model(tokens, latents, doc_ids, span_ids, modality).backward()
+        model(tokens, latents, t, doc_ids, span_ids, modality).backward()
     assert training_flops_per_step(s, doc_ids, span_ids, modality) == counter.get_total_flops()
 
     # parameters: everything, and what one position uses
@@ -243,8 +288,17 @@ def test_from_model_config_reads_trainer_keys_and_defaults():
     s = ModelShape.from_model_config({"hidden_size": 32, "num_layers": 3, "num_heads": 4, "activation": "gelu",
                                       "moe": {"num_experts": 8, "top_k": 2, "ffn_hidden_size": 16}})
     assert (s.ffn, s.expert_ffn, s.gated_ffn, s.vocab_size, s.kv_heads) == (128, 16, False, 256, 4)
+    assert s.time_conditioning == "none" and s.latent_dim == 0  # text-only: no time conditioning
+    t = ModelShape.from_model_config({"kind": "transfusion", "latent_dim": 12, "patch_adapter": "unet",
+                                      "unet_layout": [3, 2, 16], "time_conditioning": "adaln"})
+    assert (t.latent_channels, t.latent_patch_size, t.tokens_per_image, t.time_conditioning) == (3, 2, 16, "adaln")
+    assert ModelShape.from_model_config({"latent_dim": 12}).time_conditioning == "additive"  # the trainer default
+    with pytest.raises(ValueError, match="unet_layout"):
+        ModelShape.from_model_config({"latent_dim": 12, "patch_adapter": "unet"})
+    with pytest.raises(ValueError, match="latent_channels"):
+        ModelShape.from_model_config({"latent_dim": 12, "patch_adapter": "unet", "unet_layout": [3, 3, 16]})
     with pytest.raises(ValueError, match="patch_adapter"):
-        ModelShape.from_model_config({"patch_adapter": "unet"})
+        ModelShape(hidden_size=8, num_layers=1, num_heads=2, vocab_size=8, latent_dim=4, patch_adapter="mlp")
     with pytest.raises(ValueError, match="not divisible"):
         ModelShape(hidden_size=30, num_layers=1, num_heads=4, vocab_size=8)
 
