@@ -1,16 +1,14 @@
 """Preprocessed indexed datasets -> packed ``Sample``s (``data.kind: indexed``).
 
-The training-time reader of what ``tools/preprocess_data.py`` writes. Like the in-process
-ShapesWorld stream, packed sequence ``i`` is a pure function of ``(seed, i)``: its ``j``-th
-document is drawn with a generator keyed on ``(seed, i, j)`` (a source by
-``data.weights``, then a document of that source, with replacement), so any
-data-parallel layout and any resume read the same data and the data position is simply
-the step. Sources are blended by weight in expectation (Megatron-style blending, sampled).
+The training-time reader of what ``tools/preprocess_data.py`` writes. Sources are blended
+by ``data.weights`` the Megatron way (``megafusion.data.mixture``): exact proportions,
+each source read in a seeded permutation per epoch, documents packed greedily. Packed
+sequence ``i`` is a pure function of ``(seed, i)``, so any data-parallel layout and any
+resume read the same data and the data position is simply the step.
 """
 
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,7 +16,8 @@ import torch
 
 from megafusion.config import ConfigError
 from megafusion.data.indexed import IndexedDocuments
-from megafusion.data.packing import Document, SequencePacker, pack_drawn_documents
+from megafusion.data.mixture import Mixture
+from megafusion.data.packing import SequencePacker
 from megafusion.data.sample import Sample
 
 _MAX_DOCS = 256  # per sequence; a guard, far above what fits
@@ -34,10 +33,10 @@ class IndexedStream:
     weights: list[float]
 
     def __post_init__(self):
-        w = np.asarray(self.weights, dtype=np.float64)
-        self._probs = w / w.sum()
         tok = self.tokenizer
-        self.packer = SequencePacker(self.seq_len, self.latent_dim, tok.pad_id, tok.boi_id, tok.eoi_id)
+        packer = SequencePacker(self.seq_len, self.latent_dim, tok.pad_id, tok.boi_id, tok.eoi_id)
+        self.mixture = Mixture(self.sources, self.weights, packer, seed=self.seed,
+                               lengths=[packed_lengths(s) for s in self.sources], max_docs=_MAX_DOCS)
 
     @classmethod
     def from_config(cls, cfg) -> "IndexedStream":
@@ -70,7 +69,10 @@ class IndexedStream:
                     f"{cfg.vision.representation} (image_size {cfg.vision.image_size}) makes {rep.latent_dim}; "
                     "preprocess with the same --encoder / --image-size / --patch-size as the vision section")
             sources.append(source)
-        return cls(cfg.train.seed, cfg.model.seq_length, load_tokenizer(d.tokenizer), rep, sources, weights)
+        try:
+            return cls(cfg.train.seed, cfg.model.seq_length, load_tokenizer(d.tokenizer), rep, sources, weights)
+        except ValueError as err:  # an empty dataset with a weight, a weight too small to draw
+            raise ConfigError(f"data.paths / data.weights ({list(d.paths)}, {weights}): {err}") from None
 
     @property
     def latent_dim(self) -> int:
@@ -80,12 +82,19 @@ class IndexedStream:
     def tokens_per_image(self) -> int:
         return self.representation.tokens_per_image
 
-    def document(self, i: int, j: int) -> Document:
-        """Document ``j`` of packed sequence ``i``: a source by weight, then one of its documents."""
-        rng = np.random.default_rng([self.seed, zlib.crc32(b"indexed_stream"), int(i), j])
-        source = self.sources[int(rng.choice(len(self.sources), p=self._probs))]
-        return source[int(rng.integers(len(source)))]
-
     def sample(self, i: int) -> Sample:
         """Packed sequence ``i``."""
-        return pack_drawn_documents(self.packer, lambda j: self.document(i, j), _MAX_DOCS)
+        return self.mixture.sample(i)
+
+
+def packed_lengths(source: IndexedDocuments) -> np.ndarray:
+    """[documents] int64: positions each document takes once packed, from the indexes alone.
+
+    The token stream holds ``<boi> <eoi>`` for every image/frame; packing puts its ``T``
+    latent positions between them.
+    """
+    lengths = np.asarray(source.tokens.sequence_lengths, dtype=np.int64).copy()
+    if source.multimodal and len(source.layout):
+        lengths += np.bincount(np.asarray(source.layout["doc"]), weights=np.asarray(source.layout["tokens"]),
+                               minlength=len(lengths)).astype(np.int64)
+    return lengths

@@ -59,3 +59,39 @@ def test_missing_dataset_says_how_to_make_one(prepared, tmp_path):
     cfg = _cfg(prepared, f"data.paths=[{tmp_path / 'nothing'}]", "data.weights=[1.0]")
     with pytest.raises(ConfigError, match="make one with tools/preprocess_data.py"):
         IndexedStream.from_config(cfg)
+
+
+def test_document_lengths_from_the_indexes_match_the_documents(prepared):
+    """The packing index is built from .idx/layout lengths alone: they must equal the real ones."""
+    from megafusion.data.indexed_stream import packed_lengths
+    from megafusion.data.packing import document_length
+
+    stream = IndexedStream.from_config(_cfg(prepared))
+    for source in stream.sources:
+        lengths = packed_lengths(source)
+        assert lengths.tolist() == [document_length(source[k]) for k in range(len(source))]
+
+
+def test_packs_read_the_sources_in_exact_proportions(prepared):
+    """The documents of packs 0..n-1 are a prefix of the blended stream: every source within one
+    document of its weight, each source's documents without repeats inside an epoch."""
+    import numpy as np
+
+    stream = IndexedStream.from_config(_cfg(prepared))
+    docs = [d for i in range(30) for d in stream.mixture.documents(i)]
+    weights = np.asarray(stream.weights, dtype=np.float64) / sum(stream.weights)
+    counts = np.zeros(len(weights))
+    for n, (s, _) in enumerate(docs, start=1):
+        counts[s] += 1
+        assert np.abs(counts - weights * n).max() < 1.0
+    for s, source in enumerate(stream.sources):
+        first_epoch = [k for src, k in docs if src == s][:len(source)]
+        assert len(set(first_epoch)) == len(first_epoch)
+    # pack 7 holds those documents: its text positions carry their tokens in order
+    sample = stream.sample(7)
+    first = [int(sample.tokens[(sample.doc_ids == d).nonzero()[0][0]]) for d in range(len(stream.mixture.documents(7)))]
+    want = []
+    for s, k in stream.mixture.documents(7):
+        seg = stream.sources[s][k][0]
+        want.append(int(seg.tokens[0]) if seg.is_text else stream.tokenizer.boi_id)
+    assert first == want
