@@ -55,15 +55,19 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, tokens_per_expert: torch.Tensor
 
 def grouped_mlp(x_perm: torch.Tensor, tokens_per_expert: torch.Tensor, w_in: torch.Tensor,
                 w_out: torch.Tensor, activation: str = "swiglu",
-                use_torch_grouped_mm: bool | None = None) -> torch.Tensor:
-    """Expert MLP ``act(x @ w_in[e]) @ w_out[e]`` for every row, one launch per projection.
+                use_torch_grouped_mm: bool | None = None, row_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Expert MLP ``(act(x @ w_in[e]) * row_scale) @ w_out[e]`` for every row, one launch per projection.
 
     Args:
         x_perm: [N, Hd] rows grouped by expert.
         tokens_per_expert: [E] int counts.
-        w_in: [E, Hd, F] ([E, Hd, 2F] for swiglu: gate half first, then the up half).
+        w_in: [E, Hd, F] ([E, Hd, 2F] for swiglu: gate half first, then the up half). Weights
+            stored per expert as [out, in] (nn.Linear layout) are passed as ``w.transpose(1, 2)``.
         w_out: [E, F, Hd].
         activation: one of ACTIVATIONS.
+        row_scale: optional [N] per-row factor (the routing weight of each row) applied after
+            the activation, the product cast back to the activation's dtype (megatron's
+            ``per_token_scale``); differentiable.
 
     Returns:
         [N, Hd] in x_perm's dtype.
@@ -80,4 +84,8 @@ def grouped_mlp(x_perm: torch.Tensor, tokens_per_expert: torch.Tensor, w_in: tor
         h = F.gelu(h)
     else:
         h = F.relu(h)
+    if row_scale is not None:
+        if row_scale.shape != (h.shape[0],):
+            raise ValueError(f"grouped_mlp: row_scale must be [N] = [{h.shape[0]}], got {tuple(row_scale.shape)}")
+        h = (h * row_scale.unsqueeze(-1)).to(h.dtype)
     return grouped_mm(h, w_out, tokens_per_expert, use_torch_grouped_mm)

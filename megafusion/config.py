@@ -41,6 +41,9 @@ class MoEConfig:
     shared_expert_ffn_hidden_size: int | None = None
     dispatcher: str = "alltoall"  # megatron token dispatcher: alltoall | allgather
     dispatch: str = "megatron"  # permute implementation: megatron | triton
+    # routed experts module: megatron (SequentialMLP; TE grouped MLP with spec te) | grouped
+    # (megafusion.model.grouped_experts: one grouped GEMM per projection, same checkpoint keys)
+    experts: str = "megatron"
     router_score: str = "softmax"  # softmax | sigmoid
     aux_loss_coeff: float = 0.0
     z_loss_coeff: float | None = None
@@ -125,6 +128,10 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16 | fp16
     recompute: str = "none"  # activation recomputation: none | full | selective
     device: str = "auto"  # auto | cpu | cuda
+    # FP8 matmuls in the Transformer Engine layers (model.spec = te, CUDA, precision bf16):
+    # none | delayed | tensorwise (per-tensor current scaling) | mxfp8 (Blackwell, CC >= 10)
+    fp8: str = "none"
+    fp8_params: bool = False  # keep the TE layers' weights in FP8 (less memory; needs train.fp8)
 
 
 @dataclass
@@ -136,6 +143,8 @@ class DataConfig:
     # ShapesWorld mixture weights of its sources (data.kind = shapes)
     shapes_weights: dict[str, float] = field(
         default_factory=lambda: {"text": 1.0, "image_text": 1.0, "video": 0.0, "action_video": 0.0})
+    # ShapesWorld vocabulary (data.kind = shapes): full | simple (3 colours, 3 shapes, 2x2 grid: the quickstart's)
+    shapes_world: str = "full"
 
 
 @dataclass
@@ -321,7 +330,9 @@ _CHOICES = {
     "train.precision": ("fp32", "bf16", "fp16"),
     "train.recompute": ("none", "full", "selective"),
     "train.device": ("auto", "cpu", "cuda"),
+    "train.fp8": ("none", "delayed", "tensorwise", "mxfp8"),
     "data.kind": ("synthetic", "indexed", "shapes"),
+    "data.shapes_world": ("full", "simple"),
 }
 
 

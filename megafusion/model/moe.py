@@ -99,7 +99,10 @@ class ModalityMoELayer(MoELayer):
     Same constructor as MoELayer plus keyword-only ``ctx`` (the chunk's ModalityContext),
     ``shared_expert_submodules`` (MLPSubmodules of the shared experts),
     ``per_modality_shared_experts`` and ``dispatch`` ("megatron" | "triton": the permute
-    implementation of :mod:`megafusion.model.moe_dispatch`).
+    implementation of :mod:`megafusion.model.moe_dispatch`). The routed experts module comes
+    with ``submodules.experts`` (``model.moe.experts``: megatron's SequentialMLP / TE grouped
+    MLP, or :class:`~megafusion.model.grouped_experts.GroupedExperts`, see :func:`moe_spec`).
+    Token dispatch and combine run inside the profiler range ``megafusion.moe_dispatch``.
 
     Forward: hidden [s_local, b, h] -> (routed + shared output [s_local, b, h], None).
     """
@@ -131,12 +134,13 @@ class ModalityMoELayer(MoELayer):
             self.modality_shared_experts = ModalityFFN(
                 config, shared_expert_submodules, ctx, pg_collection=pg_collection,
                 name=f"{name}.modality_shared_experts" if name else None, ffn_hidden_size=shared_width)
-        if dispatch == "triton":
-            from megafusion.model.moe_dispatch import install_triton_dispatcher
+        from megafusion.model.moe_dispatch import install_triton_dispatcher, profile_dispatch
 
+        if dispatch == "triton":
             install_triton_dispatcher(self, pg_collection)
         elif dispatch != "megatron":
             raise ValueError(f"model.moe.dispatch = {dispatch!r} is not one of ('megatron', 'triton')")
+        profile_dispatch(self.token_dispatcher)  # profiler range "megafusion.moe_dispatch"
 
     def route(self, hidden_states: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
         probs, routing_map = super().route(hidden_states, padding_mask)
@@ -165,9 +169,15 @@ def moe_spec(cfg, transformer_config, ctx: ModalityContext, shared_expert_submod
 
     from megafusion.model.modality_ffn import _backend
 
+    from megafusion.model.grouped_experts import EXPERTS_CHOICES, GroupedExperts
+
     moe = cfg.model.moe
-    backend = _backend(cfg.model.spec)
-    experts = backend.grouped_mlp_modules(cfg.model.spec == "te")
+    if moe.experts not in EXPERTS_CHOICES:
+        raise ValueError(f"model.moe.experts = {moe.experts!r} is not one of {EXPERTS_CHOICES}")
+    if moe.experts == "grouped":
+        experts = GroupedExperts
+    else:
+        experts = _backend(cfg.model.spec).grouped_mlp_modules(cfg.model.spec == "te")
     submodules = MoESubmodules(
         experts=experts,
         shared_experts=functools.partial(SharedExpertMLP, submodules=shared_expert_submodules))

@@ -25,6 +25,16 @@ built (``TransformerConfig.moe_token_dispatcher_type``: allgather or alltoall). 
   so they refuse other versions (``SUPPORTED_MEGATRON_CORE``);
 * a model with its own ``MoELayer`` subclass calls ``install_triton_dispatcher(layer)`` instead.
 
+Profiling: :func:`profile_dispatch` wraps every token dispatch and combine step of a
+dispatcher (permute, all-to-all / all-gather, unpermute, and megatron's own versions of them)
+in ``torch.profiler.record_function("megafusion.moe_dispatch")`` (:data:`DISPATCH_RANGE`);
+``TritonDispatchMoELayer`` and ``megafusion.model.moe.ModalityMoELayer`` apply it to their
+dispatcher, whichever ``dispatch`` they use. The ranges cover the forward calls; autograd
+links the backward ops to them through their sequence numbers.
+
+``with_moe_dispatch(layer_spec, dispatch, experts)`` also picks the routed experts module
+(``model.moe.experts``: megatron's, or ``grouped`` = :class:`megafusion.model.grouped_experts.GroupedExperts`).
+
 Supported: dropless routing and capacity dropping without padding. Not supported (clear error):
 ``moe_pad_expert_input_to_capacity``, ``moe_router_padding_for_quantization`` (a token may then
 hold more rows than top-k), ``moe_permute_fusion`` (that is Transformer Engine's fused path) and
@@ -50,17 +60,44 @@ from megafusion_kernels.moe_dispatch import moe_permute, moe_unpermute, permute_
 
 __all__ = [
     "DISPATCH_CHOICES",
+    "DISPATCH_RANGE",
     "SUPPORTED_MEGATRON_CORE",
     "TritonAllGatherTokenDispatcher",
     "TritonAlltoAllTokenDispatcher",
     "TritonDispatchMoELayer",
+    "grouped_experts_submodules",
     "install_triton_dispatcher",
+    "profile_dispatch",
     "routing_map_to_topk",
     "with_moe_dispatch",
 ]
 
 DISPATCH_CHOICES = ("megatron", "triton")
 SUPPORTED_MEGATRON_CORE = "0.19.2"
+DISPATCH_RANGE = "megafusion.moe_dispatch"
+# the token dispatcher's steps between the router and the experts, and back
+_DISPATCH_STEPS = ("dispatch_preprocess", "token_dispatch", "dispatch_postprocess",
+                   "combine_preprocess", "token_combine", "combine_postprocess")
+
+
+def profile_dispatch(dispatcher) -> None:
+    """Runs each dispatch / combine step of a token dispatcher inside the profiler range DISPATCH_RANGE.
+
+    Works on any megatron ``MoETokenDispatcher`` (ours or megatron's): the instance's step
+    methods are wrapped, the class is untouched; applying it twice wraps once.
+    """
+    for step in _DISPATCH_STEPS:
+        method = getattr(dispatcher, step)
+        if getattr(method, "_megafusion_profiled", False):
+            continue
+
+        @functools.wraps(method)
+        def ranged(*args, _method=method, **kwargs):
+            with torch.profiler.record_function(DISPATCH_RANGE):
+                return _method(*args, **kwargs)
+
+        ranged._megafusion_profiled = True
+        setattr(dispatcher, step, ranged)
 
 
 def routing_map_to_topk(routing_map: torch.Tensor, probs: torch.Tensor, topk: int
@@ -198,6 +235,7 @@ def install_triton_dispatcher(layer: MoELayer, pg_collection=None) -> None:
         layer.num_local_experts, layer.local_expert_indices, config=layer.config, pg_collection=pg_collection)
     if layer.use_shared_expert and layer.shared_expert_overlap:
         layer.token_dispatcher.set_shared_experts(layer.shared_experts)
+    profile_dispatch(layer.token_dispatcher)
 
 
 class TritonDispatchMoELayer(MoELayer):
@@ -210,28 +248,47 @@ class TritonDispatchMoELayer(MoELayer):
         install_triton_dispatcher(self, pg_collection)
 
 
-def _swap_moe_builder(mlp):
-    """partial(MoELayer, ...) or ModuleSpec(module=MoELayer, ...) -> the same with TritonDispatchMoELayer."""
+def grouped_experts_submodules(submodules):
+    """MoESubmodules with the routed experts built as GroupedExperts (``model.moe.experts = grouped``)."""
+    from megafusion.model.grouped_experts import GroupedExperts
+
+    return replace(submodules, experts=GroupedExperts)
+
+
+def _swap_moe_builder(mlp, dispatch: str, experts: str):
+    """partial(MoELayer, ...) or ModuleSpec(module=MoELayer, ...) -> the same with our choices."""
+    layer_cls = TritonDispatchMoELayer if dispatch == "triton" else MoELayer
     if isinstance(mlp, functools.partial) and mlp.func is MoELayer:
-        return functools.partial(TritonDispatchMoELayer, *mlp.args, **mlp.keywords)
+        keywords = dict(mlp.keywords)
+        if experts == "grouped":
+            keywords["submodules"] = grouped_experts_submodules(keywords["submodules"])
+        return functools.partial(layer_cls, *mlp.args, **keywords)
     if isinstance(mlp, ModuleSpec) and mlp.module is MoELayer:
-        return replace(mlp, module=TritonDispatchMoELayer)
-    raise ValueError(f"model.moe.dispatch = triton needs the layer spec's mlp to build megatron's MoELayer, got {mlp!r}; "
-                     "a custom MoELayer subclass should call megafusion.model.moe_dispatch.install_triton_dispatcher")
+        sub = grouped_experts_submodules(mlp.submodules) if experts == "grouped" else mlp.submodules
+        return replace(mlp, module=layer_cls, submodules=sub)
+    raise ValueError(f"model.moe.dispatch = {dispatch} / model.moe.experts = {experts} need the layer spec's mlp to "
+                     f"build megatron's MoELayer, got {mlp!r}; a custom MoELayer subclass should call "
+                     "megafusion.model.moe_dispatch.install_triton_dispatcher / grouped_experts_submodules")
 
 
-def with_moe_dispatch(layer_spec, dispatch: str):
-    """The layer spec with its MoE token dispatch chosen by ``model.moe.dispatch``.
+def with_moe_dispatch(layer_spec, dispatch: str, experts: str = "megatron"):
+    """The layer spec with its MoE token dispatch and routed experts chosen by the config.
 
     Args:
         layer_spec: a ``ModuleSpec(module=TransformerLayer, submodules=TransformerLayerSubmodules)``
             or the ``TransformerLayerSubmodules`` themselves (returned as the same kind).
-        dispatch: "megatron" (returned unchanged) or "triton".
+        dispatch: ``model.moe.dispatch``, "megatron" or "triton".
+        experts: ``model.moe.experts``, "megatron" or "grouped".
+        With both "megatron" the spec is returned unchanged.
     """
+    from megafusion.model.grouped_experts import EXPERTS_CHOICES
+
     if dispatch not in DISPATCH_CHOICES:
         raise ValueError(f"model.moe.dispatch = {dispatch!r} is not one of {DISPATCH_CHOICES}")
-    if dispatch == "megatron":
+    if experts not in EXPERTS_CHOICES:
+        raise ValueError(f"model.moe.experts = {experts!r} is not one of {EXPERTS_CHOICES}")
+    if dispatch == "megatron" and experts == "megatron":
         return layer_spec
     if isinstance(layer_spec, ModuleSpec):
-        return replace(layer_spec, submodules=with_moe_dispatch(layer_spec.submodules, dispatch))
-    return replace(layer_spec, mlp=_swap_moe_builder(layer_spec.mlp))
+        return replace(layer_spec, submodules=with_moe_dispatch(layer_spec.submodules, dispatch, experts))
+    return replace(layer_spec, mlp=_swap_moe_builder(layer_spec.mlp, dispatch, experts))
