@@ -140,6 +140,11 @@ class DataConfig:
     paths: list[str] = field(default_factory=list)  # indexed datasets (prefixes)
     weights: list[float] = field(default_factory=list)  # blending weights, one per path
     tokenizer: str | None = None  # sentencepiece model path (indexed / shapes data)
+    # Background loading (megafusion.data.loader): worker processes that build steps ahead
+    # (null: 2 on CUDA, 0 on CPU, where workers compete with the step for cores) and the
+    # steps each worker keeps ready.
+    num_workers: int | None = None
+    prefetch: int = 2
     # ShapesWorld mixture weights of its sources (data.kind = shapes)
     shapes_weights: dict[str, float] = field(
         default_factory=lambda: {"text": 1.0, "image_text": 1.0, "video": 0.0, "action_video": 0.0})
@@ -411,6 +416,10 @@ def validate(cfg: Config, world_size: int) -> None:
     elif p.pp > 1 and p.vpp and (t.global_batch_size // (t.micro_batch_size * dp)) % p.pp:
         problems.append("interleaved pipelining (parallel.vpp) needs the number of micro-batches to be a "
                         f"multiple of parallel.pp = {p.pp}")
+    if cfg.data.num_workers is not None and cfg.data.num_workers < 0:
+        problems.append(f"data.num_workers = {cfg.data.num_workers} must be >= 0 (0: load in the training process)")
+    if cfg.data.prefetch < 1:
+        problems.append(f"data.prefetch = {cfg.data.prefetch} must be >= 1 (steps built ahead per worker)")
     if cfg.data.weights and len(cfg.data.weights) != len(cfg.data.paths):
         problems.append(f"data.weights has {len(cfg.data.weights)} entries but data.paths has "
                         f"{len(cfg.data.paths)}; give one weight per path")
@@ -422,5 +431,56 @@ def validate(cfg: Config, world_size: int) -> None:
         problems.append(f"optimizer.min_lr = {cfg.optimizer.min_lr} is larger than optimizer.lr = {cfg.optimizer.lr}")
     if cfg.checkpoint.keep < 1:
         problems.append(f"checkpoint.keep = {cfg.checkpoint.keep} must be at least 1")
+    problems += _transformer_engine_problems(cfg)
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+
+
+def _transformer_engine_installed() -> bool:
+    """Whether Transformer Engine can be found, without importing it (CPU code paths never do)."""
+    import importlib.util
+
+    return importlib.util.find_spec("transformer_engine") is not None
+
+
+def _cuda_capability(cfg: Config) -> tuple[str, tuple[int, int]] | None:
+    """(name, compute capability) of this process's GPU, or None when the run is not on CUDA."""
+    import os
+
+    import torch
+
+    if cfg.train.device == "cpu" or not torch.cuda.is_available():
+        return None
+    index = int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count()
+    return torch.cuda.get_device_name(index), torch.cuda.get_device_capability(index)
+
+
+def _transformer_engine_problems(cfg: Config) -> list[str]:
+    """model.spec = te and train.fp8 need Transformer Engine, a CUDA GPU and bf16."""
+    m, t = cfg.model, cfg.train
+    problems = []
+    fp8 = t.fp8 != "none"
+    if t.fp8_params and not fp8:
+        problems.append("train.fp8_params = true needs an FP8 recipe: set train.fp8 = delayed | tensorwise | mxfp8")
+    if fp8 and m.spec != "te":
+        problems.append(f"train.fp8 = {t.fp8} needs model.spec = te (FP8 matmuls run in Transformer Engine "
+                        f"layers), got model.spec = {m.spec}")
+    if fp8 and t.precision != "bf16":
+        problems.append(f"train.fp8 = {t.fp8} needs train.precision = bf16 (the layers outside the FP8 matmuls "
+                        f"run in bf16), got {t.precision}")
+    if m.spec != "te" and not fp8:
+        return problems
+    what = f"train.fp8 = {t.fp8}" if fp8 else "model.spec = te"
+    gpu = _cuda_capability(cfg)
+    if gpu is None:
+        problems.append(f"{what} needs a CUDA GPU (Transformer Engine has no CPU kernels) and train.device = "
+                        f"{t.device} finds none; on CPU use model.spec = local and train.fp8 = none")
+    if not _transformer_engine_installed():
+        problems.append(f"{what} needs Transformer Engine, which is not installed: pip install "
+                        "'megafusion[gpu]' (transformer-engine[pytorch]) on the CUDA machine, or use "
+                        "model.spec = local and train.fp8 = none")
+    if t.fp8 == "mxfp8" and gpu is not None and gpu[1][0] < 10:
+        name, (major, minor) = gpu
+        problems.append(f"train.fp8 = mxfp8 needs a Blackwell-class GPU (compute capability >= 10.0); "
+                        f"'{name}' has {major}.{minor}: use train.fp8 = delayed or tensorwise")
+    return problems

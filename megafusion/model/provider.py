@@ -48,6 +48,26 @@ def get_provider(cfg: Config, transformer_config) -> ModelProvider:
     return getattr(importlib.import_module(module_name), cls_name)(cfg, transformer_config)
 
 
+def fp8_config(recipe: str, fp8_params: bool) -> dict[str, Any]:
+    """TransformerConfig fields for ``train.fp8`` / ``train.fp8_params`` (Transformer Engine).
+
+    megatron-core wraps every TE layer of the block in TE's FP8 autocast with the recipe
+    (and builds the weights as FP8 tensors when ``fp8_param``); modules that are not TE's
+    (our hybrid core attention, embeddings, heads) stay in bf16.
+    - delayed: per-tensor scales from an amax history (1024 steps, max), E4M3 forward /
+      E5M2 gradients ("hybrid"): the Megatron-LM / NeMo default.
+    - tensorwise: per-tensor current scaling (scales from this step's amax), hybrid format.
+    - mxfp8: 32-element block scales in E8M0 (Blackwell tensor cores), E4M3 throughout.
+    """
+    if recipe == "none":
+        return {}
+    kwargs: dict[str, Any] = dict(fp8="e4m3" if recipe == "mxfp8" else "hybrid", fp8_recipe=recipe,
+                                  fp8_param=fp8_params)
+    if recipe == "delayed":
+        kwargs.update(fp8_amax_history_len=1024, fp8_amax_compute_algo="max")
+    return kwargs
+
+
 def build_transformer_config(cfg: Config, device: torch.device):
     """megatron-core's TransformerConfig for the run's model and parallel layout."""
     from megatron.core.transformer import TransformerConfig
@@ -73,6 +93,7 @@ def build_transformer_config(cfg: Config, device: torch.device):
             moe_router_dtype="fp32",
         )
     return TransformerConfig(
+        **fp8_config(t.fp8, t.fp8_params),
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
         num_attention_heads=m.num_heads,

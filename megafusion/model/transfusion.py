@@ -336,13 +336,6 @@ def conditions_later_text(labels: torch.Tensor, span_ids: torch.Tensor, doc_ids:
     return out
 
 
-def _unsupported(cfg: Config) -> None:
-    m = cfg.model
-    if m.spec != "local":
-        raise ConfigError(f"model.spec = {m.spec!r}: the Transfusion model builds its own layer spec with the "
-                          "hybrid attention backends; use model.spec = local")
-
-
 class TransfusionProvider:
     """Builds the Transfusion model and feeds it packed samples: ShapesWorld in-process
     (``data.kind: shapes``) or preprocessed indexed datasets (``data.kind: indexed``)."""
@@ -353,7 +346,6 @@ class TransfusionProvider:
         from megafusion.data.indexed_stream import IndexedStream
         from megafusion.data.shapes_stream import ShapesStream
 
-        _unsupported(cfg)
         if cfg.data.kind not in ("shapes", "indexed"):
             raise ConfigError(f"data.kind = {cfg.data.kind!r}: the Transfusion provider reads ShapesWorld "
                               "in-process (shapes) or preprocessed datasets (indexed)")
@@ -415,8 +407,9 @@ class TransfusionProvider:
         if m.time_conditioning == "adaln":
             time_context = TimeContext()
             norm_spec = ModuleSpec(module=AdaLNNorm, params={"context": time_context})
+        # model.spec local | te: megatron's torch or Transformer Engine linears/norms, our core attention.
         spec = transfusion_block_spec(self.transformer_config, m.attention, m.moe.num_experts, vp_stage, mlp_spec,
-                                      norm_spec)
+                                      norm_spec, spec=m.spec)
         model = TransfusionModel(self.transformer_config, spec, vocab_size=m.vocab_size, latent_dim=self.latent_dim,
                                  max_sequence_length=m.seq_length, pre_process=pre_process,
                                  post_process=post_process, tie_embeddings=m.tie_embeddings,
