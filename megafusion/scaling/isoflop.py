@@ -26,10 +26,11 @@ from typing import Iterable, Sequence
 import numpy as np
 import yaml
 
-from megafusion.scaling.flops import ModelShape, nominal_packing, params, training_flops_per_step
+from megafusion.scaling.flops import flop_breakdown_of_counts, params
 
 MODALITIES = ("text", "image", "video")
 PARAMS_KINDS = ("active_non_embedding", "active", "total")
+TOKENS_KINDS = ("all", "modality")  # D = every position trained on | the positions of the fitted modality
 
 
 class IsoFLOPError(ValueError):
@@ -124,25 +125,40 @@ def _loss_keys(run: Path, records: list[dict], chosen: dict[str, str]) -> dict[s
     return found
 
 
-def run_compute(config: dict, params_kind: str = "active_non_embedding") -> tuple[float, float, float]:
-    """(N, D, C) of a run from its config dict: N from the model section, D = train.steps *
-    train.global_batch_size * model.seq_length, C = D x FLOPs per token of an all-text
-    sequence (documents filling the sequence) - a stand-in when no plan gives the budget."""
+@dataclass(frozen=True)
+class RunCompute:
+    """Size and compute of a run, from its config alone."""
+
+    params: float  # N
+    tokens: float  # D: every position trained on, train.steps * global_batch_size * seq_length
+    flops: float  # C: D's training FLOPs on the packing of the run's data (see plan.packing_of)
+    tokens_by_modality: dict  # D split into text / image / video / padding positions
+
+
+def run_compute(config: dict, params_kind: str = "active_non_embedding") -> RunCompute:
+    """N, D, C of a run from its config dict. N: the model section (a Transfusion model's
+    latent layout from its representation); C: FLOPs of D on the packing the run trains on
+    (measured on its data for a Transfusion model, one document per sequence for a text
+    model) - the budget when no plan gives it."""
+    from megafusion.scaling.plan import packing_of, shape_of_config
+
     model, train = config.get("model") or {}, config.get("train") or {}
-    shape = ModelShape.from_model_config(model)
+    shape = shape_of_config(config)
+    packing = packing_of({k: v for k, v in config.items() if k != "family"})
     seq = int(model.get("seq_length", 64))
-    tokens = float(int(train.get("steps", 100)) * int(train.get("global_batch_size", 8)) * seq)
-    n = getattr(params(shape), params_kind)
-    per_token = training_flops_per_step(shape, *nominal_packing(seq)) / seq
-    return float(n), tokens, tokens * per_token
+    sequences = int(train.get("steps", 100)) * int(train.get("global_batch_size", 8))
+    per_sequence = flop_breakdown_of_counts(shape, packing.counts).training
+    return RunCompute(float(getattr(params(shape), params_kind)), float(sequences * seq), sequences * per_sequence,
+                      {k: sequences * v for k, v in packing.by_modality.items()})
 
 
-def _read_plan(plan: str | Path) -> dict[str, float]:
+def _read_plan(plan: str | Path) -> dict[str, dict]:
+    """run name -> its plan.json entry (budget, tokens_by_modality, ...)."""
     path = Path(plan)
     if not path.is_file():
         raise IsoFLOPError(f"plan file '{path}' does not exist (it is the plan.json `megafusion isoflop plan` wrote)")
     entries = json.loads(path.read_text()).get("runs", [])
-    return {e["name"]: float(e["budget"]) for e in entries}
+    return {e["name"]: e for e in entries}
 
 
 def _cluster_budgets(computes: dict[str, float], tolerance: float) -> dict[str, float]:
@@ -164,7 +180,8 @@ def _cluster_budgets(computes: dict[str, float], tolerance: float) -> dict[str, 
 
 def read_run_dirs(run_dirs: Sequence[str | Path], plan: str | Path | None = None,
                   loss_keys: dict[str, str] | None = None, average_last: int = 1,
-                  params_kind: str = "active_non_embedding", budget_tolerance: float = 1.3) -> list[Observation]:
+                  params_kind: str = "active_non_embedding", budget_tolerance: float = 1.3,
+                  tokens_kind: str = "all") -> list[Observation]:
     """Final per-modality losses of finished runs.
 
     Each run dir holds ``config.yaml`` (``model.*``, ``train.steps``,
@@ -172,13 +189,19 @@ def read_run_dirs(run_dirs: Sequence[str | Path], plan: str | Path | None = None
     mean of its last ``average_last`` logged values. The budget of a run is read from the
     planner's ``plan.json`` (matched by run-dir name) when given, else computed from the
     config and runs within ``budget_tolerance`` x of each other are taken as one budget.
+    D is every position a run trained on (``tokens_kind = "all"``) or only the positions of
+    the fitted modality (``"modality"``: text tokens for text, image latents for image) - the
+    plan's ``tokens_by_modality``, else the run's measured packing. With a fixed data mix the
+    two differ by a constant factor: the exponent b is the same, D_opt is not.
     """
+    if tokens_kind not in TOKENS_KINDS:
+        raise IsoFLOPError(f"tokens kind {tokens_kind!r} is not one of {', '.join(TOKENS_KINDS)}")
     if params_kind not in PARAMS_KINDS:
         raise IsoFLOPError(f"params kind {params_kind!r} is not one of {', '.join(PARAMS_KINDS)}")
     if average_last < 1:
         raise IsoFLOPError(f"average_last = {average_last} must be at least 1")
     planned = _read_plan(plan) if plan is not None else None
-    runs: dict[str, tuple[Path, float, float, float, dict[str, float]]] = {}
+    runs: dict[str, tuple[Path, RunCompute, dict[str, float]]] = {}
     for run in map(Path, run_dirs):
         if not run.is_dir():
             raise IsoFLOPError(f"run dir '{run}' does not exist")
@@ -187,7 +210,7 @@ def read_run_dirs(run_dirs: Sequence[str | Path], plan: str | Path | None = None
             raise IsoFLOPError(f"run dir '{run}' has no config.yaml; is it a megafusion run dir?")
         config = yaml.safe_load(config_path.read_text()) or {}
         try:
-            n, d, c = run_compute(config, params_kind)
+            compute = run_compute(config, params_kind)
         except (ValueError, TypeError) as err:
             raise IsoFLOPError(f"{config_path}: cannot size the model: {err}") from None
         records = _read_metrics(run)
@@ -209,18 +232,29 @@ def read_run_dirs(run_dirs: Sequence[str | Path], plan: str | Path | None = None
         if run.name in runs:
             raise IsoFLOPError(f"two run dirs are named '{run.name}' ({runs[run.name][0]} and {run}); "
                                "run names must be unique")
-        runs[run.name] = (run, n, d, c, losses)
+        runs[run.name] = (run, compute, losses)
     if not runs:
         raise IsoFLOPError("no run dirs given")
     if planned is not None:
         missing = [str(r[0]) for name, r in runs.items() if name not in planned]
         if missing:
             raise IsoFLOPError(f"run dir(s) {', '.join(missing)} are not in plan {plan}")
-        budgets = {name: planned[name] for name in runs}
+        budgets = {name: float(planned[name]["budget"]) for name in runs}
     else:
-        budgets = _cluster_budgets({name: r[3] for name, r in runs.items()}, budget_tolerance)
-    return [Observation(budget=budgets[name], params=n, tokens=d, modality=m, loss=loss, source=str(run))
-            for name, (run, n, d, _, losses) in runs.items() for m, loss in losses.items()]
+        budgets = _cluster_budgets({name: r[1].flops for name, r in runs.items()}, budget_tolerance)
+
+    def tokens(name: str, compute: RunCompute, modality: str) -> float:
+        if tokens_kind == "all":
+            return compute.tokens
+        split = (planned or {}).get(name, {}).get("tokens_by_modality") or compute.tokens_by_modality
+        if not split.get(modality):
+            raise IsoFLOPError(f"run '{name}': no {modality} positions in its packing to count as D "
+                               f"(tokens_by_modality = {split}); fit with tokens kind 'all'")
+        return float(split[modality])
+
+    return [Observation(budget=budgets[name], params=compute.params, tokens=tokens(name, compute, m), modality=m,
+                        loss=loss, source=str(run))
+            for name, (run, compute, losses) in runs.items() for m, loss in losses.items()]
 
 
 # --------------------------------------------------------------------------- fitting
@@ -407,9 +441,11 @@ def _law_json(law: PowerLaw) -> dict:
     return {"exponent": law.exponent, "coefficient": law.coefficient, "ci": list(law.ci) if law.ci else None}
 
 
-def to_json(fits: dict[str, ModalityFit], confidence: float = 0.95, params_kind: str | None = None) -> dict:
+def to_json(fits: dict[str, ModalityFit], confidence: float = 0.95, params_kind: str | None = None,
+            tokens_kind: str | None = None) -> dict:
     return {
         "params_definition": params_kind or "as given",
+        "tokens_definition": tokens_kind or "as given",
         "confidence": confidence,
         "modalities": {
             m: {
@@ -474,12 +510,12 @@ def plot_optima(fit: ModalityFit, path: Path) -> None:
 
 
 def write_report(fits: dict[str, ModalityFit], out_dir: str | Path, confidence: float = 0.95,
-                 params_kind: str | None = None) -> list[Path]:
+                 params_kind: str | None = None, tokens_kind: str | None = None) -> list[Path]:
     """Writes scaling_laws.json and two PNGs per modality under ``out_dir``; returns the paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = [out / "scaling_laws.json"]
-    written[0].write_text(json.dumps(to_json(fits, confidence, params_kind), indent=2) + "\n")
+    written[0].write_text(json.dumps(to_json(fits, confidence, params_kind, tokens_kind), indent=2) + "\n")
     for m, fit in fits.items():
         plot_isoflop_curves(fit, out / f"isoflop_{m}.png")
         plot_optima(fit, out / f"optima_{m}.png")

@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--average-last", type=int, default=1, help="average the last K logged losses of each run")
     fit.add_argument("--params", choices=isoflop.PARAMS_KINDS, default="active_non_embedding",
                      help="which parameter count is N (run dirs only)")
+    fit.add_argument("--tokens", choices=isoflop.TOKENS_KINDS, default="all",
+                     help="what D counts (run dirs only): every position trained on, or only the fitted modality's "
+                          "(text tokens / image latents; same exponent b with a fixed data mix)")
     fit.add_argument("--budget-tolerance", type=float, default=1.3,
                      help="without --plan: runs whose computed FLOPs are within this factor share a budget")
     return parser
@@ -95,14 +98,14 @@ def _fit(args: argparse.Namespace) -> int:
         raise isoflop.IsoFLOPError("give either run directories or --csv FILE (not both, not neither)")
     if args.csv:
         observations = isoflop.read_csv(args.csv)
-        kind = None
+        kind = tokens_kind = None
     else:
         observations = isoflop.read_run_dirs(args.run_dirs, plan=args.plan, loss_keys=dict(args.loss_key),
                                               average_last=args.average_last, params_kind=args.params,
-                                              budget_tolerance=args.budget_tolerance)
-        kind = args.params
+                                              budget_tolerance=args.budget_tolerance, tokens_kind=args.tokens)
+        kind, tokens_kind = args.params, args.tokens
     fits = isoflop.fit_isoflop(observations, args.bootstrap, args.confidence, args.seed, args.modalities)
-    written = isoflop.write_report(fits, args.out, args.confidence, kind)
+    written = isoflop.write_report(fits, args.out, args.confidence, kind, tokens_kind)
     for m, f in fits.items():
         for law, name in ((f.params_law, "N_opt ~ C^a, a"), (f.tokens_law, "D_opt ~ C^b, b")):
             ci = f" [{law.ci[0]:.3f}, {law.ci[1]:.3f}]" if law.ci else " (no interval)"

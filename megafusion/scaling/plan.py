@@ -20,32 +20,49 @@ written for the runs)::
       tokens_per_param: 20              # each budget's grid is centred where D/N is this
       min_steps: 10                     # sizes that would train fewer steps are left out
       packing: {doc_length: null, span_length: 0, spans_per_doc: 0, latent_dim: null}
+      # or, for a Transfusion family: packing: {measure: 32} (the default there)
 
-FLOPs per step come from :mod:`megafusion.scaling.flops` on a nominal packing of
-``model.seq_length`` positions (documents of ``doc_length``, each ending with
-``spans_per_doc`` image spans of ``span_length`` latent positions); steps = budget /
-(global_batch_size x FLOPs per sequence), rounded to the nearest whole step.
+FLOPs per step come from :mod:`megafusion.scaling.flops` on the packing of
+``model.seq_length`` positions the runs will train on; steps = budget /
+(global_batch_size x FLOPs per sequence), rounded to the nearest whole step. The packing is
+
+- measured (``measure: K``, the default for ``model.kind: transfusion``): the mean over
+  the first K packed sequences of the family's own data (``data.kind`` shapes or indexed),
+  i.e. its real mix of text tokens, image/frame latents, padding and attention pairs;
+  the latent width and the U-Net layout come from the ``vision:`` representation;
+- or nominal: documents of ``doc_length``, each ending with ``spans_per_doc`` image spans
+  of ``span_length`` latent positions of width ``latent_dim``.
+
+Every run's ``tokens`` (D) counts all positions it trains on, ``tokens_by_modality`` splits
+them into text, image, video (latent positions) and padding.
 """
 
 from __future__ import annotations
 
 import copy
 import difflib
+import functools
 import json
 import math
 import shlex
-from dataclasses import asdict, dataclass
+import tempfile
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import yaml
 
-from megafusion.scaling.flops import ModelShape, nominal_packing, params, training_flops_per_step
+from megafusion.scaling.flops import (TEXT, ModelShape, PackingCounts, flop_breakdown_of_counts, nominal_packing,
+                                      packing_counts, params)
 
 _FAMILY_KEYS = {"widths", "aspect_ratio", "head_dim", "ffn_ratio", "ffn_multiple", "moe", "sizes",
                 "tokens_per_param", "min_steps", "packing"}
 _MOE_KEYS = {"num_experts", "expert_ffn_ratio", "shared_expert_ffn_ratio", "top_k"}
-_PACKING_KEYS = {"doc_length", "span_length", "spans_per_doc", "latent_dim"}
+_PACKING_KEYS = {"doc_length", "span_length", "spans_per_doc", "latent_dim", "measure"}
+_NOMINAL_KEYS = {"doc_length", "span_length", "spans_per_doc"}
+_DEFAULT_MEASURE = 32  # sequences, for Transfusion families
+MODALITY_NAMES = {0: "text", 1: "image", 2: "video"}  # megafusion.data.sample
 # model-section keys a family may set per size (others belong in the shared model section)
 _SIZE_KEYS = {"hidden_size", "num_layers", "num_heads", "num_kv_heads", "ffn_hidden_size", "moe"}
 
@@ -64,6 +81,7 @@ class PlannedRun:
     params: int  # active non-embedding parameters (the fitter's N)
     params_total: int
     flops: int  # planned training FLOPs: steps * FLOPs per step
+    tokens_by_modality: dict = field(default_factory=dict)  # text / image / video / padding positions
 
     @property
     def flops_per_step(self) -> float:
@@ -153,6 +171,148 @@ def _run_name(budget: float, size: dict) -> str:
     return name + (f"_e{experts}" if experts else "")
 
 
+# --------------------------------------------------------------------------- what the runs train on
+
+
+@dataclass(frozen=True)
+class Packing:
+    """The packing the runs train on: means per sequence of ``model.seq_length`` positions."""
+
+    counts: PackingCounts
+    by_modality: dict  # positions per sequence: text, image, video, padding (they sum to seq_length)
+    source: str  # how it was found, for plan.json
+
+    def to_json(self) -> dict:
+        return {"source": self.source, "per_sequence": {**self.by_modality, "attention_pairs": self.counts.pairs}}
+
+
+def trainer_config(config: dict):
+    """The validated ``megafusion.config.Config`` of a family or run config (``family:`` dropped)."""
+    from megafusion.config import ConfigError, load_config
+
+    tree = {k: v for k, v in config.items() if k != "family"}
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
+        yaml.safe_dump(tree, f)
+        f.flush()
+        try:
+            return load_config(f.name)
+        except ConfigError as err:
+            raise PlanError(f"not a valid trainer config: {str(err).replace(f' (in {f.name})', '')}") from None
+
+
+@functools.lru_cache(maxsize=16)
+def _latent_layout(vision_yaml: str, patch_adapter: str) -> tuple[tuple, ...]:
+    from megafusion.config import load_config
+    from megafusion.model.unet import latent_layout
+    from megafusion.vision import representation_from_config
+
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
+        f.write(vision_yaml)
+        f.flush()
+        vision = load_config(f.name).vision
+    try:
+        rep = representation_from_config(vision)
+    except (ValueError, OSError) as err:
+        raise PlanError(f"vision.representation = {vision.representation!r}: cannot build it to read the latent "
+                        f"layout: {err}") from None
+    out = {"latent_dim": int(rep.latent_dim), "tokens_per_image": int(rep.tokens_per_image)}
+    if patch_adapter == "unet":
+        out["unet_layout"] = (*latent_layout(rep), int(rep.tokens_per_image))
+    return tuple(out.items())
+
+
+def latent_layout_of(config: dict) -> dict:
+    """``latent_dim`` (and ``unet_layout`` for U-Net adapters) of a Transfusion config, read off
+    its ``vision:`` representation as the trainer does; {} for a text model."""
+    model = config.get("model") or {}
+    if model.get("kind", "text") != "transfusion":
+        return {}
+    trainer_config(config)  # a clear error for a broken config before anything is built
+    vision = yaml.safe_dump({"vision": config.get("vision") or {}}, sort_keys=True)
+    return dict(_latent_layout(vision, model.get("patch_adapter", "linear")))
+
+
+def shape_of_config(config: dict, model_overrides: dict | None = None) -> ModelShape:
+    """The ModelShape of a trainer config (its model section, ``model_overrides`` merged in);
+    Transfusion models take their latent layout from the representation. Modality-specific
+    FFNs and per-modality shared experts count their copies."""
+    model = _merge(config.get("model") or {}, model_overrides or {})
+    latent = latent_layout_of({**config, "model": model})
+    shape = ModelShape.from_model_config({**model, **{k: v for k, v in latent.items() if k != "tokens_per_image"}})
+    moe = model.get("moe") or {}
+    if latent:
+        copies = {"ffn_copies": 2 if model.get("ffn", "dense") == "modality" else 1,
+                  "shared_expert_copies": 2 if moe.get("per_modality_shared_experts") else 1}
+        shape = ModelShape(**{**asdict(shape), **copies})
+    return shape
+
+
+@functools.lru_cache(maxsize=16)
+def _measure(config_yaml: str, sequences: int) -> Packing:
+    from megafusion.data.indexed_stream import IndexedStream
+    from megafusion.data.shapes_stream import ShapesStream
+
+    cfg = trainer_config(yaml.safe_load(config_yaml))
+    if cfg.data.kind not in ("shapes", "indexed"):
+        raise PlanError(f"family.packing.measure reads the Transfusion data (data.kind shapes or indexed), not "
+                        f"data.kind = {cfg.data.kind!r}")
+    try:
+        stream = (ShapesStream if cfg.data.kind == "shapes" else IndexedStream).from_config(cfg)
+        samples = [stream.sample(i) for i in range(sequences)]
+    except (ValueError, OSError) as err:
+        raise PlanError(f"family.packing.measure: cannot read the data (data.kind = {cfg.data.kind}): {err}") from None
+    stack = {k: np.stack([getattr(x, k).numpy() for x in samples]) for k in ("doc_ids", "span_ids", "modality", "tokens")}
+    counts = packing_counts(stack["doc_ids"], stack["span_ids"], stack["modality"])
+    mod = stack["modality"]
+    padding = int(((mod == TEXT) & (stack["tokens"] == stream.tokenizer.pad_id)).sum())
+    by_modality = {name: float((mod == value).sum()) for value, name in MODALITY_NAMES.items()}
+    by_modality["text"] -= padding
+    by_modality["padding"] = float(padding)
+    return Packing(PackingCounts(*(v / sequences for v in (counts.positions, counts.latent, counts.pairs))),
+                   {k: v / sequences for k, v in by_modality.items()},
+                   f"measured: mean of packed sequences 0..{sequences - 1} of data.kind = {cfg.data.kind}")
+
+
+def packing_of(config: dict) -> Packing:
+    """The packing of a family (its ``family.packing``) or of a run config (measured for a
+    Transfusion model, one document filling the sequence for a text model)."""
+    model = config.get("model") or {}
+    seq = int(model.get("seq_length", 64))
+    packing = dict((config.get("family") or {}).get("packing") or {})
+    _check_keys(packing, _PACKING_KEYS, "family.packing")
+    latent = latent_layout_of(config)
+    nominal = _NOMINAL_KEYS & packing.keys()
+    measure = packing.get("measure")
+    if measure is not None and nominal:
+        raise PlanError(f"family.packing: give either measure (sequences of the data to count) or the nominal keys "
+                        f"{', '.join(sorted(nominal))}, not both")
+    if latent and measure is None and not nominal:
+        measure = _DEFAULT_MEASURE
+    if measure is not None:
+        if not latent:
+            raise PlanError("family.packing.measure counts the packing of Transfusion data; a text family "
+                            "(model.kind: text) takes the nominal keys doc_length")
+        if int(measure) < 1:
+            raise PlanError(f"family.packing.measure = {measure} must be at least 1 (sequences)")
+        # what the packed data depends on (not the model size, not train.steps)
+        key = {k: config.get(k) for k in ("data", "vision") if k in config}
+        key["train"] = {"seed": (config.get("train") or {}).get("seed", 1234)}
+        key["model"] = {k: model[k] for k in ("kind", "seq_length", "vocab_size") if k in model}
+        return _measure(yaml.safe_dump(key, sort_keys=True), int(measure))
+    latent_dim = int(packing.get("latent_dim") or 0)
+    if latent and latent_dim and latent_dim != latent["latent_dim"]:
+        raise PlanError(f"family.packing.latent_dim = {latent_dim} but the vision representation gives latent "
+                        f"patches of {latent['latent_dim']} values; drop family.packing.latent_dim")
+    try:
+        layout = nominal_packing(seq, packing.get("doc_length"), int(packing.get("span_length") or 0),
+                                 int(packing.get("spans_per_doc") or 0))
+    except ValueError as err:
+        raise PlanError(f"family.packing: {err}") from None
+    counts = packing_counts(*layout)
+    return Packing(counts, {"text": float(counts.text), "image": float(counts.latent), "video": 0.0, "padding": 0.0},
+                   "nominal: " + ", ".join(f"{k} = {packing.get(k)}" for k in sorted(_NOMINAL_KEYS)))
+
+
 def plan_sweep(config: dict, budgets: Sequence[float], sizes: int | None = None) -> list[PlannedRun]:
     """Runs for every budget: the family's sizes that reach ``min_steps``; with ``sizes``,
     the ``sizes`` consecutive ones (by parameter count) centred where D/N is nearest
@@ -164,23 +324,16 @@ def plan_sweep(config: dict, budgets: Sequence[float], sizes: int | None = None)
         raise PlanError(f"--sizes {sizes}: an IsoFLOP curve needs at least 3 sizes per budget")
     model, train = config.get("model") or {}, config.get("train") or {}
     seq, batch = int(model.get("seq_length", 64)), int(train.get("global_batch_size", 8))
-    packing = dict(family.get("packing") or {})
-    _check_keys(packing, _PACKING_KEYS, "family.packing")
-    latent_dim = packing.pop("latent_dim", None)
-    try:
-        layout = nominal_packing(seq, packing.get("doc_length"), int(packing.get("span_length") or 0),
-                                 int(packing.get("spans_per_doc") or 0))
-    except ValueError as err:
-        raise PlanError(f"family.packing: {err}") from None
+    packing = packing_of(config)
+    nominal_latent = int((family.get("packing") or {}).get("latent_dim") or 0)
 
     candidates = []
     for size in candidate_sizes(family):
-        merged = _merge(model, size)
-        if latent_dim and not merged.get("latent_dim"):
-            merged["latent_dim"] = latent_dim
         try:
-            shape = ModelShape.from_model_config(merged)
-            per_step = batch * training_flops_per_step(shape, *layout)
+            shape = shape_of_config(config, size)
+            if nominal_latent and not shape.latent_dim:  # a nominal latent width for a non-Transfusion family
+                shape = ModelShape(**{**asdict(shape), "latent_dim": nominal_latent})
+            per_step = batch * flop_breakdown_of_counts(shape, packing.counts).training
         except ValueError as err:
             raise PlanError(f"family size {size}: {err}") from None
         count = params(shape)
@@ -204,7 +357,9 @@ def plan_sweep(config: dict, budgets: Sequence[float], sizes: int | None = None)
             steps = max(1, round(budget / per_step))
             runs.append(PlannedRun(name=_run_name(budget, size), budget=float(budget), model=size, steps=steps,
                                    tokens=steps * batch * seq, params=n, params_total=total,
-                                   flops=int(steps * per_step)))
+                                   flops=int(steps * per_step),
+                                   tokens_by_modality={k: round(steps * batch * v)
+                                                       for k, v in packing.by_modality.items()}))
     names = [r.name for r in runs]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
@@ -246,6 +401,7 @@ def write_plan(config: dict, runs: list[PlannedRun], out_dir: str | Path, launch
         path.write_text(yaml.safe_dump(run_config(config, run), sort_keys=False))
         written.append(path)
     manifest = {"source": source, "launcher": launcher, "budgets": sorted({r.budget for r in runs}),
+                "packing": packing_of(config).to_json(),
                 "runs": [{**asdict(r), "config": f"configs/{r.name}.yaml", "run_dir": f"runs/{r.name}"}
                          for r in runs]}
     (out / "plan.json").write_text(json.dumps(manifest, indent=2) + "\n")

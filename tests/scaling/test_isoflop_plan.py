@@ -28,7 +28,7 @@ MOE_TRANSFUSION_FAMILY = {
     "train": {"global_batch_size": 4},
     "family": {"widths": [32, 64, 96, 128], "aspect_ratio": 32, "head_dim": 16,
                "moe": {"num_experts": [4, 8, 8, 16], "expert_ffn_ratio": 0.5, "shared_expert_ffn_ratio": 1},
-               "packing": {"doc_length": 48, "span_length": 16, "spans_per_doc": 2, "latent_dim": 8}},
+               "packing": {"doc_length": 48, "span_length": 16, "spans_per_doc": 2, "latent_dim": 48}},
 }
 
 
@@ -81,7 +81,7 @@ def test_family_rule_sets_width_depth_heads_ffn_and_experts():
     runs = plan_sweep(MOE_TRANSFUSION_FAMILY, [1e13])
     cfg_model = {**MOE_TRANSFUSION_FAMILY["model"], **runs[0].model,
                  "moe": {**MOE_TRANSFUSION_FAMILY["model"]["moe"], **runs[0].model["moe"]}}
-    assert runs[0].params == params(ModelShape.from_model_config({**cfg_model, "latent_dim": 8})).active_non_embedding
+    assert runs[0].params == params(ModelShape.from_model_config({**cfg_model, "latent_dim": 48})).active_non_embedding
 
 
 def test_sizes_picks_a_window_centred_on_tokens_per_param():
@@ -139,10 +139,22 @@ def test_unplannable_families_are_refused_clearly():
         plan_sweep(TEXT_FAMILY, [1e9])
     with pytest.raises(PlanError, match="at least 3 sizes"):
         plan_sweep(TEXT_FAMILY, [1e13], sizes=2)
-    no_latent = copy.deepcopy(MOE_TRANSFUSION_FAMILY)
-    del no_latent["family"]["packing"]["latent_dim"]
-    with pytest.raises(PlanError, match="latent_dim"):
-        plan_sweep(no_latent, [1e13])
+    wrong_latent = copy.deepcopy(MOE_TRANSFUSION_FAMILY)
+    wrong_latent["family"]["packing"]["latent_dim"] = 8  # the pixel representation 16 px / patch 4 gives 48
+    with pytest.raises(PlanError, match="latent_dim = 8 but the vision representation gives latent patches of 48"):
+        plan_sweep(wrong_latent, [1e13])
+    both_packings = copy.deepcopy(MOE_TRANSFUSION_FAMILY)
+    both_packings["family"]["packing"]["measure"] = 4
+    with pytest.raises(PlanError, match="either measure .* or the nominal keys"):
+        plan_sweep(both_packings, [1e13])
+    measured_text = copy.deepcopy(TEXT_FAMILY)
+    measured_text["family"]["packing"] = {"measure": 4}
+    with pytest.raises(PlanError, match="measure counts the packing of Transfusion data"):
+        plan_sweep(measured_text, [1e13])
+    bad_trainer_key = copy.deepcopy(MOE_TRANSFUSION_FAMILY)
+    bad_trainer_key["vision"] = {"representation": "pixels"}
+    with pytest.raises(PlanError, match="vision.representation"):
+        plan_sweep(bad_trainer_key, [1e13])
 
 
 def test_explicit_sizes_and_the_cli(tmp_path, capsys):
