@@ -26,7 +26,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import yaml
 
-from megafusion.scaling.flops import flop_breakdown_of_counts, params
+from megafusion.scaling.flops import params
 
 MODALITIES = ("text", "image", "video")
 PARAMS_KINDS = ("active_non_embedding", "active", "total")
@@ -147,7 +147,7 @@ def run_compute(config: dict, params_kind: str = "active_non_embedding") -> RunC
     packing = packing_of({k: v for k, v in config.items() if k != "family"})
     seq = int(model.get("seq_length", 64))
     sequences = int(train.get("steps", 100)) * int(train.get("global_batch_size", 8))
-    per_sequence = flop_breakdown_of_counts(shape, packing.counts).training
+    per_sequence = packing.training_flops_per_sequence(shape)
     return RunCompute(float(getattr(params(shape), params_kind)), float(sequences * seq), sequences * per_sequence,
                       {k: sequences * v for k, v in packing.by_modality.items()})
 

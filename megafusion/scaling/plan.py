@@ -176,14 +176,19 @@ def _run_name(budget: float, size: dict) -> str:
 
 @dataclass(frozen=True)
 class Packing:
-    """The packing the runs train on: means per sequence of ``model.seq_length`` positions."""
+    """The packing the runs train on: ``sequences`` sequences of ``model.seq_length`` positions."""
 
-    counts: PackingCounts
-    by_modality: dict  # positions per sequence: text, image, video, padding (they sum to seq_length)
+    counts: PackingCounts  # of all the sequences together
+    sequences: int
+    by_modality: dict  # positions per sequence (means): text, image, video, padding; they sum to seq_length
     source: str  # how it was found, for plan.json
 
+    def training_flops_per_sequence(self, shape: ModelShape) -> float:
+        return flop_breakdown_of_counts(shape, self.counts).training / self.sequences
+
     def to_json(self) -> dict:
-        return {"source": self.source, "per_sequence": {**self.by_modality, "attention_pairs": self.counts.pairs}}
+        return {"source": self.source, "sequences": self.sequences,
+                "per_sequence": {**self.by_modality, "attention_pairs": self.counts.pairs / self.sequences}}
 
 
 def trainer_config(config: dict):
@@ -268,8 +273,7 @@ def _measure(config_yaml: str, sequences: int) -> Packing:
     by_modality = {name: float((mod == value).sum()) for value, name in MODALITY_NAMES.items()}
     by_modality["text"] -= padding
     by_modality["padding"] = float(padding)
-    return Packing(PackingCounts(*(v / sequences for v in (counts.positions, counts.latent, counts.pairs))),
-                   {k: v / sequences for k, v in by_modality.items()},
+    return Packing(counts, sequences, {k: v / sequences for k, v in by_modality.items()},
                    f"measured: mean of packed sequences 0..{sequences - 1} of data.kind = {cfg.data.kind}")
 
 
@@ -309,7 +313,7 @@ def packing_of(config: dict) -> Packing:
     except ValueError as err:
         raise PlanError(f"family.packing: {err}") from None
     counts = packing_counts(*layout)
-    return Packing(counts, {"text": float(counts.text), "image": float(counts.latent), "video": 0.0, "padding": 0.0},
+    return Packing(counts, 1, {"text": float(counts.text), "image": float(counts.latent), "video": 0.0, "padding": 0.0},
                    "nominal: " + ", ".join(f"{k} = {packing.get(k)}" for k in sorted(_NOMINAL_KEYS)))
 
 
@@ -333,7 +337,7 @@ def plan_sweep(config: dict, budgets: Sequence[float], sizes: int | None = None)
             shape = shape_of_config(config, size)
             if nominal_latent and not shape.latent_dim:  # a nominal latent width for a non-Transfusion family
                 shape = ModelShape(**{**asdict(shape), "latent_dim": nominal_latent})
-            per_step = batch * flop_breakdown_of_counts(shape, packing.counts).training
+            per_step = batch * packing.training_flops_per_sequence(shape)
         except ValueError as err:
             raise PlanError(f"family size {size}: {err}") from None
         count = params(shape)

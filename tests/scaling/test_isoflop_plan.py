@@ -11,6 +11,8 @@ import subprocess
 import pytest
 import yaml
 
+from conftest import CONFIGS
+
 from megafusion.scaling import isoflop_cli
 from megafusion.scaling.flops import ModelShape, nominal_packing, params, training_flops_per_step
 from megafusion.scaling.plan import PlanError, candidate_sizes, plan_sweep, write_plan
@@ -178,3 +180,43 @@ def test_explicit_sizes_and_the_cli(tmp_path, capsys):
     assert "family file" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         isoflop_cli.main(["plan", "--budgets", "lots", "--family", str(path), "--out", str(out)])
+
+
+def test_transfusion_family_counts_the_image_tokens_of_its_own_data(tmp_path):
+    """The ShapesWorld family: FLOPs per step are the mean over the measured sequences of the
+    accounting on the real packed samples (text, image latents, padding, attention pairs),
+    with the latent width of the pixel representation; tokens are split by modality."""
+    from megafusion.data.shapes_stream import ShapesStream
+    from megafusion.data.sample import IMAGE, Sample, TEXT
+    from megafusion.scaling.plan import trainer_config
+
+    family = yaml.safe_load((CONFIGS / "isoflop_family_shapes.yaml").read_text())
+    family["family"]["packing"] = {"measure": 6}
+    family["family"]["widths"] = [16, 32, 48]
+    runs = plan_sweep(family, [3e10])
+    write_plan(family, runs, tmp_path)
+
+    stream = ShapesStream.from_config(trainer_config(family))
+    batch = Sample.collate([stream.sample(i) for i in range(6)])
+    seq, gbs = family["model"]["seq_length"], family["train"]["global_batch_size"]
+    image = int((batch.modality == IMAGE).sum())
+    padding = int(((batch.modality == TEXT) & (batch.tokens == stream.tokenizer.pad_id)).sum())
+    assert image > 0 and padding > 0  # the data really mixes images in, and packs with padding
+    manifest = json.loads((tmp_path / "plan.json").read_text())
+    per_sequence = manifest["packing"]["per_sequence"]
+    assert per_sequence["image"] == pytest.approx(image / 6) and per_sequence["padding"] == pytest.approx(padding / 6)
+    assert per_sequence["text"] + per_sequence["image"] + per_sequence["video"] + per_sequence["padding"] == seq
+
+    for run in runs:
+        size = run.model
+        shape = ModelShape(hidden_size=size["hidden_size"], num_layers=size["num_layers"],
+                           num_heads=size["num_heads"], ffn_hidden_size=size["ffn_hidden_size"],
+                           vocab_size=family["model"]["vocab_size"], latent_dim=3 * 8 * 8,
+                           time_conditioning="additive")
+        per_step = gbs * training_flops_per_step(shape, batch.doc_ids, batch.span_ids, batch.modality) / 6
+        assert run.flops == int(run.steps * per_step)
+        assert abs(run.flops - run.budget) <= per_step / 2 + 1
+        assert run.params == params(shape).active_non_embedding
+        assert run.tokens == run.steps * gbs * seq  # D counts every position, image latents included
+        assert run.tokens_by_modality["image"] == round(run.steps * gbs * image / 6)
+        assert abs(sum(run.tokens_by_modality.values()) - run.tokens) <= 2  # (rounded per modality)
