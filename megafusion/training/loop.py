@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from megafusion.config import Config, save_config
+from megafusion.data.loader import StepLoader, default_num_workers
 from megafusion.model.provider import build_transformer_config, get_provider, micro_batch_iterators
 from megafusion.parallel.setup import ParallelEnv, init_parallel, shutdown
 from megafusion.training.checkpoint import Checkpointer
@@ -143,8 +144,10 @@ def train(cfg: Config, run_dir: Path, profiler=None) -> dict[str, float]:
         checkpointer = Checkpointer(run_dir, cfg.checkpoint.keep, cfg.checkpoint.async_save, env.device)
         restored = checkpointer.load_latest(model_chunks, optimizer, scheduler)
         start_step = restored["step"] if restored else 0
+        # The data position: the steps of data consumed (every batch is a pure function of its step).
+        data_step = int((restored.get("data") or {}).get("step", start_step)) if restored else 0
         if restored and env.is_main:
-            print(f"[megafusion] resumed from step {start_step} in {run_dir}", flush=True)
+            print(f"[megafusion] resumed from step {start_step} (data step {data_step}) in {run_dir}", flush=True)
 
         writer = MetricsWriter(run_dir, env.is_main, cfg.logging.tensorboard, cfg.train.steps)
         forward_backward = get_forward_backward_func()
@@ -157,11 +160,14 @@ def train(cfg: Config, run_dir: Path, profiler=None) -> dict[str, float]:
         def forward_step(data_iterator, model):
             return provider.forward_step(next(data_iterator), model)
 
+        num_workers = cfg.data.num_workers
+        loader = StepLoader(provider, data_step, data_step + cfg.train.steps - start_step, env.dp_rank, env.dp_size,
+                            num_workers=default_num_workers(env.device) if num_workers is None else num_workers,
+                            prefetch=cfg.data.prefetch, pin_memory=env.device.type == "cuda")
         for step in range(start_step + 1, cfg.train.steps + 1):
             started = time.perf_counter()
-            with torch.profiler.record_function("megafusion.data"):
-                batches = [{k: v.to(env.device, non_blocking=True) for k, v in b.items()}
-                           for b in provider.micro_batches(step - 1, env.dp_rank, env.dp_size)]
+            with torch.profiler.record_function("megafusion.data"):  # the wait for this step's batches
+                batches = [{k: v.to(env.device, non_blocking=True) for k, v in b.items()} for b in next(loader)]
             data_time = time.perf_counter() - started
             for chunk in model_chunks:
                 chunk.zero_grad_buffer()
@@ -199,7 +205,9 @@ def train(cfg: Config, run_dir: Path, profiler=None) -> dict[str, float]:
             checkpointer.poll()
             if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or (
                     step == cfg.train.steps and cfg.checkpoint.save_final):
-                checkpointer.save(step, model_chunks, optimizer, scheduler, data_state={"step": step})
+                checkpointer.save(step, model_chunks, optimizer, scheduler,
+                                  data_state={"step": data_step + step - start_step})
+        loader.close()
         checkpointer.poll(blocking=True)
         writer.close()
         return metrics
