@@ -10,6 +10,11 @@ The run's ``config.yaml`` is read back and its parallel layout forced to a world
 (TP = PP = EP = 1, no SP, no VPP): dist_checkpointing stores tensors with their global
 shapes, so a checkpoint saved at any layout loads here. Only the model's weights are read
 (the checkpoint's optimizer and RNG entries are left on disk).
+
+``load_run`` also takes a directory written by ``megafusion export`` (``config.json`` +
+``model.safetensors`` or its sharded index + tokenizer/representation): the same model is
+built from ``config.json`` and its weights read from safetensors only, strictly (every
+tensor by the names of ``megafusion.interop.names``, with its shape).
 """
 
 from __future__ import annotations
@@ -114,11 +119,16 @@ def load_run(run_dir: str | Path, step: int | None = None, device: str | None = 
 
     from megafusion.training.checkpoint import unwrap
 
+    from megafusion.interop.import_ import is_export
+
     run_dir = Path(run_dir)
+    if is_export(run_dir):
+        return load_export(run_dir, step, device, kinds)
     config_file = run_dir / "config.yaml"
     if not config_file.is_file():
         raise FileNotFoundError(f"'{config_file}' does not exist: --run-dir must be a directory written by "
-                                "`megafusion train` (it holds config.yaml and checkpoints/)")
+                                "`megafusion train` (it holds config.yaml and checkpoints/) or by "
+                                "`megafusion export` (config.json and model.safetensors)")
     cfg = load_config(config_file)
     if kinds is not None and cfg.model.kind not in kinds:
         raise ConfigError(f"{config_file}: model.kind = {cfg.model.kind!r}; generation and ShapesWorld "
@@ -134,6 +144,35 @@ def load_run(run_dir: str | Path, step: int | None = None, device: str | None = 
         close()
         raise
     loaded.step, loaded.run_dir = ckpt_step, run_dir
+    return loaded
+
+
+def load_export(export_dir: str | Path, step: int | None = None, device: str | None = None,
+                kinds: tuple[str, ...] | None = ("transfusion",)) -> LoadedRun:
+    """``load_run`` for a ``megafusion export`` directory (one step: the exported one)."""
+    from megafusion.interop.import_ import load_strict, read_config, read_tensors
+
+    export_dir = Path(export_dir)
+    cfg, raw = read_config(export_dir)
+    where = export_dir / "config.json"
+    if kinds is not None and cfg.model.kind not in kinds:
+        raise ConfigError(f"{where}: model.kind = {cfg.model.kind!r}; generation and ShapesWorld "
+                          "evaluation need a Transfusion model (model.kind: transfusion)")
+    exported_step = int(raw.get("step") or 0)
+    if step is not None and step != exported_step:
+        raise FileNotFoundError(f"'{export_dir}' is an export of step {exported_step} only; drop --step "
+                                f"or export step {step} from its run dir")
+    tensors = read_tensors(export_dir)
+    loaded = build_model(cfg, device)
+    try:
+        from megafusion.training.checkpoint import unwrap
+
+        load_strict(unwrap(loaded.model), tensors, export_dir)
+        loaded.model.eval()
+    except BaseException:
+        close()
+        raise
+    loaded.step, loaded.run_dir = exported_step, export_dir
     return loaded
 
 

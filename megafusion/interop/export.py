@@ -4,8 +4,13 @@
 
 Writes ``OUT/model.safetensors`` (or ``model-0000X-of-0000Y.safetensors`` shards with
 ``model.safetensors.index.json`` above ``--max-shard-size``), ``OUT/config.json`` (the run's
-full config under ``"config"`` plus an ``"architecture"`` summary) and a copy of the
-tokenizer model when ``data.tokenizer`` is set. Tensor names: see ``megafusion.interop.names``.
+full config under ``"config"``, the ``"architecture"`` of ``megafusion.interop.architecture``,
+the checkpoint ``"step"`` and ``"dtype"``), a copy of the tokenizer model when
+``data.tokenizer`` is set and the visual representation (weights, latent statistics) under
+``OUT/representation/`` when ``vision.path`` is set. Tensor names: ``megafusion.interop.names``.
+
+Optimizer state (Adam moments) is not exported: an export is a model, and training that
+continues from its import starts a fresh optimizer.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from megafusion.interop import names
+from megafusion.interop import architecture, names
 
 FORMAT = "megafusion-safetensors-v1"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -31,24 +36,6 @@ def parse_size(text: str) -> int:
         if t.endswith(unit):
             return int(float(t[: -len(unit)]) * factor)
     return int(t)
-
-
-def architecture(cfg, model: torch.nn.Module) -> dict:
-    """A summary of the model's shape for other stacks (informational; ``config`` is the truth)."""
-    m = cfg.model
-    arch = {"kind": m.kind, "vocab_size": m.vocab_size, "hidden_size": m.hidden_size,
-            "num_layers": m.num_layers, "num_heads": m.num_heads,
-            "ffn_hidden_size": m.ffn_hidden_size or 4 * m.hidden_size, "seq_length": m.seq_length}
-    moe = getattr(m, "moe", None)
-    if moe is not None and moe.num_experts:
-        arch["moe"] = {"num_experts": moe.num_experts, "top_k": moe.top_k,
-                       "expert_ffn_hidden_size": moe.ffn_hidden_size or arch["ffn_hidden_size"]}
-    for field in ("latent_dim", "tokens_per_image"):
-        for owner in (m, model):
-            if isinstance(getattr(owner, field, None), int):
-                arch[field] = getattr(owner, field)
-                break
-    return arch
 
 
 def write_tensors(tensors: dict[str, torch.Tensor], out: Path, max_shard_bytes: int, metadata: dict) -> list[Path]:
@@ -96,16 +83,24 @@ def export_run(run_dir: str | Path, out: str | Path, step: int | None = None, dt
     loaded = load_run(run_dir, step, "cpu", kinds=None)  # any model.kind, any saved layout
     model, ckpt_step = unwrap(loaded.model), loaded.step
     cfg = load_config(run_dir / "config.yaml")  # the run's own layout (load_run's is a world of one)
+    out.mkdir(parents=True, exist_ok=True)
+    config = cfg.to_dict()
     try:
         tensors = {k: v.to(DTYPES[dtype]) for k, v in names.export_state(model.state_dict()).items()}
-        arch = architecture(cfg, model)
+        stream = getattr(loaded.provider, "stream", None)
+        tokenizer = representation = representation_path = None
+        if stream is not None:
+            tokenizer, representation = stream.tokenizer, stream.representation
+            if cfg.vision.path is not None:  # weights and/or latent statistics: ship them
+                shutil.rmtree(out / "representation", ignore_errors=True)
+                representation.save(out / "representation")
+                representation_path = config["vision"]["path"] = "representation"
+        arch = architecture.describe(cfg, tokenizer, representation, representation_path)
     finally:
         close()
-    out.mkdir(parents=True, exist_ok=True)
     for old in list(out.glob("model*.safetensors")) + list(out.glob("model.safetensors.index.json")):
         old.unlink()
     write_tensors(tensors, out, max_shard_bytes, {"format": FORMAT})
-    config = cfg.to_dict()
     tokenizer = getattr(cfg.data, "tokenizer", None)
     if tokenizer:
         src = Path(tokenizer)

@@ -81,7 +81,11 @@ def test_ep2_export_equals_world_of_one_with_every_expert(moe_run, moe_export):
             for fc in ("linear_fc1", "linear_fc2"):
                 assert f"decoder.layers.{layer}.mlp.experts.local_experts.{expert}.{fc}.weight" in got
     config = json.loads((moe_export / "config.json").read_text())
-    assert config["architecture"]["moe"] == {"num_experts": 4, "top_k": 2, "expert_ffn_hidden_size": 64}
+    assert config["architecture"]["moe"] == {"num_experts": 4, "top_k": 2, "expert_ffn_hidden_size": 64,
+                                             "layers": [0, 1], "router_score": "softmax",
+                                             "shared_expert_ffn_hidden_size": None,
+                                             "per_modality_shared_experts": False}
+    assert config["architecture"]["model_type"] == "megafusion-text"
     assert config["config"]["parallel"]["ep"] == 2 and config["step"] == 2
 
 
