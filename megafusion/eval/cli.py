@@ -175,7 +175,8 @@ def write_tensorboard(metrics: dict, run_dir: Path, step: int) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="megafusion eval", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run-dir", required=True, help="a `megafusion train` run dir (config.yaml + checkpoints/)")
+    p.add_argument("--run-dir", required=True, help="a `megafusion train` run dir (config.yaml + checkpoints/) or a "
+                                                    "`megafusion export` directory (config.json + model.safetensors)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     p.add_argument("--out", default=None, help="output directory (default: RUN_DIR/eval/step_NNNNNNNN)")
     p.add_argument("--n", type=int, default=32, help="items per evaluation")

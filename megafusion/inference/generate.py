@@ -445,7 +445,8 @@ class Generator:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="megafusion generate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run-dir", required=True, help="a `megafusion train` run dir (config.yaml + checkpoints/)")
+    p.add_argument("--run-dir", required=True, help="a `megafusion train` run dir (config.yaml + checkpoints/) or a "
+                                                    "`megafusion export` directory (config.json + model.safetensors)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     p.add_argument("--prompt", default=None, help="text prompt (continuation; with --image-prompt, image caption; "
                                                  "with --rollout, overrides the episode caption)")
