@@ -118,13 +118,21 @@ class BlendedIndex:
         sources = self.pattern[within].astype(np.int64)
         draws = blocks * self.quota[sources] + self.draw_in_block[within]  # k-th document of its source
         index = np.empty_like(slots)
-        for s in np.unique(sources).tolist():
+        for s in range(len(self.sizes)):
             sel = sources == s
+            if not sel.any():
+                continue
             epochs, offsets = np.divmod(draws[sel], self.sizes[s])
+            first, last = int(epochs.min()), int(epochs.max())
+            if first == last:
+                index[sel] = self.permutation(s, first)[offsets]
+                continue
             out = np.empty_like(offsets)
-            for e in np.unique(epochs).tolist():
+            span = range(first, last + 1) if last - first < len(epochs) else np.unique(epochs).tolist()
+            for e in span:
                 at = epochs == e
-                out[at] = self.permutation(s, e)[offsets[at]]
+                if at.any():
+                    out[at] = self.permutation(s, e)[offsets[at]]
             index[sel] = out
         return sources, index
 
@@ -150,7 +158,7 @@ class PackedIndex:
     def slot_lengths(self, slots: np.ndarray) -> np.ndarray:
         sources, index = self.blend.locate(slots)
         out = np.empty(len(slots), dtype=np.int64)
-        for s in np.unique(sources).tolist():
+        for s in range(len(self.lengths)):
             sel = sources == s
             out[sel] = self.lengths[s][index[sel]]
         return out
