@@ -456,6 +456,13 @@ def gpu_model(device_name: str) -> str | None:
     return None
 
 
+def matmul_dtype(precision: str, fp8: str | None = "none") -> str:
+    """The dtype the model's matmuls run in, for the MFU peak: FP8 when an FP8 recipe is on
+    (``train.fp8`` delayed | tensorwise | mxfp8: Transformer Engine's GEMMs), else
+    ``train.precision``. Dividing FP8 work by the bf16 peak would double the MFU."""
+    return "fp8" if fp8 and fp8 != "none" else precision
+
+
 def peak_flops(device_name: str, dtype: str) -> float | None:
     """Documented dense peak FLOP/s of one GPU for ``dtype``; None if the GPU is unknown or
     lacks that dtype (A100 and fp8). Never another GPU's figure."""

@@ -13,7 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from megafusion.model.embeddings import TimestepEmbedding, sinusoidal_embedding
 from megafusion.model.unet import UNetDown, UNetUp
 
-from megafusion.scaling.flops import (ModelShape, attention_pairs, flop_breakdown, format_mfu, mfu,
+from megafusion.scaling.flops import (ModelShape, attention_pairs, flop_breakdown, format_mfu, matmul_dtype, mfu,
                                       nominal_packing, params, peak_flops, training_flops_per_step)
 
 # --------------------------------------------------------------------------- packings
@@ -319,3 +319,7 @@ def test_mfu_uses_documented_peaks_and_never_guesses():
     assert format_mfu(None) == "unknown" and format_mfu(0.4123) == "41.2%"
     with pytest.raises(ValueError, match="dtype"):
         mfu(1e12, "NVIDIA H200", "int4")
+    # FP8 training divides by the FP8 peak, not the bf16 one it keeps as train.precision
+    assert matmul_dtype("bf16", "tensorwise") == matmul_dtype("bf16", "delayed") == "fp8"
+    assert matmul_dtype("bf16", "none") == "bf16" and matmul_dtype("fp32") == "fp32"
+    assert mfu(989.45e12, "NVIDIA H100 80GB HBM3", matmul_dtype("bf16", "delayed")) == pytest.approx(0.5)

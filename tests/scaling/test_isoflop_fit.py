@@ -294,3 +294,31 @@ def test_write_report_without_bootstrap(tmp_path):
     assert sorted(p.name for p in paths) == sorted(["scaling_laws.json", "isoflop_text.png", "optima_text.png",
                                                     "isoflop_image.png", "optima_image.png"])
     assert json.loads(paths[0].read_text())["modalities"]["text"]["params_law"]["ci"] is None
+
+
+def test_tokens_of_the_fitted_modality_scale_d_opt_not_the_exponent(tmp_path):
+    """--tokens modality: D is the plan's tokens_by_modality of the fitted modality. With a
+    fixed mix (here 70 % text, 30 % image positions) D_opt shrinks by the share, b stays."""
+    plan_dir, planned, dirs = planned_sweep(tmp_path)
+    manifest = json.loads((plan_dir / "plan.json").read_text())
+    for entry in manifest["runs"]:
+        entry["tokens_by_modality"] = {"text": 0.7 * entry["tokens"], "image": 0.3 * entry["tokens"], "video": 0,
+                                       "padding": 0}
+    (plan_dir / "plan.json").write_text(json.dumps(manifest))
+    everything = fit_isoflop(read_run_dirs(dirs, plan=plan_dir / "plan.json"), bootstrap=0)
+    own = fit_isoflop(read_run_dirs(dirs, plan=plan_dir / "plan.json", tokens_kind="modality"), bootstrap=0)
+    for m, share in (("text", 0.7), ("image", 0.3)):
+        assert own[m].tokens_law.exponent == pytest.approx(everything[m].tokens_law.exponent, abs=1e-9)
+        assert own[m].params_law.exponent == pytest.approx(everything[m].params_law.exponent, abs=1e-9)
+        for a, b in zip(own[m].budgets, everything[m].budgets):
+            assert a.d_opt == pytest.approx(share * b.d_opt, rel=1e-9)
+
+    out = tmp_path / "fit"
+    assert isoflop_cli.main(["fit", *map(str, dirs), "--plan", str(plan_dir / "plan.json"), "--out", str(out),
+                             "--bootstrap", "0", "--tokens", "modality"]) == 0
+    assert json.loads((out / "scaling_laws.json").read_text())["tokens_definition"] == "modality"
+    for entry in manifest["runs"]:
+        entry["tokens_by_modality"]["image"] = 0
+    (plan_dir / "plan.json").write_text(json.dumps(manifest))
+    with pytest.raises(IsoFLOPError, match="no image positions in its packing"):
+        read_run_dirs(dirs, plan=plan_dir / "plan.json", tokens_kind="modality")

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# A real IsoFLOP study end to end on ShapesWorld (generated in-process, no download):
+# plan two or more compute budgets x model sizes of a tiny Transfusion family, train every
+# run, then fit per-modality (text and image) IsoFLOP curves and N_opt, D_opt ~ C^a, C^b.
+#
+#   bash examples/isoflop_shapes.sh [OUT_DIR] [BUDGETS] [SIZES]
+#
+# Defaults: OUT_DIR=runs/isoflop_shapes, BUDGETS=1e11,3e11,1e12, SIZES=5 (15 runs, about
+# 15 minutes on 2 CPU cores; BUDGETS=1e10,3e10 SIZES=3 is the 1-2 minute smoke version
+# that CI runs, tests/scaling/test_isoflop_sweep_shapes.py). Outputs: OUT_DIR/plan.json,
+# OUT_DIR/configs/, OUT_DIR/runs/<run>/metrics.jsonl, and OUT_DIR/fit/scaling_laws.json
+# with isoflop_{text,image}.png and optima_{text,image}.png.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+OUT=${1:-runs/isoflop_shapes}
+BUDGETS=${2:-1e11,3e11,1e12}
+SIZES=${3:-5}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+
+megafusion isoflop plan --budgets "$BUDGETS" --family examples/configs/isoflop_family_shapes.yaml \
+  --out "$OUT" --sizes "$SIZES"
+bash "$OUT/launch.sh"
+# Training losses of one step are noisy (one batch, random flow times): average the last 10.
+megafusion isoflop fit "$OUT"/runs/* --plan "$OUT/plan.json" --out "$OUT/fit" --average-last 10
