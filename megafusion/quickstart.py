@@ -6,8 +6,12 @@
 
 Stages (each prints its progress; artifacts land under ``--out``):
 
-1. ``data/raw/``: a ShapesWorld dataset as files (text, image-caption pairs, videos,
-   action-conditioned videos), in the formats the preprocessing tool reads.
+1. ``data/raw/``: a ShapesWorld dataset as files (text, image-caption pairs, VQA
+   documents, videos, action-conditioned videos), in the formats the preprocessing tool
+   reads. The quickstart's world is the simple one (``WorldConfig.simple()``: 3 colours,
+   3 shapes, 1-2 large shapes on a 2x2 grid, an agent moving one patch per action), so
+   that a model trained for minutes on a CPU does measurably well; ``--world full`` uses
+   the whole world.
 2. ``data/tokenizer.model``: a sentencepiece tokenizer with megafusion's special tokens.
 3. ``data/indexed/``: indexed datasets made by the preprocessing tool (pixel latents).
 4. ``run/``: a tiny Transfusion model trained on them with ``megafusion train``.
@@ -51,7 +55,25 @@ SCALES = {
                   eval_ode_steps=25, planning_candidates=8),
 }
 IMAGE_SIZE, PATCH_SIZE = 32, 8
-KINDS = {"text": "text", "image_text": "image-text", "video": "video", "action_video": "action-video"}
+EVAL_CFG = 3.0  # classifier-free guidance scale of generated images and frames at evaluation
+# indexed dataset name -> (raw file key of write_dataset, preprocessing kind, extra arguments)
+DATASETS = {
+    "text": ("text", "text", []),
+    "image_text": ("image_text", "image-text", ["--image-first", "0.2"]),  # some image-first: captioning data
+    "vqa": ("vqa_docs", "image-text", ["--image-first", "1.0"]),  # image, then its questions and answers
+    "video": ("video", "video", []),
+    "action_video": ("action_video", "action-video", []),
+}
+# Mixture weights of the datasets above (documents drawn per source).
+DATA_WEIGHTS = {"text": 0.5, "image_text": 2.0, "vqa": 1.0, "video": 0.3, "action_video": 0.5}
+
+
+def world_config(world: str, seed: int):
+    """The ShapesWorld the quickstart draws: short clips so that documents fit 256 positions."""
+    from megafusion.data.shapes import WorldConfig
+
+    clips = dict(seed=seed, image_size=IMAGE_SIZE, video_frames=4, action_frames=6, context_frames=2)
+    return WorldConfig.simple(**clips) if world == "simple" else WorldConfig(**clips)
 
 
 def _stage(number: int, title: str) -> float:
@@ -63,22 +85,23 @@ def _done(started: float) -> None:
     print(f"[quickstart] ... done in {time.time() - started:.1f}s", flush=True)
 
 
-def prepare_data(out: Path, scale: Scale, seed: int) -> tuple[Path, list[Path]]:
-    """Stages 1-3: ShapesWorld files -> tokenizer -> indexed datasets. Returns (tokenizer, prefixes)."""
-    from megafusion.data import preprocess
+def prepare_data(out: Path, scale: Scale, seed: int, world: str = "simple") -> tuple[Path, dict[str, Path]]:
+    """Stages 1-3: ShapesWorld files -> tokenizer -> indexed datasets.
+    Returns (tokenizer, {dataset name: indexed prefix}); the world's manifest is data/raw/manifest.json."""
     from megafusion.data.shapes import ACTIONS
     from megafusion.data.shapes.export import write_dataset
     from megafusion.data.tokenizer import train_tokenizer
 
-    started = _stage(1, f"ShapesWorld data -> {out / 'data/raw'}")
-    raw = write_dataset(out / "data" / "raw", seed=seed, n_text=scale.n_text, n_image=scale.n_image,
-                        n_video=scale.n_video, n_action=scale.n_action, image_size=IMAGE_SIZE)
+    started = _stage(1, f"ShapesWorld data ({world} world) -> {out / 'data/raw'}")
+    config = world_config(world, seed)
+    raw = write_dataset(out / "data" / "raw", n_text=scale.n_text, n_image=scale.n_image, n_video=scale.n_video,
+                        n_action=scale.n_action, config=config)
     _done(started)
 
     started = _stage(2, "sentencepiece tokenizer")
     corpus = out / "data" / "tokenizer_corpus.txt"
     lines = []
-    for kind in ("text", "image_text", "video", "action_video"):
+    for kind in ("text", "image_text", "vqa_docs", "video", "action_video"):
         lines += [json.loads(line)["text"] for line in raw[kind].read_text().splitlines() if line.strip()]
     corpus.write_text("\n".join(lines) + "\n")
     tokenizer = train_tokenizer([corpus], out / "data" / "tokenizer", vocab_size=512, actions=list(ACTIONS),
@@ -86,34 +109,58 @@ def prepare_data(out: Path, scale: Scale, seed: int) -> tuple[Path, list[Path]]:
     _done(started)
 
     started = _stage(3, "preprocess to indexed datasets (tools/preprocess_data.py)")
-    prefixes = []
-    for key, kind in KINDS.items():
-        prefix = out / "data" / "indexed" / key
-        args = ["--input", str(raw[key]), "--output-prefix", str(prefix), "--kind", kind,
-                "--tokenizer-model", str(tokenizer), "--image-size", str(IMAGE_SIZE),
-                "--patch-size", str(PATCH_SIZE), "--append-eod", "--context-frames", "1", "--no-progress"]
-        if kind == "image-text":
-            args += ["--image-first", "0.2"]  # some images come first: captioning data
-        if preprocess.main(args) != 0:
-            raise RuntimeError(f"preprocessing {raw[key]} failed; see the message above")
-        prefixes.append(Path(f"{prefix}_text_document") if kind == "text" else prefix)
+    prefixes = preprocess_datasets(out, tokenizer, config.context_frames, DATASETS)
     _done(started)
     return tokenizer, prefixes
 
 
-def train_overrides(tokenizer: Path, prefixes: list[Path], steps: int, device: str) -> list[str]:
+def preprocess_datasets(out: Path, tokenizer: Path, context_frames: int, datasets: dict, folder: str = "indexed",
+                        encoder_args: tuple[str, ...] = ()) -> dict[str, Path]:
+    """Runs the preprocessing tool on ``out/data/raw`` files into ``out/data/FOLDER``; returns the prefixes."""
+    from megafusion.data import preprocess
+
+    raw = out / "data" / "raw"
+    prefixes = {}
+    for name, (key, kind, extra) in datasets.items():
+        prefix = out / "data" / folder / name
+        source = raw / f"{key}.jsonl"
+        args = ["--input", str(source), "--output-prefix", str(prefix), "--kind", kind,
+                "--tokenizer-model", str(tokenizer), "--image-size", str(IMAGE_SIZE), "--patch-size", str(PATCH_SIZE),
+                "--append-eod", "--context-frames", str(context_frames), "--no-progress", *extra, *encoder_args]
+        if preprocess.main(args) != 0:
+            raise RuntimeError(f"preprocessing {source} failed; see the message above")
+        prefixes[name] = Path(f"{prefix}_text_document") if kind == "text" else prefix
+    return prefixes
+
+
+def preprocess_visual(out: Path, tokenizer: Path, encoder_args: list[str], folder: str,
+                      prefixes: dict[str, Path]) -> dict[str, Path]:
+    """The datasets again with another visual encoder (e.g. an RAE); text data is shared."""
+    started = _stage(3, f"preprocess images and videos with {' '.join(encoder_args)} -> {out / 'data' / folder}")
+    manifest = json.loads((out / "data" / "raw" / "manifest.json").read_text())
+    visual = {k: v for k, v in DATASETS.items() if v[1] != "text"}
+    redone = preprocess_datasets(out, tokenizer, manifest["config"]["context_frames"], visual, folder,
+                                 tuple(encoder_args))
+    _done(started)
+    return {name: redone.get(name, prefix) for name, prefix in prefixes.items()}
+
+
+def train_overrides(tokenizer: Path, prefixes: dict[str, Path], steps: int, device: str,
+                    data_weights: dict[str, float] | None = None) -> list[str]:
     from megafusion.data.tokenizer import Tokenizer
 
-    paths = ", ".join(str(p) for p in prefixes)
+    data_weights = data_weights or DATA_WEIGHTS
+    paths = ", ".join(str(p) for p in prefixes.values())
+    weights = ", ".join(str(data_weights[name]) for name in prefixes)
     vocab = -(-Tokenizer(tokenizer).vocab_size // 64) * 64  # padded: divisible by any small TP
     return [
         f"model.vocab_size={vocab}",
         "data.kind=indexed",
         f"data.paths=[{paths}]",
-        # Image-caption pairs weigh most; shift the noise schedule towards noise: the 'auto'
-        # shift of 16 x 192 pixel latents is below 1 and made denoising too easy (planning
-        # success 0.25 -> 0.56, chance 0.28, in one 1500-step comparison).
-        "data.weights=[0.5, 2.0, 0.3, 0.3]",
+        f"data.weights=[{weights}]",
+        # Shift the noise schedule towards noise: the 'auto' shift of 16 x 192 pixel latents
+        # is below 1 and made denoising too easy (planning success 0.25 -> 0.56, chance 0.28,
+        # in one 1500-step comparison).
         "diffusion.time_shift=3.0",
         f"data.tokenizer={tokenizer}",
         f"vision.image_size={IMAGE_SIZE}",
@@ -124,7 +171,7 @@ def train_overrides(tokenizer: Path, prefixes: list[Path], steps: int, device: s
     ]
 
 
-def write_report(out: Path, run_dir: Path, eval_dir: Path | None) -> Path:
+def write_report(out: Path, run_dir: Path, eval_dir: Path | None, trends: dict | None = None) -> Path:
     """``report.md`` with loss curves per modality, sample grids and the evaluation table."""
     import matplotlib
 
@@ -168,9 +215,171 @@ def write_report(out: Path, run_dir: Path, eval_dir: Path | None) -> Path:
                 lines.append(f"| {name} | skipped: {result['skipped']} | | | |")
         for grid in sorted(eval_dir.glob("*.png")):
             lines += ["", f"![{grid.stem}]({grid.relative_to(out)})"]
+    if trends:
+        lines += trends_section(out, trends)
     report = out / "report.md"
     report.write_text("\n".join(lines) + "\n")
     return report
+
+
+# --------------------------------------------------------------------------- trends
+@dataclass(frozen=True)
+class Variant:
+    """One run of a comparison: training overrides on the shared data, its own data weights
+    (None: DATA_WEIGHTS) and a share of the main run's steps."""
+
+    name: str
+    overrides: tuple[str, ...] = ()
+    weights: dict | None = None
+    step_fraction: float = 1.0
+
+
+def _image_only_weights() -> tuple[dict, float]:
+    """Image-caption and VQA data only, and the share of steps that sees as many of them as
+    the multimodal run (documents are drawn by weight)."""
+    image = {k: (w if k in ("image_text", "vqa") else 0.0) for k, w in DATA_WEIGHTS.items()}
+    return image, sum(image.values()) / sum(DATA_WEIGHTS.values())
+
+
+MOE = ("model.moe.num_experts=4", "model.moe.top_k=2", "model.moe.ffn_hidden_size=64",
+       "model.moe.shared_expert_ffn_hidden_size=64", "model.moe.per_modality_shared_experts=true")
+TRENDS = {
+    "synergy": ("Multimodal synergy: the same image-caption and VQA documents, with and without text-only, "
+                "video and action-video data around them (the image-only run takes fewer steps so that it "
+                "sees as many image documents).",
+                lambda rae: [Variant("multimodal"), Variant("image_only", (), *_image_only_weights())]),
+    "moe": ("MoE: a dense FFN against 4 experts (top-2) with per-modality shared experts; routing statistics "
+            "per modality show whether experts specialise.",
+            lambda rae: [Variant("dense"), Variant("moe", MOE)]),
+    "latents": ("Visual latents: raw pixel patches against an RAE (frozen encoder + trained decoder, "
+                "`--rae DIR` from `megafusion train-decoder`).",
+                lambda rae: [Variant("pixel")] + ([Variant("rae", ("vision.representation=rae", f"vision.path={rae}"))]
+                                                  if rae else [])),
+}
+
+
+def train_and_evaluate(out: Path, tokenizer: Path, prefixes: dict[str, Path], steps: int, scale: Scale, args,
+                       overrides: tuple[str, ...] = (), weights: dict | None = None, stage: str = "") -> Path | None:
+    """Trains a run under ``out/run`` and evaluates it under ``out/eval``; returns the eval dir (None on failure)."""
+    from megafusion.config import load_config, validate
+    from megafusion.eval import cli as eval_cli
+    from megafusion.training.loop import train
+
+    started = _stage(4, f"{stage}train a tiny Transfusion model for {steps} steps -> {out / 'run'}")
+    cfg = load_config(REPO_CONFIGS / "tiny_transfusion.yaml",
+                      train_overrides(tokenizer, prefixes, steps, args.device, weights) + list(args.overrides)
+                      + list(overrides))
+    validate(cfg, world_size=1)
+    run_dir = out / "run"
+    train(cfg, run_dir)
+    _done(started)
+    started = _stage(5, f"{stage}evaluate -> {out / 'eval'}")
+    eval_dir = out / "eval"
+    scale_args = ["--n", str(scale.eval_n), "--steps", str(scale.eval_ode_steps),
+                  "--planning-candidates", str(scale.planning_candidates), "--cfg", str(args.cfg),
+                  "--world", str(args.manifest)]
+    if eval_cli.main(["--run-dir", str(run_dir), "--out", str(eval_dir), *scale_args]) != 0:
+        print("[quickstart] evaluation failed; the report has the training part only", file=sys.stderr)
+        eval_dir = None
+    _done(started)
+    return eval_dir
+
+
+def run_trends(out: Path, names: list[str], tokenizer: Path, prefixes: dict[str, Path], steps: int, scale: Scale,
+               args, main_eval: Path | None, rae_prefixes: dict[str, Path] | None = None) -> dict:
+    """Trains and evaluates every variant of the named comparisons under ``out/trends/NAME/VARIANT``.
+    A variant equal to the main run (no overrides, default weights, all steps) reuses it.
+    Returns {trend: {variant: {"run": dir, "eval": dir or None, "steps": n}}}."""
+    results = {}
+    for name in names:
+        _, variants = TRENDS[name]
+        results[name] = {}
+        for v in variants(args.rae):
+            n = max(1, round(steps * v.step_fraction))
+            if not v.overrides and v.weights is None and v.step_fraction == 1.0:
+                results[name][v.name] = {"run": out / "run", "eval": main_eval, "steps": n}
+                continue
+            where = out / "trends" / name / v.name
+            data = rae_prefixes if v.name == "rae" else prefixes
+            eval_dir = train_and_evaluate(where, tokenizer, data, n, scale, args, v.overrides, v.weights,
+                                          stage=f"trend {name}/{v.name}: ")
+            results[name][v.name] = {"run": where / "run", "eval": eval_dir, "steps": n}
+    return results
+
+
+def _headlines(eval_dir: Path | None) -> dict:
+    if eval_dir is None or not (eval_dir / "metrics.json").is_file():
+        return {}
+    return json.loads((eval_dir / "metrics.json").read_text())["headlines"]
+
+
+def _last_records(run_dir: Path, fraction: float = 0.2) -> list[dict]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return records[-max(1, int(len(records) * fraction)):]
+
+
+def routing_table(run_dir: Path) -> tuple[list[str], dict[int, dict[str, list[float]]]]:
+    """Markdown rows of the MoE routing statistics (means over the last 20% of logged steps)
+    and, per layer, each modality's share of tokens per expert."""
+    tail = _last_records(run_dir)
+    mean = lambda key: sum(r[key] for r in tail if key in r) / max(1, sum(key in r for r in tail))  # noqa: E731
+    layers = sorted({int(k.split("/")[1][5:]) for r in tail for k in r if k.startswith("moe/layer")})
+    rows = ["| layer | specialization | modality NMI | text tokens per expert | vision tokens per expert |",
+            "|---|---|---|---|---|"]
+    shares: dict[int, dict[str, list[float]]] = {}
+    for layer in layers:
+        key = f"moe/layer{layer}"
+        experts = sorted({int(k.rsplit("expert", 1)[1]) for r in tail for k in r
+                          if k.startswith(f"{key}/frac_text_tokens_expert")})
+        shares[layer] = {m: [mean(f"{key}/frac_{m}_tokens_expert{e}") for e in experts] for m in ("text", "vision")}
+        rows.append(f"| {layer} | {mean(f'{key}/specialization'):.3f} | {mean(f'{key}/modality_nmi'):.3f} | "
+                    + " ".join(f"{x:.2f}" for x in shares[layer]["text"]) + " | "
+                    + " ".join(f"{x:.2f}" for x in shares[layer]["vision"]) + " |")
+    return rows, shares
+
+
+def trends_section(out: Path, trends: dict) -> list[str]:
+    """The report's comparison tables (one per trend) and the MoE routing plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines = ["", "## Trends (same data, same evaluation)"]
+    for name, variants in trends.items():
+        heads = {v: _headlines(r["eval"]) for v, r in variants.items()}
+        evals = [e for e in ("generation", "captioning", "vqa", "world_model", "planning", "perplexity")
+                 if any(e in h for h in heads.values())]
+        lines += ["", f"### {name}", "", TRENDS[name][0], "",
+                  "| variant | steps | " + " | ".join(f"{e} ({next(h[e]['metric'] for h in heads.values() if e in h)})"
+                                                     for e in evals) + " |",
+                  "|---|---|" + "---|" * len(evals)]
+        for v, r in variants.items():
+            cells = [f"{heads[v][e]['value']:.4g}" if e in heads[v] else "-" for e in evals]
+            lines.append(f"| {v} | {r['steps']} | " + " | ".join(cells) + " |")
+        chance = [f"{next(h[e]['chance'] for h in heads.values() if e in h):.4g}" for e in evals]
+        lines.append("| chance | | " + " | ".join(chance) + " |")
+        if name == "latents" and "rae" not in variants:
+            lines += ["", "No RAE run: pass `--rae DIR` (a representation saved by `megafusion train-decoder`) "
+                          "to compare with pixel latents."]
+        if name == "moe" and "moe" in variants:
+            rows, shares = routing_table(variants["moe"]["run"])
+            lines += ["", "MoE routing per modality (means over the last 20% of logged steps; "
+                          "specialization 0 = experts used alike by text and vision, 1 = disjoint):", "", *rows]
+            if shares:
+                fig, axes = plt.subplots(1, len(shares), figsize=(3.2 * len(shares), 2.8), squeeze=False)
+                for ax, (layer, share) in zip(axes[0], shares.items()):
+                    for k, (m, vals) in enumerate(share.items()):
+                        ax.bar([e + 0.4 * k for e in range(len(vals))], vals, width=0.4, label=m)
+                    ax.set_title(f"layer {layer}")
+                    ax.set_xlabel("expert")
+                axes[0][0].set_ylabel("share of the modality's tokens")
+                axes[0][0].legend()
+                fig.tight_layout()
+                fig.savefig(out / "moe_routing.png", dpi=110)
+                plt.close(fig)
+                lines += ["", "![MoE routing per modality](moe_routing.png)"]
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -179,41 +388,42 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="runs/quickstart", help="output folder (default: runs/quickstart)")
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="a smoke-test size (a minute)")
-    size.add_argument("--full", action="store_true", help="a longer run that shows the research's trends")
+    size.add_argument("--full", action="store_true",
+                      help="a longer run that shows the research's trends (all comparisons of --compare)")
+    parser.add_argument("--compare", default=None, metavar="TREND[,TREND]",
+                        help=f"also train and evaluate the variants of these comparisons ({', '.join(TRENDS)}); "
+                             "--full runs them all")
+    parser.add_argument("--rae", default=None, metavar="DIR",
+                        help="a saved RAE representation (megafusion train-decoder): adds the RAE run of 'latents'")
     parser.add_argument("--steps", type=int, default=None, help="override the number of training steps")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--world", default="simple", choices=("simple", "full"),
+                        help="ShapesWorld vocabulary (default simple: 3 colours, 3 shapes, 2x2 grid)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra training config override (repeatable), e.g. --set model.hidden_size=128")
+    parser.add_argument("--cfg", type=float, default=EVAL_CFG, help=f"guidance scale at evaluation (default {EVAL_CFG})")
     args = parser.parse_args(argv)
 
     scale = SCALES["quick" if args.quick else "full" if args.full else "default"]
     steps = args.steps or scale.steps
+    trends = list(TRENDS) if args.full else [t.strip() for t in (args.compare or "").split(",") if t.strip()]
+    unknown = sorted(set(trends) - set(TRENDS))
+    if unknown:
+        parser.error(f"--compare {args.compare}: unknown {unknown}; choose from {', '.join(TRENDS)}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
 
-    tokenizer, prefixes = prepare_data(out, scale, args.seed)
-
-    stage = _stage(4, f"train a tiny Transfusion model for {steps} steps -> {out / 'run'}")
-    from megafusion.config import load_config, validate
-    from megafusion.training.loop import train
-
-    cfg = load_config(REPO_CONFIGS / "tiny_transfusion.yaml", train_overrides(tokenizer, prefixes, steps, args.device))
-    validate(cfg, world_size=1)
-    run_dir = out / "run"
-    train(cfg, run_dir)
-    _done(stage)
-
-    stage = _stage(5, f"evaluate -> {out / 'eval'}")
-    eval_dir = out / "eval"
-    from megafusion.eval import cli as eval_cli
-
-    if eval_cli.main(["--run-dir", str(run_dir), "--out", str(eval_dir), "--n", str(scale.eval_n),
-                      "--steps", str(scale.eval_ode_steps),
-                      "--planning-candidates", str(scale.planning_candidates)]) != 0:
-        print("[quickstart] evaluation failed; the report has the training part only", file=sys.stderr)
-        eval_dir = None
-    report = write_report(out, run_dir, eval_dir)
-    _done(stage)
+    tokenizer, prefixes = prepare_data(out, scale, args.seed, args.world)
+    args.manifest = out / "data" / "raw" / "manifest.json"
+    rae_prefixes = None
+    if args.rae and "latents" in trends:
+        rae_prefixes = preprocess_visual(out, tokenizer, ["--encoder", "rae", "--encoder-path", str(args.rae)],
+                                         "indexed_rae", prefixes)
+    eval_dir = train_and_evaluate(out, tokenizer, prefixes, steps, scale, args)
+    results = run_trends(out, trends, tokenizer, prefixes, steps, scale, args, eval_dir, rae_prefixes)
+    report = write_report(out, out / "run", eval_dir, results)
     print(f"\n[quickstart] finished in {time.time() - started:.0f}s. Report: {report}")
     return 0
 

@@ -1,4 +1,5 @@
-"""A shortened quickstart runs end to end and leaves artifacts that parse."""
+"""A shortened quickstart runs end to end, with two of its --full comparisons, and leaves
+artifacts that parse."""
 
 import json
 import os
@@ -12,7 +13,8 @@ def test_quick_quickstart_writes_report_and_eval(tmp_path):
     out = tmp_path / "qs"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run([sys.executable, "-m", "megafusion.cli", "quickstart", "--quick", "--out", str(out),
-                           "--device", "cpu"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+                           "--device", "cpu", "--compare", "synergy,moe"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     for stage in range(1, 6):
         assert f"[quickstart {stage}/5]" in proc.stdout
@@ -24,9 +26,22 @@ def test_quick_quickstart_writes_report_and_eval(tmp_path):
     assert records[-1]["step"] == 6 and "loss_text" in records[-1]
     metrics = json.loads((out / "eval" / "metrics.json").read_text())
     headlines = metrics["headlines"]
-    assert {"generation", "captioning", "world_model", "perplexity"} <= set(headlines)
+    assert {"generation", "captioning", "vqa", "world_model", "perplexity"} <= set(headlines)
+    assert metrics["settings"]["training_sources"]["vqa"] > 0  # VQA documents were trained on
     assert all("chance" in h and "value" in h for h in headlines.values())
     report = (out / "report.md").read_text()
     assert "loss_curves.png" in report and "| evaluation | metric | value | chance |" in report
     assert "| perplexity | perplexity |" in report
     assert (out / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # the comparisons: each variant trained and evaluated, one table per trend
+    image_only = json.loads((out / "trends" / "synergy" / "image_only" / "eval" / "metrics.json").read_text())
+    sources = image_only["settings"]["training_sources"]
+    assert sources["text"] == sources["video"] == sources["action_video"] == 0 and sources["image_text"] > 0
+    assert {"world_model", "planning"} <= {k for k, r in image_only["results"].items() if "skipped" in r}
+    moe_records = [json.loads(line) for line in
+                   (out / "trends" / "moe" / "moe" / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert "moe/specialization" in moe_records[-1]
+    assert "### synergy" in report and "| image_only | 4 |" in report and "| multimodal | 6 |" in report
+    assert "### moe" in report and "| 0 | " in report.split("### moe")[1]  # routing row of layer 0
+    assert (out / "moe_routing.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

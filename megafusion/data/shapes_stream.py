@@ -11,6 +11,8 @@ Document layouts (``<boi> latents <eoi>`` is one image/frame span, written by th
 - ``image_text``: caption ``<boi> image <eoi>`` ``<eod>`` (generation) or, with
   probability ``caption_first_prob`` complement, ``<boi> image <eoi>`` caption ``<eod>``
   (captioning).
+- ``vqa``: ``<boi> image <eoi>`` then the image's questions and answers
+  (``Question: .. Answer: ..`` each, ``megafusion.data.shapes.vqa_document``), ``<eod>``.
 - ``video``: caption, then the frames separated by ``<frame>``, ``<eod>``; one span per frame.
 - ``action_video``: caption, then each frame followed by the action token that moves it to
   the next one; the first ``context_frames`` frames are clean (conditioning, no loss).
@@ -26,9 +28,9 @@ import torch
 
 from megafusion.data.packing import Document, Segment, SequencePacker, pack_drawn_documents
 from megafusion.data.sample import IMAGE, VIDEO, Sample
-from megafusion.data.shapes import ShapesWorld
+from megafusion.data.shapes import ShapesWorld, WorldConfig, vqa_document
 
-SOURCES = ("text", "image_text", "video", "action_video")
+SOURCES = ("text", "image_text", "video", "action_video", "vqa")
 _MAX_DOCS = 64  # per sequence; a guard, far above what fits
 
 
@@ -78,8 +80,9 @@ class ShapesStream:
         v = cfg.vision
         rep = representation_from_config(v)
         # Clips short enough that a video document fits a tiny sequence next to its caption.
-        world = ShapesWorld(seed=cfg.train.seed, image_size=v.image_size, video_frames=4, action_frames=4,
-                            context_frames=1)
+        clips = dict(seed=cfg.train.seed, image_size=v.image_size, video_frames=4, action_frames=4, context_frames=1)
+        world = ShapesWorld(config=WorldConfig.simple(**clips) if cfg.data.shapes_world == "simple"
+                            else WorldConfig(**clips))
         return cls(cfg.train.seed, cfg.model.seq_length, load_tokenizer(cfg.data.tokenizer), rep,
                    dict(cfg.data.shapes_weights), world)
 
@@ -118,6 +121,10 @@ class ShapesStream:
             if rng.random() < self.caption_first_prob:
                 return [self._text(s.caption), image, eod]
             return [image, self._text(s.caption), eod]
+        if source == "vqa":
+            s = self.world.image_text(index)
+            image = Segment(latents=self.encode_images(s.image[None])[0], modality=IMAGE)
+            return [image, self._text(vqa_document(s.vqa)), eod]
         if source == "video":
             v = self.world.video(index)
             doc: Document = [self._text(v.caption)]

@@ -3,7 +3,9 @@
     megafusion eval --run-dir runs/tiny_transfusion --out runs/tiny_transfusion/eval --n 32
 
 Everything is scored on the held-out world (``HELDOUT_SEED``, never drawn in training),
-with the clip lengths the training stream used. What runs depends on what the run was
+with the vocabulary and clip lengths the training data used: the in-process stream's
+world, or for preprocessed data ``--world DATA/manifest.json`` (what
+``python -m megafusion.data.shapes`` / the quickstart wrote; default: the full world). What runs depends on what the run was
 trained on (``data.shapes_weights``); an evaluation whose data the model never saw is
 written as ``{"skipped": "not trained on this modality: ..."}``, never silently left out:
 
@@ -11,7 +13,8 @@ written as ``{"skipped": "not trained on this modality: ..."}``, never silently 
   guidance), parsed by the deterministic detector (GenEval-like correctness).
 - ``captioning`` (image_text, image-first documents): text after ``<boi> image <eoi>``,
   parsed against the true scene.
-- ``vqa``: the stream has no question-answer documents, so it is skipped as untrained.
+- ``vqa`` (vqa: image-first question-answer documents): the answer greedily generated after
+  ``<boi> image <eoi> Question: .. Answer:``, normalised, against the exact one.
 - ``world_model`` (action_video): rollouts from the context frames given the actions:
   next-frame / rollout MSE and the agent's lattice-position accuracy.
 - ``planning`` (action_video): each candidate action sequence is imagined with the model
@@ -33,12 +36,92 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import torch
 
 from megafusion.inference.generate import Generator, SamplingOptions, eval_world
 
 
 def _skip(reason: str) -> dict:
     return {"skipped": f"not trained on this modality: {reason}"}
+
+
+_SOURCES = ("text", "image_text", "vqa", "video", "action_video")
+
+
+def _source_of_path(path: str) -> str | None:
+    """The ShapesWorld source an indexed dataset is named after (the quickstart's names), or None."""
+    name = Path(path).name
+    if name.startswith("text"):  # the text tool's <prefix>_text_document
+        return "text"
+    return name if name in _SOURCES else None
+
+
+def trained_sources(cfg) -> dict[str, float]:
+    """ShapesWorld source -> weight in the run's training data. Preprocessed (indexed) data
+    is read by its dataset names (``text*``, ``image_text``, ``vqa``, ``video``,
+    ``action_video``, as the quickstart writes them, with their ``data.weights``); if any
+    name is not one of them, every source but VQA counts as trained."""
+    if cfg.data.kind == "indexed":
+        weights = list(cfg.data.weights) or [1.0] * len(cfg.data.paths)
+        sources = [_source_of_path(p) for p in cfg.data.paths]
+        if None in sources:
+            return {source: float(source != "vqa") for source in _SOURCES}
+        out = {source: 0.0 for source in _SOURCES}
+        for source, w in zip(sources, weights):
+            out[source] += float(w)
+        return out
+    return {k: float(v) for k, v in cfg.data.shapes_weights.items()}
+
+
+def answer_question(gen: Generator, image: np.ndarray, question: str, opts: SamplingOptions,
+                    max_new_tokens: int = 8) -> str:
+    """The answer generated after ``<boi> image <eoi>`` and the question (the layout of VQA
+    training documents), up to its full stop."""
+    from megafusion.data.shapes import vqa_prompt
+    from megafusion.inference.generate import Chunk
+
+    tok = gen.tokenizer
+    state = gen.new_state()
+    latents = gen.encode_images(np.asarray(image)[None])[0]
+    state.run(Chunk.cat([gen.text_chunk([tok.boi_id]), gen.latent_chunk(latents, 0.0, state.new_span_id()),
+                         gen.text_chunk([tok.eoi_id] + tok.encode(vqa_prompt(question)))]))
+    rng = torch.Generator().manual_seed(opts.seed)
+    new = gen.continue_text(state, max_new_tokens, opts, rng, images=None, text_only=True)
+    return tok.decode([i for i in new if i != tok.eod_id]).split(".")[0].strip()
+
+
+def rollout(gen: Generator, context_frames: np.ndarray, actions: list[str], caption: str, opts: SamplingOptions,
+            frame_token: bool) -> np.ndarray:
+    """``Generator.rollout`` in the action-video layout the run was trained on.
+
+    The in-process stream writes ``caption F0 a0 F1 a1 ..`` (``frame_token`` False: the
+    generator's own layout); ``tools/preprocess_data.py`` writes ``caption F0 a0 <frame> F1
+    a1 <frame> ..`` (True), and a rollout prompted without the ``<frame>`` tokens is out of
+    distribution. Returns uint8 [len(actions) + 1 - c, S, S, 3] for c context frames.
+    """
+    if not frame_token:
+        return gen.rollout(context_frames, actions, caption, opts)
+    from megafusion.data.sample import VIDEO
+    from megafusion.inference.generate import Chunk
+
+    tok = gen.tokenizer
+    c = len(context_frames)
+    if not 1 <= c <= len(actions):
+        raise ValueError(f"rollout: {c} context frames need 1 <= c <= len(actions) = {len(actions)}")
+    rng = torch.Generator().manual_seed(opts.seed)
+    state = gen.new_state()
+    context = gen.encode_images(np.asarray(context_frames))
+    parts = [gen.text_chunk(tok.encode(caption))]
+    for f in range(c):
+        parts += [gen.text_chunk([tok.boi_id]), gen.latent_chunk(context[f], 0.0, state.new_span_id(), VIDEO),
+                  gen.text_chunk([tok.eoi_id] + tok.encode_action(actions[f]) + [tok.frame_id, tok.boi_id])]
+    state.run(Chunk.cat(parts))
+    frames = []
+    for f in range(c, len(actions) + 1):
+        frames.append(gen.sample_latents(state, opts, modality=VIDEO, rng=rng))
+        if f < len(actions):
+            state.append_tokens(tok.encode_action(actions[f]) + [tok.frame_id, tok.boi_id])
+    return gen.decode_latents(torch.stack(frames))
 
 
 def evaluate(gen: Generator, cfg, out: Path, n: int = 32, opts: SamplingOptions | None = None,
@@ -52,18 +135,17 @@ def evaluate(gen: Generator, cfg, out: Path, n: int = 32, opts: SamplingOptions 
     """
     from megafusion.data.shapes.video import agent_caption
     from megafusion.eval.shapes import (save_grid, score_agent_positions, score_captions, score_generation,
-                                        score_planning, score_rollout, world_model_plan_scorer)
-    from megafusion.eval.text import heldout_documents, perplexity
+                                        score_planning, score_rollout, score_vqa, world_model_plan_scorer)
+    from megafusion.eval.text import perplexity
 
     opts = opts or SamplingOptions()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    weights = {k: float(v) for k, v in cfg.data.shapes_weights.items()}
-    if cfg.data.kind == "indexed":
-        # Preprocessed data does not say which ShapesWorld sources it holds: evaluate them all.
-        weights = {source: 1.0 for source in ("text", "image_text", "video", "action_video")}
+    weights = trained_sources(cfg)
     trained = lambda source: weights.get(source, 0.0) > 0  # noqa: E731
     world = eval_world(gen)
+    prior = dict(vocab=world.vocab, max_objects=world.config.max_objects)  # chance levels of this world
+    frame_token = cfg.data.kind == "indexed"  # preprocessed action videos put <frame> after each action
     results: dict[str, dict] = {}
     samples: dict[str, list] = {}
 
@@ -88,7 +170,7 @@ def evaluate(gen: Generator, cfg, out: Path, n: int = 32, opts: SamplingOptions 
         k = min(len(items), 8)
         save_grid([s.image for s in items[:k]] + images[:k], out / "generation_grid.png", ncols=k)
         samples["generation"] = [{"prompt": s.caption} for s in items[:k]]
-        return {**score_generation(images, [s.caption for s in items]), "grid": "generation_grid.png",
+        return {**score_generation(images, [s.caption for s in items], **prior), "grid": "generation_grid.png",
                 "grid_rows": ["ground truth render", "generated"]}
 
     timed("generation", generation if trained("image_text") else
@@ -98,20 +180,29 @@ def evaluate(gen: Generator, cfg, out: Path, n: int = 32, opts: SamplingOptions 
     def captioning() -> dict:
         captions = [gen.caption(s.image, opts=seeded(i)) for i, s in enumerate(items)]
         samples["captioning"] = [{"truth": s.caption, "generated": c} for s, c in zip(items[:8], captions[:8])]
-        return score_captions(captions, [s.scene for s in items])
+        return score_captions(captions, [s.scene for s in items], **prior)
 
     timed("captioning", captioning if trained("image_text") and caption_first_prob < 1.0 else
           lambda: _skip("no image-first (captioning) documents in training"))
 
     # ---------------------------------------------------------------- VQA
-    timed("vqa", lambda: _skip("the ShapesWorld training stream has no question-answer documents "
-                               f"(sources: {sorted(k for k, v in weights.items() if v > 0)})"))
+    def vqa() -> dict:
+        qa = [(s.image, v) for s in items for v in s.vqa]
+        answers = [answer_question(gen, image, v.question, seeded(i)) for i, (image, v) in enumerate(qa)]
+        samples["vqa"] = [{"question": v.question, "truth": v.answer, "generated": a}
+                          for (_, v), a in zip(qa[:8], answers[:8])]
+        return score_vqa(answers, [v for _, v in qa])
+
+    timed("vqa", vqa if trained("vqa") else lambda: _skip(
+        "no question-answer documents in training (data.shapes_weights.vqa = 0, or no indexed data path "
+        f"named *vqa*; sources: {sorted(k for k, v in weights.items() if v > 0)})"))
 
     # ---------------------------------------------------------------- world model
     def world_model() -> dict:
         clips = [world.action_video(i) for i in range(n)]
         c = clips[0].context_frames
-        pred = np.stack([gen.rollout(a.frames[:c], a.actions, a.caption, seeded(i)) for i, a in enumerate(clips)])
+        pred = np.stack([rollout(gen, a.frames[:c], a.actions, a.caption, seeded(i), frame_token)
+                         for i, a in enumerate(clips)])
         k = min(len(clips), 4)
         rows = []
         for a, p in zip(clips[:k], pred[:k]):
@@ -131,8 +222,8 @@ def evaluate(gen: Generator, cfg, out: Path, n: int = 32, opts: SamplingOptions 
 
         def scorer(start, goal, candidates):
             task = by_start[id(start)]
-            predict = lambda s, acts: gen.rollout(s[None], acts, agent_caption(task.episode, acts),  # noqa: E731
-                                                  seeded(task.index))[-1]
+            predict = lambda s, acts: rollout(gen, s[None], acts, agent_caption(task.episode, acts),  # noqa: E731
+                                              seeded(task.index), frame_token)[-1]
             return world_model_plan_scorer(predict)(start, goal, candidates)
 
         return score_planning(tasks, scorer)
@@ -143,7 +234,7 @@ def evaluate(gen: Generator, cfg, out: Path, n: int = 32, opts: SamplingOptions 
 
     # ---------------------------------------------------------------- text
     def text() -> dict:
-        docs = heldout_documents(n, image_size=world.image_size)
+        docs = [world.text_document(i).text for i in range(n)]
         return perplexity(docs, gen.text_logprobs, vocab_size=gen.tokenizer.vocab_size)
 
     timed("perplexity", text)
@@ -158,6 +249,17 @@ def evaluate(gen: Generator, cfg, out: Path, n: int = 32, opts: SamplingOptions 
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
+
+
+def load_world_config(path: str | Path):
+    """A WorldConfig from a dataset manifest.json (its ``config``) or a JSON of its fields."""
+    from megafusion.data.shapes import WorldConfig
+
+    try:
+        data = json.loads(Path(path).read_text())
+        return WorldConfig.from_dict(data.get("config", data))
+    except (OSError, ValueError, TypeError) as err:
+        raise SystemExit(f"megafusion eval: --world {path}: {err}") from None
 
 
 def write_tensorboard(metrics: dict, run_dir: Path, step: int) -> None:
@@ -185,6 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale for images (1 = off)")
     p.add_argument("--planning-candidates", type=int, default=8, help="candidate action sequences per planning task")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--world", default=None, metavar="MANIFEST.json",
+                   help="the ShapesWorld the run's preprocessed data came from: a dataset's manifest.json (or a "
+                        "JSON of WorldConfig fields); default: the run's in-process world, else the full world")
     p.add_argument("--device", default=None, help="cpu | cuda | auto (default: the run's train.device)")
     p.add_argument("--no-tensorboard", action="store_true")
     return p
@@ -204,6 +309,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         gen = Generator.from_run(loaded)
+        if args.world is not None:
+            gen.world_config = load_world_config(args.world)
         out = Path(args.out) if args.out else Path(args.run_dir) / "eval" / f"step_{loaded.step:08d}"
         opts = SamplingOptions(steps=args.steps, method=args.sampler, cfg_scale=args.cfg, seed=args.seed)
         metrics = evaluate(gen, loaded.cfg, out, args.n, opts, args.planning_candidates,

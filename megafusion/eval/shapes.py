@@ -39,8 +39,9 @@ from typing import Callable, Sequence
 import numpy as np
 
 from megafusion.data.shapes.export import save_png
-from megafusion.data.shapes.scene import (BACKGROUND, COLORS, GRID, PALETTE, POSITIONS, SHAPES, SIZES, Scene,
-                                          cell_edges, sample_scene, shape_mask, size_pixels)
+from megafusion.data.shapes.scene import (BACKGROUND, COLORS, DEFAULT_VOCAB, GRID, PALETTE, SHAPES, SIZES, Scene,
+                                          Vocab, cell_edges, check_grid, position_name, sample_scene, shape_mask,
+                                          size_pixels)
 from megafusion.data.shapes.text import VQA, ParsedObject, caption, normalize_answer, parse_caption
 
 MIN_MATCH = 0.65  # a component matching no template this well (soft Dice) is not a shape
@@ -64,10 +65,11 @@ class Detection:
     col: int
     area: int  # pixels of the component
     match: float  # soft Dice with the best template: 1.0 is an exact render
+    grid: int = GRID
 
     @property
     def position(self) -> str:
-        return POSITIONS[self.row][self.col]
+        return position_name(self.row, self.col, self.grid)
 
 
 _PALETTE_RGB = np.array([BACKGROUND] + [PALETTE[c] for c in COLORS], dtype=np.float32)  # [1 + C, 3]
@@ -130,11 +132,11 @@ class _Template:
 
 
 @lru_cache(maxsize=None)
-def _templates(image_size: int) -> tuple[_Template, ...]:
+def _templates(image_size: int, grid: int = GRID) -> tuple[_Template, ...]:
     """Every (shape, size) at every blur level, as soft patterns with a margin of _PAD px."""
     out = []
     for size in SIZES:
-        side = size_pixels(image_size, size)
+        side = size_pixels(image_size, size, grid)
         c, n = _PAD + side / 2, side + 2 * _PAD
         for shape in SHAPES:
             crisp = shape_mask(shape, c, c, side, n).astype(np.float64)
@@ -178,8 +180,9 @@ def _match(alpha: np.ndarray, templates) -> tuple[float, _Template, int, int]:
     return best
 
 
-def detect(image: np.ndarray) -> list[Detection]:
-    """Shapes in an [S, S, 3] image (uint8, or float in [0, 1]), sorted by grid cell.
+def detect(image: np.ndarray, grid: int = GRID) -> list[Detection]:
+    """Shapes in an [S, S, 3] image (uint8, or float in [0, 1]) of a world with a
+    ``grid`` x ``grid`` layout (it sets the sizes and the cells), sorted by grid cell.
 
     Pixels take a palette colour or the background (:func:`color_labels`); each connected
     component of a colour is matched against every shape/size template (crisp and blurred) by soft Dice
@@ -191,9 +194,10 @@ def detect(image: np.ndarray) -> list[Detection]:
     s = image.shape[0]
     if image.shape[:2] != (s, s) or s not in (32, 64):
         raise ValueError(f"detect: expected a square 32 or 64 px RGB image, got shape {image.shape}")
-    templates = _templates(s)
+    check_grid(grid)
+    templates = _templates(s, grid)
     min_area = 0.5 * min(int((t.pattern > 0.5).sum()) for t in templates)
-    edges = cell_edges(s)
+    edges = cell_edges(s, grid)
     labels = color_labels(image)
     pixels = image.astype(np.float64)
     found = []
@@ -215,9 +219,9 @@ def detect(image: np.ndarray) -> list[Detection]:
             if dice < MIN_MATCH:
                 continue
             x, y = ox + t.center, oy + t.center
-            row = int(np.clip(np.searchsorted(edges, y, side="right") - 1, 0, GRID - 1))
-            col = int(np.clip(np.searchsorted(edges, x, side="right") - 1, 0, GRID - 1))
-            found.append(Detection(t.shape, color, t.size, float(x), float(y), row, col, area, dice))
+            row = int(np.clip(np.searchsorted(edges, y, side="right") - 1, 0, grid - 1))
+            col = int(np.clip(np.searchsorted(edges, x, side="right") - 1, 0, grid - 1))
+            found.append(Detection(t.shape, color, t.size, float(x), float(y), row, col, area, dice, grid))
     return sorted(found, key=lambda d: (d.row, d.col, d.color))
 
 
@@ -301,24 +305,25 @@ def _mean_checks(rows: list[dict[str, bool]]) -> dict[str, float]:
 
 
 def score_generation(images: Sequence[np.ndarray], prompts: Sequence[Scene | str], seed: int = 0,
-                     chance_samples: int = 8) -> dict:
+                     chance_samples: int = 8, vocab: Vocab = DEFAULT_VOCAB, max_objects: int = 4) -> dict:
     """GenEval-like correctness of generated images against their prompts.
 
     ``prompts``: a Scene, or a caption/prompt text (its objects are parsed; an attribute
     it does not name matches anything). Per image: ``count`` (as many shapes as asked),
     ``objects`` (each asked colour+shape present), ``sizes``, ``positions``, ``attributes``
     (all named attributes) and ``correct`` (count and attributes). ``chance``: the same
-    criteria for images drawn from the world's prior, ignoring the prompt.
+    criteria for images drawn from the world's prior (``vocab``, 1..``max_objects`` shapes),
+    ignoring the prompt. Images are parsed on ``vocab.grid``.
     """
     if len(images) != len(prompts) or not images:
         raise ValueError(f"score_generation: {len(images)} images for {len(prompts)} prompts")
     wanted = [_scene_objects(p) for p in prompts]
-    rows = [_generation_checks(w, detect(im)) for w, im in zip(wanted, images)]
+    rows = [_generation_checks(w, detect(im, vocab.grid)) for w, im in zip(wanted, images)]
     size = _as_uint8(images[0]).shape[0]
     chance_rows = []
     for j, w in enumerate(wanted):
         for r in range(chance_samples):
-            rand = sample_scene(np.random.default_rng([seed, 1001, j, r]), size)
+            rand = sample_scene(np.random.default_rng([seed, 1001, j, r]), size, 1, max_objects, vocab)
             chance_rows.append(_generation_checks(w, list(_scene_objects(rand))))
     out = {"n": len(rows), **_mean_checks(rows), "chance": _mean_checks(chance_rows),
            "chance_method": f"images of random world scenes ignoring the prompt ({chance_samples} per prompt)"}
@@ -348,13 +353,14 @@ def _caption_metrics(text: str, scene: Scene) -> dict[str, float]:
     return out
 
 
-def score_captions(captions: Sequence[str], scenes: Sequence[Scene], seed: int = 0, chance_samples: int = 4) -> dict:
+def score_captions(captions: Sequence[str], scenes: Sequence[Scene], seed: int = 0, chance_samples: int = 4,
+                   vocab: Vocab = DEFAULT_VOCAB, max_objects: int = 4) -> dict:
     """Captioning accuracy: captions parsed with the world's templates against the true scenes.
 
     ``exact`` (same objects with all attributes and positions), ``count``, object-level
     ``precision``/``recall``/``f1``, and per-attribute accuracy of the object named at each
     true object's position (``color``, ``shape``, ``size``). ``chance``: captions of random
-    world scenes scored the same way.
+    scenes of the world (``vocab``, 1..``max_objects`` shapes) scored the same way.
     """
     if len(captions) != len(scenes) or not scenes:
         raise ValueError(f"score_captions: {len(captions)} captions for {len(scenes)} scenes")
@@ -363,7 +369,7 @@ def score_captions(captions: Sequence[str], scenes: Sequence[Scene], seed: int =
     for j, s in enumerate(scenes):
         for r in range(chance_samples):
             rng = np.random.default_rng([seed, 1002, j, r])
-            chance_rows.append(_caption_metrics(caption(sample_scene(rng, s.image_size), rng), s))
+            chance_rows.append(_caption_metrics(caption(sample_scene(rng, s.image_size, 1, max_objects, vocab), rng), s))
     mean = lambda rs: {k: float(np.mean([r[k] for r in rs])) for k in rs[0]}  # noqa: E731
     out = {"n": len(rows), **mean(rows), "chance": mean(chance_rows),
            "chance_method": f"captions of random world scenes ({chance_samples} per item)"}
@@ -443,7 +449,7 @@ def agent_position(frame: np.ndarray, episode) -> tuple[int, int] | None:
     The agent is the detected shape of its colour (distractors never share it), preferring
     its own shape and then the best template match.
     """
-    cands = [d for d in detect(frame) if d.color == episode.agent.color]
+    cands = [d for d in detect(frame, episode.lattice.grid) if d.color == episode.agent.color]
     if not cands:
         return None
     best = max(cands, key=lambda d: (d.shape == episode.agent.shape, d.match, d.area))

@@ -6,9 +6,9 @@ with :func:`write_dataset`; score models with ``megafusion.eval.shapes``.
 """
 
 from .export import load_png, save_png, write_dataset, write_video
-from .scene import (BACKGROUND, COLORS, PALETTE, POSITION_NAMES, POSITIONS, SHAPES, SIZES, Scene, ShapeObject,
-                    render_scene, sample_scene)
-from .text import VQA, ParsedObject, caption, make_vqa, normalize_answer, parse_caption
+from .scene import (BACKGROUND, COLORS, DEFAULT_VOCAB, PALETTE, POSITION_NAMES, POSITIONS, SHAPES, SIZES, Scene,
+                    ShapeObject, Vocab, render_scene, sample_scene)
+from .text import VQA, ParsedObject, caption, make_vqa, normalize_answer, parse_caption, vqa_document, vqa_prompt
 from .video import ACTION_ALIASES, ACTION_TOKENS, ACTIONS, apply_actions, canonical_action
 from .world import (HELDOUT_SEED, ActionVideoSample, ImageTextSample, PlanningTask, ShapesWorld, TextDocument,
                     VideoSample, WorldConfig)
@@ -16,7 +16,7 @@ from .world import (HELDOUT_SEED, ActionVideoSample, ImageTextSample, PlanningTa
 __all__ = [
     "ShapesWorld", "WorldConfig", "HELDOUT_SEED", "ImageTextSample", "TextDocument", "VideoSample", "ActionVideoSample",
     "PlanningTask", "Scene", "ShapeObject", "render_scene", "sample_scene", "caption", "parse_caption",
-    "ParsedObject", "VQA", "make_vqa", "normalize_answer", "ACTIONS", "ACTION_ALIASES", "ACTION_TOKENS",
+    "ParsedObject", "VQA", "make_vqa", "normalize_answer", "vqa_prompt", "vqa_document", "Vocab", "DEFAULT_VOCAB", "ACTIONS", "ACTION_ALIASES", "ACTION_TOKENS",
     "canonical_action", "apply_actions", "write_dataset", "save_png", "load_png", "write_video",
     "SHAPES", "COLORS", "PALETTE", "BACKGROUND", "SIZES", "POSITIONS", "POSITION_NAMES",
 ]

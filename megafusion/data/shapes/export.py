@@ -5,6 +5,8 @@ Layout under ``out_dir`` (paths inside JSONL lines are relative to ``out_dir``):
     text.jsonl          {"text": ...}
     image_text.jsonl    {"image": "images/000000.png", "text": caption}
     vqa.jsonl           {"image": ..., "question": ..., "answer": ..., "choices": [...], "kind": ...}
+    vqa_docs.jsonl      {"image": ..., "text": "Question: .. Answer: .. Question: .."}: an image's VQA pairs
+                        as one image-first training document (preprocess as image-text, --image-first)
     video.jsonl         {"frames": ["videos/000000/000.png", ...], "video": "videos/000000.webm", "text": caption}
     action_video.jsonl  {"frames": [...], "video": ..., "actions": ["up", ...], "context_frames": 4, "text": ...}
     manifest.json       seed, counts, world config and the files above
@@ -22,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .text import vqa_document
 from .world import ShapesWorld, WorldConfig
 
 VIDEO_CODECS = {"vp9": ("libvpx-vp9", "webm", "yuv420p", {"lossless": "1"}),
@@ -106,7 +109,7 @@ def write_dataset(out_dir: str | Path, seed: int = 0, n_text: int = 100, n_image
     """Writes ShapesWorld samples 0..n-1 of each kind under ``out_dir``; returns the files.
 
     ``video_codec``: "vp9", "mjpeg", None (PNG frames only) or "auto" (vp9 when PyAV is
-    installed). Returns {"text", "image_text", "vqa", "video", "action_video", "manifest"} -> path.
+    installed). Returns {"text", "image_text", "vqa", "vqa_docs", "video", "action_video", "manifest"} -> path.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -119,7 +122,7 @@ def write_dataset(out_dir: str | Path, seed: int = 0, n_text: int = 100, n_image
     paths = {"text": _write_jsonl(out / "text.jsonl", ({"text": world.text_document(i).text} for i in range(n_text)))}
 
     (out / "images").mkdir(exist_ok=True)
-    image_records, vqa_records = [], []
+    image_records, vqa_records, vqa_docs = [], [], []
     for i in range(n_image):
         s = world.image_text(i)
         rel = f"images/{i:06d}.png"
@@ -127,8 +130,10 @@ def write_dataset(out_dir: str | Path, seed: int = 0, n_text: int = 100, n_image
         image_records.append({"image": rel, "text": s.caption})
         vqa_records += [{"image": rel, "question": v.question, "answer": v.answer, "choices": list(v.choices),
                          "kind": v.kind} for v in s.vqa]
+        vqa_docs.append({"image": rel, "text": vqa_document(s.vqa)})
     paths["image_text"] = _write_jsonl(out / "image_text.jsonl", image_records)
     paths["vqa"] = _write_jsonl(out / "vqa.jsonl", vqa_records)
+    paths["vqa_docs"] = _write_jsonl(out / "vqa_docs.jsonl", vqa_docs)
 
     video_records = []
     for i in range(n_video):

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .scene import CELL_OF_POSITION, COLORS, GRID, SHAPES, Scene, ShapeObject
+from .scene import CELL_OF_POSITION, COLORS, DEFAULT_VOCAB, GRID, SHAPES, Scene, ShapeObject, Vocab
 
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
                 "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen",
@@ -139,14 +139,20 @@ class VQA:
 COUNT_CHOICES = tuple(number_word(k) for k in range(0, GRID * GRID + 1))
 
 
+def count_choices(vocab: Vocab = DEFAULT_VOCAB) -> tuple[str, ...]:
+    """Answers of count questions: zero up to one shape per cell."""
+    return tuple(number_word(k) for k in range(0, vocab.cells + 1))
+
+
 def _unique_refs(scene: Scene) -> list[ShapeObject]:
     """Objects whose (colour, shape) pair is unique in the scene, so "the red circle" is unambiguous."""
     pairs = [(o.color, o.shape) for o in scene.objects]
     return [o for o in scene.objects if pairs.count((o.color, o.shape)) == 1]
 
 
-def make_vqa(scene: Scene, rng: np.random.Generator, n: int = 4) -> list[VQA]:
-    """``n`` questions about a grid scene, of random kinds, each with an exact answer."""
+def make_vqa(scene: Scene, rng: np.random.Generator, n: int = 4, vocab: Vocab = DEFAULT_VOCAB) -> list[VQA]:
+    """``n`` questions about a grid scene of a world with ``vocab``, of random kinds, each
+    with an exact answer; the choices of each kind are that world's (its colours, cells...)."""
     out = []
     objs = scene.objects
     for _ in range(n):
@@ -161,22 +167,23 @@ def make_vqa(scene: Scene, rng: np.random.Generator, n: int = 4) -> list[VQA]:
             if sub == 0:
                 q, k = "How many shapes are there?", len(objs)
             elif sub == 1:
-                c = _choice(rng, COLORS)
+                c = _choice(rng, vocab.colors)
                 q, k = f"How many {c} shapes are there?", sum(o.color == c for o in objs)
             else:
-                s = _choice(rng, SHAPES)
+                s = _choice(rng, vocab.shapes)
                 q, k = f"How many {s}s are there?", sum(o.shape == s for o in objs)
-            out.append(VQA(q, number_word(k), COUNT_CHOICES, "count"))
+            out.append(VQA(q, number_word(k), count_choices(vocab), "count"))
         elif kind == "color":
             o = _choice(rng, objs)
             out.append(VQA(f"What color is the {o.shape} {_choice(rng, POSITION_PHRASES[o.position])}?",
-                           o.color, COLORS, "color"))
+                           o.color, vocab.colors, "color"))
         elif kind == "shape":
             o = _choice(rng, objs)
-            out.append(VQA(f"What shape is {_choice(rng, POSITION_PHRASES[o.position])}?", o.shape, SHAPES, "shape"))
+            out.append(VQA(f"What shape is {_choice(rng, POSITION_PHRASES[o.position])}?", o.shape, vocab.shapes,
+                           "shape"))
         elif kind == "position":
             o = _choice(rng, refs)
-            out.append(VQA(f"Where is the {o.color} {o.shape}?", o.position, tuple(CELL_OF_POSITION), "position"))
+            out.append(VQA(f"Where is the {o.color} {o.shape}?", o.position, vocab.positions, "position"))
         else:
             i, j = rng.choice(len(refs), size=2, replace=False)
             a, b = refs[int(i)], refs[int(j)]
@@ -186,6 +193,16 @@ def make_vqa(scene: Scene, rng: np.random.Generator, n: int = 4) -> list[VQA]:
                 q, yes = f"Is the {a.color} {a.shape} above the {b.color} {b.shape}?", a.row < b.row
             out.append(VQA(q, "yes" if yes else "no", ("yes", "no"), "relation"))
     return out
+
+
+def vqa_prompt(question: str) -> str:
+    """The text that follows an image before its answer, in training documents and at evaluation."""
+    return f"Question: {question} Answer:"
+
+
+def vqa_document(items: list[VQA]) -> str:
+    """The text of a VQA training document (it follows its image): each question and answer."""
+    return " ".join(f"{vqa_prompt(v.question)} {v.answer}." for v in items)
 
 
 def normalize_answer(answer: str) -> str:
@@ -204,29 +221,49 @@ def normalize_answer(answer: str) -> str:
 
 # ----------------------------------------------------------------------------- documents
 
-FACTS = (
-    "A square has four corners and four equal sides.",
-    "A triangle has three corners.",
-    "A circle has no corners.",
-    "A diamond is a square turned on its corner.",
-    "The triangles in this world point up.",
-    f"There are {len(COLORS)} colors: " + ", ".join(COLORS[:-1]) + f" and {COLORS[-1]}.",
-    f"There are {len(SHAPES)} kinds of shapes: " + ", ".join(s + "s" for s in SHAPES[:-1]) + f" and {SHAPES[-1]}s.",
-    "Every picture is split into a grid of three rows and three columns.",
-    "Each cell of the grid holds at most one shape.",
-    "The top left cell is above the left cell.",
-    "The center cell is right of the left cell and left of the right cell.",
-    "The bottom row is below the top row.",
-    "A large shape is almost as wide as its cell; a small shape is about half as wide.",
-    "The agent moves one step for each action: up, down, left or right, or it stays.",
-    "An agent at the edge that is told to move into the wall stays where it is.",
-    "Shapes in videos move in straight lines and bounce off the walls.",
-)
+def world_facts(vocab: Vocab = DEFAULT_VOCAB) -> tuple[str, ...]:
+    """True sentences about a world with ``vocab`` (always 16, so draws do not depend on it)."""
+    colors, shapes, g = vocab.colors, vocab.shapes, vocab.grid
+
+    def listed(words):
+        return words[0] if len(words) == 1 else ", ".join(words[:-1]) + f" and {words[-1]}"
+
+    sizes = {"large": "A large shape is almost as wide as its cell.", "small": "A small shape is about half as wide "
+             "as its cell."}
+    size_fact = ("A large shape is almost as wide as its cell; a small shape is about half as wide."
+                 if len(vocab.sizes) == 2 else sizes[vocab.sizes[0]])
+    if g == 3:
+        layout = ("The top left cell is above the left cell.",
+                  "The center cell is right of the left cell and left of the right cell.",
+                  "The bottom row is below the top row.")
+    else:
+        layout = ("The top left cell is above the bottom left cell.",
+                  "The top right cell is right of the top left cell.",
+                  "The bottom row is below the top row.")
+    return (
+        "A square has four corners and four equal sides.",
+        "A triangle has three corners.",
+        "A circle has no corners.",
+        "A diamond is a square turned on its corner.",
+        "The triangles in this world point up.",
+        f"There are {len(colors)} colors: {listed(colors)}.",
+        f"There are {len(shapes)} kinds of shapes: {listed([s + 's' for s in shapes])}.",
+        f"Every picture is split into a grid of {number_word(g)} rows and {number_word(g)} columns.",
+        "Each cell of the grid holds at most one shape.",
+        *layout,
+        size_fact,
+        "The agent moves one step for each action: up, down, left or right, or it stays.",
+        "An agent at the edge that is told to move into the wall stays where it is.",
+        "Shapes in videos move in straight lines and bounce off the walls.",
+    )
 
 
-def _arithmetic_sentence(rng: np.random.Generator) -> str:
+FACTS = world_facts()
+
+
+def _arithmetic_sentence(rng: np.random.Generator, vocab: Vocab = DEFAULT_VOCAB) -> str:
     a, b = int(rng.integers(0, 10)), int(rng.integers(0, 10))
-    c, s = _choice(rng, COLORS), _choice(rng, SHAPES)
+    c, s = _choice(rng, vocab.colors), _choice(rng, vocab.shapes)
     templates = (
         f"{a} plus {b} equals {a + b}.",
         f"{number_word(a).capitalize()} {c} {s}s and {number_word(b)} more make {number_word(a + b)} {c} {s}s.",
@@ -237,21 +274,21 @@ def _arithmetic_sentence(rng: np.random.Generator) -> str:
     return _choice(rng, templates)
 
 
-def _scene_sentences(scene: Scene, rng: np.random.Generator) -> list[str]:
+def _scene_sentences(scene: Scene, rng: np.random.Generator, vocab: Vocab) -> list[str]:
     sents = [caption(scene, rng)]
     n = len(scene.objects)
     sents.append(f"In total there {'is' if n == 1 else 'are'} {number_word(n)} "
                  f"{'shape' if n == 1 else 'shapes'}.")
-    for v in make_vqa(scene, rng, n=int(rng.integers(1, 3))):
+    for v in make_vqa(scene, rng, n=int(rng.integers(1, 3)), vocab=vocab):
         sents.append(f"Question: {v.question} Answer: {v.answer}.")
     return sents
 
 
-def _agent_story(rng: np.random.Generator, image_size: int) -> list[str]:
-    """The agent's dynamics in words: where it starts and where each action takes it."""
-    from .video import AgentLattice, apply_actions, sample_actions  # video does not import text: no cycle
+def _agent_story(rng: np.random.Generator, lattice_size: int) -> list[str]:
+    """The agent's dynamics on a ``lattice_size``-wide lattice in words: where it starts and
+    where each action takes it."""
+    from .video import apply_actions, sample_actions  # video does not import text: no cycle
 
-    lattice_size = AgentLattice.for_image(image_size).k
     start = (int(rng.integers(lattice_size)), int(rng.integers(lattice_size)))
     actions = sample_actions(rng, int(rng.integers(3, 7)))
     path = apply_actions(start, actions, lattice_size)
@@ -266,19 +303,26 @@ def _agent_story(rng: np.random.Generator, image_size: int) -> list[str]:
     return sents
 
 
-def text_document(scene: Scene, rng: np.random.Generator) -> str:
-    """A short text-only document: a scene description, arithmetic, world facts, an agent
-    story or a mix."""
+def text_document(scene: Scene, rng: np.random.Generator, vocab: Vocab = DEFAULT_VOCAB,
+                  lattice_size: int | None = None) -> str:
+    """A short text-only document about a world with ``vocab``: a scene description,
+    arithmetic, world facts, an agent story (on a ``lattice_size``-wide lattice; default the
+    agent lattice of the scene's image size) or a mix."""
+    if lattice_size is None:
+        from .video import AgentLattice
+
+        lattice_size = AgentLattice.for_image(scene.image_size).k
+    facts = world_facts(vocab)
     kind = int(rng.integers(5))
     if kind == 0:
-        sents = _scene_sentences(scene, rng)
+        sents = _scene_sentences(scene, rng, vocab)
     elif kind == 1:
-        sents = [_arithmetic_sentence(rng) for _ in range(int(rng.integers(3, 7)))]
+        sents = [_arithmetic_sentence(rng, vocab) for _ in range(int(rng.integers(3, 7)))]
     elif kind == 2:
-        idx = rng.choice(len(FACTS), size=int(rng.integers(3, 6)), replace=False)
-        sents = [FACTS[int(i)] for i in idx]
+        idx = rng.choice(len(facts), size=int(rng.integers(3, 6)), replace=False)
+        sents = [facts[int(i)] for i in idx]
     elif kind == 3:
-        sents = _agent_story(rng, scene.image_size)
+        sents = _agent_story(rng, lattice_size)
     else:
-        sents = [_choice(rng, FACTS)] + _scene_sentences(scene, rng) + [_arithmetic_sentence(rng)]
+        sents = [_choice(rng, facts)] + _scene_sentences(scene, rng, vocab) + [_arithmetic_sentence(rng, vocab)]
     return " ".join(sents)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .scene import COLORS, SHAPES, SIZES, ShapeObject, render_objects, sample_scene, size_pixels
+from .scene import DEFAULT_VOCAB, GRID, ShapeObject, Vocab, render_objects, sample_scene, size_pixels
 
 # The action vocabulary. The tokenizer reserves one token per action (ACTION_TOKENS).
 ACTIONS: tuple[str, ...] = ("up", "down", "left", "right", "stay")
@@ -82,11 +82,13 @@ class PhysicsClip:
     frames: np.ndarray  # [T, S, S, 3] uint8
 
 
-def sample_physics_clip(rng: np.random.Generator, image_size: int, frames: int, max_objects: int = 3) -> PhysicsClip:
+def sample_physics_clip(rng: np.random.Generator, image_size: int, frames: int, max_objects: int = 3,
+                        vocab: Vocab = DEFAULT_VOCAB) -> PhysicsClip:
     n = int(rng.integers(1, max_objects + 1))
-    kinds = [(SHAPES[rng.integers(len(SHAPES))], COLORS[rng.integers(len(COLORS))], SIZES[rng.integers(len(SIZES))])
-             for _ in range(n)]
-    sides = np.array([size_pixels(image_size, k[2]) for k in kinds], dtype=np.float64)
+    v, g = vocab, vocab.grid
+    kinds = [(v.shapes[rng.integers(len(v.shapes))], v.colors[rng.integers(len(v.colors))],
+              v.sizes[rng.integers(len(v.sizes))]) for _ in range(n)]
+    sides = np.array([size_pixels(image_size, k[2], g) for k in kinds], dtype=np.float64)
     pos = rng.uniform(sides[:, None] / 2, image_size - sides[:, None] / 2, size=(n, 2))
     speed = rng.uniform(0.5, 2.0, size=n) * image_size / 32
     angle = rng.uniform(0, 2 * np.pi, size=n)
@@ -94,9 +96,9 @@ def sample_physics_clip(rng: np.random.Generator, image_size: int, frames: int, 
     states = physics_states(pos, vel, sides, image_size, frames)
     centers = np.stack([[[snap(states[t, i, 0], int(sides[i])), snap(states[t, i, 1], int(sides[i]))]
                          for i in range(n)] for t in range(frames)])
-    objects = tuple(ShapeObject(s, c, z, float(centers[0, i, 0]), float(centers[0, i, 1]))
+    objects = tuple(ShapeObject(s, c, z, float(centers[0, i, 0]), float(centers[0, i, 1]), grid=g)
                     for i, (s, c, z) in enumerate(kinds))
-    video = np.stack([render_objects([ShapeObject(s, c, z, *centers[t, i]) for i, (s, c, z) in enumerate(kinds)],
+    video = np.stack([render_objects([ShapeObject(s, c, z, *centers[t, i], grid=g) for i, (s, c, z) in enumerate(kinds)],
                                      image_size) for t in range(frames)])
     return PhysicsClip(objects, vel, centers, video)
 
@@ -117,21 +119,26 @@ def physics_caption(clip: PhysicsClip, rng: np.random.Generator) -> str:
 @dataclass(frozen=True)
 class AgentLattice:
     """Where the agent can be: lattice index k in [0, K) along each axis maps to the pixel
-    centre ``margin + k * step + side / 2``."""
+    centre ``margin + k * step + side / 2``. The agent is a small shape of ``grid``."""
 
     image_size: int
     side: int
     step: int
     margin: int
     k: int
+    grid: int = GRID
 
     @staticmethod
-    def for_image(image_size: int) -> "AgentLattice":
-        side = size_pixels(image_size, "small")
-        step = image_size // 8
+    def for_image(image_size: int, grid: int = GRID, step: int = 0) -> "AgentLattice":
+        """``step``: pixels per move (0: image_size // 8); with step = a patch size every move
+        shifts the agent by exactly one latent patch."""
+        side = size_pixels(image_size, "small", grid)
+        step = step or image_size // 8
+        if not 1 <= step <= image_size - side:
+            raise ValueError(f"agent step {step} px must lie in [1, {image_size - side}] for {image_size} px images")
         k = (image_size - side) // step + 1
         margin = (image_size - side - step * (k - 1)) // 2
-        return AgentLattice(image_size, side, step, margin, k)
+        return AgentLattice(image_size, side, step, margin, k, grid)
 
     def center(self, col: int, row: int) -> tuple[float, float]:
         return self.margin + col * self.step + self.side / 2, self.margin + row * self.step + self.side / 2
@@ -178,21 +185,22 @@ class AgentEpisode:
         frames = []
         for col, row in path:
             x, y = self.lattice.center(int(col), int(row))
-            agent = ShapeObject(self.agent.shape, self.agent.color, self.agent.size, x, y)
+            agent = ShapeObject(self.agent.shape, self.agent.color, self.agent.size, x, y, grid=self.lattice.grid)
             frames.append(render_objects(self.distractors + (agent,), self.lattice.image_size))
         return np.stack(frames)
 
 
-def sample_agent_episode(rng: np.random.Generator, image_size: int) -> tuple[AgentEpisode, tuple[int, int]]:
+def sample_agent_episode(rng: np.random.Generator, image_size: int, vocab: Vocab = DEFAULT_VOCAB,
+                         lattice: AgentLattice | None = None) -> tuple[AgentEpisode, tuple[int, int]]:
     """An agent (small, random shape/colour), 0..2 distractors in other colours, and a start cell."""
-    lattice = AgentLattice.for_image(image_size)
-    color = COLORS[rng.integers(len(COLORS))]
-    shape = SHAPES[rng.integers(len(SHAPES))]
-    scene = sample_scene(rng, image_size, min_objects=1, max_objects=3)
+    lattice = lattice or AgentLattice.for_image(image_size, vocab.grid)
+    color = vocab.colors[rng.integers(len(vocab.colors))]
+    shape = vocab.shapes[rng.integers(len(vocab.shapes))]
+    scene = sample_scene(rng, image_size, min_objects=1, max_objects=min(3, vocab.cells), vocab=vocab)
     distractors = tuple(o for o in scene.objects if o.color != color)[: int(rng.integers(0, 3))]
     start = (int(rng.integers(lattice.k)), int(rng.integers(lattice.k)))
     x, y = lattice.center(*start)
-    return AgentEpisode(ShapeObject(shape, color, "small", x, y), distractors, lattice), start
+    return AgentEpisode(ShapeObject(shape, color, "small", x, y, grid=lattice.grid), distractors, lattice), start
 
 
 def agent_caption(episode: AgentEpisode, actions) -> str:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .scene import MAX_OBJECTS, Scene, ShapeObject, check_image_size, render_scene, sample_scene
+from .scene import COLORS, GRID, MAX_OBJECTS, SHAPES, SIZES, Scene, ShapeObject, Vocab, check_image_size, render_scene, sample_scene
 from .text import VQA, caption, make_vqa, text_document
 from .video import (AgentEpisode, AgentLattice, agent_caption, apply_actions, physics_caption, sample_actions,
                     sample_agent_episode, sample_physics_clip)
@@ -32,7 +32,12 @@ _STREAMS = {"image_text": 1, "text": 2, "video": 3, "action_video": 4, "planning
 @dataclass(frozen=True)
 class WorldConfig:
     """What ShapesWorld draws. Frame counts are per clip; ``context_frames`` of an action
-    video are the frames a world model is given before it rolls out."""
+    video are the frames a world model is given before it rolls out.
+
+    ``colors``/``shapes``/``sizes``/``grid`` narrow the world's vocabulary (see
+    :class:`~megafusion.data.shapes.scene.Vocab`; ``WorldConfig.simple()`` is the
+    quickstart's); ``agent_step`` is the agent's move in pixels (0: image_size // 8).
+    """
 
     seed: int = 0
     image_size: int = 32
@@ -43,13 +48,49 @@ class WorldConfig:
     video_max_objects: int = 3
     action_frames: int = 12
     context_frames: int = 4
+    colors: tuple[str, ...] = COLORS
+    shapes: tuple[str, ...] = SHAPES
+    sizes: tuple[str, ...] = SIZES
+    grid: int = GRID
+    agent_step: int = 0
 
     def __post_init__(self):
         check_image_size(self.image_size)
+        vocab = Vocab(self.colors, self.shapes, self.sizes, self.grid)  # checks the values
+        for name in ("colors", "shapes", "sizes"):
+            object.__setattr__(self, name, getattr(vocab, name))  # tuples, also when read from JSON
+        if not 1 <= self.min_objects <= self.max_objects <= vocab.cells:
+            raise ValueError(f"need 1 <= min_objects ({self.min_objects}) <= max_objects ({self.max_objects}) <= "
+                             f"{vocab.cells} (cells of the {self.grid}x{self.grid} grid)")
         if not 1 <= self.context_frames < self.action_frames:
             raise ValueError(f"need 1 <= context_frames ({self.context_frames}) < action_frames ({self.action_frames})")
         if self.video_frames < 2:
             raise ValueError(f"video_frames={self.video_frames}: a video needs at least 2 frames")
+
+    @property
+    def vocab(self) -> Vocab:
+        return Vocab(self.colors, self.shapes, self.sizes, self.grid)
+
+    @staticmethod
+    def simple(**overrides) -> "WorldConfig":
+        """The quickstart's world: red/green/blue circles, squares and triangles, large, 1-2
+        per image on a 2x2 grid (each cell 2x2 patches of 8 px at 32 px); the agent moves one
+        patch (8 px) per action on a 4x4 lattice; physics videos hold one shape."""
+        v = Vocab.simple()
+        base = dict(colors=v.colors, shapes=v.shapes, sizes=v.sizes, grid=v.grid, max_objects=2, agent_step=8,
+                    video_max_objects=1)
+        return WorldConfig(**{**base, **overrides})
+
+    @staticmethod
+    def from_dict(d: dict) -> "WorldConfig":
+        """From ``asdict(config)`` (e.g. the ``config`` of a dataset's manifest.json); unknown keys are refused."""
+        import dataclasses
+
+        known = {f.name for f in dataclasses.fields(WorldConfig)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown ShapesWorld config keys {unknown}; known: {sorted(known)}")
+        return WorldConfig(**d)
 
 
 @dataclass
@@ -112,7 +153,9 @@ class ShapesWorld:
     def __init__(self, seed: int = 0, image_size: int = 32, config: WorldConfig | None = None, **overrides):
         """Either a full ``config`` or ``seed``, ``image_size`` and any other WorldConfig fields."""
         self.config = config or WorldConfig(seed=seed, image_size=image_size, **overrides)
-        self.lattice = AgentLattice.for_image(self.config.image_size)
+        c = self.config
+        self.vocab = c.vocab
+        self.lattice = AgentLattice.for_image(c.image_size, c.grid, c.agent_step)
 
     @property
     def image_size(self) -> int:
@@ -126,31 +169,31 @@ class ShapesWorld:
     def scene(self, index: int) -> Scene:
         """The scene of ``image_text(index)``."""
         c = self.config
-        return sample_scene(self.rng("image_text", index), c.image_size, c.min_objects, c.max_objects)
+        return sample_scene(self.rng("image_text", index), c.image_size, c.min_objects, c.max_objects, self.vocab)
 
     def image_text(self, index: int) -> ImageTextSample:
         c = self.config
         rng = self.rng("image_text", index)
-        scene = sample_scene(rng, c.image_size, c.min_objects, c.max_objects)
-        return ImageTextSample(index, render_scene(scene), caption(scene, rng), make_vqa(scene, rng, c.vqa_per_image),
-                               scene)
+        scene = sample_scene(rng, c.image_size, c.min_objects, c.max_objects, self.vocab)
+        return ImageTextSample(index, render_scene(scene), caption(scene, rng),
+                               make_vqa(scene, rng, c.vqa_per_image, self.vocab), scene)
 
     def text_document(self, index: int) -> TextDocument:
         c = self.config
         rng = self.rng("text", index)
-        scene = sample_scene(rng, c.image_size, c.min_objects, c.max_objects)
-        return TextDocument(index, text_document(scene, rng))
+        scene = sample_scene(rng, c.image_size, c.min_objects, c.max_objects, self.vocab)
+        return TextDocument(index, text_document(scene, rng, self.vocab, self.lattice.k))
 
     def video(self, index: int) -> VideoSample:
         c = self.config
         rng = self.rng("video", index)
-        clip = sample_physics_clip(rng, c.image_size, c.video_frames, c.video_max_objects)
+        clip = sample_physics_clip(rng, c.image_size, c.video_frames, c.video_max_objects, self.vocab)
         return VideoSample(index, clip.frames, physics_caption(clip, rng), clip.objects, clip.velocities, clip.centers)
 
     def action_video(self, index: int) -> ActionVideoSample:
         c = self.config
         rng = self.rng("action_video", index)
-        episode, start = sample_agent_episode(rng, c.image_size)
+        episode, start = sample_agent_episode(rng, c.image_size, self.vocab, self.lattice)
         actions = sample_actions(rng, c.action_frames - 1)
         path = apply_actions(start, actions, self.lattice.k)
         return ActionVideoSample(index, episode.render(path), actions, c.context_frames,
@@ -160,7 +203,7 @@ class ShapesWorld:
         """A start/goal pair reached by a hidden random action sequence, with ``n_candidates``
         candidate sequences: the hidden one among random others, in random order."""
         rng = self.rng("planning", index)
-        episode, start = sample_agent_episode(rng, self.image_size)
+        episode, start = sample_agent_episode(rng, self.image_size, self.vocab, self.lattice)
         k = self.lattice.k
         true = sample_actions(rng, horizon, repeat_prob=0.7)
         goal = tuple(int(v) for v in apply_actions(start, true, k)[-1])
