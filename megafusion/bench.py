@@ -260,7 +260,8 @@ def format_table(result: dict[str, Any]) -> str:
         f"torch {result['versions']['torch']}",
         f"  {'timed steps':<18}{result['steps']} (after {result['warmup_steps']} warmup)",
         f"  {'step time':<18}{result['step_time_s']:.4g} s (data {result['data_time_s']:.3g} s)",
-        f"  {'tokens/s':<18}{result['tokens_per_s']:,.0f} ({result['tokens_per_s_per_gpu']:,.0f} per GPU)",
+        f"  {'tokens/s':<18}{result['tokens_per_s']:,.0f} ({result['tokens_per_s_per_gpu']:,.0f} per "
+        f"{'GPU' if result['device_type'] == 'cuda' else 'process'})",
         f"  {'TFLOP/s per GPU':<18}{result['tflops_per_gpu']:.4g}",
         f"  {'MFU':<18}" + (f"unknown (no documented {result['mfu_peak_dtype']} peak for this device)"
                             if result["mfu"] is None else

@@ -158,3 +158,19 @@ def test_gpu_script_rows_are_valid_configs(monkeypatch):
     assert {d for _, d, _ in seen} >= {"megatron", "triton", None}
     assert {f for _, _, f in seen} >= {"none", "delayed", "tensorwise"}
     assert any(c.model.moe.num_experts and c.train.fp8 != "none" for c in rows.values())
+
+
+@pytest.mark.distributed
+def test_torchrun_two_processes_rank0_writes(tmp_path):
+    out = tmp_path / "results.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "megafusion.bench", str(CONFIGS / "tiny_transfusion.yaml"), "--set", "train.global_batch_size=4",
+           "--steps", "1", "--warmup", "0", "--profile-steps", "1", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert proc.stdout.count("megafusion bench: wrote") == 1  # rank 0 only
+    result = json.loads(out.read_text())
+    assert result["world_size"] == 2 and result["launcher"] == "torchrun, 2 processes"
+    assert result["tokens_per_s_per_gpu"] == pytest.approx(result["tokens_per_s"] / 2)
+    assert result["time_split"]["attention"] > 0
