@@ -181,12 +181,15 @@ def _versions() -> dict[str, str | None]:
     return found
 
 
-def summarize(records: list[dict], cfg: Config, device: torch.device, warmup: int, steps: int,
-              profile_steps: int, split_times: dict[str, float] | None, seen: list[str]) -> dict[str, Any]:
+def summarize(records: list[dict], cfg: Config, device_type: str, name: str, memory: tuple[int, str],
+              warmup: int, steps: int, profile_steps: int, split_times: dict[str, float] | None,
+              seen: list[str], world_size: int = 1) -> dict[str, Any]:
     """The figures of the results JSON from the trainer's per-step metrics.
 
     ``records``: metrics.jsonl of the run (one per step). Timed steps are
     ``warmup + 1 .. warmup + steps``; the profiled ones are the last ``profile_steps``.
+    ``device_type`` / ``name``: "cuda" and ``torch.cuda.get_device_name()``, or "cpu" (no MFU).
+    ``memory``: (bytes, kind) from :func:`peak_memory`. ``split_times``: :func:`range_times`.
     """
     from megafusion.scaling.flops import mfu as mfu_of
 
@@ -197,14 +200,12 @@ def summarize(records: list[dict], cfg: Config, device: torch.device, warmup: in
     tokens_per_step = cfg.train.global_batch_size * cfg.model.seq_length
     flops_per_gpu = sum(r["tflops_per_gpu"] * 1e12 * r["step_time_s"] for r in timed)
     tflops_per_gpu = flops_per_gpu / total_time / 1e12
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    name = device_name(device)
     mfu = mfu_fp8 = None
-    if device.type == "cuda":
+    if device_type == "cuda":
         mfu = mfu_of(tflops_per_gpu * 1e12, name, cfg.train.precision)
         if cfg.train.fp8 != "none":
             mfu_fp8 = mfu_of(tflops_per_gpu * 1e12, name, "fp8")
-    memory, memory_kind = peak_memory(device)
+    memory_bytes, memory_kind = memory
 
     split = split_s = None
     if split_times is not None and profile_steps:
@@ -225,7 +226,7 @@ def summarize(records: list[dict], cfg: Config, device: torch.device, warmup: in
 
     return {
         "device": name,
-        "device_type": device.type,
+        "device_type": device_type,
         "world_size": world_size,
         "warmup_steps": warmup,
         "steps": steps,
@@ -240,12 +241,12 @@ def summarize(records: list[dict], cfg: Config, device: torch.device, warmup: in
         "mfu": mfu,
         "mfu_peak_dtype": cfg.train.precision,
         "mfu_fp8_peak": mfu_fp8,
-        "peak_memory_bytes": memory,
+        "peak_memory_bytes": memory_bytes,
         "peak_memory_kind": memory_kind,
         "time_split": split,
         "time_split_s_per_step": split_s,
-        "time_split_basis": {"attention": "device" if device.type == "cuda" else "cpu",
-                             "moe_dispatch": "device" if device.type == "cuda" else "cpu", "data": "host"},
+        "time_split_basis": {"attention": "device" if device_type == "cuda" else "cpu",
+                             "moe_dispatch": "device" if device_type == "cuda" else "cpu", "data": "host"},
         "ranges_seen": seen,
         "final_loss": timed[-1].get("loss") if timed else None,
     }
@@ -371,6 +372,7 @@ def main(argv: list[str] | None = None) -> int:
         if not is_main:
             return 0
         records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+        device = _device(cfg)
         result = {
             "config_path": args.config,
             "overrides": args.overrides,
@@ -379,7 +381,8 @@ def main(argv: list[str] | None = None) -> int:
             "argv": sys.argv,
             "git_commit": _git_commit(),
             "versions": _versions(),
-            **summarize(records, cfg, _device(cfg), args.warmup, args.steps, args.profile_steps, split_times, seen),
+            **summarize(records, cfg, device.type, device_name(device), peak_memory(device), args.warmup,
+                        args.steps, args.profile_steps, split_times, seen, world_size),
             "config": cfg.to_dict(),
         }
     finally:

@@ -174,3 +174,36 @@ def test_torchrun_two_processes_rank0_writes(tmp_path):
     assert result["world_size"] == 2 and result["launcher"] == "torchrun, 2 processes"
     assert result["tokens_per_s_per_gpu"] == pytest.approx(result["tokens_per_s"] / 2)
     assert result["time_split"]["attention"] > 0
+
+
+def _records(step_times, tflops):
+    return [{"step": i + 1, "step_time_s": t, "tflops_per_gpu": f, "data_time_s": 0.01, "loss": 1.0}
+            for i, (t, f) in enumerate(zip(step_times, tflops))]
+
+
+def test_summary_mfu_uses_this_gpus_peak_or_none():
+    """GPU arithmetic on made-up metrics: FLOP-weighted TFLOP/s, MFU from the H100 SXM's dense
+    bf16 (989.4) and fp8 (1978.9) peaks, null for a GPU the table does not know."""
+    from megafusion.bench import summarize
+    from megafusion.config import load_config
+
+    cfg = load_config(CONFIGS / "bench_transfusion_1b.yaml", ["model.spec=te", "train.fp8=delayed"])
+    # warmup step 1, timed steps 2-3, profiler warmup step 4, profiled step 5
+    records = _records([9.0, 1.0, 3.0, 7.0, 2.0], [1.0, 400.0, 500.0, 1.0, 300.0])
+    times = {"megafusion.attention": 0.5, "megafusion.moe_dispatch": 0.0, "megafusion.data": 0.1}
+    h100 = summarize(records, cfg, "cuda", "NVIDIA H100 80GB HBM3", (2**30, "cuda_max_memory_allocated"),
+                     warmup=1, steps=2, profile_steps=1, split_times=times, seen=list(times), world_size=8)
+    tflops = (400.0 * 1.0 + 500.0 * 3.0) / 4.0
+    assert h100["tflops_per_gpu"] == pytest.approx(tflops)
+    assert h100["mfu"] == pytest.approx(tflops / 989.4) and h100["mfu_fp8_peak"] == pytest.approx(tflops / 1978.9)
+    assert h100["tokens_per_s"] == pytest.approx(8 * 4096 * 2 / 4.0)
+    assert h100["tokens_per_s_per_gpu"] == pytest.approx(h100["tokens_per_s"] / 8)
+    assert h100["time_split"] == pytest.approx({"attention": 0.25, "moe_dispatch": 0.0, "data": 0.05, "other": 0.7})
+    unknown = summarize(records, cfg, "cuda", "NVIDIA RTX 6000 Ada Generation", (0, "cuda_max_memory_allocated"),
+                        1, 2, 1, times, list(times))
+    assert unknown["mfu"] is None and unknown["mfu_fp8_peak"] is None
+    # a MoE model whose profile lacks the dispatch range: not measured, not zero
+    moe_cfg = load_config(CONFIGS / "bench_transfusion_moe.yaml")
+    moe = summarize(records, moe_cfg, "cpu", "cpu", (0, "cpu_peak_rss"), 1, 2, 1, times,
+                    ["megafusion.attention", "megafusion.data"])
+    assert moe["time_split"]["moe_dispatch"] is None and moe["mfu"] is None
