@@ -31,6 +31,7 @@ in the last place because the interpreter's fp32->bf16 cast truncates.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -238,6 +239,14 @@ _gather_sum.register_autograd(_gather_sum_backward, setup_context=_gather_sum_se
 # ------------------------------------------------------------------------- public API
 
 
+def _require_runnable(t: torch.Tensor, fn: str) -> None:
+    """Triton runs CPU tensors only in its interpreter (chosen when the kernels are defined)."""
+    if t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        raise RuntimeError(f"{fn}: the tensors are on the CPU but Triton is not in interpreter mode; set "
+                           "TRITON_INTERPRET=1 before anything imports triton (slow, for tests), or use "
+                           "model.moe.dispatch = megatron on CPU")
+
+
 def moe_permute(x: torch.Tensor, topk_idx: torch.Tensor, num_experts: int,
                 num_out_rows: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor, MoEPermState]:
     """Group token rows by expert.
@@ -259,6 +268,7 @@ def moe_permute(x: torch.Tensor, topk_idx: torch.Tensor, num_experts: int,
                          f"got x {tuple(x.shape)} and topk_idx {tuple(topk_idx.shape)}")
     if topk_idx.dtype.is_floating_point or topk_idx.dtype == torch.bool:
         raise TypeError(f"moe_permute: topk_idx must be an integer tensor, got {topk_idx.dtype}")
+    _require_runnable(x, "moe_permute")
     T, k = topk_idx.shape
     flat = topk_idx.reshape(-1).to(device=x.device, dtype=torch.int64)
     # dropped slots (and, unchecked, ids >= E) get key E: they sort after every expert and
@@ -304,6 +314,7 @@ def moe_unpermute(y_perm: torch.Tensor, perm_state: MoEPermState,
     if topk_probs is not None and tuple(topk_probs.shape) != tuple(perm_state.row_of.shape):
         raise ValueError(f"moe_unpermute: topk_probs must be [T, k] = {tuple(perm_state.row_of.shape)}, "
                          f"got {tuple(topk_probs.shape)}")
+    _require_runnable(y_perm, "moe_unpermute")
     probs = topk_probs.contiguous() if topk_probs is not None else None
     return _gather_sum(y_perm.contiguous(), perm_state.row_of, probs)
 

@@ -214,14 +214,21 @@ class GroupedExperts(MegatronModule):
             return f"{prefix}experts.", (*sharded_offsets, (len(sharded_offsets), g, num_global))
 
         def build(linear: str, glu: bool):
+            suffix = f"experts.{linear}.weight"
+
             def build_fn(key, t, replica_id, flattened_range):
+                # ``key`` is the factory's, after the enclosing modules renamed prefixes
+                # (the block maps ``decoder.layers.<i>.`` to ``decoder.layers.``)
                 if flattened_range is not None:
                     raise NotImplementedError("GroupedExperts: flattened (distributed-optimizer model-space) "
                                               "checkpoint shards are not supported; use fully_reshardable")
+                if not key.endswith(suffix):
+                    raise ValueError(f"GroupedExperts: factory key {key!r} does not end with {suffix!r}")
+                base = key[: -len(suffix)]
                 pieces = []
                 for i in range(self.num_local_experts):
-                    key_prefix, offsets = expert_layout(i)
-                    ckpt_key = f"{key_prefix}{linear}.weight"
+                    _, offsets = expert_layout(i)
+                    ckpt_key = f"{base}experts.{first_global + i}.{linear}.weight" if singleton else key
                     axis = len(offsets)  # first axis of the [out, in] weight in the global tensor
                     if glu:  # megatron's apply_swiglu_sharded_factory at TP 1: the two halves
                         w, v = torch.chunk(t[i], 2, dim=0)
@@ -246,9 +253,8 @@ class GroupedExperts(MegatronModule):
         for param_name, linear in _PROJECTIONS:
             glu = linear == "linear_fc1" and self.config.gated_linear_unit
             build_fn, merge_fn = build(linear, glu)
-            first_key = f"{expert_layout(0)[0]}{linear}.weight"
-            out[prefix + param_name] = ShardedTensorFactory(first_key, getattr(self, param_name), build_fn, merge_fn,
-                                                            replica_id)
+            out[prefix + param_name] = ShardedTensorFactory(f"{prefix}experts.{linear}.weight", getattr(self, param_name),
+                                                            build_fn, merge_fn, replica_id)
             for i in range(self.num_local_experts):
                 key_prefix, offsets = expert_layout(i)
                 out[self._expert_key(prefix, i, linear, _EXTRA_STATE)] = make_sharded_object_for_checkpoint(
