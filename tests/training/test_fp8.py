@@ -124,3 +124,16 @@ def test_checkpoints_load_between_bf16_and_fp8(tmp_path, first, then):
     assert set(got) == {1, 2, 3, 4}
     for step in (3, 4):
         assert got[step] == pytest.approx(expected[step], rel=5e-2), (step, got, expected)
+
+
+@requires_te_gpu
+def test_fp8_params_optimizer_starts_from_the_models_weights(tmp_path):
+    """With FP8 weights the optimizer keeps fp32 master copies; they must be the weights the
+    model was initialised with (megafusion's layout-independent init), not TE's first draw:
+    with a zero learning rate the loss cannot move from step 1 to step 3."""
+    losses = _losses(tmp_path / "lr0", ["model.spec=te", "train.fp8=tensorwise", "train.fp8_params=true",
+                                        "optimizer.lr=0", "optimizer.min_lr=0", "diffusion.cfg_dropout=0"])
+    bf16 = _losses(tmp_path / "bf16", ["model.spec=te", "optimizer.lr=0", "optimizer.min_lr=0",
+                                       "diffusion.cfg_dropout=0"])
+    for step in (1, 2, 3):  # each step sees other data; compare with the bf16 run of the same weights
+        assert losses[step] == pytest.approx(bf16[step], rel=5e-2), (step, losses, bf16)
