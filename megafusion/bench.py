@@ -367,8 +367,14 @@ def main(argv: list[str] | None = None) -> int:
     if not temporary and (run_dir / "metrics.jsonl").exists():
         print(f"megafusion bench: --run-dir {run_dir} already holds a run; give a new directory", file=sys.stderr)
         return 2
+    from megafusion.training.loop import NonFiniteLossError
+
     try:
-        split_times, seen = run(cfg, run_dir, args.warmup, args.steps, args.profile_steps, args.trace)
+        try:
+            split_times, seen = run(cfg, run_dir, args.warmup, args.steps, args.profile_steps, args.trace)
+        except NonFiniteLossError as err:
+            print(f"megafusion bench: {err}", file=sys.stderr)
+            return 3
         if not is_main:
             return 0
         records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
