@@ -11,7 +11,8 @@ with checkpoints and TensorBoard off, for ``warmup`` + ``steps`` timed steps, th
 - throughput over the ``steps`` timed steps (no profiler running): tokens/s (global batch
   tokens / step time), model TFLOP/s per GPU from ``megafusion.scaling.flops`` (the loop's
   ``tflops_per_gpu``: attention counted on the pairs the hybrid mask lets through) and
-  MFU against the GPU's documented dense peak (null for a CPU or a GPU not in the table);
+  MFU against the GPU's documented dense peak for the matmul dtype (``flops.matmul_dtype``:
+  fp8 with ``train.fp8``, else ``train.precision``; null for a CPU or a GPU not in the table);
 - peak memory: CUDA max allocated on a GPU, the process's peak RSS on a CPU;
 - the split of the profiled steps' time into the named ranges ``megafusion.attention``,
   ``megafusion.moe_dispatch``, ``megafusion.data`` and the rest. Attention and MoE dispatch
@@ -191,6 +192,7 @@ def summarize(records: list[dict], cfg: Config, device_type: str, name: str, mem
     ``device_type`` / ``name``: "cuda" and ``torch.cuda.get_device_name()``, or "cpu" (no MFU).
     ``memory``: (bytes, kind) from :func:`peak_memory`. ``split_times``: :func:`range_times`.
     """
+    from megafusion.scaling.flops import matmul_dtype
     from megafusion.scaling.flops import mfu as mfu_of
 
     by_step = {r["step"]: r for r in records}
@@ -200,11 +202,14 @@ def summarize(records: list[dict], cfg: Config, device_type: str, name: str, mem
     tokens_per_step = cfg.train.global_batch_size * cfg.model.seq_length
     flops_per_gpu = sum(r["tflops_per_gpu"] * 1e12 * r["step_time_s"] for r in timed)
     tflops_per_gpu = flops_per_gpu / total_time / 1e12
-    mfu = mfu_fp8 = None
+    # MFU against the peak of the dtype the matmuls run in (FP8 with a recipe on); an FP8 run
+    # also reports the figure against the train.precision peak, to compare with bf16 runs.
+    peak_dtype = matmul_dtype(cfg.train.precision, cfg.train.fp8)
+    mfu = mfu_vs_precision = None
     if device_type == "cuda":
-        mfu = mfu_of(tflops_per_gpu * 1e12, name, cfg.train.precision)
-        if cfg.train.fp8 != "none":
-            mfu_fp8 = mfu_of(tflops_per_gpu * 1e12, name, "fp8")
+        mfu = mfu_of(tflops_per_gpu * 1e12, name, peak_dtype)
+        if peak_dtype != cfg.train.precision:
+            mfu_vs_precision = mfu_of(tflops_per_gpu * 1e12, name, cfg.train.precision)
     memory_bytes, memory_kind = memory
 
     split = split_s = None
@@ -239,8 +244,8 @@ def summarize(records: list[dict], cfg: Config, device_type: str, name: str, mem
         "tokens_per_s_per_gpu": tokens_per_step * steps / total_time / world_size,
         "tflops_per_gpu": tflops_per_gpu,
         "mfu": mfu,
-        "mfu_peak_dtype": cfg.train.precision,
-        "mfu_fp8_peak": mfu_fp8,
+        "mfu_peak_dtype": peak_dtype,
+        "mfu_vs_precision_peak": mfu_vs_precision,
         "peak_memory_bytes": memory_bytes,
         "peak_memory_kind": memory_kind,
         "time_split": split,
@@ -267,7 +272,8 @@ def format_table(result: dict[str, Any]) -> str:
         f"  {'MFU':<18}" + (f"unknown (no documented {result['mfu_peak_dtype']} peak for this device)"
                             if result["mfu"] is None else
                             f"{format_mfu(result['mfu'])} of the dense {result['mfu_peak_dtype']} peak")
-        + ("" if result["mfu_fp8_peak"] is None else f", {format_mfu(result['mfu_fp8_peak'])} of the fp8 peak"),
+        + ("" if result["mfu_vs_precision_peak"] is None else
+           f" ({format_mfu(result['mfu_vs_precision_peak'])} of the {result['config']['train']['precision']} peak)"),
         f"  {'peak memory':<18}{gib:.2f} GiB ({result['peak_memory_kind']})",
     ]
     split = result["time_split"]

@@ -54,7 +54,7 @@ def test_tokens_per_s_matches_tokens_per_step_and_step_time(result):
 
 def test_mfu_is_null_on_cpu(result):
     assert result["device_type"] == "cpu"
-    assert result["mfu"] is None and result["mfu_fp8_peak"] is None
+    assert result["mfu"] is None and result["mfu_vs_precision_peak"] is None
 
 
 def test_time_split_fractions(result):
@@ -182,8 +182,8 @@ def _records(step_times, tflops):
 
 
 def test_summary_mfu_uses_this_gpus_peak_or_none():
-    """GPU arithmetic on made-up metrics: FLOP-weighted TFLOP/s, MFU from the H100 SXM's dense
-    bf16 (989.4) and fp8 (1978.9) peaks, null for a GPU the table does not know."""
+    """GPU arithmetic on made-up metrics: FLOP-weighted TFLOP/s, MFU of an FP8 run from the
+    H100 SXM's dense fp8 peak (1978.9; bf16: 989.4), null for a GPU the table does not know."""
     from megafusion.bench import summarize
     from megafusion.config import load_config
 
@@ -195,13 +195,14 @@ def test_summary_mfu_uses_this_gpus_peak_or_none():
                      warmup=1, steps=2, profile_steps=1, split_times=times, seen=list(times), world_size=8)
     tflops = (400.0 * 1.0 + 500.0 * 3.0) / 4.0
     assert h100["tflops_per_gpu"] == pytest.approx(tflops)
-    assert h100["mfu"] == pytest.approx(tflops / 989.4) and h100["mfu_fp8_peak"] == pytest.approx(tflops / 1978.9)
+    assert h100["mfu_peak_dtype"] == "fp8" and h100["mfu"] == pytest.approx(tflops / 1978.9)
+    assert h100["mfu_vs_precision_peak"] == pytest.approx(tflops / 989.4)
     assert h100["tokens_per_s"] == pytest.approx(8 * 4096 * 2 / 4.0)
     assert h100["tokens_per_s_per_gpu"] == pytest.approx(h100["tokens_per_s"] / 8)
     assert h100["time_split"] == pytest.approx({"attention": 0.25, "moe_dispatch": 0.0, "data": 0.05, "other": 0.7})
     unknown = summarize(records, cfg, "cuda", "NVIDIA RTX 6000 Ada Generation", (0, "cuda_max_memory_allocated"),
                         1, 2, 1, times, list(times))
-    assert unknown["mfu"] is None and unknown["mfu_fp8_peak"] is None
+    assert unknown["mfu"] is None and unknown["mfu_vs_precision_peak"] is None
     # a MoE model whose profile lacks the dispatch range: not measured, not zero
     moe_cfg = load_config(CONFIGS / "bench_transfusion_moe.yaml")
     moe = summarize(records, moe_cfg, "cpu", "cpu", (0, "cpu_peak_rss"), 1, 2, 1, times,
