@@ -1,9 +1,18 @@
 """MoE token dispatch: permute + unpermute (with routing weights), forward and forward+backward.
 
-Run on a GPU machine (CPU runs skip every case with a reason):
+On a GPU machine (bf16, the issue's sizes):
 
     python3 -m pytest benchmarks/bench_moe_dispatch.py -o addopts="" --benchmark-only \
         --benchmark-json benchmarks/results/moe_dispatch_h100.json
+    python3 benchmarks/bench_moe_dispatch.py table benchmarks/results/moe_dispatch_h100.json
+
+Without pytest-benchmark, the same cases and JSON fields (``-k`` keeps case ids containing it):
+
+    python3 benchmarks/bench_moe_dispatch.py run benchmarks/results/moe_dispatch_h100.json [-k T4096]
+
+On a CPU (no CUDA) the same code runs one tiny fp32 case per implementation in Triton's
+interpreter: a smoke test of the benchmark, not a speed measurement
+(``TRITON_INTERPRET=1 python3 -m pytest benchmarks/bench_moe_dispatch.py -o addopts="" --benchmark-only``).
 
 Implementations, each fed the routing in its own native form (the router can emit both):
   triton    megafusion_kernels.moe_dispatch (topk_idx [T, k], topk_probs [T, k])
@@ -13,32 +22,52 @@ Implementations, each fed the routing in its own native form (the router can emi
             To use the real package there, copy it into the ignored build/ folder and carry it:
             cp -r <site-packages>/megatron build/bench_deps/ ; PYTHONPATH=build/bench_deps
   te        Transformer Engine's fused moe_permute / moe_unpermute (mask map); skipped without TE
-Shapes: T in {4k, 16k} tokens, Hd in {1024, 4096}, (E, k) in {(64, 8), (256, 8), (1008, 16)}, bf16.
+GPU shapes: T in {4k, 16k} tokens, Hd in {1024, 4096}, (E, k) in {(64, 8), (256, 8), (1008, 16)}.
 
 Each case records in extra_info the bytes it must move at least (every row read and written
-once: fwd 2(T+N)Hd elements, bwd another (2T+3N)Hd) and the resulting GB/s, plus that as a
-fraction of the device copy bandwidth (~3.0 TB/s H100, ~4.3 TB/s H200, platform.md).
+once: fwd 2(T+N)Hd elements, bwd another (2T+3N)Hd, N = T*k rows) and the resulting GB/s,
+plus that as a fraction of the device copy bandwidth (~3.0 TB/s H100, ~4.3 TB/s H200,
+platform.md). Goal (issue 6): triton >= 3x megatron and >= 1.0x te.
 """
 
 from __future__ import annotations
 
-import pytest
-import torch
+import os
+import sys
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
-                                reason="GPU benchmark: needs a CUDA device (the Triton interpreter is not a speed test)")
+ON_GPU = __import__("torch").cuda.is_available()
+if not ON_GPU:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any @triton.jit runs
 
-TOKENS = [4096, 16384]
-HIDDEN = [1024, 4096]
-EXPERTS_TOPK = [(64, 8), (256, 8), (1008, 16)]
+import torch  # noqa: E402
+
+try:
+    import pytest
+except ImportError:  # the `run` mode needs no pytest
+    pytest = None
+
+DEVICE = torch.device("cuda" if ON_GPU else "cpu")
+DTYPE = torch.bfloat16 if ON_GPU else torch.float32
+if ON_GPU:
+    SIZES = [(T, Hd, E, k) for T in (4096, 16384) for Hd in (1024, 4096) for E, k in ((64, 8), (256, 8), (1008, 16))]
+else:
+    SIZES = [(64, 32, 8, 2)]
 IMPLS = ["triton", "megatron", "te"]
 PASSES = ["fwd", "fwd_bwd"]
-DTYPE = torch.bfloat16
 
 
-def copy_bandwidth_bytes_per_s() -> float:
-    name = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
-    return 4.3e12 if "H200" in name else 3.0e12
+class Skip(Exception):
+    """A case that cannot run here (e.g. no Transformer Engine)."""
+
+
+def copy_bandwidth_bytes_per_s() -> float | None:
+    if not ON_GPU:
+        return None
+    return 4.3e12 if "H200" in torch.cuda.get_device_name() else 3.0e12
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name() if ON_GPU else "cpu (Triton interpreter smoke run, not a speed test)"
 
 
 def make_routing(T, E, k, device):
@@ -52,7 +81,7 @@ def make_routing(T, E, k, device):
     return topk_idx, topk_probs, routing_map, probs
 
 
-def triton_impl(x, r, num_experts):
+def triton_impl(r, num_experts):
     from megafusion_kernels.moe_dispatch import moe_permute, moe_unpermute
 
     topk_idx, topk_probs, _, _ = r
@@ -96,7 +125,7 @@ def megatron_unfused():
     return moe_utils.permute, moe_utils.unpermute, "megatron-core import"
 
 
-def megatron_impl(x, r, num_experts):
+def megatron_impl(r, num_experts):
     permute, unpermute, _ = megatron_unfused()
     _, topk_probs, routing_map, probs = r
     n = topk_probs.numel()
@@ -108,10 +137,13 @@ def megatron_impl(x, r, num_experts):
     return run, probs
 
 
-def te_impl(x, r, num_experts):
-    te = pytest.importorskip("transformer_engine.pytorch", reason="Transformer Engine is not installed")
+def te_impl(r, num_experts):
+    try:
+        import transformer_engine.pytorch as te
+    except Exception as err:  # not installed, or no GPU
+        raise Skip(f"Transformer Engine is not importable ({type(err).__name__})") from err
     if not hasattr(te, "moe_permute"):
-        pytest.skip("this Transformer Engine has no moe_permute (needs TE >= 1.11)")
+        raise Skip("this Transformer Engine has no moe_permute (needs TE >= 1.11)")
     _, topk_probs, routing_map, probs = r
     n = topk_probs.numel()
 
@@ -125,23 +157,22 @@ def te_impl(x, r, num_experts):
 IMPL_BUILDERS = {"triton": triton_impl, "megatron": megatron_impl, "te": te_impl}
 
 
-@pytest.mark.parametrize("pass_", PASSES)
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("E,k", EXPERTS_TOPK, ids=[f"E{e}k{k}" for e, k in EXPERTS_TOPK])
-@pytest.mark.parametrize("Hd", HIDDEN, ids=[f"H{h}" for h in HIDDEN])
-@pytest.mark.parametrize("T", TOKENS, ids=[f"T{t}" for t in TOKENS])
-def test_permute_unpermute(benchmark, T, Hd, E, k, impl, pass_):
-    device = torch.device("cuda")
-    r = make_routing(T, E, k, device)
-    x = torch.randn(T, Hd, device=device, dtype=DTYPE)
-    dy = torch.randn(T, Hd, device=device, dtype=DTYPE)
-    run, probs = IMPL_BUILDERS[impl](x, r, E)
+def case_id(T, Hd, E, k, impl, pass_) -> str:
+    return f"T{T}-H{Hd}-E{E}k{k}-{impl}-{pass_}"
 
+
+def build_case(T, Hd, E, k, impl, pass_):
+    """(step, extra_info): one timed call and the case's bytes/bandwidth fields given its median."""
+    r = make_routing(T, E, k, DEVICE)
+    x = torch.randn(T, Hd, device=DEVICE, dtype=DTYPE)
+    dy = torch.randn(T, Hd, device=DEVICE, dtype=DTYPE)
+    run, probs = IMPL_BUILDERS[impl](r, E)
+    sync = torch.cuda.synchronize if ON_GPU else (lambda: None)
     if pass_ == "fwd":
         def step():
             with torch.no_grad():
                 run(x, probs)
-            torch.cuda.synchronize()
+            sync()
     else:
         x_leaf = x.clone().requires_grad_()
         p_leaf = probs.clone().requires_grad_()
@@ -150,63 +181,124 @@ def test_permute_unpermute(benchmark, T, Hd, E, k, impl, pass_):
             y = run(x_leaf, p_leaf)
             y.backward(dy)
             x_leaf.grad = p_leaf.grad = None
-            torch.cuda.synchronize()
-
-    step()  # compile / autotune outside the timing
-    benchmark.pedantic(step, rounds=20, warmup_rounds=3, iterations=1)
+            sync()
 
     n = T * k
     elements = 2 * (T + n) * Hd + (0 if pass_ == "fwd" else (2 * T + 3 * n) * Hd)
     nbytes = elements * x.element_size()
-    median = benchmark.stats.stats.median
-    benchmark.extra_info.update({
-        "min_bytes": nbytes,
-        "GB_per_s": nbytes / median / 1e9,
-        "fraction_of_copy_bw": nbytes / median / copy_bandwidth_bytes_per_s(),
-        "device": torch.cuda.get_device_name(),
-    })
-    if impl == "megatron":
-        benchmark.extra_info["megatron_source"] = megatron_unfused()[2]
+
+    def extra_info(median_s: float) -> dict:
+        info = {"min_bytes": nbytes, "GB_per_s": nbytes / median_s / 1e9, "device": device_name(),
+                "dtype": str(DTYPE).removeprefix("torch."), "tokens": T, "hidden": Hd, "experts": E, "topk": k}
+        bw = copy_bandwidth_bytes_per_s()
+        if bw:
+            info["fraction_of_copy_bw"] = nbytes / median_s / bw
+        if impl == "megatron":
+            info["megatron_source"] = megatron_unfused()[2]
+        return info
+
+    return step, extra_info
 
 
-@pytest.mark.parametrize("T,Hd,E,k", [(4096, 1024, 64, 8), (16384, 4096, 256, 8)])
-def test_dispatch_matches_megatron_on_gpu(T, Hd, E, k):
-    """Sanity before trusting the timings: same result as megatron's unfused path."""
-    from megafusion_kernels.moe_dispatch import moe_permute, moe_unpermute
+CASES = [(case_id(*s, impl, p), (*s, impl, p)) for s in SIZES for impl in IMPLS for p in PASSES]
+ROUNDS = 20 if ON_GPU else 1
 
-    permute, unpermute, _ = megatron_unfused()
-    topk_idx, topk_probs, routing_map, probs = make_routing(T, E, k, torch.device("cuda"))
-    x = torch.randn(T, Hd, device="cuda", dtype=DTYPE)
-    ours_perm, tpe, state = moe_permute(x, topk_idx, E)
-    ref_perm, _, sorted_indices, _, _ = permute(x, routing_map, num_out_tokens=T * k)
-    assert torch.equal(ours_perm, ref_perm)
-    assert torch.equal(tpe, routing_map.sum(0))
-    ours = moe_unpermute(ours_perm, state, topk_probs)
-    ref = unpermute(ref_perm, sorted_indices, x.shape, probs=probs, routing_map=routing_map)
-    torch.testing.assert_close(ours.float(), ref.float(), rtol=2e-2, atol=2e-2)
+if pytest is not None:
+    @pytest.mark.parametrize("args", [a for _, a in CASES], ids=[i for i, _ in CASES])
+    def test_permute_unpermute(benchmark, args):
+        try:
+            step, extra_info = build_case(*args)
+        except Skip as why:
+            pytest.skip(str(why))
+        step()  # compile / autotune outside the timing
+        benchmark.pedantic(step, rounds=ROUNDS, warmup_rounds=3 if ON_GPU else 0, iterations=1)
+        benchmark.extra_info.update(extra_info(benchmark.stats.stats.median))
+
+    @pytest.mark.skipif(not ON_GPU, reason="checks the GPU sizes (tests/kernels covers the CPU)")
+    @pytest.mark.parametrize("T,Hd,E,k", [(4096, 1024, 64, 8), (16384, 4096, 256, 8), (4096, 1024, 1008, 16)])
+    def test_dispatch_matches_megatron_on_gpu(T, Hd, E, k):
+        """Sanity before trusting the timings: same result as megatron's unfused path."""
+        from megafusion_kernels.moe_dispatch import moe_permute, moe_unpermute
+
+        permute, unpermute, _ = megatron_unfused()
+        topk_idx, topk_probs, routing_map, probs = make_routing(T, E, k, DEVICE)
+        x = torch.randn(T, Hd, device=DEVICE, dtype=DTYPE)
+        ours_perm, tpe, state = moe_permute(x, topk_idx, E)
+        ref_perm, _, sorted_indices, _, _ = permute(x, routing_map, num_out_tokens=T * k)
+        assert torch.equal(ours_perm, ref_perm)
+        assert torch.equal(tpe, routing_map.sum(0))
+        ours = moe_unpermute(ours_perm, state, topk_probs)
+        ref = unpermute(ref_perm, sorted_indices, x.shape, probs=probs, routing_map=routing_map)
+        torch.testing.assert_close(ours.float(), ref.float(), rtol=2e-2, atol=2e-2)
 
 
-@pytest.mark.parametrize("use_grouped_mm", [True, False], ids=["grouped_mm", "loop"])
-@pytest.mark.parametrize("E", [64, 256])
-def test_grouped_mlp(benchmark, E, use_grouped_mm):
-    """Expert swiglu MLP over permuted rows: one torch._grouped_mm per projection vs a loop.
-    T=4096 tokens, k=8, Hd=1024, per-expert F=512 (fine-grained experts); TFLOP/s vs ~800 bf16 peak."""
-    from megafusion_kernels.grouped_mlp import grouped_mlp
-    from megafusion_kernels.moe_dispatch import moe_permute
+# --------------------------------------------------------------------------- runner without pytest-benchmark
+# (also used by bench_grouped_mlp.py)
 
-    T, k, Hd, F = 4096, 8, 1024, 512
-    topk_idx, _, _, _ = make_routing(T, E, k, torch.device("cuda"))
-    x = torch.randn(T, Hd, device="cuda", dtype=DTYPE)
-    x_perm, tpe, _ = moe_permute(x, topk_idx, E)
-    w_in = torch.randn(E, Hd, 2 * F, device="cuda", dtype=DTYPE) / Hd**0.5
-    w_out = torch.randn(E, F, Hd, device="cuda", dtype=DTYPE) / F**0.5
 
-    def step():
-        with torch.no_grad():
-            grouped_mlp(x_perm, tpe, w_in, w_out, use_torch_grouped_mm=use_grouped_mm)
-        torch.cuda.synchronize()
+def run_cases(cases, build, out_path: str, rounds: int, skip=(), warmup: int = 3) -> None:
+    """Times each (case id, args) with ``build(*args) -> (step, extra_info)``; writes JSON shaped
+    like pytest-benchmark's (benchmarks[].param / stats.median / extra_info) to ``out_path``."""
+    import json
+    import statistics
+    import time
 
-    step()
-    benchmark.pedantic(step, rounds=20, warmup_rounds=3, iterations=1)
-    flops = 6 * x_perm.shape[0] * Hd * F
-    benchmark.extra_info["TFLOP_per_s"] = flops / benchmark.stats.stats.median / 1e12
+    results = []
+    for cid, args in cases:
+        try:
+            step, extra_info = build(*args)
+        except skip as why:
+            print(f"{cid:48s} skipped: {why}", flush=True)
+            continue
+        for _ in range(1 + (warmup if ON_GPU else 0)):
+            step()
+        times = []
+        for _ in range(rounds):
+            start = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - start)
+        median = statistics.median(times)
+        results.append({"name": cid, "param": cid, "extra_info": extra_info(median),
+                        "stats": {"median": median, "min": min(times), "mean": statistics.fmean(times),
+                                  "rounds": rounds}})
+        print(f"{cid:48s} {median * 1e3:9.3f} ms", flush=True)
+    with open(out_path, "w") as f:
+        json.dump({"machine_info": {"device": device_name(), "torch": torch.__version__}, "benchmarks": results},
+                  f, indent=1)
+
+
+def table(json_path: str, fields: tuple[str, ...], baseline: str) -> str:
+    """Markdown table of a result JSON (ours or pytest-benchmark's): one row per case, the median,
+    ``fields`` from extra_info, and the speed-up over the ``baseline`` implementation of the same case.
+    Case ids end in ``-<impl>-<pass>``."""
+    import json
+
+    rows = json.load(open(json_path))["benchmarks"]
+    median = {}
+    for r in rows:
+        median[r["param"]] = r["stats"]["median"]
+
+    def baseline_of(cid: str):
+        parts = cid.split("-")
+        parts[-2] = baseline
+        return median.get("-".join(parts))
+
+    head = ["case", "median ms", *fields, f"x {baseline}"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cid, m = r["param"], r["stats"]["median"]
+        info = r.get("extra_info", {})
+        vals = [f"{info[f]:.3g}" if isinstance(info.get(f), (int, float)) else "" for f in fields]
+        base = baseline_of(cid)
+        lines.append("| " + " | ".join([cid, f"{m * 1e3:.3f}", *vals, f"{base / m:.2f}" if base else ""]) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) >= 3 and sys.argv[1] == "run":
+        keep = sys.argv[sys.argv.index("-k") + 1] if "-k" in sys.argv else ""
+        run_cases([(i, a) for i, a in CASES if keep in i], build_case, sys.argv[2], rounds=ROUNDS, skip=Skip)
+    elif len(sys.argv) == 3 and sys.argv[1] == "table":
+        print(table(sys.argv[2], ("GB_per_s", "fraction_of_copy_bw"), baseline="megatron"))
+    else:
+        sys.exit(__doc__)
