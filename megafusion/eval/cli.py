@@ -11,10 +11,12 @@ written as ``{"skipped": "not trained on this modality: ..."}``, never silently 
 
 - ``generation`` (image_text): an image per held-out caption (``caption <boi>`` + ODE with
   guidance), parsed by the deterministic detector (GenEval-like correctness).
-- ``captioning`` (image_text, image-first documents): text after ``<boi> image <eoi>``,
-  parsed against the true scene.
-- ``vqa`` (vqa: image-first question-answer documents): the answer greedily generated after
-  ``<boi> image <eoi> Question: .. Answer:``, normalised, against the exact one.
+- ``captioning`` (image_text, image-first documents): text after ``<boi> image <eoi>
+  This image shows`` (a caption opener: image-first documents are also VQA lists), parsed
+  against the true scene.
+- ``vqa`` (vqa: image-first question-answer documents): the answer is the question's
+  candidate answer the model finds most likely after ``<boi> image <eoi> Question: .. Answer:``
+  (multiple-choice by likelihood; chance = 1 / number of candidates).
 - ``world_model`` (action_video): rollouts from the context frames given the actions:
   next-frame / rollout MSE and the agent's lattice-position accuracy.
 - ``planning`` (action_video): each candidate action sequence is imagined with the model
@@ -73,10 +75,10 @@ def trained_sources(cfg) -> dict[str, float]:
     return {k: float(v) for k, v in cfg.data.shapes_weights.items()}
 
 
-def answer_question(gen: Generator, image: np.ndarray, question: str, opts: SamplingOptions,
-                    max_new_tokens: int = 8) -> str:
-    """The answer generated after ``<boi> image <eoi>`` and the question (the layout of VQA
-    training documents), up to its full stop."""
+def answer_question(gen: Generator, image: np.ndarray, question: str, choices: tuple[str, ...]) -> str:
+    """The choice the model finds most likely after ``<boi> image <eoi>`` and the question
+    (the layout of VQA training documents): the highest total log-probability of
+    ``" answer."``, so a tiny model is scored on what it knows, not on its formatting."""
     from megafusion.data.shapes import vqa_prompt
     from megafusion.inference.generate import Chunk
 
@@ -85,9 +87,35 @@ def answer_question(gen: Generator, image: np.ndarray, question: str, opts: Samp
     latents = gen.encode_images(np.asarray(image)[None])[0]
     state.run(Chunk.cat([gen.text_chunk([tok.boi_id]), gen.latent_chunk(latents, 0.0, state.new_span_id()),
                          gen.text_chunk([tok.eoi_id] + tok.encode(vqa_prompt(question)))]))
+    scores = []
+    for choice in choices:
+        ids = tok.encode(f"{choice}.")
+        logits = torch.cat([state.last_logits[None], state.run(gen.text_chunk(ids), commit=False)[0][:-1]])
+        scores.append(float(torch.log_softmax(logits.double(), -1).gather(1, torch.as_tensor(ids)[:, None]).sum()))
+    return choices[int(np.argmax(scores))]
+
+
+CAPTION_PROMPT = "This image shows"  # one of ShapesWorld's caption openers
+
+
+def caption_image(gen: Generator, image: np.ndarray, opts: SamplingOptions, max_new_tokens: int = 96,
+                  prompt: str = CAPTION_PROMPT) -> str:
+    """A caption of ``image``: ``prompt`` and the text generated after ``<boi> image <eoi> prompt``.
+
+    Without a prompt the task is ambiguous for the model: image-first training documents are
+    captions *or* VQA question-answer lists, and caption-first image documents end with
+    ``<eod>`` right after the image; a caption opener of the training captions says which.
+    """
+    from megafusion.inference.generate import Chunk
+
+    tok = gen.tokenizer
+    state = gen.new_state()
+    latents = gen.encode_images(np.asarray(image)[None])[0]
+    state.run(Chunk.cat([gen.text_chunk([tok.boi_id]), gen.latent_chunk(latents, 0.0, state.new_span_id()),
+                         gen.text_chunk([tok.eoi_id] + tok.encode(prompt))]))
     rng = torch.Generator().manual_seed(opts.seed)
     new = gen.continue_text(state, max_new_tokens, opts, rng, images=None, text_only=True)
-    return tok.decode([i for i in new if i != tok.eod_id]).split(".")[0].strip()
+    return tok.decode(tok.encode(prompt) + [i for i in new if i != tok.eod_id])
 
 
 def rollout(gen: Generator, context_frames: np.ndarray, actions: list[str], caption: str, opts: SamplingOptions,
@@ -170,7 +198,8 @@ def evaluate(gen: Generator, cfg, out: Path, n: int = 32, opts: SamplingOptions 
         k = min(len(items), 8)
         save_grid([s.image for s in items[:k]] + images[:k], out / "generation_grid.png", ncols=k)
         samples["generation"] = [{"prompt": s.caption} for s in items[:k]]
-        return {**score_generation(images, [s.caption for s in items], **prior), "grid": "generation_grid.png",
+        return {**score_generation(images, [s.caption for s in items], chance_samples=64, **prior),
+                "grid": "generation_grid.png",
                 "grid_rows": ["ground truth render", "generated"]}
 
     timed("generation", generation if trained("image_text") else
@@ -178,9 +207,9 @@ def evaluate(gen: Generator, cfg, out: Path, n: int = 32, opts: SamplingOptions 
 
     # ---------------------------------------------------------------- captioning
     def captioning() -> dict:
-        captions = [gen.caption(s.image, opts=seeded(i)) for i, s in enumerate(items)]
+        captions = [caption_image(gen, s.image, seeded(i)) for i, s in enumerate(items)]
         samples["captioning"] = [{"truth": s.caption, "generated": c} for s, c in zip(items[:8], captions[:8])]
-        return score_captions(captions, [s.scene for s in items], **prior)
+        return score_captions(captions, [s.scene for s in items], chance_samples=16, **prior)
 
     timed("captioning", captioning if trained("image_text") and caption_first_prob < 1.0 else
           lambda: _skip("no image-first (captioning) documents in training"))
@@ -188,10 +217,10 @@ def evaluate(gen: Generator, cfg, out: Path, n: int = 32, opts: SamplingOptions 
     # ---------------------------------------------------------------- VQA
     def vqa() -> dict:
         qa = [(s.image, v) for s in items for v in s.vqa]
-        answers = [answer_question(gen, image, v.question, seeded(i)) for i, (image, v) in enumerate(qa)]
+        answers = [answer_question(gen, image, v.question, v.choices) for image, v in qa]
         samples["vqa"] = [{"question": v.question, "truth": v.answer, "generated": a}
                           for (_, v), a in zip(qa[:8], answers[:8])]
-        return score_vqa(answers, [v for _, v in qa])
+        return {**score_vqa(answers, [v for _, v in qa]), "protocol": "most likely candidate answer"}
 
     timed("vqa", vqa if trained("vqa") else lambda: _skip(
         "no question-answer documents in training (data.shapes_weights.vqa = 0, or no indexed data path "

@@ -4,6 +4,7 @@ import json
 import math
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 from conftest import run_train
@@ -93,3 +94,62 @@ def test_perplexity_matches_the_models_training_loss(loaded):
         count += ce.numel()
     assert result["tokens"] == count
     assert result["perplexity"] == pytest.approx(math.exp(ce_sum / count), rel=1e-5)
+
+
+def test_vqa_answer_is_the_most_likely_candidate(loaded):
+    """The VQA protocol scores every candidate's " answer." after image + question and takes
+    the best: checked against the same log-probabilities from a full uncached forward."""
+    from megafusion.data.shapes import ShapesWorld, vqa_prompt
+    from megafusion.eval.cli import answer_question
+    from megafusion.inference.generate import Chunk, Generator
+
+    gen = Generator.from_run(loaded)
+    s = ShapesWorld(seed=3).image_text(0)
+    q = s.vqa[0]
+    tok = gen.tokenizer
+    latents = gen.encode_images(s.image[None])[0]
+    scores = []
+    for choice in q.choices:
+        state = gen.new_state(use_cache=False)
+        prefix = [tok.eoi_id] + tok.encode(vqa_prompt(q.question))
+        ids = tok.encode(f"{choice}.")
+        logits = state.run(Chunk.cat([gen.text_chunk([tok.boi_id]), gen.latent_chunk(latents, 0.0, 0),
+                                      gen.text_chunk(prefix + ids)]))[0]
+        logp = torch.log_softmax(logits[-len(ids) - 1:-1].double(), -1)
+        scores.append(float(logp.gather(1, torch.tensor(ids)[:, None]).sum()))
+    assert answer_question(gen, s.image, q.question, q.choices) == q.choices[max(range(len(scores)),
+                                                                                 key=scores.__getitem__)]
+
+
+def test_indexed_runs_read_their_sources_from_dataset_names(loaded):
+    from megafusion.eval.cli import trained_sources
+
+    paths = ["d/text_text_document", "d/image_text", "d/vqa", "d/video", "d/action_video"]
+    data = replace(loaded.cfg.data, kind="indexed", paths=paths, weights=[0.5, 2.0, 1.0, 0.0, 0.0])
+    got = trained_sources(replace(loaded.cfg, data=data))
+    assert got == {"text": 0.5, "image_text": 2.0, "vqa": 1.0, "video": 0.0, "action_video": 0.0}
+    data = replace(data, paths=["d/my_corpus", *paths[1:]])  # a name it cannot read: all but VQA count
+    assert trained_sources(replace(loaded.cfg, data=data)) == {
+        "text": 1.0, "image_text": 1.0, "vqa": 0.0, "video": 1.0, "action_video": 1.0}
+
+
+def test_rollout_in_the_preprocessed_layout_puts_frame_after_each_action(loaded):
+    from megafusion.data.shapes import ShapesWorld
+    from megafusion.eval.cli import rollout
+    from megafusion.inference.generate import Generator, SamplingOptions
+
+    gen = Generator.from_run(loaded)
+    a = ShapesWorld(seed=0, action_frames=4, context_frames=1).action_video(0)
+    seen = []
+    original = gen.sample_latents
+
+    def spy(state, opts, modality, rng):  # the prompt each new frame is sampled after
+        seen.append(state.tokens[-3:])
+        return original(state, opts, modality=modality, rng=rng)
+
+    gen.sample_latents = spy
+    frames = rollout(gen, a.frames[:1], a.actions, a.caption, SamplingOptions(steps=1, cfg_scale=1.0), True)
+    tok = gen.tokenizer
+    assert frames.shape == (3, 32, 32, 3) and frames.dtype == np.uint8
+    assert [s[1:] for s in seen] == [[tok.frame_id, tok.boi_id]] * 3
+    assert [s[0] for s in seen] == [tok.encode_action(x)[0] for x in a.actions]
