@@ -11,11 +11,14 @@ are applied (megatron multiplies them inside the experts, so our unpermute sums 
 How it is selected - through the layer spec, in one place:
 
     from megafusion.model.moe_dispatch import with_moe_dispatch
-    layer_spec = with_moe_dispatch(layer_spec, cfg.model.moe.dispatch)   # "triton" | "megatron"
+    moe = cfg.model.moe
+    layer_spec = with_moe_dispatch(layer_spec, moe.dispatch, moe.experts)  # triton|megatron, grouped|megatron
 
-``with_moe_dispatch`` replaces the layer's ``MoELayer`` builder by ``TritonDispatchMoELayer``, an
-``MoELayer`` whose token dispatcher is the Triton subclass of the dispatcher megatron would have
-built (``TransformerConfig.moe_token_dispatcher_type``: allgather or alltoall). Why this way:
+With dispatch triton, ``with_moe_dispatch`` replaces the layer's ``MoELayer`` builder by
+``TritonDispatchMoELayer``, an ``MoELayer`` whose token dispatcher is the Triton subclass of the
+dispatcher megatron would have built (``TransformerConfig.moe_token_dispatcher_type``: allgather
+or alltoall); with dispatch megatron by ``ProfiledMoELayer`` (megatron's dispatcher, profiled).
+Why this way:
 
 * no global patch: megatron's modules stay untouched, a model can mix both paths, tests can
   build both side by side in one process;
@@ -61,6 +64,7 @@ from megafusion_kernels.moe_dispatch import moe_permute, moe_unpermute, permute_
 __all__ = [
     "DISPATCH_CHOICES",
     "DISPATCH_RANGE",
+    "ProfiledMoELayer",
     "SUPPORTED_MEGATRON_CORE",
     "TritonAllGatherTokenDispatcher",
     "TritonAlltoAllTokenDispatcher",
@@ -238,6 +242,16 @@ def install_triton_dispatcher(layer: MoELayer, pg_collection=None) -> None:
     profile_dispatch(layer.token_dispatcher)
 
 
+class ProfiledMoELayer(MoELayer):
+    """megatron-core's MoELayer whose token dispatch runs in the profiler range DISPATCH_RANGE."""
+
+    def __init__(self, config, submodules=None, layer_number: Optional[int] = None, pg_collection=None,
+                 is_mtp_layer: bool = False, name: Optional[str] = None):
+        super().__init__(config, submodules=submodules, layer_number=layer_number, pg_collection=pg_collection,
+                         is_mtp_layer=is_mtp_layer, name=name)
+        profile_dispatch(self.token_dispatcher)
+
+
 class TritonDispatchMoELayer(MoELayer):
     """megatron-core's MoELayer with ``install_triton_dispatcher`` applied (same arguments)."""
 
@@ -257,7 +271,7 @@ def grouped_experts_submodules(submodules):
 
 def _swap_moe_builder(mlp, dispatch: str, experts: str):
     """partial(MoELayer, ...) or ModuleSpec(module=MoELayer, ...) -> the same with our choices."""
-    layer_cls = TritonDispatchMoELayer if dispatch == "triton" else MoELayer
+    layer_cls = TritonDispatchMoELayer if dispatch == "triton" else ProfiledMoELayer
     if isinstance(mlp, functools.partial) and mlp.func is MoELayer:
         keywords = dict(mlp.keywords)
         if experts == "grouped":
@@ -279,7 +293,9 @@ def with_moe_dispatch(layer_spec, dispatch: str, experts: str = "megatron"):
             or the ``TransformerLayerSubmodules`` themselves (returned as the same kind).
         dispatch: ``model.moe.dispatch``, "megatron" or "triton".
         experts: ``model.moe.experts``, "megatron" or "grouped".
-        With both "megatron" the spec is returned unchanged.
+
+    The MoE layer becomes ``TritonDispatchMoELayer`` (dispatch triton) or ``ProfiledMoELayer``
+    (megatron's dispatch); both run their token dispatch in the profiler range DISPATCH_RANGE.
     """
     from megafusion.model.grouped_experts import EXPERTS_CHOICES
 
@@ -287,8 +303,6 @@ def with_moe_dispatch(layer_spec, dispatch: str, experts: str = "megatron"):
         raise ValueError(f"model.moe.dispatch = {dispatch!r} is not one of {DISPATCH_CHOICES}")
     if experts not in EXPERTS_CHOICES:
         raise ValueError(f"model.moe.experts = {experts!r} is not one of {EXPERTS_CHOICES}")
-    if dispatch == "megatron" and experts == "megatron":
-        return layer_spec
     if isinstance(layer_spec, ModuleSpec):
         return replace(layer_spec, submodules=with_moe_dispatch(layer_spec.submodules, dispatch, experts))
     return replace(layer_spec, mlp=_swap_moe_builder(layer_spec.mlp, dispatch, experts))

@@ -15,7 +15,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from megafusion.model.grouped_experts import GroupedExperts
 from megafusion.model.moe_dispatch import (
+    ProfiledMoELayer,
     TritonAllGatherTokenDispatcher,
     TritonAlltoAllTokenDispatcher,
     TritonDispatchMoELayer,
@@ -43,16 +45,22 @@ def run_layer(layer, x):
     out, _ = layer(x)
     out.square().sum().backward()
     grads = {name: p.grad.clone() for name, p in layer.named_parameters()}
+    experts = layer.experts
+    if isinstance(experts, GroupedExperts):  # SequentialMLP's names for the stacked gradients
+        for stacked, linear in (("weight1", "linear_fc1"), ("weight2", "linear_fc2")):
+            g = grads.pop(f"experts.{stacked}")
+            grads.update({f"experts.local_experts.{i}.{linear}.weight": g[i] for i in range(g.shape[0])})
     return out.detach(), x.grad, grads
 
 
 @pytest.mark.parametrize("dispatcher", ["allgather", "alltoall"])
 @pytest.mark.parametrize("capacity_factor", [None, 0.5], ids=["dropless", "drop"])
-def test_triton_dispatch_matches_megatron(megatron_world, dispatcher, capacity_factor):
+@pytest.mark.parametrize("experts", ["megatron", "grouped"])
+def test_triton_dispatch_matches_megatron(megatron_world, dispatcher, capacity_factor, experts):
     config = moe_config(dispatcher, capacity_factor)
     layer_submodules = get_layer_submodules(config.num_moe_experts)
     megatron_builder = layer_submodules.mlp
-    triton_builder = with_moe_dispatch(layer_submodules, "triton").mlp
+    triton_builder = with_moe_dispatch(layer_submodules, "triton", experts).mlp
 
     torch.manual_seed(0)
     ref = megatron_builder(config=config)
@@ -88,7 +96,10 @@ def test_with_moe_dispatch_spec_forms():
     from megatron.core.transformer.transformer_layer import TransformerLayer
 
     sub = get_layer_submodules(4)
-    assert with_moe_dispatch(sub, "megatron") is sub
+    profiled = with_moe_dispatch(sub, "megatron")
+    assert profiled.mlp.func is ProfiledMoELayer and profiled.mlp.keywords == sub.mlp.keywords
+    grouped = with_moe_dispatch(sub, "megatron", "grouped").mlp.keywords["submodules"]
+    assert grouped.experts is GroupedExperts and grouped.router is sub.mlp.keywords["submodules"].router
     spec = ModuleSpec(module=TransformerLayer, submodules=sub)
     swapped = with_moe_dispatch(spec, "triton")
     assert isinstance(swapped.submodules.mlp, functools.partial)
@@ -97,6 +108,8 @@ def test_with_moe_dispatch_spec_forms():
     assert sub.mlp.func.__name__ == "MoELayer"  # the input spec is not modified
     with pytest.raises(ValueError, match="not one of"):
         with_moe_dispatch(sub, "te")
+    with pytest.raises(ValueError, match="model.moe.experts"):
+        with_moe_dispatch(sub, "triton", "te")
     with pytest.raises(ValueError, match="MoELayer"):
         with_moe_dispatch(get_gpt_layer_dense_submodules(), "triton")
 
@@ -134,7 +147,7 @@ def test_triton_dispatch_matches_megatron_with_ep2():
 
 
 def _ep2_worker() -> None:
-    """Each rank: megatron's and our dispatch on the same weights and inputs, EP=2, all four settings."""
+    """Each rank: megatron's and our dispatch (and experts) on the same weights and inputs, EP=2."""
     from megatron.core import parallel_state, tensor_parallel
 
     from megafusion.parallel import cpu_compat
@@ -144,23 +157,26 @@ def _ep2_worker() -> None:
     parallel_state.initialize_model_parallel(1, 1, expert_model_parallel_size=2)
     tensor_parallel.model_parallel_cuda_manual_seed(0)
     rank = dist.get_rank()
-    for dispatcher in ("allgather", "alltoall"):
-        for capacity_factor in (None, 0.5):
-            config = moe_config(dispatcher, capacity_factor)
-            sub = get_layer_submodules(config.num_moe_experts)
-            ref = sub.mlp(config=config)
-            ours = with_moe_dispatch(sub, "triton").mlp(config=config)
-            ours.load_state_dict(ref.state_dict())
-            assert ours.num_local_experts == 3 and ours.local_expert_indices[0] == 3 * rank
-            x = torch.randn(8, 2, config.hidden_size, generator=torch.Generator().manual_seed(rank))
-            results = run_layer(ref, x), run_layer(ours, x)
-            (out_ref, dx_ref, g_ref), (out, dx, g) = results
-            where = f"rank {rank}, {dispatcher}, capacity_factor={capacity_factor}"
-            torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5, msg=lambda m: f"{where}: {m}")
-            torch.testing.assert_close(dx, dx_ref, rtol=1e-5, atol=1e-5, msg=lambda m: f"{where}: {m}")
-            for name in g_ref:
-                torch.testing.assert_close(g[name], g_ref[name], rtol=1e-5, atol=1e-5,
-                                           msg=lambda m: f"{where}, {name}: {m}")
+    settings = [(d, c, "megatron") for d in ("allgather", "alltoall") for c in (None, 0.5)]
+    settings += [(d, None, "grouped") for d in ("allgather", "alltoall")]  # 3 experts per rank
+    for dispatcher, capacity_factor, experts in settings:
+        config = moe_config(dispatcher, capacity_factor)
+        sub = get_layer_submodules(config.num_moe_experts)
+        ref = sub.mlp(config=config)
+        ours = with_moe_dispatch(sub, "triton", experts).mlp(config=config)
+        ours.load_state_dict(ref.state_dict())
+        assert ours.num_local_experts == 3 and ours.local_expert_indices[0] == 3 * rank
+        if experts == "grouped":
+            assert ours.experts.weight1.shape[0] == 3
+        x = torch.randn(8, 2, config.hidden_size, generator=torch.Generator().manual_seed(rank))
+        results = run_layer(ref, x), run_layer(ours, x)
+        (out_ref, dx_ref, g_ref), (out, dx, g) = results
+        where = f"rank {rank}, {dispatcher}, capacity_factor={capacity_factor}, experts={experts}"
+        torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5, msg=lambda m: f"{where}: {m}")
+        torch.testing.assert_close(dx, dx_ref, rtol=1e-5, atol=1e-5, msg=lambda m: f"{where}: {m}")
+        for name in g_ref:
+            torch.testing.assert_close(g[name], g_ref[name], rtol=1e-5, atol=1e-5,
+                                       msg=lambda m: f"{where}, {name}: {m}")
     print(f"moe-dispatch-ep2 ok rank {rank}", flush=True)
     parallel_state.destroy_model_parallel()
     dist.destroy_process_group()
