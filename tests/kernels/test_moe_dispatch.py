@@ -278,12 +278,15 @@ def test_custom_ops_pass_opcheck():
 # ------------------------------------------------------------------------- grouped MLP
 
 
-def ref_grouped_mlp(x_perm, tokens_per_expert, w_in, w_out):
+def ref_grouped_mlp(x_perm, tokens_per_expert, w_in, w_out, row_scale=None):
     """Row-by-row: each row uses the weights of the expert that owns it (swiglu)."""
     expert_of_row = torch.repeat_interleave(torch.arange(len(tokens_per_expert)), tokens_per_expert)
     h = torch.bmm(x_perm[:, None, :], w_in[expert_of_row])[:, 0]
     gate, up = h.chunk(2, dim=-1)
-    return torch.bmm((torch.nn.functional.silu(gate) * up)[:, None, :], w_out[expert_of_row])[:, 0]
+    h = torch.nn.functional.silu(gate) * up
+    if row_scale is not None:
+        h = h * row_scale[:, None]
+    return torch.bmm(h[:, None, :], w_out[expert_of_row])[:, 0]
 
 
 def test_grouped_mlp_loop_matches_rowwise_reference():
@@ -301,6 +304,23 @@ def test_grouped_mlp_loop_matches_rowwise_reference():
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
+def test_grouped_mlp_row_scale_and_transposed_weights():
+    """Routing weights after the activation (megatron's per_token_scale), weights stored [E, out, in]."""
+    topk_idx, E = make_case("empty_experts")
+    x = torch.randn(topk_idx.shape[0], 16, dtype=torch.float64)
+    x_perm, tpe, _ = moe_permute(x, topk_idx, E)
+    w1 = torch.randn(E, 2 * 12, 16, dtype=torch.float64)  # nn.Linear layout
+    w2 = torch.randn(E, 16, 12, dtype=torch.float64)
+    scale = torch.rand(x_perm.shape[0], dtype=torch.float64, requires_grad=True)
+    y = grouped_mlp(x_perm, tpe, w1.transpose(1, 2), w2.transpose(1, 2), "swiglu", row_scale=scale)
+    y_ref = ref_grouped_mlp(x_perm, tpe, w1.transpose(1, 2), w2.transpose(1, 2), scale)
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    (g,), (g_ref,) = (torch.autograd.grad(t.square().sum(), (scale,)) for t in (y, y_ref))
+    torch.testing.assert_close(g, g_ref, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="row_scale"):
+        grouped_mlp(x_perm, tpe, w1.transpose(1, 2), w2.transpose(1, 2), row_scale=scale[:-1])
+
+
 @requires_gpu
 def test_grouped_mlp_torch_grouped_mm_matches_loop_on_gpu():
     topk_idx = torch.randint(0, 8, (256, 2), device="cuda")
@@ -310,6 +330,12 @@ def test_grouped_mlp_torch_grouped_mm_matches_loop_on_gpu():
     w_out = torch.randn(8, 64, 128, device="cuda", dtype=torch.bfloat16) / 8
     fused = grouped_mlp(x_perm, tpe, w_in, w_out, use_torch_grouped_mm=True)
     loop = grouped_mlp(x_perm, tpe, w_in, w_out, use_torch_grouped_mm=False)
+    torch.testing.assert_close(fused.float(), loop.float(), rtol=2e-2, atol=2e-2)
+    # as GroupedExperts calls it: weights stored [E, out, in], passed transposed, with row scales
+    w1, w2 = w_in.transpose(1, 2).contiguous(), w_out.transpose(1, 2).contiguous()
+    scale = torch.rand(x_perm.shape[0], device="cuda")
+    fused = grouped_mlp(x_perm, tpe, w1.transpose(1, 2), w2.transpose(1, 2), row_scale=scale, use_torch_grouped_mm=True)
+    loop = grouped_mlp(x_perm, tpe, w_in, w_out, row_scale=scale, use_torch_grouped_mm=False)
     torch.testing.assert_close(fused.float(), loop.float(), rtol=2e-2, atol=2e-2)
 
 
