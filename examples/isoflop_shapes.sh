@@ -5,16 +5,15 @@
 #
 #   bash examples/isoflop_shapes.sh [OUT_DIR] [BUDGETS] [SIZES]
 #
-# Defaults: OUT_DIR=runs/isoflop_shapes, BUDGETS=1e11,3e11,1e12, SIZES=5 (15 runs, about
-# 15 minutes on 2 CPU cores; BUDGETS=1e10,3e10 SIZES=3 is the 1-2 minute smoke version
-# that CI runs, tests/scaling/test_isoflop_sweep_shapes.py). Outputs: OUT_DIR/plan.json,
+# Defaults: OUT_DIR=runs/isoflop_shapes, BUDGETS=3e10,1e11, SIZES=5 (10 runs, TIME on
+# 2 CPU cores). CI runs a smaller version (tests/scaling/test_isoflop_sweep.py). Outputs: OUT_DIR/plan.json,
 # OUT_DIR/configs/, OUT_DIR/runs/<run>/metrics.jsonl, and OUT_DIR/fit/scaling_laws.json
 # with isoflop_{text,image}.png and optima_{text,image}.png.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 OUT=${1:-runs/isoflop_shapes}
-BUDGETS=${2:-1e11,3e11,1e12}
+BUDGETS=${2:-3e10,1e11}
 SIZES=${3:-5}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 

@@ -107,6 +107,10 @@ def _fit(args: argparse.Namespace) -> int:
     fits = isoflop.fit_isoflop(observations, args.bootstrap, args.confidence, args.seed, args.modalities)
     written = isoflop.write_report(fits, args.out, args.confidence, kind, tokens_kind)
     for m, f in fits.items():
+        for b in f.budgets:
+            note = "  (outside the trained sizes)" if b.extrapolated else ""
+            print(f"{m:<6} C = {b.budget:.3g}: N_opt = {b.n_opt:.4g}, D_opt = {b.d_opt:.4g}, "
+                  f"loss at optimum = {b.loss_opt:.4g}{note}")
         for law, name in ((f.params_law, "N_opt ~ C^a, a"), (f.tokens_law, "D_opt ~ C^b, b")):
             ci = f" [{law.ci[0]:.3f}, {law.ci[1]:.3f}]" if law.ci else " (no interval)"
             print(f"{m:<6} {name} = {law.exponent:.3f}{ci}")

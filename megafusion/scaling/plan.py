@@ -266,7 +266,8 @@ def _measure(config_yaml: str, sequences: int) -> Packing:
         samples = [stream.sample(i) for i in range(sequences)]
     except (ValueError, OSError) as err:
         raise PlanError(f"family.packing.measure: cannot read the data (data.kind = {cfg.data.kind}): {err}") from None
-    stack = {k: np.stack([getattr(x, k).numpy() for x in samples]) for k in ("doc_ids", "span_ids", "modality", "tokens")}
+    stack = {k: np.stack([getattr(x, k).numpy() for x in samples])
+             for k in ("doc_ids", "span_ids", "modality", "tokens")}
     counts = packing_counts(stack["doc_ids"], stack["span_ids"], stack["modality"])
     mod = stack["modality"]
     padding = int(((mod == TEXT) & (stack["tokens"] == stream.tokenizer.pad_id)).sum())
