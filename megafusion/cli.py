@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train-decoder": ("megafusion.vision.train_decoder", "train an RAE pixel decoder on frozen features"),
     "export": ("megafusion.interop.export", "export a run's checkpoint to safetensors + config.json"),
     "import": ("megafusion.interop.import_", "turn an exported safetensors directory into a run dir"),
+    "bench": ("megafusion.bench", "training throughput of a config: tokens/s, TFLOP/s per GPU, MFU, memory, time split"),
 }
 
 

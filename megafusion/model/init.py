@@ -55,3 +55,8 @@ def init_weights(model: torch.nn.Module, seed: int, std: float, num_layers: int)
         if sh.flattened_range is not None:
             piece = piece.flatten()[sh.flattened_range]
         local.copy_(piece.reshape(local.shape).to(local.dtype))
+        # FP8 weights (train.fp8_params) keep TE's first random draw in high precision, and
+        # megatron seeds the optimizer's master weights from it: give it our values too.
+        hp = local.get_high_precision_init_val() if hasattr(local, "get_high_precision_init_val") else None
+        if hp is not None and hp.numel() == piece.numel():
+            hp.copy_(piece.reshape(hp.shape).to(hp.dtype))

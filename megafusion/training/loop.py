@@ -40,13 +40,14 @@ def _step_flops(shape, batches: list[dict[str, torch.Tensor]]) -> float:
 
 def _throughput(cfg: Config, env: ParallelEnv, shape, batches, elapsed: float) -> dict[str, float | None]:
     """TFLOP/s per GPU (model FLOPs, split over the model-parallel ranks) and, on a GPU, MFU."""
-    from megafusion.scaling.flops import mfu
+    from megafusion.scaling.flops import matmul_dtype, mfu
 
     per_gpu = _step_flops(shape, batches) / (cfg.parallel.tp * cfg.parallel.pp) / elapsed
     out: dict[str, float | None] = {"tflops_per_gpu": per_gpu / 1e12}
     if env.device.type == "cuda":
         # None (JSON null) for a GPU whose peak we do not know: never another GPU's figure.
-        out["mfu"] = mfu(per_gpu, torch.cuda.get_device_name(env.device), cfg.train.precision)
+        out["mfu"] = mfu(per_gpu, torch.cuda.get_device_name(env.device),
+                          matmul_dtype(cfg.train.precision, cfg.train.fp8))
     return out
 
 
