@@ -321,11 +321,14 @@ def conditions_later_text(labels: torch.Tensor, span_ids: torch.Tensor, doc_ids:
     """
     n = labels.shape[0]
     has_target = labels != IGNORE_INDEX
-    # targets strictly after position i in the same document: suffix sums reset per document
-    after = torch.zeros(n + 1, dtype=torch.long)
-    for i in range(n - 1, -1, -1):
-        same_doc = i + 1 < n and bool(doc_ids[i + 1] == doc_ids[i])
-        after[i] = (after[i + 1] + int(has_target[i + 1])) if same_doc else 0
+    # targets strictly after position i in its document (a contiguous run of one doc id):
+    # count up to the run's last position minus count up to i
+    count = torch.cumsum(has_target.long(), 0)
+    last_of_run = torch.ones(n, dtype=torch.bool)
+    last_of_run[:-1] = doc_ids[1:] != doc_ids[:-1]
+    ends = last_of_run.nonzero().squeeze(1)
+    run_end = ends[torch.searchsorted(ends, torch.arange(n))]
+    after = torch.cat([count[run_end] - count, torch.zeros(1, dtype=torch.long)])
     out = torch.zeros(n, dtype=torch.bool)
     for span in span_ids.unique().tolist():
         if span < 0:

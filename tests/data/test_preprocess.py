@@ -336,38 +336,6 @@ def test_no_documents_is_an_error_not_an_empty_dataset(tmp_path, tok_path):
     assert not list(tmp_path.glob("o_text_document.*"))
 
 
-def test_make_loader_over_preprocessed_datasets_resumes(tmp_path, tok_path):
-    from megafusion.data.mixture import make_loader
-
-    src = tmp_path / "t.jsonl"
-    write_text_jsonl(src, 30, bad={})
-    make_images(tmp_path / "img", 6, 16)
-    (tmp_path / "p.jsonl").write_text("\n".join(json.dumps({"image": f"img/{i}.png", "text": f"pic {i}"})
-                                                for i in range(6)) + "\n")
-    common = dict(tokenizer_model=tok_path, progress=False, append_eod=True)
-    run_preprocess(PreprocessConfig(inputs=[str(src)], output_prefix=str(tmp_path / "t"), **common))
-    run_preprocess(PreprocessConfig(inputs=[str(tmp_path / "p.jsonl")], output_prefix=str(tmp_path / "p"),
-                                    kind="image-text", image_size=16, patch_size=8, **common))
-    prefixes = [str(tmp_path / "t_text_document"), str(tmp_path / "p")]
-    kw = dict(seq_len=64, batch_size=2, seed=4)
-    ref = make_loader(prefixes, [0.6, 0.4], **kw)
-    batches = [next(ref) for _ in range(5)]
-    ref.close()
-    assert batches[0].latents.shape == (2, 64, 3 * 8 * 8) and any(b.image_loss_mask.any() for b in batches)
-    loader = make_loader(prefixes, [0.6, 0.4], **kw)
-    for _ in range(2):
-        next(loader)
-    state = loader.state_dict()
-    loader.close()
-    resumed = make_loader(prefixes, [0.6, 0.4], num_workers=2, **kw)  # documents read in worker processes
-    resumed.load_state_dict(state)
-    for want in batches[2:]:
-        got = next(resumed)
-        assert all(torch.equal(getattr(got, k), getattr(want, k)) for k in want.__dict__)
-    resumed.close()
-    resumed.stream.close()
-
-
 def test_representation_encoder_latents_stored_as_float16(tmp_path, tok_path, monkeypatch):
     """--encoder rae/vae calls megafusion.vision.load_representation; here it is handed the pixel
     representation (a real Representation), so the float16 store can be checked exactly."""

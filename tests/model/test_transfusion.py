@@ -387,3 +387,32 @@ def test_noise_capping_only_for_spans_that_condition_later_text():
     per_span = {span: bool(got[s.span_ids == span].all()) for span in range(4)}
     assert per_span == {0: False, 1: True, 2: True, 3: False}
     assert not got[s.span_ids < 0].any()
+
+
+def test_conditions_later_text_equals_a_position_by_position_count():
+    """The vectorised rule against its definition, on random packs of documents and spans."""
+    from megafusion.model.transfusion import IGNORE_INDEX, conditions_later_text
+
+    def by_definition(labels, span_ids, doc_ids):
+        n, out = len(labels), torch.zeros(len(labels), dtype=torch.bool)
+        for span in set(span_ids.tolist()) - {-1}:
+            idx = (span_ids == span).nonzero().squeeze(1)
+            first, eoi = int(idx[0]), int(idx[-1]) + 1
+            later = [j for j in range(eoi + 1, n) if all(doc_ids[k] == doc_ids[first] for k in range(eoi, j + 1))]
+            out[idx] = eoi < n and bool(doc_ids[eoi] == doc_ids[first]) and any(
+                labels[j] != IGNORE_INDEX for j in later)
+        return out
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(100):
+        n = int(torch.randint(1, 48, (1,), generator=g))
+        doc = torch.sort(torch.randint(0, 4, (n,), generator=g)).values
+        labels = torch.where(torch.rand(n, generator=g) < 0.5, torch.randint(0, 9, (n,), generator=g),
+                             torch.full((n,), IGNORE_INDEX))
+        span, pos = torch.full((n,), -1), 0
+        while pos < n:
+            length = int(torch.randint(1, 6, (1,), generator=g))
+            if torch.rand(1, generator=g) < 0.4:
+                span[pos:pos + length] = int(span.max()) + 1
+            pos += length + int(torch.randint(0, 4, (1,), generator=g))
+        assert torch.equal(conditions_later_text(labels, span, doc), by_definition(labels, span, doc))
