@@ -330,6 +330,7 @@ _CHOICES = {
     "vision.representation": ("pixel", "rae", "vae"),
     "model.moe.dispatcher": ("alltoall", "allgather"),
     "model.moe.dispatch": ("megatron", "triton"),
+    "model.moe.experts": ("megatron", "grouped"),
     "model.moe.router_score": ("softmax", "sigmoid"),
     "schedule.kind": ("cosine", "wsd", "constant"),
     "train.precision": ("fp32", "bf16", "fp16"),

@@ -35,9 +35,14 @@ class TextModelProvider:
         from megatron.core.models.gpt import GPTModel
 
         m = self.cfg.model
+        spec = block_spec(self.transformer_config, m.spec, m.moe.num_experts, vp_stage)
+        if m.moe.num_experts:
+            from megafusion.model.moe_dispatch import with_moe_dispatch
+
+            spec.layer_specs = [with_moe_dispatch(layer, m.moe.dispatch, m.moe.experts) for layer in spec.layer_specs]
         model = GPTModel(
             config=self.transformer_config,
-            transformer_layer_spec=block_spec(self.transformer_config, m.spec, m.moe.num_experts, vp_stage),
+            transformer_layer_spec=spec,
             vocab_size=m.vocab_size,
             max_sequence_length=m.seq_length,
             pre_process=pre_process,

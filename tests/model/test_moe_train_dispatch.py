@@ -43,3 +43,30 @@ def test_triton_dispatch_and_grouped_experts_train_like_megatron_at_ep2(tmp_path
             ref, got = losses_by_step(tmp_path / "megatron", key), losses_by_step(tmp_path / "ours", key)
             assert 3 in got, f"the resumed run did not log step 3: {got}"
             assert got[3] == pytest.approx(ref[3], rel=1e-5, abs=1e-6), f"resumed {key}"
+
+
+def test_text_moe_model_honours_dispatch_and_experts(tmp_path):
+    """The text model builds its MoE layers through the same dispatch/experts choice."""
+    small = ["train.steps=3", "train.global_batch_size=4", "logging.tensorboard=false", "checkpoint.save_final=false"]
+    run_train(tmp_path / "megatron", "tiny_text_moe.yaml", small)
+    run_train(tmp_path / "ours", "tiny_text_moe.yaml", small + ["model.moe.dispatch=triton", "model.moe.experts=grouped"])
+    assert_same_steps(losses_by_step(tmp_path / "ours"), losses_by_step(tmp_path / "megatron"), "text moe loss")
+
+
+def test_text_moe_model_builds_the_chosen_modules(megatron_world):
+    import torch
+
+    from megafusion.config import load_config
+    from megafusion.model.grouped_experts import GroupedExperts
+    from megafusion.model.moe_dispatch import TritonAlltoAllTokenDispatcher, TritonDispatchMoELayer
+    from megafusion.model.provider import build_transformer_config
+    from megafusion.model.text import TextModelProvider
+
+    from conftest import CONFIGS
+
+    cfg = load_config(CONFIGS / "tiny_text_moe.yaml", ["model.moe.dispatch=triton", "model.moe.experts=grouped"])
+    model = TextModelProvider(cfg, build_transformer_config(cfg, torch.device("cpu"))).build(True, True, None)
+    layers = [m for m in model.modules() if isinstance(m, TritonDispatchMoELayer)]
+    assert len(layers) == cfg.model.num_layers
+    assert all(isinstance(m.token_dispatcher, TritonAlltoAllTokenDispatcher) for m in layers)
+    assert all(isinstance(m.experts, GroupedExperts) for m in layers)
