@@ -43,5 +43,6 @@ def test_quick_quickstart_writes_report_and_eval(tmp_path):
                    (out / "trends" / "moe" / "moe" / "run" / "metrics.jsonl").read_text().splitlines()]
     assert "moe/specialization" in moe_records[-1]
     assert "### synergy" in report and "| image_only | 4 |" in report and "| multimodal | 6 |" in report
+    assert "| dense | 6 |" in report and (out / "trends" / "moe" / "dense" / "eval" / "metrics.json").is_file()
     assert "### moe" in report and "| 0 | " in report.split("### moe")[1]  # routing row of layer 0
     assert (out / "moe_routing.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
