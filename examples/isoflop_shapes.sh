@@ -5,16 +5,19 @@
 #
 #   bash examples/isoflop_shapes.sh [OUT_DIR] [BUDGETS] [SIZES]
 #
-# Defaults: OUT_DIR=runs/isoflop_shapes, BUDGETS=3e10,1e11, SIZES=5 (10 runs, TIME on
-# 2 CPU cores). CI runs a smaller version (tests/scaling/test_isoflop_sweep.py). Outputs: OUT_DIR/plan.json,
+# Defaults: OUT_DIR=runs/isoflop_shapes, BUDGETS=1e11,3e11, SIZES=4: 8 runs, 5850 steps,
+# 12 minutes of training measured on a busy shared 2-core machine. The text curves have
+# their minimum inside the grid at both budgets; the image (pixel flow-matching) loss is
+# near its floor for every size at this scale, so its curves are flat and its optima noise.
+# CI runs a much smaller version (tests/scaling/test_isoflop_sweep.py). Outputs: OUT_DIR/plan.json,
 # OUT_DIR/configs/, OUT_DIR/runs/<run>/metrics.jsonl, and OUT_DIR/fit/scaling_laws.json
 # with isoflop_{text,image}.png and optima_{text,image}.png.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 OUT=${1:-runs/isoflop_shapes}
-BUDGETS=${2:-3e10,1e11}
-SIZES=${3:-5}
+BUDGETS=${2:-1e11,3e11}
+SIZES=${3:-4}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
 megafusion isoflop plan --budgets "$BUDGETS" --family examples/configs/isoflop_family_shapes.yaml \

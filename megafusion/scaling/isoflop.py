@@ -424,6 +424,12 @@ def fit_isoflop(observations: Sequence[Observation], bootstrap: int = 1000, conf
         raise IsoFLOPError("no observations to fit")
     if not 0 < confidence < 1 or bootstrap < 0:
         raise IsoFLOPError(f"confidence = {confidence} must lie in (0, 1) and bootstrap = {bootstrap} be >= 0")
+    return {m: fit_modality(observations, m, bootstrap, confidence, seed)
+            for m in modality_order(observations, modalities)}
+
+
+def modality_order(observations: Sequence[Observation], modalities: Sequence[str] | None = None) -> list[str]:
+    """The modalities present (text, image, video, then others), or only ``modalities``."""
     present = {o.modality for o in observations}
     order = [m for m in MODALITIES if m in present] + sorted(present - set(MODALITIES))
     if modalities is not None:
@@ -431,7 +437,7 @@ def fit_isoflop(observations: Sequence[Observation], bootstrap: int = 1000, conf
         if unknown:
             raise IsoFLOPError(f"no observations for modality {', '.join(unknown)}; present: {', '.join(order)}")
         order = [m for m in order if m in modalities]
-    return {m: fit_modality(observations, m, bootstrap, confidence, seed) for m in order}
+    return order
 
 
 # --------------------------------------------------------------------------- report

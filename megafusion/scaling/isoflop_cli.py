@@ -4,6 +4,9 @@
     bash sweep/launch.sh                       # or: sbatch sweep/launch.sbatch (--launcher slurm)
     megafusion isoflop fit sweep/runs/* --plan sweep/plan.json --out sweep/fit/
     megafusion isoflop fit --csv published.csv --out fit/
+
+fit exits 0 when every modality was fitted, 1 when some were (the report holds those; the
+others' errors are printed), 2 when none could be.
 """
 
 from __future__ import annotations
@@ -104,7 +107,15 @@ def _fit(args: argparse.Namespace) -> int:
                                               average_last=args.average_last, params_kind=args.params,
                                               budget_tolerance=args.budget_tolerance, tokens_kind=args.tokens)
         kind, tokens_kind = args.params, args.tokens
-    fits = isoflop.fit_isoflop(observations, args.bootstrap, args.confidence, args.seed, args.modalities)
+    # Each modality on its own: one modality's curves without a minimum do not hide another's result.
+    fits, failures = {}, {}
+    for m in isoflop.modality_order(observations, args.modalities):
+        try:
+            fits.update(isoflop.fit_isoflop(observations, args.bootstrap, args.confidence, args.seed, [m]))
+        except isoflop.IsoFLOPError as err:
+            failures[m] = err
+    if not fits:
+        raise next(iter(failures.values()))
     written = isoflop.write_report(fits, args.out, args.confidence, kind, tokens_kind)
     for m, f in fits.items():
         for b in f.budgets:
@@ -117,7 +128,9 @@ def _fit(args: argparse.Namespace) -> int:
         for warning in f.warnings:
             print(f"warning: {warning}", file=sys.stderr)
     print("wrote " + ", ".join(str(p) for p in written))
-    return 0
+    for m, err in failures.items():
+        print(f"megafusion isoflop fit: error: {err} (the report has {', '.join(fits)} only)", file=sys.stderr)
+    return 1 if failures else 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -322,3 +322,29 @@ def test_tokens_of_the_fitted_modality_scale_d_opt_not_the_exponent(tmp_path):
     (plan_dir / "plan.json").write_text(json.dumps(manifest))
     with pytest.raises(IsoFLOPError, match="no image positions in its packing"):
         read_run_dirs(dirs, plan=plan_dir / "plan.json", tokens_kind="modality")
+
+
+def test_one_modality_without_a_minimum_does_not_hide_the_others(tmp_path, capsys):
+    obs = synthetic(noise=0.0, seed=1)
+    # image at the largest budget: loss falls faster and faster with N (a curve with a maximum)
+    broken = [Observation(o.budget, o.params, o.tokens, o.modality, 5.0 - math.log10(o.params) ** 2, o.source)
+              if o.modality == "image" and o.budget == BUDGETS[-1] else o for o in obs]
+    path = tmp_path / "partial.csv"
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["budget", "params", "tokens", "modality", "loss"])
+        writer.writerows([o.budget, o.params, o.tokens, o.modality, o.loss] for o in broken)
+    out = tmp_path / "fit"
+    assert isoflop_cli.main(["fit", "--csv", str(path), "--out", str(out), "--bootstrap", "0"]) == 1
+    captured = capsys.readouterr()
+    assert "error: image at budget 1e+21 FLOPs: loss vs log N has no minimum" in captured.err
+    assert "the report has text only" in captured.err
+    report = json.loads((out / "scaling_laws.json").read_text())
+    assert list(report["modalities"]) == ["text"]
+    expected_a, _ = exponents("text")
+    assert report["modalities"]["text"]["params_law"]["exponent"] == pytest.approx(expected_a, abs=0.02)
+    assert not (out / "isoflop_image.png").exists()
+    only_image = tmp_path / "image.csv"
+    only_image.write_text("".join(line for i, line in enumerate(path.read_text().splitlines(keepends=True))
+                                  if i == 0 or ",image," in line))
+    assert isoflop_cli.main(["fit", "--csv", str(only_image), "--out", str(tmp_path / "none"), "--bootstrap", "0"]) == 2
