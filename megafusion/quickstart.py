@@ -451,7 +451,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="ShapesWorld vocabulary (default simple: 3 colours, 3 shapes, 2x2 grid)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="extra training config override (repeatable), e.g. --set model.hidden_size=128")
-    parser.add_argument("--cfg", type=float, default=EVAL_CFG, help=f"guidance scale at evaluation (default {EVAL_CFG})")
+    parser.add_argument("--cfg", type=float, default=EVAL_CFG,
+                        help=f"guidance scale at evaluation (default {EVAL_CFG})")
     args = parser.parse_args(argv)
 
     scale = SCALES["quick" if args.quick else "full" if args.full else "default"]

@@ -5,8 +5,9 @@
 Everything is scored on the held-out world (``HELDOUT_SEED``, never drawn in training),
 with the vocabulary and clip lengths the training data used: the in-process stream's
 world, or for preprocessed data ``--world DATA/manifest.json`` (what
-``python -m megafusion.data.shapes`` / the quickstart wrote; default: the full world). What runs depends on what the run was
-trained on (``data.shapes_weights``); an evaluation whose data the model never saw is
+``python -m megafusion.data.shapes`` / the quickstart wrote; default: the full world).
+What runs depends on what the run was trained on (``data.shapes_weights``, or the names
+of preprocessed datasets, see ``trained_sources``); an evaluation whose data the model never saw is
 written as ``{"skipped": "not trained on this modality: ..."}``, never silently left out:
 
 - ``generation`` (image_text): an image per held-out caption (``caption <boi>`` + ODE with

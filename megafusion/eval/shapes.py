@@ -369,7 +369,8 @@ def score_captions(captions: Sequence[str], scenes: Sequence[Scene], seed: int =
     for j, s in enumerate(scenes):
         for r in range(chance_samples):
             rng = np.random.default_rng([seed, 1002, j, r])
-            chance_rows.append(_caption_metrics(caption(sample_scene(rng, s.image_size, 1, max_objects, vocab), rng), s))
+            scene = sample_scene(rng, s.image_size, 1, max_objects, vocab)
+            chance_rows.append(_caption_metrics(caption(scene, rng), s))
     mean = lambda rs: {k: float(np.mean([r[k] for r in rs])) for k in rs[0]}  # noqa: E731
     out = {"n": len(rows), **mean(rows), "chance": mean(chance_rows),
            "chance_method": f"captions of random world scenes ({chance_samples} per item)"}

@@ -16,7 +16,8 @@ from .world import (HELDOUT_SEED, ActionVideoSample, ImageTextSample, PlanningTa
 __all__ = [
     "ShapesWorld", "WorldConfig", "HELDOUT_SEED", "ImageTextSample", "TextDocument", "VideoSample", "ActionVideoSample",
     "PlanningTask", "Scene", "ShapeObject", "render_scene", "sample_scene", "caption", "parse_caption",
-    "ParsedObject", "VQA", "make_vqa", "normalize_answer", "vqa_prompt", "vqa_document", "Vocab", "DEFAULT_VOCAB", "ACTIONS", "ACTION_ALIASES", "ACTION_TOKENS",
+    "ParsedObject", "VQA", "make_vqa", "normalize_answer", "vqa_prompt", "vqa_document", "Vocab", "DEFAULT_VOCAB",
+    "ACTIONS", "ACTION_ALIASES", "ACTION_TOKENS",
     "canonical_action", "apply_actions", "write_dataset", "save_png", "load_png", "write_video",
     "SHAPES", "COLORS", "PALETTE", "BACKGROUND", "SIZES", "POSITIONS", "POSITION_NAMES",
 ]

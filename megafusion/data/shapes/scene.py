@@ -4,9 +4,10 @@ An image is ``S x S`` RGB uint8 (S = 32 by default, 64 as an option) on a black
 background, divided into a 3x3 grid of named cells (``top left`` .. ``bottom right``), or
 a 2x2 grid (the four corners). A scene holds 1..4 shapes, at most one per cell, each with a
 shape, a palette colour and a size. A :class:`Vocab` narrows the world (fewer colours,
-shapes or sizes, the 2x2 grid) for small models: the quickstart's world is one. Shapes are rasterised with hard edges in exact palette colours, and every shape
-keeps the first pixel row/column of its cell empty, so two shapes never touch: connected
-components of one colour are exactly the shapes, and the detector in
+shapes or sizes, the 2x2 grid) for small models: the quickstart's world is one.
+
+Shapes are rasterised with hard edges in exact palette colours, and every shape keeps the
+first pixel row/column of its cell empty, so two shapes never touch: connected components of one colour are exactly the shapes, and the detector in
 ``megafusion.eval.shapes`` reads a ground-truth render back without error.
 
 Sizes are odd pixel widths and centres lie on pixel centres, so a shape of a given kind

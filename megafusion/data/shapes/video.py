@@ -98,7 +98,8 @@ def sample_physics_clip(rng: np.random.Generator, image_size: int, frames: int, 
                          for i in range(n)] for t in range(frames)])
     objects = tuple(ShapeObject(s, c, z, float(centers[0, i, 0]), float(centers[0, i, 1]), grid=g)
                     for i, (s, c, z) in enumerate(kinds))
-    video = np.stack([render_objects([ShapeObject(s, c, z, *centers[t, i], grid=g) for i, (s, c, z) in enumerate(kinds)],
+    video = np.stack([render_objects([ShapeObject(s, c, z, *centers[t, i], grid=g)
+                                      for i, (s, c, z) in enumerate(kinds)],
                                      image_size) for t in range(frames)])
     return PhysicsClip(objects, vel, centers, video)
 

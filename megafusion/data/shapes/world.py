@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .scene import COLORS, GRID, MAX_OBJECTS, SHAPES, SIZES, Scene, ShapeObject, Vocab, check_image_size, render_scene, sample_scene
+from .scene import (COLORS, GRID, MAX_OBJECTS, SHAPES, SIZES, Scene, ShapeObject, Vocab, check_image_size, render_scene,
+                    sample_scene)
 from .text import VQA, caption, make_vqa, text_document
 from .video import (AgentEpisode, AgentLattice, agent_caption, apply_actions, physics_caption, sample_actions,
                     sample_agent_episode, sample_physics_clip)
