@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -199,13 +197,6 @@ def test_transfusion_import_then_reexport_is_identical(base, tmp_path):
     assert torch.equal(stats["mean"], MEAN) and torch.equal(stats["std"], STD)
 
 
-def cli(*args: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "megafusion.cli", *args], capture_output=True, text=True, cwd=REPO,
-                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})
-    assert proc.returncode == 0, f"megafusion {' '.join(args)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}"
-    return proc
-
-
 @pytest.mark.distributed
 def test_import_at_another_layout_continues_like_the_original(base, tmp_path):
     """MoE trained at EP2, imported at PP2 (--keep-step): step 3's loss equals the original run's step 3."""
@@ -216,8 +207,10 @@ def test_import_at_another_layout_continues_like_the_original(base, tmp_path):
     run_train(original, str(original / "config.yaml"), continue_, nproc=2)
 
     imported = tmp_path / "imported"
-    cli("import", "--from", str(export_dir), "--run-dir", str(imported), "--keep-step",
-        "--set", "parallel.ep=1", "--set", "parallel.pp=2")
+    from megafusion.interop.import_ import main as import_main  # the CLI entry, in-process
+
+    assert import_main(["--from", str(export_dir), "--run-dir", str(imported), "--keep-step",
+                        "--set", "parallel.ep=1", "--set", "parallel.pp=2"]) == 0
     assert (imported / "checkpoints" / "step_00000002").is_dir()
     proc = run_train(imported, str(imported / "config.yaml"), continue_, nproc=2)
     assert "resumed from step 2" in proc.stdout
