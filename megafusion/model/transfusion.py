@@ -391,10 +391,8 @@ class TransfusionProvider:
         from megafusion.scaling.flops import ModelShape
 
         m = self.cfg.model
-        # The FLOP counter knows linear patch adapters only: a U-Net run counts its adapters as
-        # linear ones (its transformer FLOPs, the bulk, are exact).
         shape = ModelShape.from_model_config({**self.cfg.to_dict()["model"], "latent_dim": self.latent_dim,
-                                              "patch_adapter": "linear"})
+                                              "unet_layout": self.unet_layout})
         copies = {"ffn_copies": 2 if m.ffn == "modality" else 1,
                   "shared_expert_copies": 2 if m.moe.per_modality_shared_experts else 1}
         return dataclasses.replace(shape, **copies)

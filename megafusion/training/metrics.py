@@ -41,10 +41,14 @@ class MetricsWriter:
 
     def progress(self, step: int, metrics: dict[str, Any]) -> None:
         parts = [f"step {step:>6}/{self.total_steps}"]
-        for key in ("loss", "loss_text", "loss_image", "loss_video", "lr", "grad_norm", "tokens_per_s", "tflops_per_gpu", "mfu"):
+        for key in ("loss", "loss_text", "loss_image", "loss_video", "lr", "grad_norm", "tokens_per_s", "tflops_per_gpu"):
             value = metrics.get(key)
             if isinstance(value, float):
                 parts.append(f"{key} {value:.4g}")
+        if "mfu" in metrics:  # None: a GPU whose peak is not documented here
+            from megafusion.scaling.flops import format_mfu
+
+            parts.append(f"mfu {format_mfu(metrics['mfu'])}")
         parts.append(f"elapsed {time.time() - self._start:.0f}s")
         print(" | ".join(parts), file=sys.stdout, flush=True)
 
