@@ -74,4 +74,5 @@ class AdaLNNorm(nn.Module):
         y = self.norm(x)
         features, latent = self.context.local(x)
         shift, scale = self.modulation(features.to(y.dtype)).chunk(2, dim=-1)
-        return torch.where(latent, y * (1 + scale) + shift, y)
+        # contiguous: where() keeps its inputs' strides, and megatron's MoE router views its input
+        return torch.where(latent, y * (1 + scale) + shift, y).contiguous()

@@ -265,14 +265,16 @@ def test_adaln_norm_modulates_latent_positions_only(megatron_world):
     t = torch.rand(b, s)
     ctx.set(t, modality)
     y = norm(x)
+    assert y.is_contiguous()  # megatron's MoE router views its input
     plain = torch.nn.functional.rms_norm(x, (64,), norm.norm.norm.weight, 1e-5)
     shift, scale = (sinusoidal_embedding(t.t(), 256) @ norm.modulation.weight.t()).chunk(2, -1)
     expected = torch.where((modality != TEXT).t()[..., None], plain * (1 + scale) + shift, plain)
     torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_adaln_model_conditions_on_time(megatron_world):
-    provider = make_provider(["model.time_conditioning=adaln"])
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_adaln_model_conditions_on_time(megatron_world, moe):
+    provider = make_provider(["model.time_conditioning=adaln"] + (["model.moe.num_experts=4"] if moe else []))
     model = provider.build(pre_process=True, post_process=True, vp_stage=None).eval()
     assert not hasattr(model, "time_embed")
     assert any("modulation" in name for name, _ in model.named_parameters())
