@@ -137,8 +137,9 @@ class ShapesStream:
         doc = [self._text(a.caption)]
         for f, latents in enumerate(self.encode_images(a.frames)):
             doc.append(Segment(latents=latents, modality=VIDEO, clean=f < a.context_frames))
-            if f < len(a.actions):
-                doc.append(Segment(tokens=np.asarray(self.tokenizer.encode_action(a.actions[f]), dtype=np.int64)))
+            if f < len(a.actions):  # the preprocessing tool's layout: F0 a0 <frame> F1 a1 <frame> ..
+                action = self.tokenizer.encode_action(a.actions[f]) + [self.tokenizer.frame_id]
+                doc.append(Segment(tokens=np.asarray(action, dtype=np.int64)))
         return doc + [eod]
 
     def sample(self, i: int) -> Sample:

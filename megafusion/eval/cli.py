@@ -119,40 +119,6 @@ def caption_image(gen: Generator, image: np.ndarray, opts: SamplingOptions, max_
     return tok.decode(tok.encode(prompt) + [i for i in new if i != tok.eod_id])
 
 
-def rollout(gen: Generator, context_frames: np.ndarray, actions: list[str], caption: str, opts: SamplingOptions,
-            frame_token: bool) -> np.ndarray:
-    """``Generator.rollout`` in the action-video layout the run was trained on.
-
-    The in-process stream writes ``caption F0 a0 F1 a1 ..`` (``frame_token`` False: the
-    generator's own layout); ``tools/preprocess_data.py`` writes ``caption F0 a0 <frame> F1
-    a1 <frame> ..`` (True), and a rollout prompted without the ``<frame>`` tokens is out of
-    distribution. Returns uint8 [len(actions) + 1 - c, S, S, 3] for c context frames.
-    """
-    if not frame_token:
-        return gen.rollout(context_frames, actions, caption, opts)
-    from megafusion.data.sample import VIDEO
-    from megafusion.inference.generate import Chunk
-
-    tok = gen.tokenizer
-    c = len(context_frames)
-    if not 1 <= c <= len(actions):
-        raise ValueError(f"rollout: {c} context frames need 1 <= c <= len(actions) = {len(actions)}")
-    rng = torch.Generator().manual_seed(opts.seed)
-    state = gen.new_state()
-    context = gen.encode_images(np.asarray(context_frames))
-    parts = [gen.text_chunk(tok.encode(caption))]
-    for f in range(c):
-        parts += [gen.text_chunk([tok.boi_id]), gen.latent_chunk(context[f], 0.0, state.new_span_id(), VIDEO),
-                  gen.text_chunk([tok.eoi_id] + tok.encode_action(actions[f]) + [tok.frame_id, tok.boi_id])]
-    state.run(Chunk.cat(parts))
-    frames = []
-    for f in range(c, len(actions) + 1):
-        frames.append(gen.sample_latents(state, opts, modality=VIDEO, rng=rng))
-        if f < len(actions):
-            state.append_tokens(tok.encode_action(actions[f]) + [tok.frame_id, tok.boi_id])
-    return gen.decode_latents(torch.stack(frames))
-
-
 def evaluate(gen: Generator, cfg, out: Path, n: int = 32, opts: SamplingOptions | None = None,
              planning_candidates: int = 8, caption_first_prob: float = 0.8,
              log: Callable[[str], None] = print) -> dict:
@@ -174,7 +140,6 @@ def evaluate(gen: Generator, cfg, out: Path, n: int = 32, opts: SamplingOptions 
     trained = lambda source: weights.get(source, 0.0) > 0  # noqa: E731
     world = eval_world(gen)
     prior = dict(vocab=world.vocab, max_objects=world.config.max_objects)  # chance levels of this world
-    frame_token = cfg.data.kind == "indexed"  # preprocessed action videos put <frame> after each action
     results: dict[str, dict] = {}
     samples: dict[str, list] = {}
 
@@ -231,7 +196,7 @@ def evaluate(gen: Generator, cfg, out: Path, n: int = 32, opts: SamplingOptions 
     def world_model() -> dict:
         clips = [world.action_video(i) for i in range(n)]
         c = clips[0].context_frames
-        pred = np.stack([rollout(gen, a.frames[:c], a.actions, a.caption, seeded(i), frame_token)
+        pred = np.stack([gen.rollout(a.frames[:c], a.actions, a.caption, seeded(i))
                          for i, a in enumerate(clips)])
         k = min(len(clips), 4)
         rows = []
@@ -252,8 +217,8 @@ def evaluate(gen: Generator, cfg, out: Path, n: int = 32, opts: SamplingOptions 
 
         def scorer(start, goal, candidates):
             task = by_start[id(start)]
-            predict = lambda s, acts: rollout(gen, s[None], acts, agent_caption(task.episode, acts),  # noqa: E731
-                                              seeded(task.index), frame_token)[-1]
+            predict = lambda s, acts: gen.rollout(s[None], acts, agent_caption(task.episode, acts),  # noqa: E731
+                                                  seeded(task.index))[-1]
             return world_model_plan_scorer(predict)(start, goal, candidates)
 
         return score_planning(tasks, scorer)

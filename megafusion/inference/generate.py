@@ -400,9 +400,10 @@ class Generator:
     # ------------------------------------------------------------------ action rollout
     def rollout(self, context_frames: np.ndarray, actions: list[str], caption: str,
                 opts: SamplingOptions | None = None) -> np.ndarray:
-        """Next-frame rollout given actions, in the action-video layout of the training data:
-        ``caption``, then each frame in ``<boi> .. <eoi>`` followed by the action that moves
-        it to the next frame. ``context_frames`` uint8 [c, S, S, 3] are clean context;
+        """Next-frame rollout given actions, in the action-video layout of the training data
+        (``tools/preprocess_data.py`` and the in-process stream): ``caption``, then each frame
+        in ``<boi> .. <eoi>`` followed by the action that moves it to the next frame and
+        ``<frame>``. ``context_frames`` uint8 [c, S, S, 3] are clean context;
         ``actions[f]`` moves frame f to f + 1, so ``len(actions) + 1 - c`` frames are
         predicted (each sampled by the ODE, then appended as clean context).
         Returns uint8 [len(actions) + 1 - c, S, S, 3]."""
@@ -417,14 +418,14 @@ class Generator:
         parts = [self.text_chunk(tok.encode(caption))]
         for f in range(c):
             parts += [self.text_chunk([tok.boi_id]), self.latent_chunk(context[f], 0.0, state.new_span_id(), VIDEO),
-                      self.text_chunk([tok.eoi_id]), self.text_chunk(tok.encode_action(actions[f]))]
+                      self.text_chunk([tok.eoi_id] + tok.encode_action(actions[f]) + [tok.frame_id])]
         parts.append(self.text_chunk([tok.boi_id]))
         state.run(Chunk.cat(parts))
         frames = []
         for f in range(c, len(actions) + 1):
             frames.append(self.sample_latents(state, opts, modality=VIDEO, rng=rng))
             if f < len(actions):
-                state.append_tokens(tok.encode_action(actions[f]) + [tok.boi_id])
+                state.append_tokens(tok.encode_action(actions[f]) + [tok.frame_id, tok.boi_id])
         return self.decode_latents(torch.stack(frames))
 
     # ------------------------------------------------------------------ scoring

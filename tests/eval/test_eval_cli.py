@@ -133,9 +133,8 @@ def test_indexed_runs_read_their_sources_from_dataset_names(loaded):
         "text": 1.0, "image_text": 1.0, "vqa": 0.0, "video": 1.0, "action_video": 1.0}
 
 
-def test_rollout_in_the_preprocessed_layout_puts_frame_after_each_action(loaded):
+def test_rollout_prompts_in_the_training_layout_frame_after_each_action(loaded):
     from megafusion.data.shapes import ShapesWorld
-    from megafusion.eval.cli import rollout
     from megafusion.inference.generate import Generator, SamplingOptions
 
     gen = Generator.from_run(loaded)
@@ -148,7 +147,7 @@ def test_rollout_in_the_preprocessed_layout_puts_frame_after_each_action(loaded)
         return original(state, opts, modality=modality, rng=rng)
 
     gen.sample_latents = spy
-    frames = rollout(gen, a.frames[:1], a.actions, a.caption, SamplingOptions(steps=1, cfg_scale=1.0), True)
+    frames = gen.rollout(a.frames[:1], a.actions, a.caption, SamplingOptions(steps=1, cfg_scale=1.0))
     tok = gen.tokenizer
     assert frames.shape == (3, 32, 32, 3) and frames.dtype == np.uint8
     assert [s[1:] for s in seen] == [[tok.frame_id, tok.boi_id]] * 3

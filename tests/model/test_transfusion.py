@@ -337,6 +337,9 @@ def test_sentencepiece_tokenizer_path(tmp_path):
     assert sample.clean_spans.any()  # the context frame of the action video
     caption = tok.decode(ids[:ids.index(tok.boi_id)])
     assert caption.startswith("The agent")
+    # the preprocessing tool's layout: <boi><eoi> a0 <frame> <boi><eoi> a1 <frame> ...
+    after_action = [ids[k + 1] for k, i in enumerate(ids[:-1]) if i in action_ids]
+    assert after_action and set(after_action) == {tok.frame_id}
 
 
 # --------------------------------------------------------------------------- U-Net adapters
