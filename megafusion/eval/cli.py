@@ -44,6 +44,9 @@ import torch
 from megafusion.inference.generate import Generator, SamplingOptions, eval_world
 
 
+EVALUATIONS = ("generation", "captioning", "vqa", "world_model", "planning", "perplexity")
+
+
 def _skip(reason: str) -> dict:
     return {"skipped": f"not trained on this modality: {reason}"}
 
@@ -121,12 +124,14 @@ def caption_image(gen: Generator, image: np.ndarray, opts: SamplingOptions, max_
 
 def evaluate(gen: Generator, cfg, out: Path, n: int = 32, opts: SamplingOptions | None = None,
              planning_candidates: int = 8, caption_first_prob: float = 0.8,
-             log: Callable[[str], None] = print) -> dict:
+             log: Callable[[str], None] = print, only: tuple[str, ...] | None = None) -> dict:
     """Runs every evaluation the run's training data supports; returns the metrics dict
     (also written to ``out/metrics.json``) and saves sample grids under ``out``.
 
     ``caption_first_prob``: the training stream's share of caption-first image documents
     (``ShapesStream.caption_first_prob``); 1.0 means it never saw image-first (captioning) ones.
+    ``only``: run just these evaluations (names of ``EVALUATIONS``; None: all); the others are
+    written as ``{"skipped": "not requested ..."}``.
     """
     from megafusion.data.shapes.video import agent_caption
     from megafusion.eval.shapes import (save_grid, score_agent_positions, score_captions, score_generation,
@@ -144,6 +149,9 @@ def evaluate(gen: Generator, cfg, out: Path, n: int = 32, opts: SamplingOptions 
     samples: dict[str, list] = {}
 
     def timed(name: str, fn: Callable[[], dict]) -> None:
+        if only is not None and name not in only:
+            results[name] = {"skipped": "not requested (--only)"}
+            return
         started = time.perf_counter()
         results[name] = fn()
         results[name]["seconds"] = round(time.perf_counter() - started, 3)
@@ -285,6 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--world", default=None, metavar="MANIFEST.json",
                    help="the ShapesWorld the run's preprocessed data came from: a dataset's manifest.json (or a "
                         "JSON of WorldConfig fields); default: the run's in-process world, else the full world")
+    p.add_argument("--only", default=None, metavar="NAME[,NAME]",
+                   help=f"run just these evaluations ({', '.join(EVALUATIONS)}); default: all")
     p.add_argument("--device", default=None, help="cpu | cuda | auto (default: the run's train.device)")
     p.add_argument("--no-tensorboard", action="store_true")
     return p
@@ -292,6 +302,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    only = None if args.only is None else tuple(x.strip() for x in args.only.split(",") if x.strip())
+    if only is not None and (not only or set(only) - set(EVALUATIONS)):
+        print(f"megafusion eval: --only {args.only}: choose from {', '.join(EVALUATIONS)}", file=sys.stderr)
+        return 2
     if args.n < 2:
         print("megafusion eval: --n must be >= 2 (chance levels compare items with each other)", file=sys.stderr)
         return 2
@@ -309,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out) if args.out else Path(args.run_dir) / "eval" / f"step_{loaded.step:08d}"
         opts = SamplingOptions(steps=args.steps, method=args.sampler, cfg_scale=args.cfg, seed=args.seed)
         metrics = evaluate(gen, loaded.cfg, out, args.n, opts, args.planning_candidates,
-                           caption_first_prob=getattr(loaded.provider.stream, "caption_first_prob", 0.8))
+                           caption_first_prob=getattr(loaded.provider.stream, "caption_first_prob", 0.8), only=only)
         metrics.update(run_dir=str(args.run_dir), step=loaded.step)
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         if not args.no_tensorboard:

@@ -72,6 +72,20 @@ def test_untrained_modalities_are_reported_not_dropped(loaded, tmp_path):
     assert set(metrics["headlines"]) == {"generation", "perplexity"}
 
 
+def test_only_runs_the_requested_evaluations(run_dir, tmp_path):
+    from megafusion.eval.cli import main
+
+    out = tmp_path / "eval"
+    assert main(["--run-dir", str(run_dir), "--out", str(out), "--n", "2", "--steps", "1",
+                 "--only", "world_model,perplexity", "--no-tensorboard"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["headlines"]) == {"world_model", "perplexity"}
+    for name in ("generation", "captioning", "vqa", "planning"):
+        assert metrics["results"][name] == {"skipped": "not requested (--only)"}, name
+    assert metrics["results"]["world_model"]["rollout"]["n"] == 2
+    assert main(["--run-dir", str(run_dir), "--out", str(out), "--only", "world_models"]) == 2  # a typo is an error
+
+
 def test_perplexity_matches_the_models_training_loss(loaded):
     """Held-out perplexity from the generator's log-probs equals exp(mean CE) of the model's own
     (vocab-parallel) training loss on the same tokens."""
