@@ -133,11 +133,8 @@ class TransfusionModel(LanguageModule):
     def rope(self, positions: torch.Tensor, span_ids: torch.Tensor) -> torch.Tensor:
         """positions, span_ids [b, s] -> rotary angles [s, b, 1, kv_channels] (megatron's layout).
 
-        1-D: angle = position * inv_freq. 2-D / 3-D: frequency i is rotated by coordinate
-        i mod 3 of (time, row, column) from ``rope_coordinates`` (interleaved, as Qwen's
-        M-RoPE does): contiguous sections would leave the columns only the lowest
-        frequencies, a few milliradians per patch at small head dims, so patches in a row
-        could hardly be told apart.
+        1-D: angle = position * inv_freq. 2-D: the frequencies are cut into three contiguous
+        sections rotated by the (time, row, column) coordinates of ``rope_coordinates``.
         """
         inv_freq = self.rotary_pos_emb.inv_freq.to(positions.device)
         if self.image_grid_width is None:
@@ -145,7 +142,7 @@ class TransfusionModel(LanguageModule):
         else:
             coords = rope_coordinates(positions, span_ids, self.image_grid_width)  # [3, b, s]
             n = inv_freq.numel()
-            section = torch.arange(n, device=positions.device) % 3  # [d/2] in {0, 1, 2}
+            section = torch.arange(n, device=positions.device) * 3 // n  # [d/2] in {0, 1, 2}
             freqs = coords[section].permute(2, 1, 0).float() * inv_freq  # [s, b, d/2]
         if self.config.rotary_interleaved:
             emb = torch.stack([freqs, freqs], dim=-1).flatten(-2)

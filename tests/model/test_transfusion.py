@@ -316,28 +316,6 @@ def test_2d_positions_leave_text_unchanged_and_move_images(megatron_world):
     assert (pred_2d[0, 5:11] - pred_1d[0, 5:11]).abs().amax() > 1e-4
 
 
-def test_3d_rope_gives_every_axis_high_and_low_frequencies(megatron_world):
-    """Each of time / row / column rotates one of the three highest frequencies, so a
-    one-patch step along any axis turns some angle by a sizeable amount."""
-    provider = make_provider(["model.image_positions=3d"])
-    model = provider.build(pre_process=True, post_process=True, vp_stage=None)
-    tokens, positions, doc, span, *_ = hand_batch()
-    angles = model.rope(positions, span)[:, 0, 0, :]  # [s, kv_channels]
-    inv_freq = model.rotary_pos_emb.inv_freq
-    half = inv_freq.numel()
-    image = (span[0] == 0).nonzero().squeeze(1)
-    steps = (angles[image[1:], :half] - angles[image[:-1], :half]).abs()  # consecutive patches
-    moved = steps.amax(0) > 0  # frequencies some patch step turns
-    assert moved[:3].any()  # a high frequency changes between neighbouring patches
-    # every frequency index i is driven by axis i % 3: the three highest ones cover all axes
-    from megafusion.model.transfusion import rope_coordinates
-
-    coords = rope_coordinates(positions, span, model.image_grid_width)[:, 0, image]  # [3, n]
-    for axis in range(3):
-        expected = coords[axis].float()[:, None] * inv_freq[axis::3]
-        torch.testing.assert_close(angles[image][:, axis:half:3], expected)
-
-
 def test_sentencepiece_tokenizer_path(tmp_path):
     from megafusion.data.shapes import ACTIONS, ShapesWorld
     from megafusion.data.tokenizer import train_tokenizer
