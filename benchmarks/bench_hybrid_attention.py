@@ -181,22 +181,14 @@ if pytest is not None:
 def run_standalone(json_path: str, select: str = "", rounds: int = 20, warmup: int = 3) -> None:
     """The same cases without pytest-benchmark (for machines that lack it); writes a JSON
     with the fields ``table`` reads (``params``, ``stats.median`` in s, ``extra_info``)."""
-    import statistics
-    import time
+    from bench_timing import time_step
 
     results = []
     for n, pack, impl, pas, case_id in _cases():
         if select not in case_id:
             continue
         step, info = _setup(n, pack, impl, pas)
-        for _ in range(warmup):
-            step()
-        times = []
-        for _ in range(rounds):
-            t0 = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - t0)
-        median = statistics.median(times)
+        median, times = time_step(step, warmup, rounds)
         info["tflops"] = info["flops"] / median / 1e12
         results.append(dict(name=case_id, params=dict(n=n, pack=pack, impl=impl, pas=pas),
                             stats=dict(median=median, min=min(times), max=max(times), rounds=rounds), extra_info=info))

@@ -241,7 +241,8 @@ def run_cases(cases, build, out_path: str, rounds: int, skip=(), warmup: int = 3
     like pytest-benchmark's (benchmarks[].param / stats.median / extra_info) to ``out_path``."""
     import json
     import statistics
-    import time
+
+    from bench_timing import time_step
 
     results = []
     for cid, args in cases:
@@ -250,14 +251,7 @@ def run_cases(cases, build, out_path: str, rounds: int, skip=(), warmup: int = 3
         except skip as why:
             print(f"{cid:48s} skipped: {why}", flush=True)
             continue
-        for _ in range(1 + (warmup if ON_GPU else 0)):
-            step()
-        times = []
-        for _ in range(rounds):
-            start = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - start)
-        median = statistics.median(times)
+        median, times = time_step(step, 1 + (warmup if ON_GPU else 0), rounds)
         results.append({"name": cid, "param": cid, "extra_info": extra_info(median),
                         "stats": {"median": median, "min": min(times), "mean": statistics.fmean(times),
                                   "rounds": rounds}})
