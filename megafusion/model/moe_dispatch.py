@@ -249,17 +249,17 @@ class ProfiledMoELayer(MoELayer):
                  is_mtp_layer: bool = False, name: Optional[str] = None):
         super().__init__(config, submodules=submodules, layer_number=layer_number, pg_collection=pg_collection,
                          is_mtp_layer=is_mtp_layer, name=name)
+        self.set_up_dispatcher(pg_collection)
+
+    def set_up_dispatcher(self, pg_collection) -> None:
         profile_dispatch(self.token_dispatcher)
 
 
-class TritonDispatchMoELayer(MoELayer):
+class TritonDispatchMoELayer(ProfiledMoELayer):
     """megatron-core's MoELayer with ``install_triton_dispatcher`` applied (same arguments)."""
 
-    def __init__(self, config, submodules=None, layer_number: Optional[int] = None, pg_collection=None,
-                 is_mtp_layer: bool = False, name: Optional[str] = None):
-        super().__init__(config, submodules=submodules, layer_number=layer_number, pg_collection=pg_collection,
-                         is_mtp_layer=is_mtp_layer, name=name)
-        install_triton_dispatcher(self, pg_collection)
+    def set_up_dispatcher(self, pg_collection) -> None:
+        install_triton_dispatcher(self, pg_collection)  # profiles the dispatcher it installs
 
 
 def grouped_experts_submodules(submodules):
