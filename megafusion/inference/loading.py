@@ -107,6 +107,12 @@ def build_model(cfg: Config, device: str | None = None) -> LoadedRun:
     return LoadedRun(cfg, model, provider, None, dev, None)
 
 
+def _check_kind(cfg: Config, kinds: tuple[str, ...] | None, where: Path) -> None:
+    if kinds is not None and cfg.model.kind not in kinds:
+        raise ConfigError(f"{where}: model.kind = {cfg.model.kind!r}; generation and ShapesWorld "
+                          "evaluation need a Transfusion model (model.kind: transfusion)")
+
+
 def load_run(run_dir: str | Path, step: int | None = None, device: str | None = None,
              kinds: tuple[str, ...] | None = ("transfusion",)) -> LoadedRun:
     """Builds the run's model at world size 1 and loads its checkpoint's weights.
@@ -130,9 +136,7 @@ def load_run(run_dir: str | Path, step: int | None = None, device: str | None = 
                                 "`megafusion train` (it holds config.yaml and checkpoints/) or by "
                                 "`megafusion export` (config.json and model.safetensors)")
     cfg = load_config(config_file)
-    if kinds is not None and cfg.model.kind not in kinds:
-        raise ConfigError(f"{config_file}: model.kind = {cfg.model.kind!r}; generation and ShapesWorld "
-                          "evaluation need a Transfusion model (model.kind: transfusion)")
+    _check_kind(cfg, kinds, config_file)
     ckpt_step, path = checkpoint_path(run_dir, step)
     loaded = build_model(cfg, device)
     try:
@@ -154,10 +158,7 @@ def load_export(export_dir: str | Path, step: int | None = None, device: str | N
 
     export_dir = Path(export_dir)
     cfg, raw = read_config(export_dir)
-    where = export_dir / "config.json"
-    if kinds is not None and cfg.model.kind not in kinds:
-        raise ConfigError(f"{where}: model.kind = {cfg.model.kind!r}; generation and ShapesWorld "
-                          "evaluation need a Transfusion model (model.kind: transfusion)")
+    _check_kind(cfg, kinds, export_dir / "config.json")
     exported_step = int(raw.get("step") or 0)
     if step is not None and step != exported_step:
         raise FileNotFoundError(f"'{export_dir}' is an export of step {exported_step} only; drop --step "
