@@ -76,6 +76,9 @@ class ModelConfig:
     patch_adapter: str = "linear"  # latent patches in/out: linear | unet
     time_conditioning: str = "additive"  # timestep embedding on image tokens: additive | adaln
     image_positions: str = "1d"  # RoPE positions of image/frame patches: 1d | 2d | 3d
+    # learned: an absolute embedding of each patch's index inside its image/frame, added to
+    # its input, so patches know where they sit whatever the RoPE leaves them: none | learned
+    patch_positions: str = "none"
 
 
 @dataclass
@@ -327,6 +330,7 @@ _CHOICES = {
     "model.patch_adapter": ("linear", "unet"),
     "model.time_conditioning": ("additive", "adaln"),
     "model.image_positions": ("1d", "2d", "3d"),
+    "model.patch_positions": ("none", "learned"),
     "vision.representation": ("pixel", "rae", "vae"),
     "model.moe.dispatcher": ("alltoall", "allgather"),
     "model.moe.dispatch": ("megatron", "triton"),

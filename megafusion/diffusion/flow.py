@@ -53,6 +53,10 @@ class FlowMatchingConfig:
       Transfusion caps DDPM noise at t <= 500 of 1000 for 20% of image-caption pairs). These
       spans *keep* their diffusion loss, as in Transfusion.
     - ``clean_t_max``: the largest timestep of such a span, in (0, 1].
+    - ``frame_clean_fraction``: the same fraction for video frames that condition later
+      frames (None: ``clean_fraction``). At 1.0 every frame but a clip's last is nearly
+      clean, so next-frame prediction from noise is learnt from one frame per clip; below
+      1.0 the other frames are learnt from noise too, with a noisier context now and then.
     - ``cfg_dropout``: probability that a span's (or a document's) text condition is
       dropped for classifier-free guidance; ``add_noise`` returns the flag, the model
       decides how to drop.
@@ -66,6 +70,7 @@ class FlowMatchingConfig:
     time_shift: str | float = "auto"
     clean_fraction: float = 0.2
     clean_t_max: float = 0.5
+    frame_clean_fraction: float | None = None
     cfg_dropout: float = 0.1
     min_denominator: float = 1e-5
 
@@ -84,6 +89,8 @@ class FlowMatchingConfig:
             raise ValueError(f"flow.time_shift={self.time_shift}: must be 'auto' or > 0 (1.0 = no shift)")
         if not 0.0 <= self.clean_fraction <= 1.0:
             raise ValueError(f"flow.clean_fraction={self.clean_fraction}: must lie in [0, 1]")
+        if self.frame_clean_fraction is not None and not 0.0 <= self.frame_clean_fraction <= 1.0:
+            raise ValueError(f"flow.frame_clean_fraction={self.frame_clean_fraction}: must lie in [0, 1] (or null)")
         if not 0.0 < self.clean_t_max <= 1.0:
             raise ValueError(f"flow.clean_t_max={self.clean_t_max}: must lie in (0, 1]")
         if not 0.0 <= self.cfg_dropout < 1.0:
@@ -243,6 +250,7 @@ def add_noise(
     image_loss_mask: torch.Tensor | None = None,
     doc_ids: torch.Tensor | None = None,
     cap_eligible: torch.Tensor | None = None,
+    cap_fraction: torch.Tensor | None = None,
 ) -> NoisedLatents:
     """Draws per-span timesteps and noise for a packed batch and builds the training target.
 
@@ -258,6 +266,8 @@ def add_noise(
             (every position of the document is flagged), otherwise per span.
         cap_eligible: [B, N] bool, latent positions whose span may be noise-capped (images
             that condition later text); default: every non-clean span.
+        cap_fraction: [B, N] float, the capping probability of each position's span
+            (e.g. ``frame_clean_fraction`` on video frames); default ``cfg.clean_fraction``.
 
     Each span (an image, or one video frame) gets one timestep ``t = shift(sigmoid(u))``;
     a ``cfg.clean_fraction`` of eligible spans then has ``t`` rescaled into
@@ -269,6 +279,7 @@ def add_noise(
         image_loss_mask = None if image_loss_mask is None else image_loss_mask[None]
         doc_ids = None if doc_ids is None else doc_ids[None]
         cap_eligible = None if cap_eligible is None else cap_eligible[None]
+        cap_fraction = None if cap_fraction is None else cap_fraction[None]
     if sample_latents.dim() != 3 or span_ids.shape != sample_latents.shape[:2] or clean_spans.shape != span_ids.shape:
         raise ValueError(
             f"add_noise: latents {tuple(sample_latents.shape)} must be [B, N, C] with span_ids and clean_spans "
@@ -295,7 +306,12 @@ def add_noise(
     eligible = ~span_clean
     if cap_eligible is not None:
         eligible &= _any_per_span(cap_eligible, index, S)
-    capped = eligible & (per_span_uniform() < cfg.clean_fraction)
+    fraction = cfg.clean_fraction
+    if cap_fraction is not None:  # [S]: one value per span (its positions agree)
+        latent = index >= 0
+        fraction = torch.zeros(S, dtype=torch.float32, device=device).index_put_(
+            (index[latent],), cap_fraction[latent].float())
+    capped = eligible & (per_span_uniform() < fraction)
     t_span = torch.where(capped, t_span * cfg.clean_t_max, t_span)
     t_span = torch.where(span_clean, torch.zeros_like(t_span), t_span)
 

@@ -126,7 +126,8 @@ class DecodeState:
                 model.modality_context.set(chunk.modality[None])
             if getattr(model, "time_context", None) is not None:
                 model.time_context.set(chunk.t[None], chunk.modality[None])
-            hidden = model.embed(chunk.tokens[None], chunk.latents[None], chunk.t[None], chunk.modality[None])
+            hidden = model.embed(chunk.tokens[None], chunk.latents[None], chunk.t[None], chunk.modality[None],
+                                 chunk.span_ids[None])
             hidden = model.decoder(hidden_states=hidden, attention_mask=mask,
                                    rotary_pos_emb=model.rope(positions, mask.span_ids),
                                    inference_context=self.context)

@@ -12,7 +12,7 @@ run the weights (and everything that must agree for them to mean the same thing)
      "ffn": "dense" | "modality",
      "moe": null | {"num_experts", "top_k", "expert_ffn_hidden_size", "layers", "router_score",
                     "shared_expert_ffn_hidden_size", "per_modality_shared_experts"},
-     "patch_embedding": {"adapter", "latent_dim", "tokens_per_image"},
+     "patch_embedding": {"adapter", "latent_dim", "tokens_per_image", "positions"},
      "time_embedding": {"conditioning", "frequency_dim"},
      "visual_representation": {"kind", "image_size", "patch_size", "tokens_per_image",
                                "latent_dim", "path", "latent_stats": null | {"mean", "std"}}}
@@ -105,7 +105,8 @@ def describe(cfg: Config, tokenizer=None, representation=None, representation_pa
         arch["transformer"]["image_positions"] = m.image_positions
         arch["ffn"] = m.ffn
         arch["patch_embedding"] = {"adapter": m.patch_adapter, "latent_dim": int(representation.latent_dim),
-                                   "tokens_per_image": int(representation.tokens_per_image)}
+                                   "tokens_per_image": int(representation.tokens_per_image),
+                                   "positions": m.patch_positions}
         arch["time_embedding"] = {"conditioning": m.time_conditioning, "frequency_dim": _time_frequency_dim()}
         arch["visual_representation"] = _representation(cfg, representation, representation_path)
     return arch
@@ -142,7 +143,7 @@ def weight_fields(cfg: Config) -> dict[str, Any]:
     if m.kind == "transfusion":
         fields.update({"model.ffn": m.ffn, "model.patch_adapter": m.patch_adapter,
                        "model.time_conditioning": m.time_conditioning, "model.image_positions": m.image_positions,
-                       "vision.representation": cfg.vision.representation, "vision.image_size": cfg.vision.image_size})
+                       "model.patch_positions": m.patch_positions, "vision.representation": cfg.vision.representation, "vision.image_size": cfg.vision.image_size})
         if cfg.vision.representation in ("pixel", "vae"):
             fields["vision.patch_size"] = cfg.vision.patch_size
     return fields

@@ -73,6 +73,39 @@ class TimestepEmbedding(nn.Module):
         return self.mlp(features.to(self.mlp[0].weight.dtype))
 
 
+def span_offsets(span_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """span_ids [b, s] (-1 at text) -> (k, start) [b, s] int64: the index of each latent
+    position inside its (contiguous) span, and the sequence index where that span starts
+    (meaningless at text positions)."""
+    b, s = span_ids.shape
+    index = torch.arange(s, device=span_ids.device).expand(b, s)
+    previous = torch.cat([torch.full_like(span_ids[:, :1], -1), span_ids[:, :-1]], dim=1)
+    starts = (span_ids >= 0) & (span_ids != previous)
+    start = torch.cummax(torch.where(starts, index, torch.zeros_like(index)), dim=1).values
+    return index - start, start
+
+
+class PatchPositionEmbedding(nn.Module):
+    """Learned absolute position of a patch inside its image/frame (``model.patch_positions:
+    learned``): span_ids [b, s] -> [b, s, hidden], row k of the table for the k-th patch of a
+    span (row-major), zeros at text positions. Frames of a video share the table, so the
+    same place in consecutive frames carries the same vector (what copying attends by)."""
+
+    def __init__(self, tokens_per_image: int, hidden_size: int) -> None:
+        super().__init__()
+        self.tokens_per_image = tokens_per_image
+        self.table = nn.Embedding(tokens_per_image, hidden_size)
+
+    def forward(self, span_ids: torch.Tensor) -> torch.Tensor:
+        k, _ = span_offsets(span_ids)
+        is_latent = span_ids >= 0
+        if bool((k[is_latent] >= self.tokens_per_image).any()):
+            raise ValueError(f"a span holds more than tokens_per_image = {self.tokens_per_image} patches; "
+                             "every image/frame span must hold exactly one image")
+        rows = self.table(torch.where(is_latent, k, torch.zeros_like(k)))
+        return rows * is_latent.unsqueeze(-1).to(rows.dtype)
+
+
 def rope_coordinates(positions: torch.Tensor, span_ids: torch.Tensor, grid_width: int) -> torch.Tensor:
     """2-D RoPE coordinates (``model.image_positions: 2d``), M-RoPE style: [3, b, s] int64.
 
@@ -83,13 +116,8 @@ def rope_coordinates(positions: torch.Tensor, span_ids: torch.Tensor, grid_width
     frame of a video has its own time p0. ``positions``/``span_ids``: [b, s] (``Sample``);
     spans are contiguous and laid out row-major (``megafusion.vision`` patchify order).
     """
-    b, s = positions.shape
-    index = torch.arange(s, device=positions.device).expand(b, s)
     is_latent = span_ids >= 0
-    previous = torch.cat([torch.full_like(span_ids[:, :1], -1), span_ids[:, :-1]], dim=1)
-    starts = is_latent & (span_ids != previous)
-    start_index = torch.cummax(torch.where(starts, index, torch.zeros_like(index)), dim=1).values
-    k = index - start_index
+    k, start_index = span_offsets(span_ids)
     p0 = positions.gather(1, start_index)
     time = torch.where(is_latent, p0, positions)
     row = torch.where(is_latent, p0 + k // grid_width, positions)

@@ -45,7 +45,8 @@ from megafusion.data import synthetic
 from megafusion.data.sample import IGNORE_INDEX, IMAGE, TEXT, VIDEO
 from megafusion.diffusion.flow import add_noise
 from megafusion.model.adaln import AdaLNNorm, TimeContext
-from megafusion.model.embeddings import PatchIn, PatchOut, TimestepEmbedding, rope_coordinates
+from megafusion.model.embeddings import (PatchIn, PatchOut, PatchPositionEmbedding, TimestepEmbedding,
+                                         rope_coordinates)
 from megafusion.model.init import init_weights
 from megafusion.model.mask import HybridMaskInfo
 from megafusion.model.modality_ffn import ModalityContext, ffn_spec
@@ -74,13 +75,15 @@ class TransfusionModel(LanguageModule):
         unet_layout: (channels, patch size, tokens per image) of the latent tokens for U-Net
             patch adapters (``patch_adapter: unet``, ``megafusion.model.unet``); None =
             linear adapters. Every image/frame span must then hold a whole image.
+        patch_positions: tokens per image for a learned absolute patch-position embedding
+            added to the latent inputs (``model.patch_positions: learned``); None = none.
     """
 
     def __init__(self, config, block_spec, vocab_size: int, latent_dim: int, max_sequence_length: int,
                  pre_process: bool = True, post_process: bool = True, tie_embeddings: bool = True,
                  rope_base: float = 10000.0, vp_stage: int | None = None, modality_context=None,
                  time_context=None, image_grid_width: int | None = None,
-                 unet_layout: tuple[int, int, int] | None = None) -> None:
+                 unet_layout: tuple[int, int, int] | None = None, patch_positions: int | None = None) -> None:
         super().__init__(config=config)
         self.vocab_size = vocab_size
         self.latent_dim = latent_dim
@@ -105,6 +108,8 @@ class TransfusionModel(LanguageModule):
                              else UNetDown(*unet_layout[:2], config.hidden_size))
             if time_context is None:
                 self.time_embed = TimestepEmbedding(config.hidden_size)
+            self.patch_position = (PatchPositionEmbedding(patch_positions, config.hidden_size)
+                                   if patch_positions else None)
         # Holds inv_freq only; positions are per token (they restart in every document).
         self.rotary_pos_emb = RotaryEmbedding(kv_channels=config.kv_channels, rotary_percent=1.0,
                                               rotary_interleaved=config.rotary_interleaved,
@@ -173,17 +178,22 @@ class TransfusionModel(LanguageModule):
         return out
 
     def embed(self, tokens: torch.Tensor, latents: torch.Tensor, timesteps: torch.Tensor,
-              modality: torch.Tensor) -> torch.Tensor:
+              modality: torch.Tensor, span_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Decoder input [s, b, h] (the local [s/tp, b, h] slice under sequence parallelism).
 
         Text positions get their token embedding; latent positions (modality != TEXT) get
-        PatchIn(x_t) + TimestepEmbedding(t) instead (PatchIn(x_t) alone with AdaLN).
+        PatchIn(x_t) + TimestepEmbedding(t) instead (PatchIn(x_t) alone with AdaLN), plus
+        the learned patch position with ``patch_positions`` (``span_ids`` [b, s] needed).
         """
         text = self.embedding(input_ids=tokens, position_ids=None)  # [s, b, h]
         is_latent = (modality != TEXT).t().unsqueeze(-1)  # [s, b, 1]
         visual = self.adapt(self.patch_in, latents.to(text.dtype), timesteps, modality).transpose(0, 1)
         if self.time_context is None:
             visual = visual + self.time_embed(timesteps.t()).to(text.dtype)
+        if self.patch_position is not None:
+            if span_ids is None:
+                raise ValueError("TransfusionModel.embed: learned patch positions need span_ids")
+            visual = visual + self.patch_position(span_ids).transpose(0, 1).to(text.dtype)
         # contiguous: the residual stream keeps this layout and pipeline p2p sends need it
         hidden = torch.where(is_latent, visual, text).contiguous()
         if self.config.sequence_parallel:
@@ -236,13 +246,14 @@ class TransfusionModel(LanguageModule):
             self.modality_context.set(modality)
         if self.time_context is not None:
             self.time_context.set(timesteps, modality)
+        span_ids = HybridMaskInfo.coerce(attention_mask).span_ids
         if decoder_input is None and self.pre_process:
             if latents is None:
                 latents = torch.zeros(b, s, self.latent_dim, device=tokens.device)
-            decoder_input = self.embed(tokens, latents, timesteps, modality)
+            decoder_input = self.embed(tokens, latents, timesteps, modality, span_ids)
 
         hidden = self.decoder(hidden_states=decoder_input, attention_mask=attention_mask,
-                              rotary_pos_emb=self.rope(positions, HybridMaskInfo.coerce(attention_mask).span_ids))
+                              rotary_pos_emb=self.rope(positions, span_ids))
         if not self.post_process:
             return hidden
 
@@ -416,7 +427,9 @@ class TransfusionProvider:
                                  post_process=post_process, tie_embeddings=m.tie_embeddings,
                                  rope_base=m.rope_base, vp_stage=vp_stage, modality_context=context,
                                  time_context=time_context, image_grid_width=self.image_grid_width,
-                                 unet_layout=self.unet_layout)
+                                 unet_layout=self.unet_layout,
+                                 patch_positions=self.stream.tokens_per_image if m.patch_positions == "learned"
+                                 else None)
         init_weights(model, self.cfg.train.seed, m.init_std, m.num_layers)
         return model
 
@@ -424,12 +437,17 @@ class TransfusionProvider:
         """The training micro-batch of global sample ``indices``: a pure function of (seed, indices)."""
         t = self.cfg.train
         rows = []
+        d = self.cfg.diffusion
         for i in indices:
             s = self.stream.sample(i)
             generator = torch.Generator().manual_seed(t.seed * 1_000_003 + int(i) + 17)
-            noised = add_noise(s.latents, s.span_ids, s.clean_spans, self.cfg.diffusion, generator,
+            cap_fraction = None
+            if d.frame_clean_fraction is not None:
+                cap_fraction = torch.where(s.modality == VIDEO, d.frame_clean_fraction, d.clean_fraction)
+            noised = add_noise(s.latents, s.span_ids, s.clean_spans, d, generator,
                                image_loss_mask=s.image_loss_mask, doc_ids=s.doc_ids,
-                               cap_eligible=conditions_later_text(s.labels, s.span_ids, s.doc_ids))
+                               cap_eligible=conditions_later_text(s.labels, s.span_ids, s.doc_ids),
+                               cap_fraction=cap_fraction)
             rows.append((s, noised))
         stack = lambda f: torch.stack([f(s, n) for s, n in rows])  # noqa: E731
         tokens, labels = stack(lambda s, n: s.tokens), stack(lambda s, n: s.labels)

@@ -149,6 +149,28 @@ def test_noise_capping_fraction_and_range():
     assert out.t[0, :1000].max() <= 0.3 and out.t[0, 1000:].max() > 0.9
 
 
+def test_per_span_capping_fraction():
+    """``cap_fraction`` gives each span its own capping probability (frames vs images);
+    a constant equal to ``clean_fraction`` draws exactly what the default draws."""
+    span_ids = torch.arange(2000).repeat_interleave(2)[None]  # 2 positions per span
+    latents = torch.zeros(1, 4000, 2)
+    clean = torch.zeros_like(span_ids, dtype=torch.bool)
+    cfg = FlowMatchingConfig(clean_fraction=0.5, clean_t_max=0.3, time_shift=1.0, cfg_dropout=0.0)
+    default = add_noise(latents, span_ids, clean, cfg, torch.Generator().manual_seed(0))
+    same = add_noise(latents, span_ids, clean, cfg, torch.Generator().manual_seed(0),
+                     cap_fraction=torch.full((1, 4000), 0.5))
+    torch.testing.assert_close(same.t, default.t, rtol=0, atol=0)
+    # first half of the spans never capped, second half always
+    fraction = torch.where(span_ids < 1000, 0.0, 1.0)
+    out = add_noise(latents, span_ids, clean, cfg, torch.Generator().manual_seed(0), cap_fraction=fraction)
+    assert out.t[0, 2000:].max() <= 0.3
+    natural_low = 0.5 * (1 + math.erf(math.log(0.3 / 0.7) / math.sqrt(2)))
+    assert abs((out.t[0, :2000] <= 0.3).float().mean().item() - natural_low) < 0.05
+    assert out.t[0, :2000].max() > 0.9
+    with pytest.raises(ValueError, match="frame_clean_fraction"):
+        FlowMatchingConfig(frame_clean_fraction=1.5)
+
+
 def test_cfg_dropout_flags_spans_or_documents():
     span_ids = torch.arange(4000)[None]
     latents = torch.zeros(1, 4000, 2)

@@ -143,7 +143,8 @@ def test_transfusion_config_json_describes_the_architecture(base):
                 "ffn_hidden_size": 128, "max_sequence_length": 128, "image_positions": "1d"}
         assert {k: arch["transformer"][k] for k in want} == want
         # 32x32 pixels in 8x8 patches: 16 tokens of 3 * 8 * 8 values
-        assert arch["patch_embedding"] == {"adapter": "linear", "latent_dim": 192, "tokens_per_image": 16}
+        assert arch["patch_embedding"] == {"adapter": "linear", "latent_dim": 192, "tokens_per_image": 16,
+                                           "positions": "none"}
         assert arch["time_embedding"] == {"conditioning": "additive", "frequency_dim": 256}
         assert arch["visual_representation"]["kind"] == "pixel"
         assert arch["visual_representation"]["patch_size"] == 8

@@ -316,6 +316,44 @@ def test_2d_positions_leave_text_unchanged_and_move_images(megatron_world):
     assert (pred_2d[0, 5:11] - pred_1d[0, 5:11]).abs().amax() > 1e-4
 
 
+def test_patch_position_embedding_known_answer():
+    from megafusion.model.embeddings import PatchPositionEmbedding, span_offsets
+
+    # text(2) <boi> 4 patches <eoi>, then two frames of 4 patches back to back
+    span = torch.tensor([[-1, -1, -1, 0, 0, 0, 0, -1, 1, 1, 1, 1, 2, 2, 2, 2]])
+    k, start = span_offsets(span)
+    latent = span[0] >= 0
+    assert k[0, latent].tolist() == [0, 1, 2, 3] * 3
+    assert start[0, latent].tolist() == [3] * 4 + [8] * 4 + [12] * 4
+    emb = PatchPositionEmbedding(4, 8)
+    out = emb(span)[0]
+    assert out[~latent].abs().sum() == 0
+    torch.testing.assert_close(out[3:7], emb.table.weight)  # the k-th patch reads row k
+    torch.testing.assert_close(out[8:12], out[12:16])  # consecutive frames share the table
+    with pytest.raises(ValueError, match="more than tokens_per_image = 4"):
+        emb(torch.tensor([[0, 0, 0, 0, 0]]))
+
+
+def test_learned_patch_positions_leave_text_unchanged_and_move_images(megatron_world):
+    """The embedding is added to latent inputs only: text before an image and text-only
+    documents are untouched; every latent position hears it; generation's cached path
+    passes span ids too (tests/inference)."""
+    tokens, positions, doc, span, latents, t, modality = hand_batch()
+    outputs = {}
+    for mode in ("none", "learned"):
+        provider = make_provider([f"model.patch_positions={mode}"])
+        model = provider.build(pre_process=True, post_process=True, vp_stage=None).eval()
+        assert hasattr(model, "patch_position") and (model.patch_position is not None) == (mode == "learned")
+        with torch.no_grad():
+            if mode == "learned":
+                model.patch_position.table.weight.mul_(50)  # init std is small: make the change plain
+            outputs[mode] = run(model, tokens, positions, doc, span, latents, t, modality)
+    (logits_a, pred_a), (logits_b, pred_b) = outputs["none"], outputs["learned"]
+    torch.testing.assert_close(logits_b[0, :5], logits_a[0, :5], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(logits_b[0, 15:], logits_a[0, 15:], atol=1e-6, rtol=1e-6)
+    assert ((pred_b[0, 5:11] - pred_a[0, 5:11]).abs().amax(-1) > 1e-4).all()
+
+
 def test_sentencepiece_tokenizer_path(tmp_path):
     from megafusion.data.shapes import ACTIONS, ShapesWorld
     from megafusion.data.tokenizer import train_tokenizer
