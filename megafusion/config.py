@@ -79,6 +79,10 @@ class ModelConfig:
     # learned: an absolute embedding of each patch's index inside its image/frame, added to
     # its input, so patches know where they sit whatever the RoPE leaves them: none | learned
     patch_positions: str = "none"
+    # How 2d/3d RoPE shares its frequencies among (time, row, column): contiguous thirds
+    # (M-RoPE; time gets the highest) | interleaved (row, column, time, row, ...: the
+    # spatial axes get the highest, which small head dims need to tell neighbours apart)
+    rope_layout: str = "contiguous"
 
 
 @dataclass
@@ -331,6 +335,7 @@ _CHOICES = {
     "model.time_conditioning": ("additive", "adaln"),
     "model.image_positions": ("1d", "2d", "3d"),
     "model.patch_positions": ("none", "learned"),
+    "model.rope_layout": ("contiguous", "interleaved"),
     "vision.representation": ("pixel", "rae", "vae"),
     "model.moe.dispatcher": ("alltoall", "allgather"),
     "model.moe.dispatch": ("megatron", "triton"),

@@ -123,7 +123,7 @@ def caption_image(gen: Generator, image: np.ndarray, opts: SamplingOptions, max_
 
 
 def evaluate(gen: Generator, cfg, out: Path, n: int = 32, opts: SamplingOptions | None = None,
-             planning_candidates: int = 8, caption_first_prob: float = 0.8,
+             planning_candidates: int = 8, caption_first_prob: float = 0.8, planning_n: int | None = None,
              log: Callable[[str], None] = print, only: tuple[str, ...] | None = None) -> dict:
     """Runs every evaluation the run's training data supports; returns the metrics dict
     (also written to ``out/metrics.json``) and saves sample grids under ``out``.
@@ -220,7 +220,8 @@ def evaluate(gen: Generator, cfg, out: Path, n: int = 32, opts: SamplingOptions 
     def planning() -> dict:
         wc = world.config
         horizon = wc.action_frames - wc.context_frames  # the rollout length seen in training
-        tasks = [world.planning_task(i, horizon=horizon, n_candidates=planning_candidates) for i in range(n)]
+        tasks = [world.planning_task(i, horizon=horizon, n_candidates=planning_candidates)
+                 for i in range(planning_n or n)]
         by_start = {id(t.start_frame): t for t in tasks}
 
         def scorer(start, goal, candidates):
@@ -244,7 +245,7 @@ def evaluate(gen: Generator, cfg, out: Path, n: int = 32, opts: SamplingOptions 
 
     metrics = {
         "settings": {"n": n, "steps": opts.steps, "sampler": opts.method, "cfg_scale": opts.cfg_scale,
-                     "seed": opts.seed, "planning_candidates": planning_candidates,
+                     "seed": opts.seed, "planning_candidates": planning_candidates, "planning_n": planning_n or n,
                      "heldout_seed": world.config.seed, "training_sources": weights},
         "headlines": {name: r["headline"] for name, r in results.items() if "headline" in r},
         "results": results,
@@ -289,6 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", choices=("euler", "heun"), default="euler")
     p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale for images (1 = off)")
     p.add_argument("--planning-candidates", type=int, default=8, help="candidate action sequences per planning task")
+    p.add_argument("--planning-n", type=int, default=None,
+                   help="planning tasks (default: --n); each costs a rollout per candidate")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--world", default=None, metavar="MANIFEST.json",
                    help="the ShapesWorld the run's preprocessed data came from: a dataset's manifest.json (or a "
@@ -322,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
             gen.world_config = load_world_config(args.world)
         out = Path(args.out) if args.out else Path(args.run_dir) / "eval" / f"step_{loaded.step:08d}"
         opts = SamplingOptions(steps=args.steps, method=args.sampler, cfg_scale=args.cfg, seed=args.seed)
-        metrics = evaluate(gen, loaded.cfg, out, args.n, opts, args.planning_candidates,
+        metrics = evaluate(gen, loaded.cfg, out, args.n, opts, args.planning_candidates, planning_n=args.planning_n,
                            caption_first_prob=getattr(loaded.provider.stream, "caption_first_prob", 0.8), only=only)
         metrics.update(run_dir=str(args.run_dir), step=loaded.step)
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")

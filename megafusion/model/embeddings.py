@@ -106,6 +106,21 @@ class PatchPositionEmbedding(nn.Module):
         return rows * is_latent.unsqueeze(-1).to(rows.dtype)
 
 
+def rope_axis_of_frequency(n: int, layout: str) -> torch.Tensor:
+    """[n] int64 in {0, 1, 2}: the ``rope_coordinates`` axis (time, row, column) that rotates
+    RoPE frequency i (0 = the highest). ``contiguous``: thirds, time first (M-RoPE), so the
+    row and column axes get only the lowest frequencies; ``interleaved``: row, column, time,
+    row, ... (Qwen3-VL interleaves likewise), so neighbouring rows and columns differ by a
+    large angle even with few frequencies. Text positions rotate alike either way (they
+    carry the same coordinate on every axis)."""
+    i = torch.arange(n)
+    if layout == "contiguous":
+        return i * 3 // n
+    if layout == "interleaved":
+        return torch.tensor([1, 2, 0])[i % 3]
+    raise ValueError(f"rope layout {layout!r}: use 'contiguous' or 'interleaved'")
+
+
 def rope_coordinates(positions: torch.Tensor, span_ids: torch.Tensor, grid_width: int) -> torch.Tensor:
     """2-D RoPE coordinates (``model.image_positions: 2d``), M-RoPE style: [3, b, s] int64.
 

@@ -46,7 +46,7 @@ from megafusion.data.sample import IGNORE_INDEX, IMAGE, TEXT, VIDEO
 from megafusion.diffusion.flow import add_noise
 from megafusion.model.adaln import AdaLNNorm, TimeContext
 from megafusion.model.embeddings import (PatchIn, PatchOut, PatchPositionEmbedding, TimestepEmbedding,
-                                         rope_coordinates)
+                                         rope_axis_of_frequency, rope_coordinates)
 from megafusion.model.init import init_weights
 from megafusion.model.mask import HybridMaskInfo
 from megafusion.model.modality_ffn import ModalityContext, ffn_spec
@@ -77,13 +77,16 @@ class TransfusionModel(LanguageModule):
             linear adapters. Every image/frame span must then hold a whole image.
         patch_positions: tokens per image for a learned absolute patch-position embedding
             added to the latent inputs (``model.patch_positions: learned``); None = none.
+        rope_layout: which RoPE frequencies each (time, row, column) axis rotates by
+            (``rope_axis_of_frequency``).
     """
 
     def __init__(self, config, block_spec, vocab_size: int, latent_dim: int, max_sequence_length: int,
                  pre_process: bool = True, post_process: bool = True, tie_embeddings: bool = True,
                  rope_base: float = 10000.0, vp_stage: int | None = None, modality_context=None,
                  time_context=None, image_grid_width: int | None = None,
-                 unet_layout: tuple[int, int, int] | None = None, patch_positions: int | None = None) -> None:
+                 unet_layout: tuple[int, int, int] | None = None, patch_positions: int | None = None,
+                 rope_layout: str = "contiguous") -> None:
         super().__init__(config=config)
         self.vocab_size = vocab_size
         self.latent_dim = latent_dim
@@ -97,6 +100,7 @@ class TransfusionModel(LanguageModule):
         self.time_context = time_context
         self.image_grid_width = image_grid_width
         self.unet_layout = unet_layout
+        self.rope_layout = rope_layout
 
         if pre_process:
             # Scatter to the sequence-parallel region ourselves, after the patches are added.
@@ -138,16 +142,15 @@ class TransfusionModel(LanguageModule):
     def rope(self, positions: torch.Tensor, span_ids: torch.Tensor) -> torch.Tensor:
         """positions, span_ids [b, s] -> rotary angles [s, b, 1, kv_channels] (megatron's layout).
 
-        1-D: angle = position * inv_freq. 2-D: the frequencies are cut into three contiguous
-        sections rotated by the (time, row, column) coordinates of ``rope_coordinates``.
+        1-D: angle = position * inv_freq. 2-D/3-D: each frequency is rotated by one of the
+        (time, row, column) coordinates of ``rope_coordinates`` (``rope_axis_of_frequency``).
         """
         inv_freq = self.rotary_pos_emb.inv_freq.to(positions.device)
         if self.image_grid_width is None:
             freqs = positions.t().float()[..., None] * inv_freq  # [s, b, d/2]
         else:
             coords = rope_coordinates(positions, span_ids, self.image_grid_width)  # [3, b, s]
-            n = inv_freq.numel()
-            section = torch.arange(n, device=positions.device) * 3 // n  # [d/2] in {0, 1, 2}
+            section = rope_axis_of_frequency(inv_freq.numel(), self.rope_layout).to(positions.device)
             freqs = coords[section].permute(2, 1, 0).float() * inv_freq  # [s, b, d/2]
         if self.config.rotary_interleaved:
             emb = torch.stack([freqs, freqs], dim=-1).flatten(-2)
@@ -429,7 +432,7 @@ class TransfusionProvider:
                                  time_context=time_context, image_grid_width=self.image_grid_width,
                                  unet_layout=self.unet_layout,
                                  patch_positions=self.stream.tokens_per_image if m.patch_positions == "learned"
-                                 else None)
+                                 else None, rope_layout=m.rope_layout)
         init_weights(model, self.cfg.train.seed, m.init_std, m.num_layers)
         return model
 

@@ -302,6 +302,36 @@ def test_rope_coordinates_known_answer():
     assert coords[:, 0, 9:].tolist() == [[9, 9, 9, 9], [9, 9, 10, 10], [9, 10, 9, 10]]
 
 
+def test_rope_axis_of_frequency_layouts():
+    from megafusion.model.embeddings import rope_axis_of_frequency
+
+    # axes: 0 time, 1 row, 2 column; frequency 0 is the highest
+    assert rope_axis_of_frequency(8, "contiguous").tolist() == [0, 0, 0, 1, 1, 1, 2, 2]
+    assert rope_axis_of_frequency(8, "interleaved").tolist() == [1, 2, 0, 1, 2, 0, 1, 2]
+    with pytest.raises(ValueError, match="'diagonal'"):
+        rope_axis_of_frequency(8, "diagonal")
+
+
+def test_interleaved_rope_rotates_image_columns_by_the_highest_frequencies(megatron_world):
+    """Two patches one column apart: with the interleaved layout their column angle differs
+    by the second-highest frequency; contiguous gives columns only the lowest ones."""
+    span = torch.tensor([[-1, 0, 0, 0, 0]])
+    positions = torch.arange(5)[None]
+    angles = {}
+    for layout in ("contiguous", "interleaved"):
+        model = make_provider(["model.image_positions=3d", f"model.rope_layout={layout}"]).build(
+            pre_process=True, post_process=True, vp_stage=None)
+        assert model.rope_layout == layout
+        inv_freq = model.rotary_pos_emb.inv_freq
+        emb = model.rope(positions, span)[:, 0, 0, : inv_freq.numel()]  # [s, d/2] angles
+        angles[layout] = (emb[2] - emb[1], inv_freq)  # patch (row 0, col 1) minus patch (0, 0)
+    diff, inv_freq = angles["interleaved"]
+    assert torch.allclose(diff[1], inv_freq[1]) and diff[0] == 0  # column axis: frequency 1; row axis: 0 unchanged
+    diff, inv_freq = angles["contiguous"]
+    n = inv_freq.numel()
+    assert diff[: 2 * n // 3 + 1].abs().max() == 0 and torch.allclose(diff[-1], inv_freq[-1])
+
+
 def test_2d_positions_leave_text_unchanged_and_move_images(megatron_world):
     tokens, positions, doc, span, latents, t, modality = hand_batch()
     outputs = {}
