@@ -83,6 +83,10 @@ class ModelConfig:
     # (M-RoPE; time gets the highest) | interleaved (row, column, time, row, ...: the
     # spatial axes get the highest, which small head dims need to tell neighbours apart)
     rope_layout: str = "contiguous"
+    # 1d: video frames keep 1-D RoPE positions whatever image_positions says, so the same
+    # place in consecutive frames sits a fixed offset apart (what copying a frame attends
+    # by): same | 1d
+    frame_positions: str = "same"
 
 
 @dataclass
@@ -336,6 +340,7 @@ _CHOICES = {
     "model.image_positions": ("1d", "2d", "3d"),
     "model.patch_positions": ("none", "learned"),
     "model.rope_layout": ("contiguous", "interleaved"),
+    "model.frame_positions": ("same", "1d"),
     "vision.representation": ("pixel", "rae", "vae"),
     "model.moe.dispatcher": ("alltoall", "allgather"),
     "model.moe.dispatch": ("megatron", "triton"),

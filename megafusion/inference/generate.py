@@ -129,7 +129,7 @@ class DecodeState:
             hidden = model.embed(chunk.tokens[None], chunk.latents[None], chunk.t[None], chunk.modality[None],
                                  chunk.span_ids[None])
             hidden = model.decoder(hidden_states=hidden, attention_mask=mask,
-                                   rotary_pos_emb=model.rope(positions, mask.span_ids),
+                                   rotary_pos_emb=model.rope(positions, mask.span_ids, full.modality[None]),
                                    inference_context=self.context)
             # The model's own heads (LM head + patch-out or U-Net adapter; whole images per chunk).
             logits, latent_pred = model.heads(hidden, chunk.t[None], chunk.modality[None])  # [k,1,V], [1,k,C]

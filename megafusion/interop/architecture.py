@@ -8,7 +8,8 @@ run the weights (and everything that must agree for them to mean the same thing)
               "special_tokens": {"pad": 256, "boi": 257, ...}, "action_tokens": {...}}},
      "transformer": {"hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
                      "ffn_hidden_size", "activation", "normalization", "tie_embeddings",
-                     "rope_base", "max_sequence_length", "image_positions", "rope_layout"},
+                     "rope_base", "max_sequence_length", "image_positions", "rope_layout",
+                     "frame_positions"},
      "ffn": "dense" | "modality",
      "moe": null | {"num_experts", "top_k", "expert_ffn_hidden_size", "layers", "router_score",
                     "shared_expert_ffn_hidden_size", "per_modality_shared_experts"},
@@ -104,6 +105,7 @@ def describe(cfg: Config, tokenizer=None, representation=None, representation_pa
         arch["text"]["tokenizer"] = _tokenizer(tokenizer)
         arch["transformer"]["image_positions"] = m.image_positions
         arch["transformer"]["rope_layout"] = m.rope_layout
+        arch["transformer"]["frame_positions"] = m.frame_positions
         arch["ffn"] = m.ffn
         arch["patch_embedding"] = {"adapter": m.patch_adapter, "latent_dim": int(representation.latent_dim),
                                    "tokens_per_image": int(representation.tokens_per_image),
@@ -145,6 +147,7 @@ def weight_fields(cfg: Config) -> dict[str, Any]:
         fields.update({"model.ffn": m.ffn, "model.patch_adapter": m.patch_adapter,
                        "model.time_conditioning": m.time_conditioning, "model.image_positions": m.image_positions,
                        "model.patch_positions": m.patch_positions, "model.rope_layout": m.rope_layout,
+                       "model.frame_positions": m.frame_positions,
                        "vision.representation": cfg.vision.representation, "vision.image_size": cfg.vision.image_size})
         if cfg.vision.representation in ("pixel", "vae"):
             fields["vision.patch_size"] = cfg.vision.patch_size

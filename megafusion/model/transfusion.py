@@ -79,6 +79,7 @@ class TransfusionModel(LanguageModule):
             added to the latent inputs (``model.patch_positions: learned``); None = none.
         rope_layout: which RoPE frequencies each (time, row, column) axis rotates by
             (``rope_axis_of_frequency``).
+        frames_1d: video frames keep 1-D positions under 2-D/3-D RoPE (``model.frame_positions: 1d``).
     """
 
     def __init__(self, config, block_spec, vocab_size: int, latent_dim: int, max_sequence_length: int,
@@ -86,7 +87,7 @@ class TransfusionModel(LanguageModule):
                  rope_base: float = 10000.0, vp_stage: int | None = None, modality_context=None,
                  time_context=None, image_grid_width: int | None = None,
                  unet_layout: tuple[int, int, int] | None = None, patch_positions: int | None = None,
-                 rope_layout: str = "contiguous") -> None:
+                 rope_layout: str = "contiguous", frames_1d: bool = False) -> None:
         super().__init__(config=config)
         self.vocab_size = vocab_size
         self.latent_dim = latent_dim
@@ -101,6 +102,7 @@ class TransfusionModel(LanguageModule):
         self.image_grid_width = image_grid_width
         self.unet_layout = unet_layout
         self.rope_layout = rope_layout
+        self.frames_1d = frames_1d
 
         if pre_process:
             # Scatter to the sequence-parallel region ourselves, after the patches are added.
@@ -139,16 +141,22 @@ class TransfusionModel(LanguageModule):
         assert len(input_tensor) == 1, "TransfusionModel takes one input tensor per stage"
         self.decoder.set_input_tensor(input_tensor[0])
 
-    def rope(self, positions: torch.Tensor, span_ids: torch.Tensor) -> torch.Tensor:
-        """positions, span_ids [b, s] -> rotary angles [s, b, 1, kv_channels] (megatron's layout).
+    def rope(self, positions: torch.Tensor, span_ids: torch.Tensor, modality: torch.Tensor | None = None
+             ) -> torch.Tensor:
+        """positions, span_ids, modality [b, s] -> rotary angles [s, b, 1, kv_channels] (megatron's layout).
 
         1-D: angle = position * inv_freq. 2-D/3-D: each frequency is rotated by one of the
-        (time, row, column) coordinates of ``rope_coordinates`` (``rope_axis_of_frequency``).
+        (time, row, column) coordinates of ``rope_coordinates`` (``rope_axis_of_frequency``);
+        with ``frames_1d`` video frames are placed like text (1-D), so ``modality`` is needed.
         """
         inv_freq = self.rotary_pos_emb.inv_freq.to(positions.device)
         if self.image_grid_width is None:
             freqs = positions.t().float()[..., None] * inv_freq  # [s, b, d/2]
         else:
+            if self.frames_1d:
+                if modality is None:
+                    raise ValueError("TransfusionModel.rope: frame_positions 1d needs the modality of each position")
+                span_ids = torch.where(modality == VIDEO, torch.full_like(span_ids, -1), span_ids)
             coords = rope_coordinates(positions, span_ids, self.image_grid_width)  # [3, b, s]
             section = rope_axis_of_frequency(inv_freq.numel(), self.rope_layout).to(positions.device)
             freqs = coords[section].permute(2, 1, 0).float() * inv_freq  # [s, b, d/2]
@@ -256,7 +264,7 @@ class TransfusionModel(LanguageModule):
             decoder_input = self.embed(tokens, latents, timesteps, modality, span_ids)
 
         hidden = self.decoder(hidden_states=decoder_input, attention_mask=attention_mask,
-                              rotary_pos_emb=self.rope(positions, span_ids))
+                              rotary_pos_emb=self.rope(positions, span_ids, modality))
         if not self.post_process:
             return hidden
 
@@ -432,7 +440,7 @@ class TransfusionProvider:
                                  time_context=time_context, image_grid_width=self.image_grid_width,
                                  unet_layout=self.unet_layout,
                                  patch_positions=self.stream.tokens_per_image if m.patch_positions == "learned"
-                                 else None, rope_layout=m.rope_layout)
+                                 else None, rope_layout=m.rope_layout, frames_1d=m.frame_positions == "1d")
         init_weights(model, self.cfg.train.seed, m.init_std, m.num_layers)
         return model
 

@@ -78,15 +78,16 @@ def test_kv_cached_decoding_equals_recomputation(gens):
     assert cached.generate("A big", 12).text == full.generate("A big", 12).text
 
 
-def test_kv_cached_image_sampling_with_learned_patch_positions(loaded):
-    """The cached path adds the learned patch positions exactly as the full forward does."""
+def test_kv_cached_sampling_with_learned_patch_positions_and_1d_frames(loaded):
+    """The cached path adds the learned patch positions and places frames (1-D under 3-D
+    RoPE) exactly as the full forward does."""
     from dataclasses import replace
 
     from megafusion.inference.generate import Generator, SamplingOptions
     from megafusion.inference.loading import build_model, close
 
-    cfg = replace(loaded.cfg, model=replace(loaded.cfg.model, patch_positions="learned",
-                                            time_conditioning="adaln"))
+    cfg = replace(loaded.cfg, model=replace(loaded.cfg.model, patch_positions="learned", time_conditioning="adaln",
+                                            image_positions="3d", frame_positions="1d"))
     fresh = build_model(cfg, device="cpu")
     try:
         with torch.no_grad():
@@ -97,6 +98,11 @@ def test_kv_cached_image_sampling_with_learned_patch_positions(loaded):
         s1.append_tokens(prompt), s2.append_tokens(prompt)
         opts = SamplingOptions(steps=2, cfg_scale=2.0, seed=3)
         torch.testing.assert_close(cached.sample_latents(s1, opts), full.sample_latents(s2, opts), atol=1e-5, rtol=0)
+        # frames (1-D positions under 3-D RoPE) through the cached rollout path
+        frames = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+        a = cached.rollout(frames, ["up", "left"], "The agent is a red circle.", opts)
+        b = full.rollout(frames, ["up", "left"], "The agent is a red circle.", opts)
+        assert a.shape == (1, 32, 32, 3) and np.abs(a.astype(int) - b.astype(int)).max() <= 1
     finally:
         close()
 

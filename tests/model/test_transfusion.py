@@ -332,6 +332,24 @@ def test_interleaved_rope_rotates_image_columns_by_the_highest_frequencies(megat
     assert diff[: 2 * n // 3 + 1].abs().max() == 0 and torch.allclose(diff[-1], inv_freq[-1])
 
 
+def test_frame_positions_1d_keeps_video_frames_on_1d_rope(megatron_world):
+    """Under 3-D RoPE with ``frame_positions: 1d`` a video frame rotates exactly as with 1-D
+    positions while an image keeps its (time, row, column) coordinates."""
+    span = torch.tensor([[-1, 0, 0, 0, 0, -1, 1, 1, 1, 1, -1]])
+    modality = torch.tensor([[TEXT] + [IMAGE] * 4 + [TEXT] + [VIDEO] * 4 + [TEXT]])
+    positions = torch.arange(11)[None]
+    three_d = make_provider(["model.image_positions=3d", "model.frame_positions=1d"]).build(
+        pre_process=True, post_process=True, vp_stage=None)
+    one_d = make_provider(["model.image_positions=1d"]).build(pre_process=True, post_process=True, vp_stage=None)
+    plain = make_provider(["model.image_positions=3d"]).build(pre_process=True, post_process=True, vp_stage=None)
+    mixed, linear, spatial = (m.rope(positions, span, modality) for m in (three_d, one_d, plain))
+    torch.testing.assert_close(mixed[6:], linear[6:], rtol=0, atol=0)  # the frame and the text after it
+    torch.testing.assert_close(mixed[:6], spatial[:6], rtol=0, atol=0)  # the image as under plain 3-D
+    assert not torch.equal(mixed[1:5], linear[1:5])
+    with pytest.raises(ValueError, match="needs the modality"):
+        three_d.rope(positions, span)
+
+
 def test_2d_positions_leave_text_unchanged_and_move_images(megatron_world):
     tokens, positions, doc, span, latents, t, modality = hand_batch()
     outputs = {}
