@@ -19,7 +19,10 @@ Options (``model.*``): ``attention`` sdpa | flex | triton (``megafusion.model.at
 ``time_conditioning`` additive (above) | adaln (``megafusion.model.adaln``);
 ``patch_adapter`` linear (above) | unet (``megafusion.model.unet``);
 ``image_positions`` 1d | 2d | 3d (``megafusion.model.embeddings.rope_coordinates``: (time, row,
-column) per patch, time = the span's start, so 3d is the same scheme seen on video frames).
+column) per patch, time = the span's start, so 3d is the same scheme seen on video frames),
+``rope_layout`` contiguous | interleaved (which frequencies each axis gets),
+``frame_positions`` same | 1d (frames keep 1-D positions) and ``patch_positions`` none |
+learned (``PatchPositionEmbedding`` added to the latent inputs).
 
 ``TransfusionProvider`` (``model.kind: transfusion``) feeds it packed ShapesWorld
 sequences (``megafusion.data.shapes_stream``), noises the latents and defines the loss.

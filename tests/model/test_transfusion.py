@@ -248,6 +248,32 @@ def test_micro_batches_do_not_depend_on_the_data_parallel_layout():
     assert not math.isclose(float(single[0]["x_t"].sum()), float(single[1]["x_t"].sum()))
 
 
+def test_frame_clean_fraction_reaches_the_training_batches():
+    """Video frames follow ``diffusion.frame_clean_fraction``, images ``clean_fraction``."""
+    from megafusion.model.transfusion import TransfusionProvider
+
+    def noisy_frames(fraction):
+        cfg = load_config(CONFIG, [*SMALL, "model.seq_length=256", "train.global_batch_size=8",
+                                   "data.shapes_weights={text: 0, image_text: 0, video: 0, action_video: 1}",
+                                   "diffusion.clean_fraction=1.0", "diffusion.clean_t_max=0.25",
+                                   f"diffusion.frame_clean_fraction={fraction}"])
+        provider = TransfusionProvider.__new__(TransfusionProvider)
+        TransfusionProvider.__init__(provider, cfg, None)
+        noisy = frames = 0
+        for b in provider.micro_batches(step=1, dp_rank=0, dp_size=1):
+            for span, t, mod in zip(b["span_ids"], b["t"], b["modality"]):
+                for u in span.unique().tolist():
+                    if u >= 0 and int(mod[span == u][0]) == VIDEO:
+                        frames += 1
+                        noisy += int(float(t[span == u][0]) > 0.25)
+        return noisy, frames
+
+    capped_noisy, frames = noisy_frames(1.0)  # only each clip's last frame escapes the cap
+    free_noisy, same_frames = noisy_frames(0.0)
+    assert same_frames == frames > 10
+    assert capped_noisy <= frames // 3 and free_noisy > 2 * capped_noisy  # measured: 8, 22 of 32
+
+
 # --------------------------------------------------------------------------- AdaLN
 
 

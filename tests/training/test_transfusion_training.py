@@ -23,8 +23,12 @@ LAYOUTS = {
     "tp2_sp": ("tiny_transfusion.yaml", (), ["parallel.tp=2", "parallel.sp=true"]),
     "pp2": ("tiny_transfusion.yaml", (), ["parallel.pp=2"]),
     "ep2": ("tiny_transfusion_moe.yaml", (), ["parallel.ep=2"]),
-    "adaln_tp2_sp": ("tiny_transfusion.yaml", ("model.time_conditioning=adaln",),
-                     ["parallel.tp=2", "parallel.sp=true"]),
+    # the quickstart's model options: AdaLN, learned patch positions, 3-D RoPE with 1-D frames
+    "quickstart_model_tp2_sp": ("tiny_transfusion.yaml",
+                                ("model.time_conditioning=adaln", "model.patch_positions=learned",
+                                 "model.image_positions=3d", "model.frame_positions=1d",
+                                 "diffusion.frame_clean_fraction=0.5"),
+                                ["parallel.tp=2", "parallel.sp=true"]),
     "unet_2d_pp2": ("tiny_transfusion.yaml", ("model.patch_adapter=unet", "model.image_positions=2d"),
                     ["parallel.pp=2"]),
 }
