@@ -405,6 +405,12 @@ def validate(cfg: Config, world_size: int) -> None:
         problems.append(f"model.num_layers = {m.num_layers} is not divisible by parallel.pp * vpp = {stages}")
     if p.vpp is not None and p.pp < 2:
         problems.append(f"parallel.vpp = {p.vpp} needs parallel.pp >= 2, got pp = {p.pp}")
+    if m.image_positions == "1d":
+        for key, value, default in (("rope_layout", m.rope_layout, "contiguous"),
+                                    ("frame_positions", m.frame_positions, "same")):
+            if value != default:
+                problems.append(f"model.{key} = {value} has no effect with model.image_positions = 1d; "
+                                f"set model.image_positions to 2d or 3d (or model.{key} to {default})")
     if p.sp and p.tp < 2:
         problems.append("parallel.sp = true needs parallel.tp >= 2 (sequence parallelism splits along TP ranks)")
     if p.sp and m.seq_length % p.tp:

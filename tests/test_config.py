@@ -63,6 +63,8 @@ def test_wrong_type_is_refused():
      "train.global_batch_size = 6 is not divisible by train.micro_batch_size * data-parallel size = 2 * 2"),
     (["parallel.ep=2"], 2, "parallel.ep = 2 needs a MoE model"),
     (["parallel.vpp=2"], 1, "parallel.vpp = 2 needs parallel.pp >= 2"),
+    (["model.frame_positions=1d"], 1, "model.frame_positions = 1d has no effect with model.image_positions = 1d"),
+    (["model.rope_layout=interleaved"], 1, "model.rope_layout = interleaved has no effect with model.image_positions"),
 ])
 def test_impossible_layouts_are_refused_with_numbers(overrides, world_size, message):
     cfg = load_config(CONFIGS / "tiny_text.yaml", overrides)
