@@ -147,6 +147,7 @@ def evaluate(gen: Generator, cfg, out: Path, n: int = 32, opts: SamplingOptions 
     prior = dict(vocab=world.vocab, max_objects=world.config.max_objects)  # chance levels of this world
     results: dict[str, dict] = {}
     samples: dict[str, list] = {}
+    planning_n = planning_n or n
 
     def timed(name: str, fn: Callable[[], dict]) -> None:
         if only is not None and name not in only:
@@ -221,7 +222,7 @@ def evaluate(gen: Generator, cfg, out: Path, n: int = 32, opts: SamplingOptions 
         wc = world.config
         horizon = wc.action_frames - wc.context_frames  # the rollout length seen in training
         tasks = [world.planning_task(i, horizon=horizon, n_candidates=planning_candidates)
-                 for i in range(planning_n or n)]
+                 for i in range(planning_n)]
         by_start = {id(t.start_frame): t for t in tasks}
 
         def scorer(start, goal, candidates):
@@ -245,7 +246,7 @@ def evaluate(gen: Generator, cfg, out: Path, n: int = 32, opts: SamplingOptions 
 
     metrics = {
         "settings": {"n": n, "steps": opts.steps, "sampler": opts.method, "cfg_scale": opts.cfg_scale,
-                     "seed": opts.seed, "planning_candidates": planning_candidates, "planning_n": planning_n or n,
+                     "seed": opts.seed, "planning_candidates": planning_candidates, "planning_n": planning_n,
                      "heldout_seed": world.config.seed, "training_sources": weights},
         "headlines": {name: r["headline"] for name, r in results.items() if "headline" in r},
         "results": results,
