@@ -134,6 +134,13 @@ def test_noise_capping_fraction_and_range():
     t_all = add_noise(latents, span_ids, clean, FlowMatchingConfig(clean_fraction=1.0, clean_t_max=0.3, **common),
                       torch.Generator().manual_seed(0)).t
     assert t_all.max() <= 0.3 and t_all.max() > 0.25
+    # capped timesteps are uniform in [0, clean_t_max] whatever the shift: inference conditions
+    # on clean images (t = 0), which a shifted draw scaled down would almost never reach
+    shifted = add_noise(latents, span_ids, clean, FlowMatchingConfig(clean_fraction=1.0, clean_t_max=0.3,
+                                                                     time_shift=3.0, cfg_dropout=0.0),
+                        torch.Generator().manual_seed(0)).t[0]
+    assert abs(shifted.mean().item() - 0.15) < 0.01
+    assert abs((shifted < 0.03).float().mean().item() - 0.1) < 0.02
     out = add_noise(latents, span_ids, clean, FlowMatchingConfig(clean_fraction=0.25, clean_t_max=0.3, **common),
                     torch.Generator().manual_seed(0))
     assert out.loss_mask.all(), "capped images keep their diffusion loss"
