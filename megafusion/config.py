@@ -79,6 +79,11 @@ class ModelConfig:
     # learned: an absolute embedding of each patch's index inside its image/frame, added to
     # its input, so patches know where they sit whatever the RoPE leaves them: none | learned
     patch_positions: str = "none"
+    # Initial std of that embedding. Far above init_std on purpose: a patch's input is mostly
+    # noise at high flow times, and a position 0.02 strong was drowned by it, so patches never
+    # learned which caption words describe their cell (x0-prediction at t >= 0.9 no better
+    # than the data mean; at std 3.0: images laid out by their captions).
+    patch_position_init_std: float = 1.0
     # How 2d/3d RoPE shares its frequencies among (time, row, column): contiguous thirds
     # (M-RoPE; time gets the highest) | interleaved (row, column, time, row, ...: the
     # spatial axes get the highest, which small head dims need to tell neighbours apart)
@@ -382,6 +387,8 @@ def validate(cfg: Config, world_size: int) -> None:
                    "model.seq_length", "model.vocab_size"):
         if _get(cfg, dotted) < 1:
             problems.append(f"{dotted} = {_get(cfg, dotted)} must be at least 1")
+    if not m.patch_position_init_std > 0:
+        problems.append(f"model.patch_position_init_std = {m.patch_position_init_std} must be positive")
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
 

@@ -58,9 +58,9 @@ class Scale:
 SCALES = {
     "quick": Scale(n_text=60, n_image=60, n_video=6, n_action=6, steps=6, eval_n=4, eval_ode_steps=4,
                    planning_candidates=2, planning_n=4),
-    "default": Scale(n_text=2000, n_image=2000, n_video=200, n_action=200, steps=3500, eval_n=48,
+    "default": Scale(n_text=4000, n_image=8000, n_video=1000, n_action=2000, steps=4500, eval_n=48,
                      eval_ode_steps=10, planning_candidates=4, planning_n=24),
-    "full": Scale(n_text=8000, n_image=8000, n_video=800, n_action=800, steps=8000, eval_n=64,
+    "full": Scale(n_text=8000, n_image=16000, n_video=2000, n_action=4000, steps=8000, eval_n=64,
                   eval_ode_steps=20, planning_candidates=8, planning_n=64),
 }
 IMAGE_SIZE, PATCH_SIZE = 32, 8
@@ -73,8 +73,10 @@ DATASETS = {
     "video": ("video", "video", []),
     "action_video": ("action_video", "action-video", []),
 }
-# Mixture weights of the datasets above (documents drawn per source).
-DATA_WEIGHTS = {"text": 0.5, "image_text": 2.0, "vqa": 1.0, "video": 0.3, "action_video": 0.5}
+# Mixture weights of the datasets above (documents drawn per source). image_text 4.0 (was
+# 2.0, with 4500 steps instead of 3500): caption F1 0.07 -> 0.56, VQA 0.50 -> 0.78, planning
+# 0.29 -> 0.54 (chance 0.37) on 48 held-out items, in one comparison each.
+DATA_WEIGHTS = {"text": 0.5, "image_text": 4.0, "vqa": 1.0, "video": 0.3, "action_video": 0.5}
 
 
 def world_config(world: str, seed: int):
@@ -196,7 +198,15 @@ def train_overrides(tokenizer: Path, prefixes: dict[str, Path], steps: int, devi
         # images read worse (caption F1 0.07, VQA 0.54).
         "model.frame_positions=1d",
         "model.patch_positions=learned",
+        # A patch's input is mostly noise at high flow times; a position embedding drawn at
+        # init_std (0.02) was drowned by it and patches never learned which caption words
+        # describe their cell. Drawn at 3.0, on image-caption data alone (1500 steps): loss at
+        # t >= 0.9 0.144 -> 0.108, generated images with the right count 0.06 -> 0.31.
+        "model.patch_position_init_std=3.0",
         "diffusion.frame_clean_fraction=0.5",
+        # The whole batch in one micro-batch: the same gradient, 1.5x the steps per second
+        # on 2 CPU cores (a tiny model's step is mostly per-call overhead).
+        "train.micro_batch_size=8",
         f"data.tokenizer={tokenizer}",
         f"vision.image_size={IMAGE_SIZE}",
         f"vision.patch_size={PATCH_SIZE}",

@@ -35,10 +35,12 @@ def _leaf_sharded_tensors(sharded_state_dict):
 
 
 @torch.no_grad()
-def init_weights(model: torch.nn.Module, seed: int, std: float, num_layers: int) -> None:
+def init_weights(model: torch.nn.Module, seed: int, std: float, num_layers: int,
+                 std_of: dict[str, float] | None = None) -> None:
     """Re-initialises every matrix of ``model`` (a megatron module) independently of layout.
 
     Vectors (norm scales, biases) keep the values their modules were built with.
+    ``std_of``: {checkpoint key suffix: std} for matrices drawn at a std of their own.
     """
     for sh in _leaf_sharded_tensors(model.sharded_state_dict()):
         local = sh.data
@@ -50,6 +52,7 @@ def init_weights(model: torch.nn.Module, seed: int, std: float, num_layers: int)
         name = f"{sh.key}@{sh.global_offset[:n]}"
         generator = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
         scale = std / math.sqrt(2.0 * num_layers) if sh.key.endswith(_SCALED_SUFFIXES) else std
+        scale = next((v for suffix, v in (std_of or {}).items() if sh.key.endswith(suffix)), scale)
         full = torch.randn(sh.global_shape[n:], generator=generator, dtype=torch.float32) * scale
         piece = full[tuple(slice(off, off + size) for off, size in zip(sh.global_offset[n:], sh.local_shape))]
         if sh.flattened_range is not None:

@@ -444,7 +444,8 @@ class TransfusionProvider:
                                  unet_layout=self.unet_layout,
                                  patch_positions=self.stream.tokens_per_image if m.patch_positions == "learned"
                                  else None, rope_layout=m.rope_layout, frames_1d=m.frame_positions == "1d")
-        init_weights(model, self.cfg.train.seed, m.init_std, m.num_layers)
+        init_weights(model, self.cfg.train.seed, m.init_std, m.num_layers,
+                     std_of={"patch_position.table.weight": m.patch_position_init_std})
         return model
 
     def batch(self, indices) -> dict[str, torch.Tensor]:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from megafusion.config import ConfigError, load_config
+from megafusion.config import ConfigError, load_config, validate
 from megafusion.data.byte_tokenizer import ByteTokenizer
 from megafusion.data.sample import IGNORE_INDEX, IMAGE, TEXT, VIDEO
 from megafusion.data.shapes_stream import ShapesStream
@@ -419,13 +419,28 @@ def test_learned_patch_positions_leave_text_unchanged_and_move_images(megatron_w
         model = provider.build(pre_process=True, post_process=True, vp_stage=None).eval()
         assert hasattr(model, "patch_position") and (model.patch_position is not None) == (mode == "learned")
         with torch.no_grad():
-            if mode == "learned":
-                model.patch_position.table.weight.mul_(50)  # init std is small: make the change plain
             outputs[mode] = run(model, tokens, positions, doc, span, latents, t, modality)
     (logits_a, pred_a), (logits_b, pred_b) = outputs["none"], outputs["learned"]
     torch.testing.assert_close(logits_b[0, :5], logits_a[0, :5], atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(logits_b[0, 15:], logits_a[0, 15:], atol=1e-6, rtol=1e-6)
     assert ((pred_b[0, 5:11] - pred_a[0, 5:11]).abs().amax(-1) > 1e-4).all()
+
+
+def test_patch_position_init_std(megatron_world):
+    """The patch-position table is drawn at ``model.patch_position_init_std`` (the same draw
+    scaled: its generator is seeded by the weight's name), every other matrix at init_std."""
+    tables, others = {}, {}
+    for std in (1.0, 3.0):
+        provider = make_provider(["model.patch_positions=learned", f"model.patch_position_init_std={std}"])
+        model = provider.build(pre_process=True, post_process=True, vp_stage=None)
+        tables[std] = model.patch_position.table.weight.detach().clone()
+        others[std] = model.patch_in.proj.weight.detach().clone()
+    torch.testing.assert_close(tables[3.0], 3.0 * tables[1.0])
+    assert abs(tables[1.0].std().item() - 1.0) < 0.15  # 16 x 64 standard normal draws
+    torch.testing.assert_close(others[3.0], others[1.0], rtol=0, atol=0)
+    assert others[1.0].std().item() < 0.03  # init_std 0.02
+    with pytest.raises(ConfigError, match="patch_position_init_std"):
+        validate(load_config(CONFIG, ["model.patch_position_init_std=0"]), world_size=1)
 
 
 def test_sentencepiece_tokenizer_path(tmp_path):
