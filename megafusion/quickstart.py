@@ -49,19 +49,22 @@ class Scale:
     n_video: int
     n_action: int
     steps: int
-    eval_n: int  # items per evaluation (planning: planning_n)
+    eval_n: int  # items per evaluation (planning: planning_n, generation: generation_n)
     eval_ode_steps: int  # ODE steps per generated image / frame
     planning_candidates: int
     planning_n: int  # planning tasks (each rolls out every candidate: the slowest evaluation)
+    # Prompts of the generation evaluation: strict correctness has a chance level near 0.006,
+    # so 48 prompts cannot tell one correct image from luck; 192 take ~17 s on 2 CPU cores.
+    generation_n: int
 
 
 SCALES = {
     "quick": Scale(n_text=60, n_image=60, n_video=6, n_action=6, steps=6, eval_n=4, eval_ode_steps=4,
-                   planning_candidates=2, planning_n=4),
+                   planning_candidates=2, planning_n=4, generation_n=4),
     "default": Scale(n_text=4000, n_image=8000, n_video=1000, n_action=2000, steps=4500, eval_n=48,
-                     eval_ode_steps=10, planning_candidates=4, planning_n=24),
+                     eval_ode_steps=10, planning_candidates=4, planning_n=24, generation_n=192),
     "full": Scale(n_text=8000, n_image=16000, n_video=2000, n_action=4000, steps=8000, eval_n=64,
-                  eval_ode_steps=20, planning_candidates=8, planning_n=64),
+                  eval_ode_steps=20, planning_candidates=8, planning_n=64, generation_n=256),
 }
 IMAGE_SIZE, PATCH_SIZE = 32, 8
 EVAL_CFG = 3.0  # classifier-free guidance scale of generated images and frames at evaluation
@@ -350,6 +353,7 @@ def train_and_evaluate(out: Path, tokenizer: Path, prefixes: dict[str, Path], st
     eval_dir = out / "eval"
     scale_args = ["--n", str(scale.eval_n), "--steps", str(scale.eval_ode_steps),
                   "--planning-candidates", str(scale.planning_candidates), "--planning-n", str(scale.planning_n),
+                  "--generation-n", str(scale.generation_n),
                   "--cfg", str(args.cfg),
                   "--world", str(args.manifest)]
     if eval_cli.main(["--run-dir", str(run_dir), "--out", str(eval_dir), *scale_args]) != 0:

@@ -124,14 +124,17 @@ def caption_image(gen: Generator, image: np.ndarray, opts: SamplingOptions, max_
 
 def evaluate(gen: Generator, cfg, out: Path, n: int = 32, opts: SamplingOptions | None = None,
              planning_candidates: int = 8, caption_first_prob: float = 0.8, planning_n: int | None = None,
-             log: Callable[[str], None] = print, only: tuple[str, ...] | None = None) -> dict:
+             log: Callable[[str], None] = print, only: tuple[str, ...] | None = None,
+             generation_n: int | None = None) -> dict:
     """Runs every evaluation the run's training data supports; returns the metrics dict
     (also written to ``out/metrics.json``) and saves sample grids under ``out``.
 
     ``caption_first_prob``: the training stream's share of caption-first image documents
     (``ShapesStream.caption_first_prob``); 1.0 means it never saw image-first (captioning) ones.
     ``only``: run just these evaluations (names of ``EVALUATIONS``; None: all); the others are
-    written as ``{"skipped": "not requested ..."}``.
+    written as ``{"skipped": "not requested ..."}``. ``generation_n``: prompts of the
+    generation evaluation (default ``n``): its strict score has a chance level near 0.006, so
+    it needs more items than the others to tell a few correct images from none.
     """
     from megafusion.data.shapes.video import agent_caption
     from megafusion.eval.shapes import (save_grid, score_agent_positions, score_captions, score_generation,
@@ -148,6 +151,7 @@ def evaluate(gen: Generator, cfg, out: Path, n: int = 32, opts: SamplingOptions 
     results: dict[str, dict] = {}
     samples: dict[str, list] = {}
     planning_n = planning_n or n
+    generation_n = generation_n or n
 
     def timed(name: str, fn: Callable[[], dict]) -> None:
         if only is not None and name not in only:
@@ -169,11 +173,12 @@ def evaluate(gen: Generator, cfg, out: Path, n: int = 32, opts: SamplingOptions 
 
     # ---------------------------------------------------------------- image generation
     def generation() -> dict:
-        images = [gen.generate_image(s.caption, seeded(i)) for i, s in enumerate(items)]
-        k = min(len(items), 8)
-        save_grid([s.image for s in items[:k]] + images[:k], out / "generation_grid.png", ncols=k)
-        samples["generation"] = [{"prompt": s.caption} for s in items[:k]]
-        return {**score_generation(images, [s.caption for s in items], chance_samples=64, **prior),
+        prompts = items[:generation_n] + [world.image_text(i) for i in range(n, generation_n)]
+        images = [gen.generate_image(s.caption, seeded(i)) for i, s in enumerate(prompts)]
+        k = min(len(prompts), 8)
+        save_grid([s.image for s in prompts[:k]] + images[:k], out / "generation_grid.png", ncols=k)
+        samples["generation"] = [{"prompt": s.caption} for s in prompts[:k]]
+        return {**score_generation(images, [s.caption for s in prompts], chance_samples=64, **prior),
                 "grid": "generation_grid.png",
                 "grid_rows": ["ground truth render", "generated"]}
 
@@ -245,7 +250,7 @@ def evaluate(gen: Generator, cfg, out: Path, n: int = 32, opts: SamplingOptions 
     timed("perplexity", text)
 
     metrics = {
-        "settings": {"n": n, "steps": opts.steps, "sampler": opts.method, "cfg_scale": opts.cfg_scale,
+        "settings": {"n": n, "generation_n": generation_n, "steps": opts.steps, "sampler": opts.method, "cfg_scale": opts.cfg_scale,
                      "seed": opts.seed, "planning_candidates": planning_candidates, "planning_n": planning_n,
                      "heldout_seed": world.config.seed, "training_sources": weights},
         "headlines": {name: r["headline"] for name, r in results.items() if "headline" in r},
@@ -293,6 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--planning-candidates", type=int, default=8, help="candidate action sequences per planning task")
     p.add_argument("--planning-n", type=int, default=None,
                    help="planning tasks (default: --n); each costs a rollout per candidate")
+    p.add_argument("--generation-n", type=int, default=None,
+                   help="prompts of the generation evaluation (default: --n); cheap, and its strict score needs many")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--world", default=None, metavar="MANIFEST.json",
                    help="the ShapesWorld the run's preprocessed data came from: a dataset's manifest.json (or a "
@@ -310,8 +317,9 @@ def main(argv: list[str] | None = None) -> int:
     if only is not None and (not only or set(only) - set(EVALUATIONS)):
         print(f"megafusion eval: --only {args.only}: choose from {', '.join(EVALUATIONS)}", file=sys.stderr)
         return 2
-    if args.n < 2:
-        print("megafusion eval: --n must be >= 2 (chance levels compare items with each other)", file=sys.stderr)
+    if args.n < 2 or (args.generation_n is not None and args.generation_n < 2):
+        print("megafusion eval: --n and --generation-n must be >= 2 (chance levels compare items with each other)",
+              file=sys.stderr)
         return 2
     from megafusion.inference.loading import close, load_run
 
@@ -327,7 +335,8 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out) if args.out else Path(args.run_dir) / "eval" / f"step_{loaded.step:08d}"
         opts = SamplingOptions(steps=args.steps, method=args.sampler, cfg_scale=args.cfg, seed=args.seed)
         metrics = evaluate(gen, loaded.cfg, out, args.n, opts, args.planning_candidates, planning_n=args.planning_n,
-                           caption_first_prob=getattr(loaded.provider.stream, "caption_first_prob", 0.8), only=only)
+                           caption_first_prob=getattr(loaded.provider.stream, "caption_first_prob", 0.8), only=only,
+                           generation_n=args.generation_n)
         metrics.update(run_dir=str(args.run_dir), step=loaded.step)
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         if not args.no_tensorboard:

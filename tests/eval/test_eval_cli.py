@@ -38,16 +38,17 @@ def test_eval_cli_writes_metrics_with_chance_levels(run_dir, loaded, tmp_path):
 
     out = tmp_path / "eval"
     assert main(["--run-dir", str(run_dir), "--out", str(out), "--n", "3", "--steps", "2",
-                 "--planning-candidates", "2", "--planning-n", "2"]) == 0
+                 "--planning-candidates", "2", "--planning-n", "2", "--generation-n", "4"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["step"] == 2 and metrics["settings"]["n"] == 3 and metrics["settings"]["planning_n"] == 2
+    assert metrics["settings"]["generation_n"] == 4
     assert set(metrics["headlines"]) == set(HEADLINED)
     for name, head in metrics["headlines"].items():
         assert head["chance"] is not None and math.isfinite(head["value"]), name
         assert head == metrics["results"][name]["headline"]
     results = metrics["results"]
     assert results["vqa"]["skipped"].startswith("not trained on this modality")
-    assert results["generation"]["n"] == 3 and results["world_model"]["rollout"]["n"] == 3
+    assert results["generation"]["n"] == 4 and results["world_model"]["rollout"]["n"] == 3
     assert results["planning"]["candidates"] == 2 and results["planning"]["n"] == 2
     assert results["perplexity"]["chance_perplexity"] == 266.0  # the byte tokenizer's vocabulary
     assert (out / "generation_grid.png").is_file() and (out / "rollout_grid.png").is_file()
