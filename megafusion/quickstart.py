@@ -306,6 +306,10 @@ class Variant:
     weights: dict | None = None
     step_fraction: float = 1.0
 
+    def steps(self, main_steps: int) -> int:
+        """Training steps of this variant when the main run trains ``main_steps``."""
+        return max(1, round(main_steps * self.step_fraction))
+
 
 def _image_only_weights() -> tuple[dict, float]:
     """Image-caption and VQA data only, and the share of steps that sees as many of them as
@@ -373,7 +377,7 @@ def run_trends(out: Path, names: list[str], tokenizer: Path, prefixes: dict[str,
         _, variants = TRENDS[name]
         results[name] = {}
         for v in variants(args.rae):
-            n = max(1, round(steps * v.step_fraction))
+            n = v.steps(steps)
             if not v.overrides and v.weights is None and v.step_fraction == 1.0:
                 results[name][v.name] = {"run": out / "run", "eval": main_eval, "steps": n}
                 continue

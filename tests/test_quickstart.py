@@ -42,9 +42,9 @@ def test_quick_quickstart_writes_report_and_eval(tmp_path):
     moe_records = [json.loads(line) for line in
                    (out / "trends" / "moe" / "moe" / "run" / "metrics.jsonl").read_text().splitlines()]
     assert "moe/specialization" in moe_records[-1]
-    from megafusion.quickstart import _image_only_weights
+    from megafusion.quickstart import Variant, _image_only_weights
 
-    image_steps = max(1, round(6 * _image_only_weights()[1]))  # as many image documents as the 6-step run
+    image_steps = Variant("image_only", (), *_image_only_weights()).steps(6)  # as many image documents as 6 steps
     assert image_steps < 6
     assert "### synergy" in report and f"| image_only | {image_steps} |" in report and "| multimodal | 6 |" in report
     assert "| dense | 6 |" in report and (out / "trends" / "moe" / "dense" / "eval" / "metrics.json").is_file()

@@ -251,8 +251,8 @@ def evaluate(gen: Generator, cfg, out: Path, n: int = 32, opts: SamplingOptions 
 
     metrics = {
         "settings": {"n": n, "generation_n": generation_n, "steps": opts.steps, "sampler": opts.method,
-                     "cfg_scale": opts.cfg_scale, "seed": opts.seed, "planning_candidates": planning_candidates, "planning_n": planning_n,
-                     "heldout_seed": world.config.seed, "training_sources": weights},
+                     "cfg_scale": opts.cfg_scale, "seed": opts.seed, "planning_candidates": planning_candidates,
+                     "planning_n": planning_n, "heldout_seed": world.config.seed, "training_sources": weights},
         "headlines": {name: r["headline"] for name, r in results.items() if "headline" in r},
         "results": results,
         "samples": samples,
