@@ -92,6 +92,10 @@ class ModelConfig:
     # place in consecutive frames sits a fixed offset apart (what copying a frame attends
     # by): same | 1d
     frame_positions: str = "same"
+    # previous: each video-frame patch also embeds the clean latent at its place one frame
+    # back (world models feed context frames to the denoiser this way: DIAMOND, GameNGen),
+    # so what stays put is copied without attention: none | previous
+    frame_conditioning: str = "none"
 
 
 @dataclass
@@ -346,6 +350,7 @@ _CHOICES = {
     "model.patch_positions": ("none", "learned"),
     "model.rope_layout": ("contiguous", "interleaved"),
     "model.frame_positions": ("same", "1d"),
+    "model.frame_conditioning": ("none", "previous"),
     "vision.representation": ("pixel", "rae", "vae"),
     "model.moe.dispatcher": ("alltoall", "allgather"),
     "model.moe.dispatch": ("megatron", "triton"),

@@ -126,8 +126,12 @@ class DecodeState:
                 model.modality_context.set(chunk.modality[None])
             if getattr(model, "time_context", None) is not None:
                 model.time_context.set(chunk.t[None], chunk.modality[None])
+            previous = None
+            if getattr(model, "previous_frame_in", None) is not None:  # the whole sequence's, sliced
+                previous = model.previous_frames_of(full.latents[None], full.span_ids[None], full.modality[None],
+                                                    doc_ids)[:, start:]
             hidden = model.embed(chunk.tokens[None], chunk.latents[None], chunk.t[None], chunk.modality[None],
-                                 chunk.span_ids[None])
+                                 chunk.span_ids[None], previous)
             hidden = model.decoder(hidden_states=hidden, attention_mask=mask,
                                    rotary_pos_emb=model.rope(positions, mask.span_ids, full.modality[None]),
                                    inference_context=self.context)

@@ -9,7 +9,7 @@ run the weights (and everything that must agree for them to mean the same thing)
      "transformer": {"hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
                      "ffn_hidden_size", "activation", "normalization", "tie_embeddings",
                      "rope_base", "max_sequence_length", "image_positions", "rope_layout",
-                     "frame_positions"},
+                     "frame_positions", "frame_conditioning"},
      "ffn": "dense" | "modality",
      "moe": null | {"num_experts", "top_k", "expert_ffn_hidden_size", "layers", "router_score",
                     "shared_expert_ffn_hidden_size", "per_modality_shared_experts"},
@@ -106,6 +106,7 @@ def describe(cfg: Config, tokenizer=None, representation=None, representation_pa
         arch["transformer"]["image_positions"] = m.image_positions
         arch["transformer"]["rope_layout"] = m.rope_layout
         arch["transformer"]["frame_positions"] = m.frame_positions
+        arch["transformer"]["frame_conditioning"] = m.frame_conditioning
         arch["ffn"] = m.ffn
         arch["patch_embedding"] = {"adapter": m.patch_adapter, "latent_dim": int(representation.latent_dim),
                                    "tokens_per_image": int(representation.tokens_per_image),
@@ -147,7 +148,7 @@ def weight_fields(cfg: Config) -> dict[str, Any]:
         fields.update({"model.ffn": m.ffn, "model.patch_adapter": m.patch_adapter,
                        "model.time_conditioning": m.time_conditioning, "model.image_positions": m.image_positions,
                        "model.patch_positions": m.patch_positions, "model.rope_layout": m.rope_layout,
-                       "model.frame_positions": m.frame_positions,
+                       "model.frame_positions": m.frame_positions, "model.frame_conditioning": m.frame_conditioning,
                        "vision.representation": cfg.vision.representation, "vision.image_size": cfg.vision.image_size})
         if cfg.vision.representation in ("pixel", "vae"):
             fields["vision.patch_size"] = cfg.vision.patch_size

@@ -15,6 +15,8 @@ import math
 import torch
 from torch import nn
 
+from megafusion.data.sample import VIDEO
+
 
 def _zero_bias(linear: nn.Linear) -> nn.Linear:
     if linear.bias is not None:
@@ -83,6 +85,40 @@ def span_offsets(span_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     starts = (span_ids >= 0) & (span_ids != previous)
     start = torch.cummax(torch.where(starts, index, torch.zeros_like(index)), dim=1).values
     return index - start, start
+
+
+def previous_frame_index(span_ids: torch.Tensor, modality: torch.Tensor, doc_ids: torch.Tensor) -> torch.Tensor:
+    """[b, s] int64: for each patch of a video frame, the sequence index of the patch at the
+    same place in the frame before it (the nearest earlier span, if it is a frame of the
+    same document and that long); -1 elsewhere (text, images, a clip's first frame).
+
+    span_ids, modality, doc_ids: [b, s] (``Sample`` fields).
+    """
+    b, s = span_ids.shape
+    k, start = span_offsets(span_ids)
+    index = torch.arange(s, device=span_ids.device).expand(b, s)
+    is_latent = span_ids >= 0
+    # The start of the latest span beginning at or before each index, then the one before a
+    # span's own start: the previous span's start (-1: none).
+    latest = torch.cummax(torch.where(is_latent & (index == start), index, torch.full_like(index, -1)), dim=1).values
+    before_start = torch.where(start > 0, start - 1, torch.zeros_like(start))
+    prev_start = torch.where(start > 0, latest.gather(1, before_start), torch.full_like(start, -1))
+    safe_prev = prev_start.clamp_min(0)
+    source = safe_prev + k
+    valid = (is_latent & (modality == VIDEO) & (prev_start >= 0)
+             & (modality.gather(1, safe_prev) == VIDEO) & (doc_ids.gather(1, safe_prev) == doc_ids)
+             & (source < s))
+    safe_source = source.clamp_max(s - 1)
+    # the patch at offset k must still lie in that previous span
+    valid &= (span_ids.gather(1, safe_source) == span_ids.gather(1, safe_prev)) & (safe_source < start)
+    return torch.where(valid, safe_source, torch.full_like(source, -1))
+
+
+def gather_previous_frames(latents: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """latents [b, s, C], index [b, s] (``previous_frame_index``) -> [b, s, C]: the latent of
+    each position's previous-frame patch, zeros where the index is -1."""
+    picked = latents.gather(1, index.clamp_min(0).unsqueeze(-1).expand(-1, -1, latents.shape[-1]))
+    return picked * (index >= 0).unsqueeze(-1).to(latents.dtype)
 
 
 class PatchPositionEmbedding(nn.Module):

@@ -22,7 +22,8 @@ Options (``model.*``): ``attention`` sdpa | flex | triton (``megafusion.model.at
 column) per patch, time = the span's start, so 3d is the same scheme seen on video frames),
 ``rope_layout`` contiguous | interleaved (which frequencies each axis gets),
 ``frame_positions`` same | 1d (frames keep 1-D positions) and ``patch_positions`` none |
-learned (``PatchPositionEmbedding`` added to the latent inputs).
+learned (``PatchPositionEmbedding`` added to the latent inputs), ``frame_conditioning`` none |
+previous (each frame patch also embeds the clean patch at its place one frame back).
 
 ``TransfusionProvider`` (``model.kind: transfusion``) feeds it packed ShapesWorld
 sequences (``megafusion.data.shapes_stream``), noises the latents and defines the loss.
@@ -49,7 +50,8 @@ from megafusion.data.sample import IGNORE_INDEX, IMAGE, TEXT, VIDEO
 from megafusion.diffusion.flow import add_noise
 from megafusion.model.adaln import AdaLNNorm, TimeContext
 from megafusion.model.embeddings import (PatchIn, PatchOut, PatchPositionEmbedding, TimestepEmbedding,
-                                         rope_axis_of_frequency, rope_coordinates)
+                                         gather_previous_frames, previous_frame_index, rope_axis_of_frequency,
+                                         rope_coordinates)
 from megafusion.model.init import init_weights
 from megafusion.model.mask import HybridMaskInfo
 from megafusion.model.modality_ffn import ModalityContext, ffn_spec
@@ -83,6 +85,8 @@ class TransfusionModel(LanguageModule):
         rope_layout: which RoPE frequencies each (time, row, column) axis rotates by
             (``rope_axis_of_frequency``).
         frames_1d: video frames keep 1-D positions under 2-D/3-D RoPE (``model.frame_positions: 1d``).
+        previous_frame: each video-frame patch also gets a linear embedding of the clean
+            latent at its place in the frame before it (``model.frame_conditioning: previous``).
     """
 
     def __init__(self, config, block_spec, vocab_size: int, latent_dim: int, max_sequence_length: int,
@@ -90,7 +94,7 @@ class TransfusionModel(LanguageModule):
                  rope_base: float = 10000.0, vp_stage: int | None = None, modality_context=None,
                  time_context=None, image_grid_width: int | None = None,
                  unet_layout: tuple[int, int, int] | None = None, patch_positions: int | None = None,
-                 rope_layout: str = "contiguous", frames_1d: bool = False) -> None:
+                 rope_layout: str = "contiguous", frames_1d: bool = False, previous_frame: bool = False) -> None:
         super().__init__(config=config)
         self.vocab_size = vocab_size
         self.latent_dim = latent_dim
@@ -106,6 +110,7 @@ class TransfusionModel(LanguageModule):
         self.unet_layout = unet_layout
         self.rope_layout = rope_layout
         self.frames_1d = frames_1d
+        self.previous_frame_in = None
 
         if pre_process:
             # Scatter to the sequence-parallel region ourselves, after the patches are added.
@@ -119,6 +124,7 @@ class TransfusionModel(LanguageModule):
                 self.time_embed = TimestepEmbedding(config.hidden_size)
             self.patch_position = (PatchPositionEmbedding(patch_positions, config.hidden_size)
                                    if patch_positions else None)
+            self.previous_frame_in = PatchIn(latent_dim, config.hidden_size) if previous_frame else None
         # Holds inv_freq only; positions are per token (they restart in every document).
         self.rotary_pos_emb = RotaryEmbedding(kv_channels=config.kv_channels, rotary_percent=1.0,
                                               rotary_interleaved=config.rotary_interleaved,
@@ -192,12 +198,14 @@ class TransfusionModel(LanguageModule):
         return out
 
     def embed(self, tokens: torch.Tensor, latents: torch.Tensor, timesteps: torch.Tensor,
-              modality: torch.Tensor, span_ids: torch.Tensor | None = None) -> torch.Tensor:
+              modality: torch.Tensor, span_ids: torch.Tensor | None = None,
+              previous_frames: torch.Tensor | None = None) -> torch.Tensor:
         """Decoder input [s, b, h] (the local [s/tp, b, h] slice under sequence parallelism).
 
         Text positions get their token embedding; latent positions (modality != TEXT) get
         PatchIn(x_t) + TimestepEmbedding(t) instead (PatchIn(x_t) alone with AdaLN), plus
-        the learned patch position with ``patch_positions`` (``span_ids`` [b, s] needed).
+        the learned patch position with ``patch_positions`` (``span_ids`` [b, s] needed), plus
+        the embedded ``previous_frames`` [b, s, C] with ``previous_frame`` (``previous_frames_of``).
         """
         text = self.embedding(input_ids=tokens, position_ids=None)  # [s, b, h]
         is_latent = (modality != TEXT).t().unsqueeze(-1)  # [s, b, 1]
@@ -208,11 +216,23 @@ class TransfusionModel(LanguageModule):
             if span_ids is None:
                 raise ValueError("TransfusionModel.embed: learned patch positions need span_ids")
             visual = visual + self.patch_position(span_ids).transpose(0, 1).to(text.dtype)
+        if self.previous_frame_in is not None:
+            if previous_frames is None:
+                raise ValueError("TransfusionModel.embed: frame_conditioning previous needs previous_frames")
+            visual = visual + self.previous_frame_in(previous_frames.to(text.dtype)).transpose(0, 1)
         # contiguous: the residual stream keeps this layout and pipeline p2p sends need it
         hidden = torch.where(is_latent, visual, text).contiguous()
         if self.config.sequence_parallel:
             hidden = tensor_parallel.scatter_to_sequence_parallel_region(hidden, group=self.tp_group)
         return hidden
+
+    @staticmethod
+    def previous_frames_of(clean_latents: torch.Tensor, span_ids: torch.Tensor, modality: torch.Tensor,
+                           doc_ids: torch.Tensor) -> torch.Tensor:
+        """[b, s, C]: for each video-frame patch, the clean latent at its place in the frame
+        before it (zeros elsewhere). ``clean_latents`` [b, s, C]: the training data, or at
+        inference the sequence itself, whose earlier frames are clean."""
+        return gather_previous_frames(clean_latents, previous_frame_index(span_ids, modality, doc_ids))
 
     def heads(self, hidden: torch.Tensor, timesteps: torch.Tensor, modality: torch.Tensor
               ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -231,7 +251,7 @@ class TransfusionModel(LanguageModule):
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, attention_mask: torch.Tensor,
                 latents: torch.Tensor | None = None, timesteps: torch.Tensor | None = None,
                 modality: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                decoder_input: torch.Tensor | None = None):
+                decoder_input: torch.Tensor | None = None, clean_latents: torch.Tensor | None = None):
         """Runs this stage.
 
         Args:
@@ -244,6 +264,9 @@ class TransfusionModel(LanguageModule):
             modality: [b, s] int64 TEXT / IMAGE / VIDEO.
             labels: [b, s] int64 next-token targets (``IGNORE_INDEX`` allowed) or None.
             decoder_input: [s, b, h] overrides the embeddings (first stage only).
+            clean_latents: [b, s, C] clean latents, read by ``frame_conditioning: previous``
+                for the frame before each frame (None: ``latents``, whose earlier frames are
+                clean at inference).
 
         Returns:
             Not the last stage: hidden states [s, b, h] ([s/tp, b, h] under SP).
@@ -260,11 +283,16 @@ class TransfusionModel(LanguageModule):
             self.modality_context.set(modality)
         if self.time_context is not None:
             self.time_context.set(timesteps, modality)
-        span_ids = HybridMaskInfo.coerce(attention_mask).span_ids
+        mask_info = HybridMaskInfo.coerce(attention_mask)
+        span_ids = mask_info.span_ids
         if decoder_input is None and self.pre_process:
             if latents is None:
                 latents = torch.zeros(b, s, self.latent_dim, device=tokens.device)
-            decoder_input = self.embed(tokens, latents, timesteps, modality, span_ids)
+            previous = None
+            if self.previous_frame_in is not None:
+                source = latents if clean_latents is None else clean_latents
+                previous = self.previous_frames_of(source, span_ids, modality, mask_info.doc_ids)
+            decoder_input = self.embed(tokens, latents, timesteps, modality, span_ids, previous)
 
         hidden = self.decoder(hidden_states=decoder_input, attention_mask=attention_mask,
                               rotary_pos_emb=self.rope(positions, span_ids, modality))
@@ -443,7 +471,8 @@ class TransfusionProvider:
                                  time_context=time_context, image_grid_width=self.image_grid_width,
                                  unet_layout=self.unet_layout,
                                  patch_positions=self.stream.tokens_per_image if m.patch_positions == "learned"
-                                 else None, rope_layout=m.rope_layout, frames_1d=m.frame_positions == "1d")
+                                 else None, rope_layout=m.rope_layout, frames_1d=m.frame_positions == "1d",
+                                 previous_frame=m.frame_conditioning == "previous")
         init_weights(model, self.cfg.train.seed, m.init_std, m.num_layers,
                      std_of={"patch_position.table.weight": m.patch_position_init_std})
         return model
@@ -479,6 +508,7 @@ class TransfusionProvider:
             "span_ids": stack(lambda s, n: s.span_ids),
             "modality": modality,
             "x_t": stack(lambda s, n: n.x_t),
+            "clean_latents": stack(lambda s, n: s.latents),
             "t": stack(lambda s, n: n.t),
             "target": stack(lambda s, n: n.target),
             "flow_loss_mask": stack(lambda s, n: n.loss_mask),
@@ -492,5 +522,5 @@ class TransfusionProvider:
     def forward_step(self, batch: dict[str, torch.Tensor], model: torch.nn.Module):
         mask = torch.stack([batch["doc_ids"], batch["span_ids"]])  # HybridMaskInfo.as_tensor()
         output = model(batch["tokens"], batch["positions"], mask, latents=batch["x_t"], timesteps=batch["t"],
-                       modality=batch["modality"], labels=batch["labels"])
+                       modality=batch["modality"], labels=batch["labels"], clean_latents=batch["clean_latents"])
         return output, partial(transfusion_loss, batch, self.cfg.diffusion.loss_weight)

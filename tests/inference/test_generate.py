@@ -107,6 +107,34 @@ def test_kv_cached_sampling_with_learned_patch_positions_and_1d_frames(loaded):
         close()
 
 
+def test_kv_cached_rollout_with_previous_frame_conditioning(loaded):
+    """``frame_conditioning: previous``: the cached rollout hands every sampled frame the
+    frame before it (a context frame, then a generated one) exactly as the full forward
+    does, and that input is heard (zeroing its weights changes the rollout)."""
+    from dataclasses import replace
+
+    from megafusion.inference.generate import Generator, SamplingOptions
+    from megafusion.inference.loading import build_model, close
+
+    cfg = replace(loaded.cfg, model=replace(loaded.cfg.model, frame_conditioning="previous"))
+    fresh = build_model(cfg, device="cpu")
+    try:
+        weight = fresh.model.previous_frame_in.proj.weight
+        with torch.no_grad():
+            weight.normal_(0, 0.5)  # make its effect large
+        cached, full = Generator.from_run(fresh), Generator.from_run(fresh, use_cache=False)
+        frames = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+        opts = SamplingOptions(steps=2, cfg_scale=2.0, seed=3)
+        args = (frames, ["up", "left", "stay"], "The agent is a red circle.", opts)
+        a, b = cached.rollout(*args), full.rollout(*args)
+        assert a.shape == (2, 32, 32, 3) and np.abs(a.astype(int) - b.astype(int)).max() <= 1
+        with torch.no_grad():
+            weight.zero_()
+        assert np.abs(cached.rollout(*args).astype(int) - a.astype(int)).max() > 8
+    finally:
+        close()
+
+
 def _x_prediction(gen, ids, noise, t=1.0):
     """The model's latent prediction for a span of ``noise`` after text ``ids`` (one full forward)."""
     from megafusion.data.sample import IMAGE, TEXT

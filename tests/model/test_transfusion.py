@@ -426,6 +426,94 @@ def test_learned_patch_positions_leave_text_unchanged_and_move_images(megatron_w
     assert ((pred_b[0, 5:11] - pred_a[0, 5:11]).abs().amax(-1) > 1e-4).all()
 
 
+def _previous_frame_reference(span, modality, doc):
+    """previous_frame_index by a loop over spans in order (one row)."""
+    spans = []  # (start, length, modality, doc) in sequence order
+    for i, sid in enumerate(span):
+        if sid >= 0 and (i == 0 or span[i - 1] != sid):
+            spans.append([i, 0, modality[i], doc[i]])
+        if sid >= 0:
+            spans[-1][1] += 1
+    out = [-1] * len(span)
+    for j, (start, length, mod, d) in enumerate(spans):
+        if j == 0 or mod != VIDEO:
+            continue
+        p_start, p_length, p_mod, p_doc = spans[j - 1]
+        if p_mod == VIDEO and p_doc == d:
+            for k in range(min(length, p_length)):
+                out[start + k] = p_start + k
+    return out
+
+
+def test_previous_frame_index_against_a_loop():
+    """Packed rows of text, images, frames of several clips and documents (some frames back to
+    back, a short frame, a frame after an image) against the loop above."""
+    from megafusion.model.embeddings import gather_previous_frames, previous_frame_index
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for _ in range(20):
+        span, modality, doc, sid, d = [], [], [], 0, 0
+        while len(span) < 60:
+            kind = rng.choice(["text", "image", "frame", "doc"], p=[0.3, 0.15, 0.45, 0.1])
+            if kind == "doc":
+                d += 1
+                continue
+            n = int(rng.integers(1, 4)) if kind == "text" else int(rng.choice([4, 4, 4, 3]))
+            span += [-1] * n if kind == "text" else [sid] * n
+            modality += [TEXT if kind == "text" else IMAGE if kind == "image" else VIDEO] * n
+            doc += [d] * n
+            sid += kind != "text"
+        rows.append((span[:60], modality[:60], doc[:60]))
+    span, modality, doc = (torch.tensor([r[i] for r in rows]) for i in range(3))
+    index = previous_frame_index(span, modality, doc)
+    expected = torch.tensor([_previous_frame_reference(*(r[i] for i in range(3))) for r in rows])
+    assert (expected >= 0).sum() > 50  # the layouts exercise the rule
+    assert torch.equal(index, expected)
+    latents = torch.randn(*span.shape, 5)
+    gathered = gather_previous_frames(latents, index)
+    has = index >= 0
+    assert torch.equal(gathered[has], latents[has.nonzero()[:, 0], index[has]])
+    assert gathered[~has].abs().sum() == 0
+
+
+def test_frame_conditioning_previous_reads_the_clean_frame_before(megatron_world):
+    """With ``frame_conditioning: previous`` a frame hears the *clean* latents of the frame
+    before it (``clean_latents``), nothing else does, and without ``clean_latents`` the
+    sequence's own latents are read (inference, where earlier frames are clean)."""
+    n, c = 20, 192
+    # [text(2) <boi> frame(4) <eoi> act <frame> <boi> frame(4) <eoi>] [text(2) image(4) text]
+    span = torch.tensor([[-1, -1, -1, 0, 0, 0, 0, -1, -1, -1, -1, 1, 1, 1, 1, -1, -1, 2, 2, 2]])
+    modality = torch.where(span >= 0, VIDEO, TEXT)
+    modality[0, 17:] = IMAGE
+    doc = torch.tensor([[0] * 16 + [1] * 4])
+    positions = torch.cat([torch.arange(16), torch.arange(4)])[None]
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 256, (1, n), generator=g)
+    clean = torch.randn(1, n, c, generator=g) * (span >= 0).unsqueeze(-1)
+    t = torch.rand(1, n, generator=g) * (span >= 0)
+    x_t = (1 - t.unsqueeze(-1)) * clean + t.unsqueeze(-1) * torch.randn(1, n, c, generator=g)
+    mask = torch.stack([doc, span])
+    model = make_provider(["model.frame_conditioning=previous"]).build(pre_process=True, post_process=True,
+                                                                         vp_stage=None).eval()
+    other = clean.clone()
+    other[0, 3:7] = torch.randn(4, c, generator=g)  # another clean first frame, same x_t
+
+    def forward(clean_latents):
+        with torch.no_grad():
+            return model(tokens, positions, mask, latents=x_t, timesteps=t, modality=modality,
+                         clean_latents=clean_latents)
+
+    (logits_a, pred_a), (logits_b, pred_b) = forward(clean), forward(other)
+    moved = (pred_b[0] - pred_a[0]).abs().amax(-1) > 1e-4
+    assert moved[11:15].all()  # the second frame reads the first's clean latents
+    assert not moved[:11].any() and not moved[16:].any()  # nothing before it, nor the other document
+    torch.testing.assert_close(logits_b[0, :11], logits_a[0, :11], rtol=0, atol=0)
+    torch.testing.assert_close(forward(None)[1], forward(x_t)[1], rtol=0, atol=0)
+    plain = make_provider().build(pre_process=True, post_process=True, vp_stage=None)
+    assert plain.previous_frame_in is None
+
+
 def test_patch_position_init_std(megatron_world):
     """The patch-position table is drawn at ``model.patch_position_init_std`` (the same draw
     scaled: its generator is seeded by the weight's name), every other matrix at init_std."""
