@@ -48,6 +48,9 @@ class FlowMatchingConfig:
     - ``time_shift``: ``"auto"`` uses ``sqrt(latent_dim / 4096)`` per span, where
       ``latent_dim`` = positions in the span x latent channels (RAE); a float is one
       fixed shift for all spans; 1.0 disables the shift. Larger shift = more noise.
+    - ``frame_time_shift``: the shift of video frames (None: ``time_shift``). Where the
+      next frame is mostly the frame before, only nearly pure noise hides where things
+      move, and only there must the model read the action: a larger shift trains there more.
     - ``clean_fraction``: fraction of (eligible) spans whose timestep is drawn uniformly in
       ``[0, clean_t_max]`` so that nearly clean images can condition text (captioning;
       Transfusion caps DDPM noise at t <= 500 of 1000 for 20% of image-caption pairs). These
@@ -68,6 +71,7 @@ class FlowMatchingConfig:
     logit_normal_mean: float = 0.0
     logit_normal_std: float = 1.0
     time_shift: str | float = "auto"
+    frame_time_shift: float | None = None
     clean_fraction: float = 0.2
     clean_t_max: float = 0.5
     frame_clean_fraction: float | None = None
@@ -87,6 +91,8 @@ class FlowMatchingConfig:
                     raise ValueError(f"flow.time_shift={self.time_shift!r}: use 'auto' or a positive number") from None
         if not isinstance(self.time_shift, str) and not self.time_shift > 0:
             raise ValueError(f"flow.time_shift={self.time_shift}: must be 'auto' or > 0 (1.0 = no shift)")
+        if self.frame_time_shift is not None and not self.frame_time_shift > 0:
+            raise ValueError(f"flow.frame_time_shift={self.frame_time_shift}: must be > 0 (or null: time_shift)")
         if not 0.0 <= self.clean_fraction <= 1.0:
             raise ValueError(f"flow.clean_fraction={self.clean_fraction}: must lie in [0, 1]")
         if self.frame_clean_fraction is not None and not 0.0 <= self.frame_clean_fraction <= 1.0:
@@ -110,8 +116,12 @@ def auto_shift(latent_dim: int | float | torch.Tensor) -> float | torch.Tensor:
     return math.sqrt(latent_dim / SHIFT_BASE_DIM)
 
 
-def resolve_shift(cfg: FlowMatchingConfig, latent_dim: int | float | torch.Tensor) -> float | torch.Tensor:
-    """The shift for a span of ``latent_dim`` scalars under ``cfg.time_shift``."""
+def resolve_shift(cfg: FlowMatchingConfig, latent_dim: int | float | torch.Tensor,
+                  frame: bool = False) -> float | torch.Tensor:
+    """The shift for a span of ``latent_dim`` scalars under ``cfg.time_shift`` (a video
+    frame's: ``cfg.frame_time_shift`` where set)."""
+    if frame and cfg.frame_time_shift is not None:
+        return float(cfg.frame_time_shift)
     if cfg.time_shift == "auto":
         return auto_shift(latent_dim)
     return float(cfg.time_shift)
@@ -251,6 +261,7 @@ def add_noise(
     doc_ids: torch.Tensor | None = None,
     cap_eligible: torch.Tensor | None = None,
     cap_fraction: torch.Tensor | None = None,
+    is_frame: torch.Tensor | None = None,
 ) -> NoisedLatents:
     """Draws per-span timesteps and noise for a packed batch and builds the training target.
 
@@ -268,6 +279,8 @@ def add_noise(
             that condition later text); default: every non-clean span.
         cap_fraction: [B, N] float, the capping probability of each position's span
             (e.g. ``frame_clean_fraction`` on video frames); default ``cfg.clean_fraction``.
+        is_frame: [B, N] bool, latent positions of video frames (their spans take
+            ``cfg.frame_time_shift``); default: none.
 
     Each span (an image, or one video frame) gets one timestep ``t = shift(sigmoid(u))``;
     a ``cfg.clean_fraction`` of eligible spans then has ``t`` redrawn uniformly in
@@ -280,6 +293,7 @@ def add_noise(
         doc_ids = None if doc_ids is None else doc_ids[None]
         cap_eligible = None if cap_eligible is None else cap_eligible[None]
         cap_fraction = None if cap_fraction is None else cap_fraction[None]
+        is_frame = None if is_frame is None else is_frame[None]
     if sample_latents.dim() != 3 or span_ids.shape != sample_latents.shape[:2] or clean_spans.shape != span_ids.shape:
         raise ValueError(
             f"add_noise: latents {tuple(sample_latents.shape)} must be [B, N, C] with span_ids and clean_spans "
@@ -296,7 +310,11 @@ def add_noise(
         return torch.rand(n, generator=generator, device=draw_device).to(device)
 
     t_span = sample_logit_normal((S,), cfg, generator, device=draw_device).to(device)
-    t_span = time_shift(t_span, resolve_shift(cfg, sizes * C))
+    shift = resolve_shift(cfg, sizes * C)
+    if is_frame is not None and cfg.frame_time_shift is not None:
+        shift = torch.where(_any_per_span(is_frame, index, S), cfg.frame_time_shift,
+                            torch.as_tensor(shift, dtype=torch.float64, device=device))
+    t_span = time_shift(t_span, shift)
 
     def per_position(per_span: torch.Tensor) -> torch.Tensor:
         """[S] -> [B, N]; text positions (index -1) read an appended zero/False."""

@@ -324,7 +324,7 @@ class Generator:
 
         d = self.cfg.diffusion
         x0 = sample_ode(denoiser(state), noise, opts.steps, method=opts.method, prediction=d.prediction,
-                        shift=float(resolve_shift(d, T * C)), cfg_scale=opts.cfg_scale,
+                        shift=float(resolve_shift(d, T * C, frame=modality == VIDEO)), cfg_scale=opts.cfg_scale,
                         uncond_model=denoiser(uncond) if uncond is not None else None,
                         min_denominator=d.min_denominator)[0]
         state.run(Chunk.cat([self.latent_chunk(x0, 0.0, span, modality), self.text_chunk([self.tokenizer.eoi_id])]))

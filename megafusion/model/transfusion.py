@@ -491,7 +491,7 @@ class TransfusionProvider:
             noised = add_noise(s.latents, s.span_ids, s.clean_spans, d, generator,
                                image_loss_mask=s.image_loss_mask, doc_ids=s.doc_ids,
                                cap_eligible=conditions_later_text(s.labels, s.span_ids, s.doc_ids),
-                               cap_fraction=cap_fraction)
+                               cap_fraction=cap_fraction, is_frame=s.modality == VIDEO)
             rows.append((s, noised))
         stack = lambda f: torch.stack([f(s, n) for s, n in rows])  # noqa: E731
         tokens, labels = stack(lambda s, n: s.tokens), stack(lambda s, n: s.labels)

@@ -13,6 +13,7 @@ from megafusion.diffusion.flow import (
     convert,
     flow_matching_loss,
     make_target,
+    resolve_shift,
     time_shift,
     to_velocity,
     to_x0,
@@ -154,6 +155,29 @@ def test_noise_capping_fraction_and_range():
     out = add_noise(latents, span_ids, clean, FlowMatchingConfig(clean_fraction=1.0, clean_t_max=0.3, **common),
                     torch.Generator().manual_seed(0), cap_eligible=eligible)
     assert out.t[0, :1000].max() <= 0.3 and out.t[0, 1000:].max() > 0.9
+
+
+def test_frame_time_shift_moves_only_frame_spans():
+    """``frame_time_shift`` shifts the same logit-normal draws of frame spans by its own
+    value (image spans keep ``time_shift``); without ``is_frame`` nothing changes."""
+    span_ids = torch.arange(1000).repeat_interleave(2)[None]  # 2 positions per span
+    latents = torch.zeros(1, 2000, 2)
+    clean = torch.zeros_like(span_ids, dtype=torch.bool)
+    is_frame = span_ids % 2 == 1  # odd spans are video frames
+    common = dict(clean_fraction=0.0, time_shift=3.0, cfg_dropout=0.0)
+    base = add_noise(latents, span_ids, clean, FlowMatchingConfig(**common), torch.Generator().manual_seed(0)).t[0]
+    cfg = FlowMatchingConfig(frame_time_shift=10.0, **common)
+    out = add_noise(latents, span_ids, clean, cfg, torch.Generator().manual_seed(0), is_frame=is_frame).t[0]
+    frames = is_frame[0]
+    torch.testing.assert_close(out[~frames], base[~frames], rtol=0, atol=0)
+    drawn = time_shift(base[frames].double(), 1 / 3.0)  # the shift-3 map inverted: shift(., 1/s) undoes s
+    torch.testing.assert_close(out[frames].double(), time_shift(drawn, 10.0), rtol=1e-5, atol=1e-6)
+    assert out[frames].mean() > base[frames].mean() + 0.05
+    plain = add_noise(latents, span_ids, clean, cfg, torch.Generator().manual_seed(0)).t[0]
+    torch.testing.assert_close(plain, base, rtol=0, atol=0)
+    assert resolve_shift(cfg, 192, frame=True) == 10.0 and resolve_shift(cfg, 192) == 3.0
+    with pytest.raises(ValueError, match="frame_time_shift"):
+        FlowMatchingConfig(frame_time_shift=0.0)
 
 
 def test_per_span_capping_fraction():

@@ -240,3 +240,26 @@ def test_generate_cli_errors_name_the_problem(tmp_path, capsys):
 
     assert main(["--run-dir", str(tmp_path), "--prompt", "x", "--out", str(tmp_path / "o")]) == 2
     assert "config.yaml" in capsys.readouterr().err
+
+
+def test_frames_are_sampled_on_the_frame_time_shift(loaded, monkeypatch):
+    """``diffusion.frame_time_shift``: rollout frames integrate the ODE on that shift's grid,
+    images keep ``time_shift``'s (as training drew their timesteps)."""
+    from dataclasses import replace
+
+    import megafusion.diffusion.sampling as sampling
+    from megafusion.diffusion.flow import resolve_shift
+    from megafusion.inference.generate import Generator, SamplingOptions
+
+    gen = Generator.from_run(loaded)
+    gen.cfg = replace(loaded.cfg, diffusion=replace(loaded.cfg.diffusion, frame_time_shift=30.0))
+    shifts, real = [], sampling.sample_ode
+    monkeypatch.setattr(sampling, "sample_ode", lambda *a, shift, **kw: shifts.append(shift) or real(*a, shift=shift,
+                                                                                                      **kw))
+    opts = SamplingOptions(steps=2, cfg_scale=1.0, seed=0)
+    frames = np.zeros((1, 32, 32, 3), dtype=np.uint8)
+    gen.rollout(frames, ["up", "left"], "The agent is a red circle.", opts)
+    assert shifts == [30.0, 30.0]
+    gen.generate_image("a red circle", opts)
+    image_shift = float(resolve_shift(gen.cfg.diffusion, gen.tokens_per_image * gen.latent_dim))
+    assert shifts[-1] == image_shift != 30.0
