@@ -45,7 +45,9 @@ $PIP --no-deps --ignore-requires-python "megatron-core==0.19.2"
 
 if [ "$dev" = 1 ]; then
   echo "[install] 4/5 dev tools"
-  $PIP -c "$CONSTRAINTS" pytest pytest-benchmark av transformers diffusers nvidia-dali-cuda130
+  # transformers < 5.25: 5.25 requires Hugging Face's `kernels` package, which our top-level
+  # `kernels/` (the Triton kernels) shadows, so every model load fails.
+  $PIP -c "$CONSTRAINTS" pytest pytest-benchmark av "transformers<5.25" diffusers nvidia-dali-cuda130
 else
   echo "[install] 4/5 dev tools (skipped, pass --dev)"
 fi
