@@ -96,6 +96,10 @@ class ModelConfig:
     # back (world models feed context frames to the denoiser this way: DIAMOND, GameNGen),
     # so what stays put is copied without attention: none | previous
     frame_conditioning: str = "none"
+    # embedding: each video-frame patch also gets the mean word embedding of the text between
+    # the frame before it and it (the action), so which way the agent moves needs no
+    # attention to find the latest action among all earlier ones: none | embedding
+    action_conditioning: str = "none"
 
 
 @dataclass
@@ -351,6 +355,7 @@ _CHOICES = {
     "model.rope_layout": ("contiguous", "interleaved"),
     "model.frame_positions": ("same", "1d"),
     "model.frame_conditioning": ("none", "previous"),
+    "model.action_conditioning": ("none", "embedding"),
     "vision.representation": ("pixel", "rae", "vae"),
     "model.moe.dispatcher": ("alltoall", "allgather"),
     "model.moe.dispatch": ("megatron", "triton"),

@@ -130,8 +130,12 @@ class DecodeState:
             if getattr(model, "previous_frame_in", None) is not None:  # the whole sequence's, sliced
                 previous = model.previous_frames_of(full.latents[None], full.span_ids[None], full.modality[None],
                                                     doc_ids)[:, start:]
+            actions = None
+            if getattr(model, "action_in", None) is not None:
+                actions = model.frame_actions_of(full.tokens[None], full.span_ids[None], full.modality[None],
+                                                 doc_ids)[:, start:]
             hidden = model.embed(chunk.tokens[None], chunk.latents[None], chunk.t[None], chunk.modality[None],
-                                 chunk.span_ids[None], previous)
+                                 chunk.span_ids[None], previous, actions)
             hidden = model.decoder(hidden_states=hidden, attention_mask=mask,
                                    rotary_pos_emb=model.rope(positions, mask.span_ids, full.modality[None]),
                                    inference_context=self.context)

@@ -9,7 +9,7 @@ run the weights (and everything that must agree for them to mean the same thing)
      "transformer": {"hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
                      "ffn_hidden_size", "activation", "normalization", "tie_embeddings",
                      "rope_base", "max_sequence_length", "image_positions", "rope_layout",
-                     "frame_positions", "frame_conditioning"},
+                     "frame_positions", "frame_conditioning", "action_conditioning"},
      "ffn": "dense" | "modality",
      "moe": null | {"num_experts", "top_k", "expert_ffn_hidden_size", "layers", "router_score",
                     "shared_expert_ffn_hidden_size", "per_modality_shared_experts"},
@@ -107,6 +107,7 @@ def describe(cfg: Config, tokenizer=None, representation=None, representation_pa
         arch["transformer"]["rope_layout"] = m.rope_layout
         arch["transformer"]["frame_positions"] = m.frame_positions
         arch["transformer"]["frame_conditioning"] = m.frame_conditioning
+        arch["transformer"]["action_conditioning"] = m.action_conditioning
         arch["ffn"] = m.ffn
         arch["patch_embedding"] = {"adapter": m.patch_adapter, "latent_dim": int(representation.latent_dim),
                                    "tokens_per_image": int(representation.tokens_per_image),
@@ -149,6 +150,7 @@ def weight_fields(cfg: Config) -> dict[str, Any]:
                        "model.time_conditioning": m.time_conditioning, "model.image_positions": m.image_positions,
                        "model.patch_positions": m.patch_positions, "model.rope_layout": m.rope_layout,
                        "model.frame_positions": m.frame_positions, "model.frame_conditioning": m.frame_conditioning,
+                       "model.action_conditioning": m.action_conditioning,
                        "vision.representation": cfg.vision.representation, "vision.image_size": cfg.vision.image_size})
         if cfg.vision.representation in ("pixel", "vae"):
             fields["vision.patch_size"] = cfg.vision.patch_size

@@ -35,6 +35,23 @@ class PatchIn(nn.Module):
         return self.proj(latents)
 
 
+class FrameActionIn(nn.Module):
+    """The action input of a video frame (``model.action_conditioning: embedding``): the
+    mean word embedding of the text before the frame (``mean_between_frames``) [..., hidden]
+    -> [..., hidden]. RMS-normalised first: word embeddings are drawn at init_std (0.02), and
+    so small an input was drowned by the noised patch it is added to."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.proj = nn.Linear(hidden_size, hidden_size, bias=False)  # no bias: no action, no input
+
+    def forward(self, mean_embedding: torch.Tensor) -> torch.Tensor:
+        x = mean_embedding.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)  # zeros stay zeros
+        return self.proj(x.to(mean_embedding.dtype))
+
+
 class PatchOut(nn.Module):
     """Linear latent head: hidden [..., hidden] -> [..., C] (the flow-matching prediction)."""
 
@@ -112,6 +129,31 @@ def previous_frame_index(span_ids: torch.Tensor, modality: torch.Tensor, doc_ids
     # the patch at offset k must still lie in that previous span
     valid &= (span_ids.gather(1, safe_source) == span_ids.gather(1, safe_prev)) & (safe_source < start)
     return torch.where(valid, safe_source, torch.full_like(source, -1))
+
+
+def mean_between_frames(values: torch.Tensor, span_ids: torch.Tensor, modality: torch.Tensor,
+                        doc_ids: torch.Tensor) -> torch.Tensor:
+    """[b, s, h]: for each patch of a video frame, the mean of ``values`` [b, s, h] over the
+    text positions between the frame before it (the nearest earlier span, a frame of the same
+    document) and it: in action-conditioned video, the action that moved one to the other.
+    Zeros elsewhere (text, images, a clip's first frame, frames with no text between)."""
+    b, s = span_ids.shape
+    _, start = span_offsets(span_ids)
+    index = torch.arange(s, device=span_ids.device).expand(b, s)
+    is_latent = span_ids >= 0
+    # the last latent position before each span's start: the end of the span before it
+    last_latent = torch.cummax(torch.where(is_latent, index, torch.full_like(index, -1)), dim=1).values
+    prev_end = torch.where(start > 0, last_latent.gather(1, (start - 1).clamp_min(0)), torch.full_like(start, -1))
+    safe_end = prev_end.clamp_min(0)
+    count = start - 1 - prev_end  # text positions strictly between the two spans
+    valid = (is_latent & (modality == VIDEO) & (prev_end >= 0) & (count > 0)
+             & (modality.gather(1, safe_end) == VIDEO) & (doc_ids.gather(1, safe_end) == doc_ids))
+    # prefix[j] = sum of values[:, :j]: the sum over (prev_end, start) is prefix[start] - prefix[prev_end + 1]
+    prefix = torch.cat([values.new_zeros(b, 1, values.shape[-1], dtype=torch.float32),
+                        values.float().cumsum(dim=1)], dim=1)
+    pick = lambda i: prefix.gather(1, i.unsqueeze(-1).expand(-1, -1, values.shape[-1]))  # noqa: E731
+    mean = (pick(start) - pick(safe_end + 1)) / count.clamp_min(1).unsqueeze(-1)
+    return (mean * valid.unsqueeze(-1)).to(values.dtype)
 
 
 def gather_previous_frames(latents: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

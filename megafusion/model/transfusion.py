@@ -49,9 +49,9 @@ from megafusion.data import synthetic
 from megafusion.data.sample import IGNORE_INDEX, IMAGE, TEXT, VIDEO
 from megafusion.diffusion.flow import add_noise
 from megafusion.model.adaln import AdaLNNorm, TimeContext
-from megafusion.model.embeddings import (PatchIn, PatchOut, PatchPositionEmbedding, TimestepEmbedding,
-                                         gather_previous_frames, previous_frame_index, rope_axis_of_frequency,
-                                         rope_coordinates)
+from megafusion.model.embeddings import (FrameActionIn, PatchIn, PatchOut, PatchPositionEmbedding,
+                                         TimestepEmbedding, gather_previous_frames, mean_between_frames,
+                                         previous_frame_index, rope_axis_of_frequency, rope_coordinates)
 from megafusion.model.init import init_weights
 from megafusion.model.mask import HybridMaskInfo
 from megafusion.model.modality_ffn import ModalityContext, ffn_spec
@@ -87,6 +87,9 @@ class TransfusionModel(LanguageModule):
         frames_1d: video frames keep 1-D positions under 2-D/3-D RoPE (``model.frame_positions: 1d``).
         previous_frame: each video-frame patch also gets a linear embedding of the clean
             latent at its place in the frame before it (``model.frame_conditioning: previous``).
+        frame_actions: each video-frame patch also gets ``FrameActionIn`` of the mean word
+            embedding of the text between the frame before it and it, the action in
+            action-conditioned video (``model.action_conditioning: embedding``).
     """
 
     def __init__(self, config, block_spec, vocab_size: int, latent_dim: int, max_sequence_length: int,
@@ -94,7 +97,8 @@ class TransfusionModel(LanguageModule):
                  rope_base: float = 10000.0, vp_stage: int | None = None, modality_context=None,
                  time_context=None, image_grid_width: int | None = None,
                  unet_layout: tuple[int, int, int] | None = None, patch_positions: int | None = None,
-                 rope_layout: str = "contiguous", frames_1d: bool = False, previous_frame: bool = False) -> None:
+                 rope_layout: str = "contiguous", frames_1d: bool = False, previous_frame: bool = False,
+                 frame_actions: bool = False) -> None:
         super().__init__(config=config)
         self.vocab_size = vocab_size
         self.latent_dim = latent_dim
@@ -111,6 +115,7 @@ class TransfusionModel(LanguageModule):
         self.rope_layout = rope_layout
         self.frames_1d = frames_1d
         self.previous_frame_in = None
+        self.action_in = None
 
         if pre_process:
             # Scatter to the sequence-parallel region ourselves, after the patches are added.
@@ -125,6 +130,7 @@ class TransfusionModel(LanguageModule):
             self.patch_position = (PatchPositionEmbedding(patch_positions, config.hidden_size)
                                    if patch_positions else None)
             self.previous_frame_in = PatchIn(latent_dim, config.hidden_size) if previous_frame else None
+            self.action_in = FrameActionIn(config.hidden_size) if frame_actions else None
         # Holds inv_freq only; positions are per token (they restart in every document).
         self.rotary_pos_emb = RotaryEmbedding(kv_channels=config.kv_channels, rotary_percent=1.0,
                                               rotary_interleaved=config.rotary_interleaved,
@@ -199,13 +205,15 @@ class TransfusionModel(LanguageModule):
 
     def embed(self, tokens: torch.Tensor, latents: torch.Tensor, timesteps: torch.Tensor,
               modality: torch.Tensor, span_ids: torch.Tensor | None = None,
-              previous_frames: torch.Tensor | None = None) -> torch.Tensor:
+              previous_frames: torch.Tensor | None = None, frame_actions: torch.Tensor | None = None
+              ) -> torch.Tensor:
         """Decoder input [s, b, h] (the local [s/tp, b, h] slice under sequence parallelism).
 
         Text positions get their token embedding; latent positions (modality != TEXT) get
         PatchIn(x_t) + TimestepEmbedding(t) instead (PatchIn(x_t) alone with AdaLN), plus
         the learned patch position with ``patch_positions`` (``span_ids`` [b, s] needed), plus
-        the embedded ``previous_frames`` [b, s, C] with ``previous_frame`` (``previous_frames_of``).
+        the embedded ``previous_frames`` [b, s, C] with ``previous_frame`` (``previous_frames_of``),
+        plus the embedded ``frame_actions`` [b, s, h] with ``frame_actions`` (``frame_actions_of``).
         """
         text = self.embedding(input_ids=tokens, position_ids=None)  # [s, b, h]
         is_latent = (modality != TEXT).t().unsqueeze(-1)  # [s, b, 1]
@@ -220,6 +228,10 @@ class TransfusionModel(LanguageModule):
             if previous_frames is None:
                 raise ValueError("TransfusionModel.embed: frame_conditioning previous needs previous_frames")
             visual = visual + self.previous_frame_in(previous_frames.to(text.dtype)).transpose(0, 1)
+        if self.action_in is not None:
+            if frame_actions is None:
+                raise ValueError("TransfusionModel.embed: action_conditioning embedding needs frame_actions")
+            visual = visual + self.action_in(frame_actions.to(text.dtype)).transpose(0, 1)
         # contiguous: the residual stream keeps this layout and pipeline p2p sends need it
         hidden = torch.where(is_latent, visual, text).contiguous()
         if self.config.sequence_parallel:
@@ -233,6 +245,14 @@ class TransfusionModel(LanguageModule):
         before it (zeros elsewhere). ``clean_latents`` [b, s, C]: the training data, or at
         inference the sequence itself, whose earlier frames are clean."""
         return gather_previous_frames(clean_latents, previous_frame_index(span_ids, modality, doc_ids))
+
+    def frame_actions_of(self, tokens: torch.Tensor, span_ids: torch.Tensor, modality: torch.Tensor,
+                         doc_ids: torch.Tensor) -> torch.Tensor:
+        """[b, s, h]: for each video-frame patch, the mean word embedding of the text tokens
+        [b, s] between the frame before it and it (zeros elsewhere). At inference ``tokens``
+        is the whole sequence, so a frame sees its action even when run as a chunk alone."""
+        words = self.embedding.word_embeddings(tokens)  # [b, s, h]
+        return mean_between_frames(words, span_ids, modality, doc_ids)
 
     def heads(self, hidden: torch.Tensor, timesteps: torch.Tensor, modality: torch.Tensor
               ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -288,11 +308,13 @@ class TransfusionModel(LanguageModule):
         if decoder_input is None and self.pre_process:
             if latents is None:
                 latents = torch.zeros(b, s, self.latent_dim, device=tokens.device)
-            previous = None
+            previous = actions = None
             if self.previous_frame_in is not None:
                 source = latents if clean_latents is None else clean_latents
                 previous = self.previous_frames_of(source, span_ids, modality, mask_info.doc_ids)
-            decoder_input = self.embed(tokens, latents, timesteps, modality, span_ids, previous)
+            if self.action_in is not None:
+                actions = self.frame_actions_of(tokens, span_ids, modality, mask_info.doc_ids)
+            decoder_input = self.embed(tokens, latents, timesteps, modality, span_ids, previous, actions)
 
         hidden = self.decoder(hidden_states=decoder_input, attention_mask=attention_mask,
                               rotary_pos_emb=self.rope(positions, span_ids, modality))
@@ -472,7 +494,8 @@ class TransfusionProvider:
                                  unet_layout=self.unet_layout,
                                  patch_positions=self.stream.tokens_per_image if m.patch_positions == "learned"
                                  else None, rope_layout=m.rope_layout, frames_1d=m.frame_positions == "1d",
-                                 previous_frame=m.frame_conditioning == "previous")
+                                 previous_frame=m.frame_conditioning == "previous",
+                                 frame_actions=m.action_conditioning == "embedding")
         init_weights(model, self.cfg.train.seed, m.init_std, m.num_layers,
                      std_of={"patch_position.table.weight": m.patch_position_init_std})
         return model

@@ -107,19 +107,23 @@ def test_kv_cached_sampling_with_learned_patch_positions_and_1d_frames(loaded):
         close()
 
 
-def test_kv_cached_rollout_with_previous_frame_conditioning(loaded):
-    """``frame_conditioning: previous``: the cached rollout hands every sampled frame the
-    frame before it (a context frame, then a generated one) exactly as the full forward
-    does, and that input is heard (zeroing its weights changes the rollout)."""
+@pytest.mark.parametrize("override,weight_of", [
+    ({"frame_conditioning": "previous"}, lambda m: m.previous_frame_in.proj.weight),
+    ({"action_conditioning": "embedding"}, lambda m: m.action_in.proj.weight)])
+def test_kv_cached_rollout_with_frame_inputs(loaded, override, weight_of):
+    """``frame_conditioning: previous`` / ``action_conditioning: embedding``: the cached
+    rollout hands every sampled frame the frame before it (a context frame, then a generated
+    one) and the action between them exactly as the full forward does, and that input is
+    heard (zeroing its weights changes the rollout)."""
     from dataclasses import replace
 
     from megafusion.inference.generate import Generator, SamplingOptions
     from megafusion.inference.loading import build_model, close
 
-    cfg = replace(loaded.cfg, model=replace(loaded.cfg.model, frame_conditioning="previous"))
+    cfg = replace(loaded.cfg, model=replace(loaded.cfg.model, **override))
     fresh = build_model(cfg, device="cpu")
     try:
-        weight = fresh.model.previous_frame_in.proj.weight
+        weight = weight_of(fresh.model)
         with torch.no_grad():
             weight.normal_(0, 0.5)  # make its effect large
         cached, full = Generator.from_run(fresh), Generator.from_run(fresh, use_cache=False)

@@ -445,16 +445,14 @@ def _previous_frame_reference(span, modality, doc):
     return out
 
 
-def test_previous_frame_index_against_a_loop():
-    """Packed rows of text, images, frames of several clips and documents (some frames back to
-    back, a short frame, a frame after an image) against the loop above."""
-    from megafusion.model.embeddings import gather_previous_frames, previous_frame_index
-
-    rng = np.random.default_rng(0)
-    rows = []
-    for _ in range(20):
+def _packed_layouts(rows: int = 20, length: int = 60, seed: int = 0):
+    """(span, modality, doc) [rows, length]: packed rows of text, images, frames of several
+    clips and documents (some frames back to back, a short frame, a frame after an image)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(rows):
         span, modality, doc, sid, d = [], [], [], 0, 0
-        while len(span) < 60:
+        while len(span) < length:
             kind = rng.choice(["text", "image", "frame", "doc"], p=[0.3, 0.15, 0.45, 0.1])
             if kind == "doc":
                 d += 1
@@ -464,10 +462,18 @@ def test_previous_frame_index_against_a_loop():
             modality += [TEXT if kind == "text" else IMAGE if kind == "image" else VIDEO] * n
             doc += [d] * n
             sid += kind != "text"
-        rows.append((span[:60], modality[:60], doc[:60]))
-    span, modality, doc = (torch.tensor([r[i] for r in rows]) for i in range(3))
+        out.append((span[:length], modality[:length], doc[:length]))
+    return tuple(torch.tensor([r[i] for r in out]) for i in range(3))
+
+
+def test_previous_frame_index_against_a_loop():
+    """Packed layouts (``_packed_layouts``) against the loop above."""
+    from megafusion.model.embeddings import gather_previous_frames, previous_frame_index
+
+    span, modality, doc = _packed_layouts()
     index = previous_frame_index(span, modality, doc)
-    expected = torch.tensor([_previous_frame_reference(*(r[i] for i in range(3))) for r in rows])
+    expected = torch.tensor([_previous_frame_reference(*(x[r].tolist() for x in (span, modality, doc)))
+                             for r in range(len(span))])
     assert (expected >= 0).sum() > 50  # the layouts exercise the rule
     assert torch.equal(index, expected)
     latents = torch.randn(*span.shape, 5)
@@ -475,6 +481,30 @@ def test_previous_frame_index_against_a_loop():
     has = index >= 0
     assert torch.equal(gathered[has], latents[has.nonzero()[:, 0], index[has]])
     assert gathered[~has].abs().sum() == 0
+
+
+def test_mean_between_frames_against_a_loop():
+    """mean_between_frames on packed layouts against a float64 loop over spans: each frame
+    whose span before it is a frame of its document gets the mean over the text between."""
+    from megafusion.model.embeddings import mean_between_frames
+
+    span, modality, doc = _packed_layouts(seed=1)
+    values = torch.randn(*span.shape, 6)
+    got = mean_between_frames(values, span, modality, doc)
+    expected = torch.zeros(*span.shape, 6, dtype=torch.float64)
+    for r in range(len(span)):
+        sp = span[r].tolist()
+        spans = [[i, i] for i, sid in enumerate(sp) if sid >= 0 and (i == 0 or sp[i - 1] != sid)]
+        for sp_ in spans:
+            while sp_[1] + 1 < len(sp) and sp[sp_[1] + 1] == sp[sp_[0]]:
+                sp_[1] += 1
+        for (p_start, p_end), (start, end) in zip(spans, spans[1:]):
+            between = range(p_end + 1, start)
+            if (modality[r, start] == VIDEO and modality[r, p_start] == VIDEO and doc[r, p_start] == doc[r, start]
+                    and len(between)):
+                expected[r, start:end + 1] = values[r, list(between)].double().mean(0)
+    assert (expected.abs().sum(-1) > 0).sum() > 50  # the layouts exercise the rule
+    torch.testing.assert_close(got.double(), expected, atol=1e-6, rtol=1e-6)
 
 
 def test_frame_conditioning_previous_reads_the_clean_frame_before(megatron_world):
@@ -512,6 +542,43 @@ def test_frame_conditioning_previous_reads_the_clean_frame_before(megatron_world
     torch.testing.assert_close(forward(None)[1], forward(x_t)[1], rtol=0, atol=0)
     plain = make_provider().build(pre_process=True, post_process=True, vp_stage=None)
     assert plain.previous_frame_in is None
+
+
+def test_action_conditioning_embedding_reaches_only_frames_after_an_action(megatron_world):
+    """``action_conditioning: embedding``: the frame after ``<eoi> act <frame> <boi>`` gets the
+    action input (zeroing its projection changes that frame's prediction only) and it is the
+    mean word embedding of those four tokens."""
+    n, c = 20, 192
+    # [text(2) <boi> frame(4) <eoi> act <frame> <boi> frame(4) <eoi>] [text(2) image(4) text]
+    span = torch.tensor([[-1, -1, -1, 0, 0, 0, 0, -1, -1, -1, -1, 1, 1, 1, 1, -1, -1, 2, 2, 2]])
+    modality = torch.where(span >= 0, VIDEO, TEXT)
+    modality[0, 17:] = IMAGE
+    doc = torch.tensor([[0] * 16 + [1] * 4])
+    positions = torch.cat([torch.arange(16), torch.arange(4)])[None]
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 256, (1, n), generator=g)
+    x_t = torch.randn(1, n, c, generator=g) * (span >= 0).unsqueeze(-1)
+    t = torch.rand(1, n, generator=g) * (span >= 0)
+    mask = torch.stack([doc, span])
+    model = make_provider(["model.action_conditioning=embedding"]).build(pre_process=True, post_process=True,
+                                                                           vp_stage=None).eval()
+    actions = model.frame_actions_of(tokens, span, modality, doc)
+    words = model.embedding.word_embeddings(tokens[:, 7:11])[0].mean(0)
+    torch.testing.assert_close(actions[0, 11:15], words.expand(4, -1))
+    assert actions[0, :11].abs().sum() == 0 and actions[0, 15:].abs().sum() == 0
+
+    def forward():
+        with torch.no_grad():
+            return model(tokens, positions, mask, latents=x_t, timesteps=t, modality=modality)
+
+    logits_a, pred_a = forward()
+    with torch.no_grad():
+        model.action_in.proj.weight.zero_()
+    logits_b, pred_b = forward()
+    moved = (pred_b[0] - pred_a[0]).abs().amax(-1) > 1e-4
+    assert moved[11:15].all() and not moved[:11].any() and not moved[16:].any()
+    torch.testing.assert_close(logits_b[0, :11], logits_a[0, :11], rtol=0, atol=0)
+    assert make_provider().build(pre_process=True, post_process=True, vp_stage=None).action_in is None
 
 
 def test_patch_position_init_std(megatron_world):
