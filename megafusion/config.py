@@ -94,7 +94,9 @@ class ModelConfig:
     frame_positions: str = "same"
     # previous: each video-frame patch also embeds the clean latent at its place one frame
     # back (world models feed context frames to the denoiser this way: DIAMOND, GameNGen),
-    # so what stays put is copied without attention: none | previous
+    # so what stays put is copied without attention; window: the 3x3 window of clean
+    # patches around that place, so a one-patch move needs no attention either (square
+    # patch grids): none | previous | window
     frame_conditioning: str = "none"
     # embedding: each video-frame patch also gets the mean word embedding of the text between
     # the frame before it and it (the action), so which way the agent moves needs no
@@ -354,7 +356,7 @@ _CHOICES = {
     "model.patch_positions": ("none", "learned"),
     "model.rope_layout": ("contiguous", "interleaved"),
     "model.frame_positions": ("same", "1d"),
-    "model.frame_conditioning": ("none", "previous"),
+    "model.frame_conditioning": ("none", "previous", "window"),
     "model.action_conditioning": ("none", "embedding"),
     "vision.representation": ("pixel", "rae", "vae"),
     "model.moe.dispatcher": ("alltoall", "allgather"),

@@ -60,6 +60,10 @@ class FlowMatchingConfig:
       frames (None: ``clean_fraction``). At 1.0 every frame but a clip's last is nearly
       clean, so next-frame prediction from noise is learnt from one frame per clip; below
       1.0 the other frames are learnt from noise too, with a noisier context now and then.
+    - ``frame_condition_noise``: in training, the frame-before input of each video frame
+      (``model.frame_conditioning``) gets Gaussian noise of a std drawn uniformly in
+      ``[0, this]`` per sample (GameNGen's context noise): a rollout feeds back its own,
+      blurred frames, and a model that saw only clean ones copies their errors. 0 = none.
     - ``cfg_dropout``: probability that a span's (or a document's) text condition is
       dropped for classifier-free guidance; ``add_noise`` returns the flag, the model
       decides how to drop.
@@ -75,6 +79,7 @@ class FlowMatchingConfig:
     clean_fraction: float = 0.2
     clean_t_max: float = 0.5
     frame_clean_fraction: float | None = None
+    frame_condition_noise: float = 0.0
     cfg_dropout: float = 0.1
     min_denominator: float = 1e-5
 
@@ -97,6 +102,8 @@ class FlowMatchingConfig:
             raise ValueError(f"flow.clean_fraction={self.clean_fraction}: must lie in [0, 1]")
         if self.frame_clean_fraction is not None and not 0.0 <= self.frame_clean_fraction <= 1.0:
             raise ValueError(f"flow.frame_clean_fraction={self.frame_clean_fraction}: must lie in [0, 1] (or null)")
+        if not self.frame_condition_noise >= 0.0:
+            raise ValueError(f"flow.frame_condition_noise={self.frame_condition_noise}: must be >= 0 (0 = none)")
         if not 0.0 < self.clean_t_max <= 1.0:
             raise ValueError(f"flow.clean_t_max={self.clean_t_max}: must lie in (0, 1]")
         if not 0.0 <= self.cfg_dropout < 1.0:

@@ -34,6 +34,15 @@ class PatchIn(nn.Module):
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
         return self.proj(latents)
 
+    def forward_sparse(self, latents: torch.Tensor) -> torch.Tensor:
+        """``forward`` for inputs that are zero at most positions (the frame-before input is
+        zero at text and images): the matrix product runs on the nonzero rows only, which
+        matters for the 9x wider 3x3-window input."""
+        rows = latents.ne(0).any(-1)
+        out = self.proj.bias.to(latents.dtype).expand(*latents.shape[:-1], -1).clone()
+        out[rows] += nn.functional.linear(latents[rows], self.proj.weight.to(latents.dtype))
+        return out
+
 
 class FrameActionIn(nn.Module):
     """The action input of a video frame (``model.action_conditioning: embedding``): the
@@ -156,11 +165,38 @@ def mean_between_frames(values: torch.Tensor, span_ids: torch.Tensor, modality: 
     return (mean * valid.unsqueeze(-1)).to(values.dtype)
 
 
+def previous_window_index(span_ids: torch.Tensor, modality: torch.Tensor, doc_ids: torch.Tensor,
+                          grid: int) -> torch.Tensor:
+    """[b, s, 9] int64: for each patch of a video frame, the sequence indices of the 3x3
+    window of patches around its place in the frame before it (row-major, the centre is
+    ``previous_frame_index``); -1 where the window leaves the ``grid`` x ``grid`` frame and
+    at positions without a previous frame."""
+    s = span_ids.shape[1]
+    centre = previous_frame_index(span_ids, modality, doc_ids)
+    centre_span = span_ids.gather(1, centre.clamp_min(0))
+    k, _ = span_offsets(span_ids)
+    row, col = k // grid, k % grid
+    out = []
+    for dr in (-1, 0, 1):
+        for dc in (-1, 0, 1):
+            source = centre + dr * grid + dc
+            valid = ((centre >= 0) & (row + dr >= 0) & (row + dr < grid) & (col + dc >= 0) & (col + dc < grid)
+                     & (source < s))
+            # a short previous frame may end before the neighbour
+            valid &= span_ids.gather(1, source.clamp(0, s - 1)) == centre_span
+            out.append(torch.where(valid, source, torch.full_like(centre, -1)))
+    return torch.stack(out, dim=-1)
+
+
 def gather_previous_frames(latents: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """latents [b, s, C], index [b, s] (``previous_frame_index``) -> [b, s, C]: the latent of
-    each position's previous-frame patch, zeros where the index is -1."""
-    picked = latents.gather(1, index.clamp_min(0).unsqueeze(-1).expand(-1, -1, latents.shape[-1]))
-    return picked * (index >= 0).unsqueeze(-1).to(latents.dtype)
+    """latents [b, s, C], index [b, s] (``previous_frame_index``) or [b, s, w]
+    (``previous_window_index``) -> [b, s, C] or [b, s, w * C]: the latents of each
+    position's previous-frame patches, zeros where the index is -1."""
+    b, s, C = latents.shape
+    flat = index.reshape(b, -1)
+    picked = latents.gather(1, flat.clamp_min(0).unsqueeze(-1).expand(-1, -1, C))
+    picked = picked * (flat >= 0).unsqueeze(-1).to(latents.dtype)
+    return picked.reshape(b, s, -1)
 
 
 class PatchPositionEmbedding(nn.Module):

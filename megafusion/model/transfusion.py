@@ -51,7 +51,8 @@ from megafusion.diffusion.flow import add_noise
 from megafusion.model.adaln import AdaLNNorm, TimeContext
 from megafusion.model.embeddings import (FrameActionIn, PatchIn, PatchOut, PatchPositionEmbedding,
                                          TimestepEmbedding, gather_previous_frames, mean_between_frames,
-                                         previous_frame_index, rope_axis_of_frequency, rope_coordinates)
+                                         previous_frame_index, previous_window_index, rope_axis_of_frequency,
+                                         rope_coordinates)
 from megafusion.model.init import init_weights
 from megafusion.model.mask import HybridMaskInfo
 from megafusion.model.modality_ffn import ModalityContext, ffn_spec
@@ -90,6 +91,8 @@ class TransfusionModel(LanguageModule):
         frame_actions: each video-frame patch also gets ``FrameActionIn`` of the mean word
             embedding of the text between the frame before it and it, the action in
             action-conditioned video (``model.action_conditioning: embedding``).
+        previous_window_grid: instead, of the 3x3 window of clean latents around that place
+            (``model.frame_conditioning: window``); the frames' patch grid width.
     """
 
     def __init__(self, config, block_spec, vocab_size: int, latent_dim: int, max_sequence_length: int,
@@ -98,7 +101,7 @@ class TransfusionModel(LanguageModule):
                  time_context=None, image_grid_width: int | None = None,
                  unet_layout: tuple[int, int, int] | None = None, patch_positions: int | None = None,
                  rope_layout: str = "contiguous", frames_1d: bool = False, previous_frame: bool = False,
-                 frame_actions: bool = False) -> None:
+                 frame_actions: bool = False, previous_window_grid: int | None = None) -> None:
         super().__init__(config=config)
         self.vocab_size = vocab_size
         self.latent_dim = latent_dim
@@ -116,6 +119,7 @@ class TransfusionModel(LanguageModule):
         self.frames_1d = frames_1d
         self.previous_frame_in = None
         self.action_in = None
+        self.previous_window_grid = previous_window_grid
 
         if pre_process:
             # Scatter to the sequence-parallel region ourselves, after the patches are added.
@@ -129,7 +133,9 @@ class TransfusionModel(LanguageModule):
                 self.time_embed = TimestepEmbedding(config.hidden_size)
             self.patch_position = (PatchPositionEmbedding(patch_positions, config.hidden_size)
                                    if patch_positions else None)
-            self.previous_frame_in = PatchIn(latent_dim, config.hidden_size) if previous_frame else None
+            window = 9 if previous_window_grid else 1
+            self.previous_frame_in = (PatchIn(window * latent_dim, config.hidden_size)
+                                      if previous_frame or previous_window_grid else None)
             self.action_in = FrameActionIn(config.hidden_size) if frame_actions else None
         # Holds inv_freq only; positions are per token (they restart in every document).
         self.rotary_pos_emb = RotaryEmbedding(kv_channels=config.kv_channels, rotary_percent=1.0,
@@ -227,7 +233,7 @@ class TransfusionModel(LanguageModule):
         if self.previous_frame_in is not None:
             if previous_frames is None:
                 raise ValueError("TransfusionModel.embed: frame_conditioning previous needs previous_frames")
-            visual = visual + self.previous_frame_in(previous_frames.to(text.dtype)).transpose(0, 1)
+            visual = visual + self.previous_frame_in.forward_sparse(previous_frames.to(text.dtype)).transpose(0, 1)
         if self.action_in is not None:
             if frame_actions is None:
                 raise ValueError("TransfusionModel.embed: action_conditioning embedding needs frame_actions")
@@ -238,13 +244,17 @@ class TransfusionModel(LanguageModule):
             hidden = tensor_parallel.scatter_to_sequence_parallel_region(hidden, group=self.tp_group)
         return hidden
 
-    @staticmethod
-    def previous_frames_of(clean_latents: torch.Tensor, span_ids: torch.Tensor, modality: torch.Tensor,
+    def previous_frames_of(self, clean_latents: torch.Tensor, span_ids: torch.Tensor, modality: torch.Tensor,
                            doc_ids: torch.Tensor) -> torch.Tensor:
-        """[b, s, C]: for each video-frame patch, the clean latent at its place in the frame
-        before it (zeros elsewhere). ``clean_latents`` [b, s, C]: the training data, or at
-        inference the sequence itself, whose earlier frames are clean."""
-        return gather_previous_frames(clean_latents, previous_frame_index(span_ids, modality, doc_ids))
+        """[b, s, C] ([b, s, 9 C] with a window): for each video-frame patch, the clean
+        latent at its place in the frame before it, or the 3x3 window around it (zeros
+        elsewhere). ``clean_latents`` [b, s, C]: the training data, or at inference the
+        sequence itself, whose earlier frames are clean."""
+        if self.previous_window_grid:
+            index = previous_window_index(span_ids, modality, doc_ids, self.previous_window_grid)
+        else:
+            index = previous_frame_index(span_ids, modality, doc_ids)
+        return gather_previous_frames(clean_latents, index)
 
     def frame_actions_of(self, tokens: torch.Tensor, span_ids: torch.Tensor, modality: torch.Tensor,
                          doc_ids: torch.Tensor) -> torch.Tensor:
@@ -448,6 +458,12 @@ class TransfusionProvider:
             if self.image_grid_width ** 2 != self.stream.tokens_per_image:
                 raise ConfigError(f"model.image_positions = {cfg.model.image_positions} needs square patch grids; the representation has "
                                   f"{self.stream.tokens_per_image} tokens per image")
+        self.window_grid = None
+        if cfg.model.frame_conditioning == "window":
+            self.window_grid = math.isqrt(self.stream.tokens_per_image)
+            if self.window_grid ** 2 != self.stream.tokens_per_image:
+                raise ConfigError(f"model.frame_conditioning = window needs square patch grids; the representation has "
+                                  f"{self.stream.tokens_per_image} tokens per image (use previous)")
 
     def step_metrics(self, model_chunks=None, group=None) -> dict[str, float]:
         """Per-layer, per-modality MoE routing statistics since the last call ({} without MoE).
@@ -495,7 +511,8 @@ class TransfusionProvider:
                                  patch_positions=self.stream.tokens_per_image if m.patch_positions == "learned"
                                  else None, rope_layout=m.rope_layout, frames_1d=m.frame_positions == "1d",
                                  previous_frame=m.frame_conditioning == "previous",
-                                 frame_actions=m.action_conditioning == "embedding")
+                                 frame_actions=m.action_conditioning == "embedding",
+                                 previous_window_grid=self.window_grid)
         init_weights(model, self.cfg.train.seed, m.init_std, m.num_layers,
                      std_of={"patch_position.table.weight": m.patch_position_init_std})
         return model
@@ -515,8 +532,13 @@ class TransfusionProvider:
                                image_loss_mask=s.image_loss_mask, doc_ids=s.doc_ids,
                                cap_eligible=conditions_later_text(s.labels, s.span_ids, s.doc_ids),
                                cap_fraction=cap_fraction, is_frame=s.modality == VIDEO)
-            rows.append((s, noised))
-        stack = lambda f: torch.stack([f(s, n) for s, n in rows])  # noqa: E731
+            condition = s.latents
+            if d.frame_condition_noise > 0:  # what the next frame reads as the frame before it
+                std = d.frame_condition_noise * torch.rand((), generator=generator)
+                noise = torch.randn(s.latents.shape, generator=generator)
+                condition = s.latents + std * noise * (s.modality == VIDEO).unsqueeze(-1)
+            rows.append((s, noised, condition))
+        stack = lambda f: torch.stack([f(s, n) for s, n, _ in rows])  # noqa: E731
         tokens, labels = stack(lambda s, n: s.tokens), stack(lambda s, n: s.labels)
         modality, doc_ids = stack(lambda s, n: s.modality), stack(lambda s, n: s.doc_ids)
         drop = stack(lambda s, n: n.drop_condition)
@@ -531,7 +553,7 @@ class TransfusionProvider:
             "span_ids": stack(lambda s, n: s.span_ids),
             "modality": modality,
             "x_t": stack(lambda s, n: n.x_t),
-            "clean_latents": stack(lambda s, n: s.latents),
+            "clean_latents": torch.stack([c for _, _, c in rows]),
             "t": stack(lambda s, n: n.t),
             "target": stack(lambda s, n: n.target),
             "flow_loss_mask": stack(lambda s, n: n.loss_mask),

@@ -109,12 +109,14 @@ def test_kv_cached_sampling_with_learned_patch_positions_and_1d_frames(loaded):
 
 @pytest.mark.parametrize("override,weight_of", [
     ({"frame_conditioning": "previous"}, lambda m: m.previous_frame_in.proj.weight),
+    ({"frame_conditioning": "window"}, lambda m: m.previous_frame_in.proj.weight),
     ({"action_conditioning": "embedding"}, lambda m: m.action_in.proj.weight)])
 def test_kv_cached_rollout_with_frame_inputs(loaded, override, weight_of):
-    """``frame_conditioning: previous`` / ``action_conditioning: embedding``: the cached
-    rollout hands every sampled frame the frame before it (a context frame, then a generated
-    one) and the action between them exactly as the full forward does, and that input is
-    heard (zeroing its weights changes the rollout)."""
+    """``frame_conditioning: previous | window`` / ``action_conditioning: embedding``: the
+    cached rollout hands every sampled frame the frame before it (a context frame, then a
+    generated one; its patch or the 3x3 window around it) and the action between them exactly
+    as the full forward does, and that input is heard (zeroing its weights changes the
+    rollout)."""
     from dataclasses import replace
 
     from megafusion.inference.generate import Generator, SamplingOptions

@@ -274,6 +274,35 @@ def test_frame_clean_fraction_reaches_the_training_batches():
     assert capped_noisy <= frames // 3 and free_noisy > 2 * capped_noisy  # measured: 8, 22 of 32
 
 
+def test_frame_condition_noise_reaches_only_the_frame_before_input():
+    """``diffusion.frame_condition_noise``: the batch's ``clean_latents`` (what each frame reads
+    as the frame before it) get noise at video positions only, one std per sample within the
+    bound; x_t, targets and everything else equal the noise-free batch."""
+    from megafusion.model.transfusion import TransfusionProvider
+
+    def batch(noise):
+        cfg = load_config(CONFIG, [*SMALL, "model.seq_length=256", "train.global_batch_size=8",
+                                   "data.shapes_weights={text: 0, image_text: 1, video: 0, action_video: 1}",
+                                   f"diffusion.frame_condition_noise={noise}"])
+        provider = TransfusionProvider.__new__(TransfusionProvider)
+        TransfusionProvider.__init__(provider, cfg, None)
+        return provider.batch(list(range(8)))
+
+    plain, noised = batch(0.0), batch(0.5)
+    for key in plain:
+        if key != "clean_latents":
+            assert torch.equal(plain[key], noised[key]), key
+    video = plain["modality"] == VIDEO
+    assert video.any() and (plain["modality"] == IMAGE).any()
+    diff = noised["clean_latents"] - plain["clean_latents"]
+    assert diff[~video].abs().max() == 0
+    stds = [float(d[v].std()) for d, v in zip(diff, video) if v.any()]
+    assert len(stds) > 2 and all(0 < x < 0.5 * 1.1 for x in stds) and max(stds) - min(stds) > 0.05
+    assert torch.equal(batch(0.5)["clean_latents"], noised["clean_latents"])  # a pure function of the seed
+    with pytest.raises(ConfigError, match="frame_condition_noise"):
+        validate(load_config(CONFIG, ["diffusion.frame_condition_noise=-1"]), world_size=1)
+
+
 # --------------------------------------------------------------------------- AdaLN
 
 
@@ -426,6 +455,27 @@ def test_learned_patch_positions_leave_text_unchanged_and_move_images(megatron_w
     assert ((pred_b[0, 5:11] - pred_a[0, 5:11]).abs().amax(-1) > 1e-4).all()
 
 
+def _random_packed_rows(seed: int, n_rows: int = 20, length: int = 60):
+    """Packed rows of text, images, frames of several clips and documents (some frames back to
+    back, a short frame, a frame after an image): (span, modality, doc) lists per row."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(n_rows):
+        span, modality, doc, sid, d = [], [], [], 0, 0
+        while len(span) < length:
+            kind = rng.choice(["text", "image", "frame", "doc"], p=[0.3, 0.15, 0.45, 0.1])
+            if kind == "doc":
+                d += 1
+                continue
+            n = int(rng.integers(1, 4)) if kind == "text" else int(rng.choice([4, 4, 4, 3]))
+            span += [-1] * n if kind == "text" else [sid] * n
+            modality += [TEXT if kind == "text" else IMAGE if kind == "image" else VIDEO] * n
+            doc += [d] * n
+            sid += kind != "text"
+        rows.append((span[:length], modality[:length], doc[:length]))
+    return rows
+
+
 def _previous_frame_reference(span, modality, doc):
     """previous_frame_index by a loop over spans in order (one row)."""
     spans = []  # (start, length, modality, doc) in sequence order
@@ -445,35 +495,14 @@ def _previous_frame_reference(span, modality, doc):
     return out
 
 
-def _packed_layouts(rows: int = 20, length: int = 60, seed: int = 0):
-    """(span, modality, doc) [rows, length]: packed rows of text, images, frames of several
-    clips and documents (some frames back to back, a short frame, a frame after an image)."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(rows):
-        span, modality, doc, sid, d = [], [], [], 0, 0
-        while len(span) < length:
-            kind = rng.choice(["text", "image", "frame", "doc"], p=[0.3, 0.15, 0.45, 0.1])
-            if kind == "doc":
-                d += 1
-                continue
-            n = int(rng.integers(1, 4)) if kind == "text" else int(rng.choice([4, 4, 4, 3]))
-            span += [-1] * n if kind == "text" else [sid] * n
-            modality += [TEXT if kind == "text" else IMAGE if kind == "image" else VIDEO] * n
-            doc += [d] * n
-            sid += kind != "text"
-        out.append((span[:length], modality[:length], doc[:length]))
-    return tuple(torch.tensor([r[i] for r in out]) for i in range(3))
-
-
 def test_previous_frame_index_against_a_loop():
-    """Packed layouts (``_packed_layouts``) against the loop above."""
+    """Packed rows (``_random_packed_rows``) against the loop above."""
     from megafusion.model.embeddings import gather_previous_frames, previous_frame_index
 
-    span, modality, doc = _packed_layouts()
+    rows = _random_packed_rows(0)
+    span, modality, doc = (torch.tensor([r[i] for r in rows]) for i in range(3))
     index = previous_frame_index(span, modality, doc)
-    expected = torch.tensor([_previous_frame_reference(*(x[r].tolist() for x in (span, modality, doc)))
-                             for r in range(len(span))])
+    expected = torch.tensor([_previous_frame_reference(*r) for r in rows])
     assert (expected >= 0).sum() > 50  # the layouts exercise the rule
     assert torch.equal(index, expected)
     latents = torch.randn(*span.shape, 5)
@@ -483,12 +512,49 @@ def test_previous_frame_index_against_a_loop():
     assert gathered[~has].abs().sum() == 0
 
 
+def _previous_window_reference(span, modality, doc, grid):
+    """previous_window_index by loops (one row): the 3x3 window around each frame patch's
+    place in the frame before, for patches the previous-frame rule pairs up."""
+    centre = _previous_frame_reference(span, modality, doc)
+    out = [[-1] * 9 for _ in span]
+    for i, c in enumerate(centre):
+        if c < 0:
+            continue
+        k = i - next(j for j in range(i, -1, -1) if j == 0 or span[j - 1] != span[i])  # offset in the span
+        p_start = c - k
+        p_length = sum(1 for s in span if s == span[c])
+        for w, (dr, dc) in enumerate((dr, dc) for dr in (-1, 0, 1) for dc in (-1, 0, 1)):
+            r, q = k // grid + dr, k % grid + dc
+            if 0 <= r < grid and 0 <= q < grid and r * grid + q < p_length:
+                out[i][w] = p_start + r * grid + q
+    return out
+
+
+def test_previous_window_index_against_a_loop():
+    """The 3x3 window (2x2 frames: most neighbours leave the grid; short frames cut some off)
+    against the loop above, and the gather of windows against indexing."""
+    from megafusion.model.embeddings import gather_previous_frames, previous_window_index
+
+    rows = _random_packed_rows(1)
+    span, modality, doc = (torch.tensor([r[i] for r in rows]) for i in range(3))
+    index = previous_window_index(span, modality, doc, grid=2)
+    expected = torch.tensor([_previous_window_reference(*r, grid=2) for r in rows])
+    assert (expected >= 0).sum() > 200 and (expected[..., 4] >= 0).sum() < (expected >= 0).sum()
+    assert torch.equal(index, expected)
+    latents = torch.randn(*span.shape, 5)
+    gathered = gather_previous_frames(latents, index).view(*span.shape, 9, 5)
+    has = index >= 0
+    b, i, w = has.nonzero().unbind(-1)
+    assert torch.equal(gathered[b, i, w], latents[b, index[b, i, w]])
+    assert gathered[~has].abs().sum() == 0
+
+
 def test_mean_between_frames_against_a_loop():
-    """mean_between_frames on packed layouts against a float64 loop over spans: each frame
+    """mean_between_frames on packed rows against a float64 loop over spans: each frame
     whose span before it is a frame of its document gets the mean over the text between."""
     from megafusion.model.embeddings import mean_between_frames
 
-    span, modality, doc = _packed_layouts(seed=1)
+    span, modality, doc = (torch.tensor([r[i] for r in _random_packed_rows(2)]) for i in range(3))
     values = torch.randn(*span.shape, 6)
     got = mean_between_frames(values, span, modality, doc)
     expected = torch.zeros(*span.shape, 6, dtype=torch.float64)
