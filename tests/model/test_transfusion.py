@@ -573,17 +573,23 @@ def test_mean_between_frames_against_a_loop():
     torch.testing.assert_close(got.double(), expected, atol=1e-6, rtol=1e-6)
 
 
-def test_frame_conditioning_previous_reads_the_clean_frame_before(megatron_world):
-    """With ``frame_conditioning: previous`` a frame hears the *clean* latents of the frame
-    before it (``clean_latents``), nothing else does, and without ``clean_latents`` the
-    sequence's own latents are read (inference, where earlier frames are clean)."""
-    n, c = 20, 192
-    # [text(2) <boi> frame(4) <eoi> act <frame> <boi> frame(4) <eoi>] [text(2) image(4) text]
+def _clip_then_image():
+    """(span, modality, doc, positions) [1, 20]: a two-frame clip, then an image in another
+    document: [text(2) <boi> frame(4) <eoi> act <frame> <boi> frame(4) <eoi>] [text(2) image(4) text]."""
     span = torch.tensor([[-1, -1, -1, 0, 0, 0, 0, -1, -1, -1, -1, 1, 1, 1, 1, -1, -1, 2, 2, 2]])
     modality = torch.where(span >= 0, VIDEO, TEXT)
     modality[0, 17:] = IMAGE
     doc = torch.tensor([[0] * 16 + [1] * 4])
     positions = torch.cat([torch.arange(16), torch.arange(4)])[None]
+    return span, modality, doc, positions
+
+
+def test_frame_conditioning_previous_reads_the_clean_frame_before(megatron_world):
+    """With ``frame_conditioning: previous`` a frame hears the *clean* latents of the frame
+    before it (``clean_latents``), nothing else does, and without ``clean_latents`` the
+    sequence's own latents are read (inference, where earlier frames are clean)."""
+    n, c = 20, 192
+    span, modality, doc, positions = _clip_then_image()
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, 256, (1, n), generator=g)
     clean = torch.randn(1, n, c, generator=g) * (span >= 0).unsqueeze(-1)
@@ -615,12 +621,7 @@ def test_action_conditioning_embedding_reaches_only_frames_after_an_action(megat
     action input (zeroing its projection changes that frame's prediction only) and it is the
     mean word embedding of those four tokens."""
     n, c = 20, 192
-    # [text(2) <boi> frame(4) <eoi> act <frame> <boi> frame(4) <eoi>] [text(2) image(4) text]
-    span = torch.tensor([[-1, -1, -1, 0, 0, 0, 0, -1, -1, -1, -1, 1, 1, 1, 1, -1, -1, 2, 2, 2]])
-    modality = torch.where(span >= 0, VIDEO, TEXT)
-    modality[0, 17:] = IMAGE
-    doc = torch.tensor([[0] * 16 + [1] * 4])
-    positions = torch.cat([torch.arange(16), torch.arange(4)])[None]
+    span, modality, doc, positions = _clip_then_image()
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, 256, (1, n), generator=g)
     x_t = torch.randn(1, n, c, generator=g) * (span >= 0).unsqueeze(-1)
