@@ -450,20 +450,21 @@ class TransfusionProvider:
         self.unet_layout = None
         if cfg.model.patch_adapter == "unet":
             self.unet_layout = (*latent_layout(self.stream.representation), self.stream.tokens_per_image)
-        self.image_grid_width = None
         # 2d and 3d share the (time, row, column) coordinates of rope_coordinates: the time
         # axis is each span's start position, so every video frame has its own time.
-        if cfg.model.image_positions in ("2d", "3d"):
-            self.image_grid_width = math.isqrt(self.stream.tokens_per_image)
-            if self.image_grid_width ** 2 != self.stream.tokens_per_image:
-                raise ConfigError(f"model.image_positions = {cfg.model.image_positions} needs square patch grids; the representation has "
-                                  f"{self.stream.tokens_per_image} tokens per image")
-        self.window_grid = None
-        if cfg.model.frame_conditioning == "window":
-            self.window_grid = math.isqrt(self.stream.tokens_per_image)
-            if self.window_grid ** 2 != self.stream.tokens_per_image:
-                raise ConfigError(f"model.frame_conditioning = window needs square patch grids; the representation has "
-                                  f"{self.stream.tokens_per_image} tokens per image (use previous)")
+        self.image_grid_width = (self.square_grid(f"model.image_positions = {cfg.model.image_positions}")
+                                 if cfg.model.image_positions in ("2d", "3d") else None)
+        self.window_grid = (self.square_grid("model.frame_conditioning = window", " (use previous)")
+                            if cfg.model.frame_conditioning == "window" else None)
+
+    def square_grid(self, what: str, hint: str = "") -> int:
+        """Patches per row of the representation's square patch grid; ConfigError naming
+        ``what`` needs it when the grid is not square."""
+        width = math.isqrt(self.stream.tokens_per_image)
+        if width ** 2 != self.stream.tokens_per_image:
+            raise ConfigError(f"{what} needs square patch grids; the representation has "
+                              f"{self.stream.tokens_per_image} tokens per image{hint}")
+        return width
 
     def step_metrics(self, model_chunks=None, group=None) -> dict[str, float]:
         """Per-layer, per-modality MoE routing statistics since the last call ({} without MoE).
