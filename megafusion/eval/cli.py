@@ -35,13 +35,14 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
-from megafusion.inference.generate import Generator, SamplingOptions, eval_world
+from megafusion.inference.generate import Generator, SamplingOptions, add_ode_arguments, eval_world
 
 
 EVALUATIONS = ("generation", "captioning", "vqa", "world_model", "planning", "perplexity")
@@ -167,7 +168,7 @@ def evaluate(gen: Generator, cfg, out: Path, n: int = 32, opts: SamplingOptions 
             log(f"[eval] {name}: {results[name].get('skipped')}")
 
     def seeded(i: int) -> SamplingOptions:
-        return SamplingOptions(opts.temperature, opts.top_k, opts.steps, opts.method, opts.cfg_scale, opts.seed + i)
+        return replace(opts, seed=opts.seed + i)
 
     items = [world.image_text(i) for i in range(n)]
 
@@ -249,9 +250,15 @@ def evaluate(gen: Generator, cfg, out: Path, n: int = 32, opts: SamplingOptions 
 
     timed("perplexity", text)
 
+    def shift(frame: bool) -> float:  # the ODE grid's shift as sampled (the run's unless overridden)
+        from megafusion.diffusion.flow import resolve_shift
+
+        return float(resolve_shift(opts.flow_config(cfg.diffusion), gen.tokens_per_image * gen.latent_dim, frame))
+
     metrics = {
         "settings": {"n": n, "generation_n": generation_n, "steps": opts.steps, "sampler": opts.method,
-                     "cfg_scale": opts.cfg_scale, "seed": opts.seed, "planning_candidates": planning_candidates,
+                     "cfg_scale": opts.cfg_scale, "image_shift": shift(frame=False), "frame_shift": shift(frame=True),
+                     "seed": opts.seed, "planning_candidates": planning_candidates,
                      "planning_n": planning_n, "heldout_seed": world.config.seed, "training_sources": weights},
         "headlines": {name: r["headline"] for name, r in results.items() if "headline" in r},
         "results": results,
@@ -292,9 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     p.add_argument("--out", default=None, help="output directory (default: RUN_DIR/eval/step_NNNNNNNN)")
     p.add_argument("--n", type=int, default=32, help="items per evaluation")
-    p.add_argument("--steps", type=int, default=25, help="ODE steps per image or frame")
-    p.add_argument("--sampler", choices=("euler", "heun"), default="euler")
-    p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale for images (1 = off)")
+    add_ode_arguments(p)
     p.add_argument("--planning-candidates", type=int, default=8, help="candidate action sequences per planning task")
     p.add_argument("--planning-n", type=int, default=None,
                    help="planning tasks (default: --n); each costs a rollout per candidate")
@@ -333,7 +338,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.world is not None:
             gen.world_config = load_world_config(args.world)
         out = Path(args.out) if args.out else Path(args.run_dir) / "eval" / f"step_{loaded.step:08d}"
-        opts = SamplingOptions(steps=args.steps, method=args.sampler, cfg_scale=args.cfg, seed=args.seed)
+        opts = SamplingOptions(steps=args.steps, method=args.sampler, cfg_scale=args.cfg, seed=args.seed,
+                               shift=args.shift, frame_shift=args.frame_shift)
         metrics = evaluate(gen, loaded.cfg, out, args.n, opts, args.planning_candidates, planning_n=args.planning_n,
                            caption_first_prob=getattr(loaded.provider.stream, "caption_first_prob", 0.8), only=only,
                            generation_n=args.generation_n)

@@ -38,7 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -163,7 +163,12 @@ class DecodeState:
 @dataclass
 class SamplingOptions:
     """Text: ``temperature`` 0 = greedy; ``top_k`` 0 = no cut. Images: ODE ``steps``,
-    ``method`` euler|heun, guidance ``cfg_scale`` (1 = none). ``seed`` drives both."""
+    ``method`` euler|heun, guidance ``cfg_scale`` (1 = none). ``seed`` drives both.
+
+    ``shift`` / ``frame_shift``: the time shift of the ODE's grid for images / video frames
+    (larger: more of the steps near pure noise, where a tiny model decides what goes where);
+    None: the run's training shift (``diffusion.time_shift`` / ``frame_time_shift``). As in
+    training, frames take the image shift when neither the run nor ``frame_shift`` sets one."""
 
     temperature: float = 0.0
     top_k: int = 0
@@ -171,6 +176,21 @@ class SamplingOptions:
     method: str = "euler"
     cfg_scale: float = 3.0
     seed: int = 0
+    shift: float | None = None
+    frame_shift: float | None = None
+
+    def __post_init__(self):
+        for name in ("shift", "frame_shift"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"SamplingOptions.{name}={value}: a time shift must be > 0 (1 = no shift)")
+
+    def flow_config(self, diffusion):
+        """``diffusion`` (a FlowMatchingConfig) with this sampling's shifts in place of the run's."""
+        return replace(
+            diffusion,
+            time_shift=diffusion.time_shift if self.shift is None else self.shift,
+            frame_time_shift=diffusion.frame_time_shift if self.frame_shift is None else self.frame_shift)
 
 
 @dataclass
@@ -328,7 +348,8 @@ class Generator:
 
         d = self.cfg.diffusion
         x0 = sample_ode(denoiser(state), noise, opts.steps, method=opts.method, prediction=d.prediction,
-                        shift=float(resolve_shift(d, T * C, frame=modality == VIDEO)), cfg_scale=opts.cfg_scale,
+                        shift=float(resolve_shift(opts.flow_config(d), T * C, frame=modality == VIDEO)),
+                        cfg_scale=opts.cfg_scale,
                         uncond_model=denoiser(uncond) if uncond is not None else None,
                         min_denominator=d.min_denominator)[0]
         state.run(Chunk.cat([self.latent_chunk(x0, 0.0, span, modality), self.text_chunk([self.tokenizer.eoi_id])]))
@@ -452,6 +473,25 @@ class Generator:
 # --------------------------------------------------------------------------- CLI
 
 
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text}: must be > 0")
+    return value
+
+
+def add_ode_arguments(p: argparse.ArgumentParser) -> None:
+    """The image/frame sampling flags shared by ``megafusion generate`` and ``megafusion eval``."""
+    p.add_argument("--steps", type=int, default=25, help="ODE steps per image or frame")
+    p.add_argument("--sampler", choices=("euler", "heun"), default="euler")
+    p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--shift", type=positive_float, default=None,
+                   help="time shift of the ODE grid for images (larger: more steps near pure noise); "
+                        "default: the run's diffusion.time_shift")
+    p.add_argument("--frame-shift", type=positive_float, default=None,
+                   help="the same for video frames; default: the run's diffusion.frame_time_shift")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="megafusion generate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -466,9 +506,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="roll out held-out ShapesWorld action video INDEX from its context frames and actions")
     p.add_argument("--actions", default=None, help="comma-separated actions for --rollout (up,down,left,right,stay; "
                                                    "W/A/S/D), replacing the episode's")
-    p.add_argument("--steps", type=int, default=25, help="ODE steps per image")
-    p.add_argument("--sampler", choices=("euler", "heun"), default="euler")
-    p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (1 = off)")
+    add_ode_arguments(p)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0)
@@ -505,11 +543,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         gen = Generator.from_run(loaded, use_cache=not args.no_cache)
-        opts = SamplingOptions(args.temperature, args.top_k, args.steps, args.sampler, args.cfg, args.seed)
+        opts = SamplingOptions(args.temperature, args.top_k, args.steps, args.sampler, args.cfg, args.seed,
+                               args.shift, args.frame_shift)
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         record: dict = {"run_dir": str(args.run_dir), "step": loaded.step, "seed": args.seed,
-                        "sampler": args.sampler, "steps": args.steps, "cfg": args.cfg}
+                        "sampler": args.sampler, "steps": args.steps, "cfg": args.cfg, "shift": args.shift,
+                        "frame_shift": args.frame_shift}
         if args.caption is not None:
             from megafusion.data.shapes import load_png
 
@@ -555,8 +595,6 @@ def _rollout(gen: Generator, cfg, args, opts: SamplingOptions, out: Path) -> dic
 
 def eval_world(gen: Generator):
     """The held-out ShapesWorld (``HELDOUT_SEED``) with the training stream's clip lengths."""
-    from dataclasses import replace
-
     from megafusion.data.shapes import HELDOUT_SEED, ShapesWorld, WorldConfig
 
     base = gen.world_config or WorldConfig(image_size=gen.representation.image_size)

@@ -141,15 +141,16 @@ def test_kv_cached_rollout_with_frame_inputs(loaded, override, weight_of):
         close()
 
 
-def _x_prediction(gen, ids, noise, t=1.0):
-    """The model's latent prediction for a span of ``noise`` after text ``ids`` (one full forward)."""
+def _x_prediction(gen, ids, noise, t=1.0, modality=None):
+    """The model's latent prediction for a span of ``noise`` (an image's unless ``modality``
+    says otherwise) after text ``ids`` (one full forward)."""
     from megafusion.data.sample import IMAGE, TEXT
     from megafusion.model.mask import HybridMaskInfo
 
     n, T = len(ids), noise.shape[0]
     tokens = torch.tensor(ids + [gen.tokenizer.pad_id] * T)[None]
     latents = torch.cat([torch.zeros(n, noise.shape[1]), noise])[None]
-    modality = torch.tensor([TEXT] * n + [IMAGE] * T)[None]
+    modality = torch.tensor([TEXT] * n + [IMAGE if modality is None else modality] * T)[None]
     span = torch.tensor([-1] * n + [0] * T)[None]
     timesteps = torch.cat([torch.zeros(n), torch.full((T,), t)])[None]
     mask = HybridMaskInfo(torch.zeros_like(tokens), span).as_tensor()
@@ -189,6 +190,34 @@ def test_ode_image_sampler_through_the_model(gens):
     image = gen.generate_image("a red circle", SamplingOptions(steps=2, seed=1))
     size = gen.representation.image_size
     assert image.shape == (size, size, 3) and image.dtype == np.uint8
+
+
+@pytest.mark.parametrize("span, kw, shift", [("image", dict(shift=100.0), 100.0),
+                                             ("frame", dict(shift=7.0, frame_shift=30.0), 30.0),
+                                             ("frame", dict(shift=7.0), 7.0)])
+def test_sampling_shift_overrides_the_runs(gens, span, kw, shift):
+    """Two Euler steps with x-prediction end on the model's x-prediction at the grid's middle
+    time ``t1 = s / (1 + s)``, from ``t1 * noise + (1 - t1) * x0(noise, 1)``: the sample
+    follows the requested shift (frames: ``frame_shift``, else the image shift, as the tiny
+    run sets no frame shift of its own)."""
+    from megafusion.data.sample import IMAGE, VIDEO
+    from megafusion.inference.generate import SamplingOptions
+
+    gen = gens[0]
+    assert gen.cfg.diffusion.frame_time_shift is None and gen.cfg.diffusion.time_shift != shift
+    modality = IMAGE if span == "image" else VIDEO
+    tok = gen.tokenizer
+    prompt = tok.encode("a red circle") + [tok.boi_id]
+    state = gen.new_state()
+    state.append_tokens(prompt)
+    got = gen.sample_latents(state, SamplingOptions(steps=2, cfg_scale=1.0, seed=3, **kw), modality)
+    noise = torch.randn(1, gen.tokens_per_image, gen.latent_dim, generator=torch.Generator().manual_seed(3))[0]
+    t1 = shift / (1 + shift)
+    x0 = _x_prediction(gen, prompt, noise, modality=modality)
+    want = _x_prediction(gen, prompt, t1 * noise + (1 - t1) * x0, t=t1, modality=modality)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="frame_shift=0"):
+        SamplingOptions(frame_shift=0)
 
 
 def test_caption_and_rollout_paths(gens):
