@@ -317,10 +317,10 @@ def add_noise(
         return torch.rand(n, generator=generator, device=draw_device).to(device)
 
     t_span = sample_logit_normal((S,), cfg, generator, device=draw_device).to(device)
-    shift = resolve_shift(cfg, sizes * C)
-    if is_frame is not None and cfg.frame_time_shift is not None:
-        shift = torch.where(_any_per_span(is_frame, index, S), cfg.frame_time_shift,
-                            torch.as_tensor(shift, dtype=torch.float64, device=device))
+    shift = torch.as_tensor(resolve_shift(cfg, sizes * C), dtype=torch.float64, device=device)
+    if is_frame is not None:
+        frame_shift = torch.as_tensor(resolve_shift(cfg, sizes * C, frame=True), dtype=torch.float64, device=device)
+        shift = torch.where(_any_per_span(is_frame, index, S), frame_shift, shift)
     t_span = time_shift(t_span, shift)
 
     def per_position(per_span: torch.Tensor) -> torch.Tensor:

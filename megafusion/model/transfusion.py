@@ -86,13 +86,14 @@ class TransfusionModel(LanguageModule):
         rope_layout: which RoPE frequencies each (time, row, column) axis rotates by
             (``rope_axis_of_frequency``).
         frames_1d: video frames keep 1-D positions under 2-D/3-D RoPE (``model.frame_positions: 1d``).
-        previous_frame: each video-frame patch also gets a linear embedding of the clean
-            latent at its place in the frame before it (``model.frame_conditioning: previous``).
+        frame_conditioning: ``previous``: each video-frame patch also gets a linear embedding
+            of the clean latent at its place in the frame before it; ``window``: of the 3x3
+            window of clean latents around that place (``frame_grid_width`` wide patch grids);
+            ``none`` (``model.frame_conditioning``).
         frame_actions: each video-frame patch also gets ``FrameActionIn`` of the mean word
             embedding of the text between the frame before it and it, the action in
             action-conditioned video (``model.action_conditioning: embedding``).
-        previous_window_grid: instead, of the 3x3 window of clean latents around that place
-            (``model.frame_conditioning: window``); the frames' patch grid width.
+        frame_grid_width: the frames' patch grid width (``frame_conditioning: window``).
     """
 
     def __init__(self, config, block_spec, vocab_size: int, latent_dim: int, max_sequence_length: int,
@@ -100,8 +101,8 @@ class TransfusionModel(LanguageModule):
                  rope_base: float = 10000.0, vp_stage: int | None = None, modality_context=None,
                  time_context=None, image_grid_width: int | None = None,
                  unet_layout: tuple[int, int, int] | None = None, patch_positions: int | None = None,
-                 rope_layout: str = "contiguous", frames_1d: bool = False, previous_frame: bool = False,
-                 frame_actions: bool = False, previous_window_grid: int | None = None) -> None:
+                 rope_layout: str = "contiguous", frames_1d: bool = False, frame_conditioning: str = "none",
+                 frame_actions: bool = False, frame_grid_width: int | None = None) -> None:
         super().__init__(config=config)
         self.vocab_size = vocab_size
         self.latent_dim = latent_dim
@@ -119,7 +120,12 @@ class TransfusionModel(LanguageModule):
         self.frames_1d = frames_1d
         self.previous_frame_in = None
         self.action_in = None
-        self.previous_window_grid = previous_window_grid
+        if frame_conditioning not in ("none", "previous", "window"):
+            raise ValueError(f"frame_conditioning={frame_conditioning!r}: choose none, previous or window")
+        if frame_conditioning == "window" and not frame_grid_width:
+            raise ValueError("frame_conditioning='window' needs frame_grid_width (the frames' patch grid width)")
+        self.frame_conditioning = frame_conditioning
+        self.frame_grid_width = frame_grid_width
 
         if pre_process:
             # Scatter to the sequence-parallel region ourselves, after the patches are added.
@@ -133,9 +139,9 @@ class TransfusionModel(LanguageModule):
                 self.time_embed = TimestepEmbedding(config.hidden_size)
             self.patch_position = (PatchPositionEmbedding(patch_positions, config.hidden_size)
                                    if patch_positions else None)
-            window = 9 if previous_window_grid else 1
+            window = 9 if frame_conditioning == "window" else 1
             self.previous_frame_in = (PatchIn(window * latent_dim, config.hidden_size)
-                                      if previous_frame or previous_window_grid else None)
+                                      if frame_conditioning != "none" else None)
             self.action_in = FrameActionIn(config.hidden_size) if frame_actions else None
         # Holds inv_freq only; positions are per token (they restart in every document).
         self.rotary_pos_emb = RotaryEmbedding(kv_channels=config.kv_channels, rotary_percent=1.0,
@@ -218,7 +224,7 @@ class TransfusionModel(LanguageModule):
         Text positions get their token embedding; latent positions (modality != TEXT) get
         PatchIn(x_t) + TimestepEmbedding(t) instead (PatchIn(x_t) alone with AdaLN), plus
         the learned patch position with ``patch_positions`` (``span_ids`` [b, s] needed), plus
-        the embedded ``previous_frames`` [b, s, C] with ``previous_frame`` (``previous_frames_of``),
+        the embedded ``previous_frames`` [b, s, C] ([b, s, 9 C]) with ``frame_conditioning`` (``previous_frames_of``),
         plus the embedded ``frame_actions`` [b, s, h] with ``frame_actions`` (``frame_actions_of``).
         """
         text = self.embedding(input_ids=tokens, position_ids=None)  # [s, b, h]
@@ -250,8 +256,8 @@ class TransfusionModel(LanguageModule):
         latent at its place in the frame before it, or the 3x3 window around it (zeros
         elsewhere). ``clean_latents`` [b, s, C]: the training data, or at inference the
         sequence itself, whose earlier frames are clean."""
-        if self.previous_window_grid:
-            index = previous_window_index(span_ids, modality, doc_ids, self.previous_window_grid)
+        if self.frame_conditioning == "window":
+            index = previous_window_index(span_ids, modality, doc_ids, self.frame_grid_width)
         else:
             index = previous_frame_index(span_ids, modality, doc_ids)
         return gather_previous_frames(clean_latents, index)
@@ -511,9 +517,9 @@ class TransfusionProvider:
                                  unet_layout=self.unet_layout,
                                  patch_positions=self.stream.tokens_per_image if m.patch_positions == "learned"
                                  else None, rope_layout=m.rope_layout, frames_1d=m.frame_positions == "1d",
-                                 previous_frame=m.frame_conditioning == "previous",
+                                 frame_conditioning=m.frame_conditioning,
                                  frame_actions=m.action_conditioning == "embedding",
-                                 previous_window_grid=self.window_grid)
+                                 frame_grid_width=self.window_grid)
         init_weights(model, self.cfg.train.seed, m.init_std, m.num_layers,
                      std_of={"patch_position.table.weight": m.patch_position_init_std})
         return model
