@@ -325,8 +325,11 @@ def write_report(out: Path, run_dir: Path, eval_dir: Path | None, trends: dict |
             lines.append(f"| {key} | {first[key]:.4f} | {last[key]:.4f} |")
     if eval_dir is not None and (eval_dir / "metrics.json").is_file():
         metrics = json.loads((eval_dir / "metrics.json").read_text())
+        st = metrics["settings"]
         lines += ["", "## Evaluation (ShapesWorld, exact)", "",
-                  "| evaluation | metric | value | chance | better |", "|---|---|---|---|---|"]
+                  f"Images and frames sampled with {st['steps']} {st['sampler']} ODE steps, guidance "
+                  f"{st['cfg_scale']:g}, time shift {st['image_shift']:g} (images) / {st['frame_shift']:g} (frames).",
+                  "", "| evaluation | metric | value | chance | better |", "|---|---|---|---|---|"]
         for name, result in metrics["results"].items():
             head = metrics["headlines"].get(name)
             if head:

@@ -28,10 +28,16 @@ def test_quick_quickstart_writes_report_and_eval(tmp_path):
     headlines = metrics["headlines"]
     assert {"generation", "captioning", "vqa", "world_model", "perplexity"} <= set(headlines)
     assert metrics["settings"]["training_sources"]["vqa"] > 0  # VQA documents were trained on
+    from megafusion.quickstart import EVAL_CFG, EVAL_SHIFT
+
+    settings = metrics["settings"]  # the quickstart's sampling, not the run's training shifts
+    sampled = (settings["cfg_scale"], settings["image_shift"], settings["frame_shift"])
+    assert sampled == (EVAL_CFG, EVAL_SHIFT, EVAL_SHIFT)
     assert all("chance" in h and "value" in h for h in headlines.values())
     report = (out / "report.md").read_text()
     assert "loss_curves.png" in report and "| evaluation | metric | value | chance |" in report
     assert "| perplexity | perplexity |" in report
+    assert f"guidance {EVAL_CFG:g}, time shift {EVAL_SHIFT:g} (images) / {EVAL_SHIFT:g} (frames)" in report
     assert (out / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # the comparisons: each variant trained and evaluated, one table per trend
