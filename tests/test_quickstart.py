@@ -1,10 +1,13 @@
-"""A shortened quickstart runs end to end, with two of its --full comparisons, and leaves
-artifacts that parse."""
+"""A shortened quickstart runs end to end, with its --full comparisons, and leaves artifacts
+that parse."""
 
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
+
+import yaml
 
 from conftest import REPO
 
@@ -13,7 +16,7 @@ def test_quick_quickstart_writes_report_and_eval(tmp_path):
     out = tmp_path / "qs"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run([sys.executable, "-m", "megafusion.cli", "quickstart", "--quick", "--out", str(out),
-                           "--device", "cpu", "--compare", "synergy,moe"], cwd=REPO, env=env, capture_output=True,
+                           "--device", "cpu", "--compare", "synergy,moe,latents"], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     for stage in range(1, 6):
@@ -53,6 +56,20 @@ def test_quick_quickstart_writes_report_and_eval(tmp_path):
     image_steps = Variant("image_only", (), *_image_only_weights()).steps(6)  # as many image documents as 6 steps
     assert image_steps < 6
     assert "### synergy" in report and f"| image_only | {image_steps} |" in report and "| multimodal | 6 |" in report
-    assert "| dense | 6 |" in report and (out / "trends" / "moe" / "dense" / "eval" / "metrics.json").is_file()
+    # the dense variant is the main run, reused rather than trained again
+    cells = {line.split("|")[1].strip(): line.split("|")[2:] for line in report.splitlines() if line.startswith("| ")}
+    assert not (out / "trends" / "moe" / "dense").exists()
+    assert cells["dense"] == cells["multimodal"]
+    assert cells["dense"][1].strip() == f"{headlines['generation']['value']:.4g}"
     assert "### moe" in report and "| 0 | " in report.split("### moe")[1]  # routing row of layer 0
     assert (out / "moe_routing.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # latents: the pixel run is the main run; the RAE was built here and its run trained on its latents
+    assert cells["pixel"] == cells["multimodal"] and "| rae | 6 |" in report
+    assert "The RAE was built here" in report.split("### latents")[1]
+    rae_vision = yaml.safe_load((out / "trends" / "latents" / "rae" / "run" / "config.yaml").read_text())["vision"]
+    assert rae_vision["representation"] == "rae"
+    assert (Path(rae_vision["path"]) / "representation.json").is_file()
+    assert (out / "data" / "indexed_rae" / "image_text.bin").is_file()
+    rae_eval = json.loads((out / "trends" / "latents" / "rae" / "eval" / "metrics.json").read_text())
+    assert "generation" in rae_eval["headlines"]
