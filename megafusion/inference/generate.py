@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 from megafusion.data.sample import IMAGE, TEXT, VIDEO
+from megafusion.model.embeddings import gather_previous_frames
 from megafusion.model.mask import HybridMaskInfo
 
 # --------------------------------------------------------------------------- sequence state
@@ -92,6 +93,7 @@ class DecodeState:
 
             self.context = StaticInferenceContext(max_batch_size=1, max_sequence_length=generator.max_length)
         self.last_logits: torch.Tensor | None = None  # [V] after the last committed position
+        self._frame_inputs_cache: tuple | None = None  # (layout key, (index, actions)) of the last run
         self.next_span = 0
 
     def __len__(self) -> int:
@@ -126,14 +128,8 @@ class DecodeState:
                 model.modality_context.set(chunk.modality[None])
             if getattr(model, "time_context", None) is not None:
                 model.time_context.set(chunk.t[None], chunk.modality[None])
-            previous = None
-            if getattr(model, "previous_frame_in", None) is not None:  # the whole sequence's, sliced
-                previous = model.previous_frames_of(full.latents[None], full.span_ids[None], full.modality[None],
-                                                    doc_ids)[:, start:]
-            actions = None
-            if getattr(model, "action_in", None) is not None:
-                actions = model.frame_actions_of(full.tokens[None], full.span_ids[None], full.modality[None],
-                                                 doc_ids)[:, start:]
+            index, actions = self._frame_inputs(full, start, doc_ids)
+            previous = None if index is None else gather_previous_frames(full.latents[None], index)
             hidden = model.embed(chunk.tokens[None], chunk.latents[None], chunk.t[None], chunk.modality[None],
                                  chunk.span_ids[None], previous, actions)
             hidden = model.decoder(hidden_states=hidden, attention_mask=mask,
@@ -145,7 +141,27 @@ class DecodeState:
         if commit:
             self.seq = full
             self.last_logits = logits[-1]
+            self._frame_inputs_cache = None  # keyed by the start: only valid for one committed prefix
         return logits.float(), latent_pred.float()
+
+    def _frame_inputs(self, full: Chunk, start: int, doc_ids: torch.Tensor
+                      ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """For the positions from ``start`` on: the previous-frame index (``frame_conditioning``)
+        and the embedded actions (``action_conditioning``), None where the model has none.
+        Both depend on the layout and the text only, not on the latents, so the ODE steps of
+        one frame compute them once (it was a sixth of a rollout's time)."""
+        model = self.gen.model
+        key = (start, full.span_ids[start:].tolist(), full.modality[start:].tolist(), full.tokens[start:].tolist())
+        if self._frame_inputs_cache is not None and self._frame_inputs_cache[0] == key:
+            return self._frame_inputs_cache[1]
+        index = actions = None
+        if getattr(model, "previous_frame_in", None) is not None:  # the whole sequence's, sliced
+            index = model.previous_frames_index(full.span_ids[None], full.modality[None], doc_ids)[:, start:]
+        if getattr(model, "action_in", None) is not None:
+            actions = model.frame_actions_of(full.tokens[None], full.span_ids[None], full.modality[None],
+                                             doc_ids)[:, start:]
+        self._frame_inputs_cache = (key, (index, actions))
+        return index, actions
 
     def append_tokens(self, ids: list[int]) -> torch.Tensor:
         """Commits text tokens; returns their logits [k, V]."""

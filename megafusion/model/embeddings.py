@@ -189,14 +189,14 @@ def previous_window_index(span_ids: torch.Tensor, modality: torch.Tensor, doc_id
 
 
 def gather_previous_frames(latents: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """latents [b, s, C], index [b, s] (``previous_frame_index``) or [b, s, w]
-    (``previous_window_index``) -> [b, s, C] or [b, s, w * C]: the latents of each
-    position's previous-frame patches, zeros where the index is -1."""
-    b, s, C = latents.shape
+    """latents [b, s, C], index [b, n] (``previous_frame_index``) or [b, n, w]
+    (``previous_window_index``; n <= s: some rows of it) -> [b, n, C] or [b, n, w * C]: the
+    latents of each position's previous-frame patches, zeros where the index is -1."""
+    b, n = index.shape[:2]
     flat = index.reshape(b, -1)
-    picked = latents.gather(1, flat.clamp_min(0).unsqueeze(-1).expand(-1, -1, C))
+    picked = latents.gather(1, flat.clamp_min(0).unsqueeze(-1).expand(-1, -1, latents.shape[-1]))
     picked = picked * (flat >= 0).unsqueeze(-1).to(latents.dtype)
-    return picked.reshape(b, s, -1)
+    return picked.reshape(b, n, -1)
 
 
 class PatchPositionEmbedding(nn.Module):

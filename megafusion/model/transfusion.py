@@ -250,17 +250,22 @@ class TransfusionModel(LanguageModule):
             hidden = tensor_parallel.scatter_to_sequence_parallel_region(hidden, group=self.tp_group)
         return hidden
 
+    def previous_frames_index(self, span_ids: torch.Tensor, modality: torch.Tensor, doc_ids: torch.Tensor
+                              ) -> torch.Tensor:
+        """[b, s] ([b, s, 9] with a window) int64: the sequence index of each video-frame patch's
+        place in the frame before it (or of the 3x3 window around it); -1 where there is none.
+        Depends on the layout only, so a decoder reuses it across the ODE steps of a frame."""
+        if self.frame_conditioning == "window":
+            return previous_window_index(span_ids, modality, doc_ids, self.frame_grid_width)
+        return previous_frame_index(span_ids, modality, doc_ids)
+
     def previous_frames_of(self, clean_latents: torch.Tensor, span_ids: torch.Tensor, modality: torch.Tensor,
                            doc_ids: torch.Tensor) -> torch.Tensor:
         """[b, s, C] ([b, s, 9 C] with a window): for each video-frame patch, the clean
         latent at its place in the frame before it, or the 3x3 window around it (zeros
         elsewhere). ``clean_latents`` [b, s, C]: the training data, or at inference the
         sequence itself, whose earlier frames are clean."""
-        if self.frame_conditioning == "window":
-            index = previous_window_index(span_ids, modality, doc_ids, self.frame_grid_width)
-        else:
-            index = previous_frame_index(span_ids, modality, doc_ids)
-        return gather_previous_frames(clean_latents, index)
+        return gather_previous_frames(clean_latents, self.previous_frames_index(span_ids, modality, doc_ids))
 
     def frame_actions_of(self, tokens: torch.Tensor, span_ids: torch.Tensor, modality: torch.Tensor,
                          doc_ids: torch.Tensor) -> torch.Tensor:
