@@ -281,6 +281,8 @@ def train_decoder(cfg: DecoderTrainConfig, encoder: nn.Module | None = None) -> 
             return
         metrics.write(json.dumps(record) + "\n")
         metrics.flush()
+        print(f"[train-decoder] step {record['step']}/{cfg.steps} | "
+              + " | ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "step"), flush=True)
         for k, v in record.items():
             if k != "step":
                 writer.add_scalar(k, v, record["step"])

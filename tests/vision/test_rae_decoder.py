@@ -53,7 +53,7 @@ def test_noise_augment_draws_one_half_normal_sigma_per_sample():
     assert torch.equal(noise_augment(clean, tau=0.0), clean)
 
 
-def test_trained_decoder_beats_untrained_and_run_dir_is_complete(encoder_dir, tmp_path):
+def test_trained_decoder_beats_untrained_and_run_dir_is_complete(encoder_dir, tmp_path, capsys):
     run = tmp_path / "run"
     cfg = DecoderTrainConfig(encoder_path=str(encoder_dir), data="synthetic", run_dir=str(run), steps=300,
                              batch_size=16, lr=1e-3, eval_every=150, image_every=150, log_every=50,
@@ -80,6 +80,8 @@ def test_trained_decoder_beats_untrained_and_run_dir_is_complete(encoder_dir, tm
     assert [r["step"] for r in train_lines] == [50, 100, 150, 200, 250, 300]
     assert {"l1", "lr", "grad_norm", "images_per_s"} <= set(train_lines[0])
     assert [r["step"] for r in lines if "heldout_psnr" in r] == [0, 150, 300]
+    progress = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[train-decoder] step")]
+    assert len(progress) == len(lines) and progress[-1].startswith("[train-decoder] step 300/300 | ")
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000300"
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step_00000150", "step_00000300"]
 
