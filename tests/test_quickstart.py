@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from conftest import REPO
@@ -73,3 +74,14 @@ def test_quick_quickstart_writes_report_and_eval(tmp_path):
     assert (out / "data" / "indexed_rae" / "image_text.bin").is_file()
     rae_eval = json.loads((out / "trends" / "latents" / "rae" / "eval" / "metrics.json").read_text())
     assert "generation" in rae_eval["headlines"]
+
+
+def test_latents_comparison_without_transformers_is_refused_before_anything_runs(tmp_path, monkeypatch, capsys):
+    from megafusion import quickstart
+
+    monkeypatch.setitem(sys.modules, "transformers", None)  # makes `import transformers` fail
+    with pytest.raises(SystemExit) as exit_info:
+        quickstart.main(["--quick", "--out", str(tmp_path / "qs"), "--compare", "latents"])
+    assert exit_info.value.code == 2
+    assert "pip install -e '.[rae]'" in capsys.readouterr().err
+    assert not (tmp_path / "qs").exists()
