@@ -2,7 +2,7 @@
 
     megafusion quickstart --out runs/quickstart          # < 10 min on 2 CPU cores
     megafusion quickstart --out runs/qs --quick          # a smoke version (CI)
-    megafusion quickstart --out runs/qs --full           # the paper's trends: ~1.5 h on 2 CPU cores
+    megafusion quickstart --out runs/qs --full           # the paper's comparisons: ~1 h 50 min on 2 CPU cores
     megafusion quickstart --out runs/qs --compare moe    # the default run plus one comparison
 
 Stages (each prints its progress; artifacts land under ``--out``):
