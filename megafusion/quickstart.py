@@ -186,32 +186,27 @@ def build_rae(out: Path, scale: Scale, world: str, seed: int, device: str) -> Pa
     a ViT encoder pretrained on ShapesWorld labels (:mod:`megafusion.vision.shapes_encoder`,
     on scenes of another seed than the data's), frozen, and a ViT decoder trained on the
     quickstart's images with ``megafusion train-decoder``. Returns the representation dir."""
-    import torch
-
-    from megafusion.vision import train_decoder
+    from megafusion.parallel.setup import resolve_device
     from megafusion.vision.shapes_encoder import pretrain_shapes_encoder
+    from megafusion.vision.train_decoder import DecoderTrainConfig, train_decoder
 
     started = _stage(3, f"RAE: pretrain a ShapesWorld encoder, train its decoder -> {out / 'rae'}")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     encoder = out / "rae" / "encoder"
     pretrain_shapes_encoder(world_config(world, seed + 1000), encoder, steps=scale.rae_encoder_steps,
-                            device=device, log_every=max(scale.rae_encoder_steps // 5, 1))
+                            device=resolve_device(device), log_every=max(scale.rae_encoder_steps // 5, 1))
     run = out / "rae" / "decoder"
-    images = out / "data" / "raw" / "images"
     steps = scale.rae_decoder_steps
     # A 4-layer decoder, 128 wide, and noise augmentation tau 0.2 (the RAE paper's 0.8 is for
     # 768-wide DINOv2 features). The detector parsed reconstructions of 128 held-out images
     # of the simple world exactly: 100% after 3000 steps (25.3 dB), 90% after 2000 (23.3 dB);
     # tau 0.8 and 1000 steps: 16% (18.0 dB).
-    args = ["--encoder-path", str(encoder), "--data", str(images), "--run-dir", str(run),
-            "--image-size", str(IMAGE_SIZE), "--decoder-hidden-size", "128", "--decoder-depth", "4",
-            "--decoder-heads", "4", "--steps", str(steps), "--batch-size", "32", "--lr", "1e-3",
-            "--noise-tau", "0.2", "--heldout-images", str(min(64, scale.n_image // 4)),
-            "--eval-every", str(max(steps // 4, 1)), "--log-every", str(max(steps // 10, 1)),
-            "--image-every", str(steps), "--checkpoint-every", str(steps), "--device", device]
-    if train_decoder.main(args) != 0:
-        raise RuntimeError("training the RAE decoder failed; see the message above")
+    cfg = DecoderTrainConfig(
+        encoder_path=str(encoder), data=str(out / "data" / "raw" / "images"), run_dir=str(run), image_size=IMAGE_SIZE,
+        decoder_hidden_size=128, decoder_depth=4, decoder_heads=4, steps=steps, batch_size=32, lr=1e-3,
+        noise_tau=0.2, heldout_images=min(64, scale.n_image // 4), eval_every=max(steps // 4, 1),
+        log_every=max(steps // 10, 1), image_every=steps, checkpoint_every=steps, device=device)
+    cfg.validate()
+    train_decoder(cfg)
     _done(started)
     return run / "representation"
 

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megafusion.vision.images import to_tensor
+
 # Pixel statistics of the saved encoder: inputs in [0, 1] map to [-1, 1].
 PIXEL_MEAN = PIXEL_STD = (0.5, 0.5, 0.5)
 ATTRIBUTES = ("colors", "shapes", "sizes")
@@ -60,11 +62,9 @@ class ShapesBatches:
         from megafusion.data.shapes.scene import render_scene
 
         scenes = [self.world.scene(int(i)) for i in indices]
-        images = np.stack([render_scene(s) for s in scenes])
+        images = torch.stack([to_tensor(render_scene(s)) for s in scenes])
         labels = np.stack([patch_labels(s, self.patch_size, self.vocab) for s in scenes])
-        counts = [len(s.objects) for s in scenes]
-        return (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0, torch.from_numpy(labels),
-                torch.tensor(counts))
+        return images, torch.from_numpy(labels), torch.tensor([len(s.objects) for s in scenes])
 
 
 class LabelHeads(nn.Module):
@@ -90,7 +90,8 @@ class LabelHeads(nn.Module):
 
 def pretrain_shapes_encoder(config, out_dir: str | Path, steps: int = 1500, batch_size: int = 64,
                             hidden_size: int = 64, layers: int = 4, heads: int = 4, patch_size: int = 8,
-                            lr: float = 1e-3, heldout: int = 256, device: str = "cpu", log_every: int = 100) -> dict:
+                            lr: float = 1e-3, heldout: int = 256, device: str | torch.device = "cpu",
+                            log_every: int = 100) -> dict:
     """Trains the encoder on scenes of ``config`` (a WorldConfig) and saves it under ``out_dir``.
 
     Training scenes are indices [heldout, ...) of the world; the first ``heldout`` are held out.
