@@ -158,6 +158,11 @@ class TrainConfig:
     # none | delayed | tensorwise (per-tensor current scaling) | mxfp8 (Blackwell, CC >= 10)
     fp8: str = "none"
     fp8_params: bool = False  # keep the TE layers' weights in FP8 (less memory; needs train.fp8)
+    # Steps whose gradients hold NaN/inf are skipped (no update) and counted; after this
+    # many the run stops naming the step, rank and first non-finite parameter. None: 0 in
+    # fp32/bf16 (a non-finite gradient there is a bug or a blow-up), unlimited in fp16,
+    # where the dynamic loss scaler skips and backs off by design.
+    max_skipped_steps: int | None = None
 
 
 @dataclass
