@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "shapes-data": ("megafusion.data.shapes.export", "write a ShapesWorld dataset (text, image-text, video, actions)"),
     "isoflop": ("megafusion.scaling.isoflop_cli", "plan IsoFLOP sweeps and fit scaling laws"),
     "train-decoder": ("megafusion.vision.train_decoder", "train an RAE pixel decoder on frozen features"),
+    "checkpoint": ("megafusion.training.checkpoint_cli", "verify a run's checkpoints: `checkpoint verify RUN_DIR`"),
     "export": ("megafusion.interop.export", "export a run's checkpoint to safetensors + config.json"),
     "import": ("megafusion.interop.import_", "turn an exported safetensors directory into a run dir"),
     "bench": ("megafusion.bench", "training throughput of a config: tokens/s, TFLOP/s per GPU, MFU, memory, time split"),

@@ -52,21 +52,26 @@ def single_process_config(cfg: Config, device: str | None = None) -> Config:
 
 
 def checkpoint_path(run_dir: Path, step: int | None) -> tuple[int, Path]:
-    """(step, directory) of the requested (or latest) complete checkpoint, with errors that say what exists."""
-    from megafusion.training.checkpoint import complete_checkpoints
+    """(step, directory) of the requested checkpoint, or of the newest one that verifies.
 
+    Checkpoints are checked against their manifest (``training.checkpoint.select_checkpoint``):
+    a corrupt latest one is skipped with a line saying why; a corrupt requested ``step``, or
+    a run with no checkpoint that verifies, raises ``CheckpointError`` (a ValueError).
+    """
+    from megafusion.training.checkpoint import complete_checkpoints, select_checkpoint
+
+    if not Path(run_dir).is_dir():
+        raise FileNotFoundError(f"run dir '{run_dir}' is not a directory")
     found = complete_checkpoints(run_dir)
     if not found:
         raise FileNotFoundError(f"run dir '{run_dir}' has no complete checkpoint under checkpoints/ "
                                 "(train it with `megafusion train ... --run-dir` first; checkpoint.save_final "
                                 "writes one at the end)")
-    if step is None:
-        return found[-1]
-    for s, path in found:
-        if s == step:
-            return s, path
-    raise FileNotFoundError(f"run dir '{run_dir}' has no checkpoint for step {step}; available steps: "
-                            f"{[s for s, _ in found]}")
+    chosen = select_checkpoint(run_dir, step)
+    if chosen is None:
+        raise FileNotFoundError(f"run dir '{run_dir}' has no checkpoint for step {step}; available steps: "
+                                f"{[s for s, _ in found]}")
+    return chosen
 
 
 # How many loaded models share the process groups this module started (``close`` tears
@@ -123,9 +128,9 @@ def load_run(run_dir: str | Path, step: int | None = None, device: str | None = 
     """
     from megatron.core import dist_checkpointing
 
-    from megafusion.training.checkpoint import unwrap
-
     from megafusion.interop.import_ import is_export
+    from megafusion.training.checkpoint import unwrap
+    from megafusion.training.safe_load import restricted_loading
 
     run_dir = Path(run_dir)
     if is_export(run_dir):
@@ -141,7 +146,8 @@ def load_run(run_dir: str | Path, step: int | None = None, device: str | None = 
     loaded = build_model(cfg, device)
     try:
         model = unwrap(loaded.model)
-        state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(path))
+        with restricted_loading():  # .metadata and stored objects: checkpoint data only, never code
+            state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(path))
         model.load_state_dict(state["model"], strict=True)
         model.eval()
     except BaseException:
@@ -168,7 +174,7 @@ def load_export(export_dir: str | Path, step: int | None = None, device: str | N
     try:
         from megafusion.training.checkpoint import unwrap
 
-        load_strict(unwrap(loaded.model), tensors, export_dir)
+        load_strict(unwrap(loaded.model), tensors, export_dir, raw.get("dtype"))
         loaded.model.eval()
     except BaseException:
         close()

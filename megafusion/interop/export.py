@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -32,10 +33,13 @@ def parse_size(text: str) -> int:
     """'2GB' / '500MB' / '10KB' / '123' -> bytes."""
     units = {"KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30, "B": 1}
     t = text.strip().upper()
-    for unit, factor in units.items():
-        if t.endswith(unit):
-            return int(float(t[: -len(unit)]) * factor)
-    return int(t)
+    try:
+        for unit, factor in units.items():
+            if t.endswith(unit):
+                return int(float(t[: -len(unit)]) * factor)
+        return int(t)
+    except ValueError:
+        raise ValueError(f"--max-shard-size {text!r} is not a size; write e.g. 2GB, 500MB or 123") from None
 
 
 def write_tensors(tensors: dict[str, torch.Tensor], out: Path, max_shard_bytes: int, metadata: dict) -> list[Path]:
@@ -121,6 +125,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--max-shard-size", default="2GB", help="shard above this size (e.g. 2GB, 500MB)")
     args = parser.parse_args(argv)
-    out = export_run(args.run_dir, args.out, args.step, args.dtype, parse_size(args.max_shard_size))
+    try:
+        out = export_run(args.run_dir, args.out, args.step, args.dtype, parse_size(args.max_shard_size))
+    except (OSError, ValueError) as err:  # bad paths, configs, corrupt or unsafe checkpoints (CheckpointError)
+        print(f"megafusion export: {err}", file=sys.stderr)
+        return 2
     print(f"[megafusion] exported {args.run_dir} to {out}")
     return 0

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 import tempfile
 from dataclasses import replace
 from pathlib import Path
@@ -119,8 +120,42 @@ def read_tensors(src: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def load_strict(model: torch.nn.Module, tensors: dict[str, torch.Tensor], src: Path) -> None:
-    """Copies ``tensors`` into ``model``: every parameter/buffer exactly once, with its shape."""
+def _value_problems(expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor], src: Path,
+                    dtype: str | None) -> str:
+    """The first tensor whose dtype or values cannot be the model's, as one line, or "".
+
+    ``dtype``: config.json's "dtype" (what ``megafusion export --dtype`` wrote), when given.
+    A copy would convert an integer tensor or a float16 one silently, and NaN or inf
+    weights would load and produce NaN everywhere: both are refused here.
+    """
+    from megafusion.interop.export import DTYPES
+
+    if dtype is not None and dtype not in DTYPES:
+        return (f"'{src / 'config.json'}': \"dtype\": {dtype!r} is not one megafusion exports "
+                f"({sorted(DTYPES)}); set it to the dtype of the safetensors tensors")
+    want = DTYPES.get(dtype)
+    for k in sorted(expected):
+        tensor, target = given[k], expected[k]
+        if target.is_floating_point() and not tensor.is_floating_point():
+            return (f"'{src}': tensor '{k}' is {tensor.dtype} but the model's is floating point; export the "
+                    "model again (megafusion export writes fp32 or bf16)")
+        if want is not None and tensor.is_floating_point() and tensor.dtype != want:
+            return (f"'{src}': tensor '{k}' is {tensor.dtype} but config.json says \"dtype\": {dtype!r}; "
+                    f"save the tensors as {want} or correct \"dtype\"")
+    for k in sorted(expected):
+        tensor = given[k]
+        if tensor.is_floating_point():
+            bad = int((~torch.isfinite(tensor)).sum())
+            if bad:
+                return (f"'{src}': tensor '{k}' holds {bad} NaN/inf value(s) of {tensor.numel()}; the exported model "
+                        "is broken: export a checkpoint from before the loss diverged")
+    return ""
+
+
+def load_strict(model: torch.nn.Module, tensors: dict[str, torch.Tensor], src: Path,
+                dtype: str | None = None) -> None:
+    """Copies ``tensors`` into ``model``: every parameter/buffer exactly once, with its shape,
+    a floating dtype (``dtype``, config.json's "dtype", when given) and finite values."""
     expected = names.export_state(model.state_dict())
     given = {names.to_megafusion(k): v for k, v in tensors.items()}
     missing = sorted(set(expected) - set(given))
@@ -133,6 +168,9 @@ def load_strict(model: torch.nn.Module, tensors: dict[str, torch.Tensor], src: P
                  if tuple(given[k].shape) != tuple(expected[k].shape)]
     if problems:
         raise ImportError_(f"'{src}' does not match the model its config.json describes:\n  " + "\n  ".join(problems))
+    problem = _value_problems(expected, given, src, dtype)
+    if problem:
+        raise ImportError_(problem)
     with torch.no_grad():
         for k, target in expected.items():
             target.copy_(given[k].to(target.dtype))
@@ -201,7 +239,7 @@ def import_export(src: str | Path, run_dir: str | Path, config: str | Path | Non
         transformer_config = build_transformer_config(world_of_one, env.device)
         provider = get_provider(world_of_one, transformer_config)
         chunks = build_model_chunks(world_of_one, transformer_config, provider, env)
-        load_strict(unwrap(chunks[0]), tensors, src)
+        load_strict(unwrap(chunks[0]), tensors, src, raw.get("dtype"))
         optimizer = build_optimizer(world_of_one, chunks)
         scheduler = build_scheduler(world_of_one, optimizer)
         if step:
@@ -227,7 +265,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep-step", action="store_true",
                         help="checkpoint at the exported step (continue its LR schedule and data) instead of step 0")
     args = parser.parse_args(argv)
-    run_dir = import_export(args.src, args.run_dir, args.config, args.overrides, args.keep_step)
+    try:
+        run_dir = import_export(args.src, args.run_dir, args.config, args.overrides, args.keep_step)
+    except (OSError, ValueError) as err:  # bad paths, configs, tensors: one line naming the file, exit 2
+        print(f"megafusion import: {err}", file=sys.stderr)
+        return 2
     step = int(read_config(Path(args.src))[1].get("step") or 0) if args.keep_step else 0
     print(f"[megafusion] imported {args.src} into {run_dir} (checkpoints/step_{step:08d})")
     return 0
