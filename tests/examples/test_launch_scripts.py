@@ -26,3 +26,56 @@ def test_slurm_script_is_valid_bash_with_rendezvous():
     text = script.read_text()
     for needle in ("--rdzv_backend c10d", "--rdzv_endpoint", "SLURM_JOB_NUM_NODES", "logs/node-"):
         assert needle in text
+
+
+def _fake_slurm(bin_dir):
+    """``srun`` that runs its command here (dropping its options) and ``scontrol`` for one host."""
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text('#!/usr/bin/env bash\nwhile [[ "$1" == --* ]]; do shift; done\nexec "$@"\n')
+    (bin_dir / "scontrol").write_text(
+        '#!/usr/bin/env bash\nif [ "$1" = show ]; then echo localhost; else echo "$@" >> "$SCONTROL_LOG"; fi\n')
+    for name in ("srun", "scontrol"):
+        (bin_dir / name).chmod(0o755)
+
+
+@pytest.mark.distributed
+def test_slurm_time_limit_signal_saves_and_stops(tmp_path):
+    """SLURM's pre-timeout SIGUSR1 to the batch script: both ranks save at one step and stop."""
+    import signal
+    import socket
+    import time
+
+    from megafusion.training.checkpoint import complete_checkpoints
+
+    _fake_slurm(tmp_path / "bin")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "node1",
+           "SLURM_JOB_NUM_NODES": "1", "SLURM_JOB_ID": "42", "SLURM_NODEID": "0", "GPUS_PER_NODE": "2",
+           "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
+           "MEGAFUSION_REQUEUE": "1", "SCONTROL_LOG": str(tmp_path / "scontrol.log")}
+    proc = subprocess.Popen(
+        ["bash", "examples/launch/slurm_multi_node.sbatch", "examples/configs/tiny_text.yaml", str(run_dir),
+         "--set", "train.steps=5000", "--set", "parallel.tp=2", "--set", "logging.tensorboard=false",
+         "--set", "checkpoint.every=0"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while len(losses_by_step(run_dir) if (run_dir / "metrics.jsonl").exists() else {}) < 3:
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            assert time.time() < deadline, "the run did not start training in 180 s"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGUSR1)  # to the batch script only, as --signal=B:USR1 does
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    log = (run_dir / "logs" / "node-0.log").read_text()
+    assert "asking the ranks to save and stop" in out and "stopped with a checkpoint" in out, out
+    assert "stopped by SIGTERM" in log, log[-3000:]
+    last_logged = max(losses_by_step(run_dir))
+    assert 3 <= last_logged < 5000
+    assert [step for step, _ in complete_checkpoints(run_dir)] == [last_logged]
+    assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "42"]
