@@ -133,7 +133,8 @@ def read_metadata(path: str | Path, where: str | None = None) -> Any:
     return metadata
 
 
-_UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+# torch's weights_only refusals name the global as "... GLOBAL posix.system ..." (two wordings).
+_UNSUPPORTED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
 
 
 class _WeightsOnlyBytes:
@@ -143,9 +144,9 @@ class _WeightsOnlyBytes:
     fresh ``torch.save`` of itself, which only re-creates what was already built safely;
     every other planner method is the real planner's."""
 
-    def __init__(self, planner: Any, where: str) -> None:
+    def __init__(self, planner: Any, reader: Any) -> None:
         self._planner = planner
-        self._where = where
+        self._reader = reader  # for the error: which shard file the object came from
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._planner, name)
@@ -156,9 +157,11 @@ class _WeightsOnlyBytes:
         except pickle.UnpicklingError as err:
             found = _UNSUPPORTED_GLOBAL.search(str(err))
             what = f"'{found.group(1)}'" if found else "an object that is not plain data"
+            shard = self._reader.storage_data[read_item.storage_index].relative_path
             raise UnsafeCheckpointError(
-                f"{self._where}: refusing to unpickle {what} in '{read_item.dest_index.fqn}' (checkpoint objects "
-                "hold tensors and plain data only); this checkpoint was tampered with: do not use it") from None
+                f"{Path(self._reader.path).name}/{shard}: refusing to unpickle {what} in '{read_item.dest_index.fqn}' "
+                "(checkpoint objects hold tensors and plain data only); this checkpoint was tampered with: "
+                "do not use it") from None
         clean = io.BytesIO()
         torch.save(obj, clean)
         clean.seek(0)
@@ -193,7 +196,7 @@ def _filesystem_reader_class():
             return metadata
 
         def read_data(self, plan, planner):
-            return super().read_data(plan, _WeightsOnlyBytes(planner, Path(self.path).name))
+            return super().read_data(plan, _WeightsOnlyBytes(planner, self))
 
     return SafeFileSystemReader
 

@@ -22,6 +22,7 @@ import dataclasses
 import json
 import math
 import os
+import pickle
 import shutil
 import sys
 import time
@@ -245,7 +246,13 @@ def train_decoder(cfg: DecoderTrainConfig, encoder: nn.Module | None = None) -> 
     start = 0
     ckpt = latest_checkpoint(run_dir)
     if ckpt is not None:
-        state = torch.load(ckpt, map_location=device, weights_only=False)
+        # weights_only: a checkpoint holds state dicts, the step and the config as plain
+        # types, so nothing in a run dir is ever executed on resume.
+        try:
+            state = torch.load(ckpt, map_location=device, weights_only=True)
+        except pickle.UnpicklingError as err:
+            raise ValueError(f"'{ckpt}' holds more than tensors and plain data ({str(err).splitlines()[0]}); "
+                             "it was not written by train-decoder: do not resume from it") from None
         decoder.load_state_dict(state["decoder"])
         optimizer.load_state_dict(state["optimizer"])
         if disc is not None and state.get("discriminator") is not None:
