@@ -23,6 +23,7 @@ import json
 import math
 import os
 import pickle
+import re
 import shutil
 import sys
 import time
@@ -251,8 +252,10 @@ def train_decoder(cfg: DecoderTrainConfig, encoder: nn.Module | None = None) -> 
         try:
             state = torch.load(ckpt, map_location=device, weights_only=True)
         except pickle.UnpicklingError as err:
-            raise ValueError(f"'{ckpt}' holds more than tensors and plain data ({str(err).splitlines()[0]}); "
-                             "it was not written by train-decoder: do not resume from it") from None
+            found = re.search(r"GLOBAL ([\w.]+)", str(err))  # torch's message names the refused global
+            what = f"'{found.group(1)}'" if found else "an object that is not plain data"
+            raise ValueError(f"'{ckpt}': refusing to unpickle {what} (train-decoder checkpoints hold tensors and "
+                             "plain data only); it was not written by train-decoder: do not resume from it") from None
         decoder.load_state_dict(state["decoder"])
         optimizer.load_state_dict(state["optimizer"])
         if disc is not None and state.get("discriminator") is not None:

@@ -106,9 +106,9 @@ def test_resume_continues_exactly_with_adversarial_loss(encoder_dir, tmp_path):
     shutil.rmtree(cut / "representation")
     (cut / "checkpoints" / "latest").write_text("step_00000003\n")
     train_decoder(DecoderTrainConfig(run_dir=str(cut), **cfg))
-    a = torch.load(full / "checkpoints" / "step_00000006" / "state.pt", weights_only=False)
-    b = torch.load(cut / "checkpoints" / "step_00000006" / "state.pt", weights_only=False)
-    step3 = torch.load(full / "checkpoints" / "step_00000003" / "state.pt", weights_only=False)
+    a = torch.load(full / "checkpoints" / "step_00000006" / "state.pt", weights_only=True)
+    b = torch.load(cut / "checkpoints" / "step_00000006" / "state.pt", weights_only=True)
+    step3 = torch.load(full / "checkpoints" / "step_00000003" / "state.pt", weights_only=True)
     assert a["step"] == b["step"] == 6
     for key in ("decoder", "discriminator"):
         for name, value in a[key].items():
@@ -118,6 +118,29 @@ def test_resume_continues_exactly_with_adversarial_loss(encoder_dir, tmp_path):
     assert steps == [json.loads(line)["step"] for line in (full / "metrics.jsonl").read_text().splitlines()]
     g_adv = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines() if "g_adv" in line]
     assert g_adv and all(np.isfinite(r["g_adv"]) and np.isfinite(r["d_loss"]) for r in g_adv)
+
+
+class _Payload:
+    """Unpickling this runs a shell command (what a planted state.pt would do)."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+def test_resume_never_unpickles_code(encoder_dir, tmp_path):
+    """Before: the resume read state.pt with torch.load(weights_only=False) and ran this."""
+    run, marker = tmp_path / "run", tmp_path / "marker"
+    (run / "checkpoints" / "step_00000003").mkdir(parents=True)
+    torch.save({"step": 3, "decoder": _Payload(f"touch '{marker}'")}, run / "checkpoints" / "step_00000003" / "state.pt")
+    (run / "checkpoints" / "latest").write_text("step_00000003\n")
+    cfg = DecoderTrainConfig(encoder_path=str(encoder_dir), data="synthetic", run_dir=str(run), steps=6, batch_size=4,
+                             checkpoint_every=3, heldout_images=4, stats_images=0, **TINY_DECODER)
+    with pytest.raises(ValueError, match=r"state\.pt': refusing to unpickle 'posix\.system'"):
+        train_decoder(cfg)
+    assert not marker.exists()
 
 
 def test_trains_from_an_image_folder(encoder_dir, tmp_path):
@@ -217,7 +240,7 @@ def test_two_rank_ddp_matches_one_rank_with_twice_the_batch(encoder_dir, tmp_pat
         pytest.fail(f"torchrun timed out:\n{out[-3000:]}")
     assert proc.returncode == 0, out[-3000:]
     assert main(["--run-dir", str(tmp_path / "one"), "--batch-size", "8", *common]) == 0
-    a = torch.load(tmp_path / "ddp" / "checkpoints" / "step_00000003" / "state.pt", weights_only=False)["decoder"]
-    b = torch.load(tmp_path / "one" / "checkpoints" / "step_00000003" / "state.pt", weights_only=False)["decoder"]
+    a = torch.load(tmp_path / "ddp" / "checkpoints" / "step_00000003" / "state.pt", weights_only=True)["decoder"]
+    b = torch.load(tmp_path / "one" / "checkpoints" / "step_00000003" / "state.pt", weights_only=True)["decoder"]
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
