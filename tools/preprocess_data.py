@@ -20,9 +20,14 @@ Megatron-style flags; examples:
     python tools/preprocess_data.py --input shards/*.tar --output-prefix out/wds \
         --tokenizer-model tok.model --kind image-text
 
-The same program is `megafusion.data.preprocess.main`. Output is sharded under OUT.shards/ while it runs; re-running the same command resumes
-(finished shards are kept). Bad items are skipped and listed (OUT.errors.jsonl) unless
---strict. See megafusion/data/preprocess.py and megafusion/data/indexed.py for the format.
+The same program is `megafusion.data.preprocess.main`. Output is sharded under OUT.shards/
+while it runs; re-running the same command resumes (finished shards are kept). Re-runs are
+content-addressed: a shard is made again only when the bytes of its input lines, of the
+images/videos they name, of the tokenizer model or of the encoder's files (or a flag) changed;
+if nothing changed the run says "nothing to do". Bad items are skipped and listed
+(OUT.errors.jsonl) unless --strict. Errors (a bad tokenizer or output prefix, a bad item
+under --strict) are one line on stderr and exit status 2. See megafusion/data/preprocess.py
+and megafusion/data/indexed.py for the format.
 """
 
 import sys

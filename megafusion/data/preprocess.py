@@ -19,15 +19,38 @@ action tokens after its first frame: ``<boi><eoi> a0 <frame> <boi><eoi> a1 <fram
 The input is cut into shards of ``shard_size`` lines by byte offset (never read whole;
 a tar is one shard, a folder is cut by sample keys);
 workers tokenize/encode a shard each and write it under ``<prefix>.shards/`` to temporary
-names, renamed when complete, with a ``.done.json`` marker written last. A re-run skips
-finished shards. When all are done they are merged with the indexed-dataset builder's
-``add_index``. Bad items (malformed JSON, missing fields, unreadable images/videos) are
-skipped and reported with their file, line and reason, or raise with ``strict``.
+names, renamed when complete, with a ``.done.json`` marker written last. When all are done
+they are merged with the indexed-dataset builder's ``add_index``. Bad items (malformed JSON,
+missing fields, missing or unreadable images/videos) are skipped and reported with their
+file, line and reason, or raise with ``strict``.
+
+Re-runs are content-addressed. Each shard has a key: a blake2b hash of
+
+- the settings: every flag that changes the output, the tokenizer model's bytes (not its
+  path) and, for ``rae``/``vae``, the bytes of every file under ``--encoder-path``;
+- where the shard starts (input path as given, first line: line numbers are in the error
+  list and seed ``--image-first``);
+- its content: the bytes of its JSONL lines, of its tar, or of its folder samples' files, and
+  for a JSONL every image/video/frame file its lines name (a missing file hashes as
+  "missing", so one that appears later changes the key).
+
+A shard whose key matches a finished shard in ``<prefix>.shards/`` (a stopped or killed run)
+or a shard of the last complete output (recorded in ``<prefix>.summary.json``) is reused:
+its documents are copied as stored, not tokenized or encoded again. Only shards whose key
+changed are made again, and when every key matches, the run says "nothing to do".
+
+Cost: every input byte and every referenced media file is read once per run to hash it
+(each file once, however many lines name it; with ``workers`` > 1, once per worker that
+meets it), at disk speed: far less than decoding and encoding, but a re-run of a large
+image corpus still reads all of it. A file changed while a run hashes or reads it is not
+detected by that run.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import hashlib
 import io
 import json
@@ -38,12 +61,13 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 
-from megafusion.data.indexed import DatasetWriter, VisualItem, meta_path, merge_datasets
+from megafusion.data.indexed import (DatasetWriter, VisualItem, dataset_files, layout_path, merge_datasets, meta_path,
+                                     visual_prefix)
 from megafusion.data.sample import IMAGE, VIDEO
 
 KINDS = ("text", "image-text", "video", "action-video")
@@ -95,9 +119,7 @@ class PreprocessConfig:
         missing = [p for p in self.inputs if not Path(p).exists()]
         if not self.inputs or missing:
             raise PreprocessError(f"input files not found: {missing or '(none given)'}")
-        if not Path(self.tokenizer_model).is_file():
-            raise PreprocessError(f"tokenizer model {self.tokenizer_model} not found; train one with "
-                                  "tools/train_tokenizer.py")
+        check_tokenizer(self.tokenizer_model)
         if self.encoder == "pixel" and self.image_size % self.patch_size:
             raise PreprocessError(f"--image-size {self.image_size} is not a multiple of --patch-size {self.patch_size}")
         if self.kind == "action-video" and (self.frame_stride != 1 or self.fps is not None):
@@ -119,16 +141,133 @@ class PreprocessConfig:
     def shard_dir(self) -> Path:
         return Path(f"{self.output_prefix}.shards")
 
-    def fingerprint(self) -> dict:
-        """What the output depends on: shards made with another fingerprint are not reused."""
-        keys = ("kind", "json_keys", "append_eod", "encoder", "encoder_path", "image_size", "patch_size",
-                "image_first", "max_frames", "frame_stride", "fps", "context_frames", "shard_size")
+    def settings(self) -> dict:
+        """Everything besides the inputs that the output depends on, by content: part of every
+        shard's key. (``video_backend`` is left out, as it always was: switching decoders is
+        meant to change speed, not frames; delete the output to decode again.)"""
+        keys = ("kind", "json_keys", "append_eod", "encoder", "image_size", "patch_size", "image_first",
+                "max_frames", "frame_stride", "fps", "context_frames", "strict")
         out = {k: getattr(self, k) for k in keys}
         out["json_keys"] = list(self.json_keys)
-        out["tokenizer_md5"] = hashlib.md5(Path(self.tokenizer_model).read_bytes()).hexdigest()
-        out["inputs"] = [[str(Path(p).resolve()), Path(p).stat().st_size if Path(p).is_file()
-                          else len(_folder_samples(Path(p)))] for p in self.inputs]
+        out["tokenizer"] = file_digest(self.tokenizer_model)
+        if self.encoder != "pixel":  # the pixel encoder is fixed by image_size and patch_size
+            out["encoder_files"] = tree_digest(self.encoder_path) if self.encoder_path else None
         return out
+
+
+def check_tokenizer(path: str) -> None:
+    """Refuses, before anything is written, a tokenizer path that is not a usable model."""
+    from megafusion.data.tokenizer import Tokenizer
+
+    fix = "pass the .model file that tools/train_tokenizer.py wrote"
+    if Path(path).is_dir():
+        raise PreprocessError(f"--tokenizer-model {path} is a directory; {fix}")
+    if not Path(path).is_file():
+        raise PreprocessError(f"--tokenizer-model {path} not found; {fix} (or train one with that tool)")
+    try:
+        Tokenizer(path)
+    except ValueError as err:  # a sentencepiece model without megafusion's special tokens; says the fix
+        raise PreprocessError(f"--tokenizer-model: {err}") from None
+    except Exception as err:  # sentencepiece raises RuntimeError (or OSError) for a file it cannot parse
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise PreprocessError(f"--tokenizer-model {path} is not a sentencepiece model ({reason}); {fix}") from None
+
+
+def prepare_output(cfg: PreprocessConfig) -> None:
+    """Creates the output prefix's directory, or refuses (before anything is written) a prefix
+    that names a directory or lies under a file."""
+    prefix = Path(cfg.output_prefix)
+    if cfg.output_prefix.endswith(os.sep) or prefix.is_dir():
+        raise PreprocessError(f"--output-prefix {cfg.output_prefix} is a directory; give a path prefix "
+                              f"inside it, e.g. {prefix / 'data'}")
+    nearest = next(p for p in (prefix.parent, *prefix.parent.parents) if p.exists())  # "." or "/" at worst
+    if not nearest.is_dir():
+        raise PreprocessError(f"--output-prefix {cfg.output_prefix} lies under {nearest}, which is a file; "
+                              "pass an --output-prefix in a directory")
+    try:
+        prefix.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise PreprocessError(f"cannot create the output directory {prefix.parent} ({err.strerror}); "
+                              "pass an --output-prefix in a writable directory") from None
+    if not os.access(prefix.parent, os.W_OK | os.X_OK):
+        raise PreprocessError(f"the output directory {prefix.parent} is not writable; "
+                              "pass an --output-prefix in a writable directory")
+    if cfg.shard_dir.exists() and not cfg.shard_dir.is_dir():
+        raise PreprocessError(f"{cfg.shard_dir} (where shards are written) is a file; move it away "
+                              "or pass another --output-prefix")
+
+
+# ----------------------------------------------------------------------------- content digests
+_DIGESTS: dict[str, str] = {}  # absolute path -> digest, for one run (cleared at its start)
+
+
+def _hash_file(path: str) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while block := f.read(1 << 16):  # streamed: any file in 64 KiB of memory
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_digest(path) -> str:
+    """blake2b of a file's bytes, once per run per file. A file that cannot be read gets a
+    digest naming why ("missing"), so it becoming readable changes every key that covers it."""
+    path = os.path.abspath(path)
+    if path not in _DIGESTS:
+        try:
+            _DIGESTS[path] = _hash_file(path)
+        except FileNotFoundError:
+            _DIGESTS[path] = "missing"
+        except OSError as err:
+            _DIGESTS[path] = f"unreadable ({type(err).__name__})"
+    return _DIGESTS[path]
+
+
+def tree_digest(path) -> str:
+    """A file's digest, or for a directory one over its files' relative names and digests."""
+    root = Path(path)
+    if not root.is_dir():
+        return file_digest(root)
+    h = hashlib.blake2b(digest_size=16)
+    for p in sorted(q for q in root.rglob("*") if q.is_file()):
+        h.update(f"{p.relative_to(root)}={file_digest(p)}\n".encode())
+    return h.hexdigest()
+
+
+def _media_paths(line: bytes) -> list[str]:
+    """The image/video/frame paths a JSONL line names (none for a line that does not parse:
+    its bytes are hashed anyway, and it is reported when processed)."""
+    try:
+        item = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return []
+    if not isinstance(item, dict):
+        return []
+    frames = item.get("frames")
+    paths = [item.get("image"), item.get("video")] + (frames if isinstance(frames, list) else [])
+    return [p for p in paths if isinstance(p, str)]
+
+
+def shard_key(settings_digest: str, multimodal: bool, spec: "ShardSpec") -> str:
+    """The shard's content key (see the module docstring for what it covers)."""
+    h = hashlib.blake2b(settings_digest.encode(), digest_size=16)
+    h.update(json.dumps([spec.path, spec.fmt, spec.first_line]).encode())
+    if spec.fmt == "tar":
+        h.update(file_digest(spec.path).encode())
+    elif spec.fmt == "dir":
+        for key, files in spec.samples:
+            for ext, path in sorted(files.items()):
+                h.update(f"{key}{ext}={file_digest(path)}\n".encode())
+    else:
+        base = Path(spec.path).parent
+        with open(spec.path, "rb") as f:
+            f.seek(spec.start)
+            while f.tell() < spec.end:
+                line = f.readline()
+                h.update(line)
+                for media in _media_paths(line) if multimodal else ():  # text lines name no files
+                    h.update(f"\0{media}={file_digest(base / media)}\n".encode())
+    return h.hexdigest()
 
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
@@ -380,7 +519,7 @@ def load_image(path, size: int, name: str | None = None) -> np.ndarray:
     except FileNotFoundError as err:
         raise ItemError("image file not found", name) from err
     except Exception as err:  # PIL raises many types for corrupt files
-        raise ItemError(f"unreadable image ({type(err).__name__}: {err})", name) from err
+        raise ItemError(f"unreadable image ({type(err).__name__}: {err}); replace the file", name) from err
 
 
 class ItemProcessor:
@@ -517,24 +656,62 @@ def _write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def process_shard(cfg: PreprocessConfig, spec: ShardSpec, fingerprint: dict, on_item=None) -> dict:
-    """Writes shard ``spec.index`` (unless done already); returns its stats.
+def _storage(cfg: PreprocessConfig) -> str | None:
+    """How visuals are stored: raw pixel patches as uint8, encoder latents as float16."""
+    if not cfg.multimodal:
+        return None
+    return "uint8" if cfg.encoder == "pixel" else "float16"
 
-    ``on_item()`` (in-process runs) is called after each item, for the progress bar."""
+
+@contextlib.contextmanager
+def _shard_writers(cfg: PreprocessConfig, index: int, vocab_size: int):
+    """One writer per output suffix for shard ``index``: finalized when the block ends, aborted
+    (no files left under final names) when it raises."""
+    writers = {s: DatasetWriter(cfg.shard_dir / f"{index:06d}{s}", vocab_size, _storage(cfg)) for s in cfg.suffixes}
+    try:
+        yield writers
+        for w in writers.values():
+            w.finalize()
+    except BaseException:
+        for w in writers.values():
+            w.abort()
+        raise
+
+
+def process_shard(cfg: PreprocessConfig, spec: ShardSpec, key: str, previous: tuple[int, dict] | None = None,
+                  on_item=None) -> dict:
+    """Writes shard ``spec.index`` (unless a finished one with the same ``key`` is there);
+    returns its stats, with ``skipped`` when nothing was tokenized or encoded.
+
+    ``previous``: (first document, stats) of the shard with this key in the last complete
+    output; its documents are copied from there. ``on_item()`` (in-process runs) is called
+    after each item, for the progress bar."""
     done = _done_path(cfg, spec.index)
     if done.is_file():
         stats = json.loads(done.read_text())
-        if stats.get("fingerprint") != fingerprint:
-            raise PreprocessError(f"shard {done} was made with other settings or inputs; delete "
-                                  f"{cfg.shard_dir} (or choose another --output-prefix) to start over")
-        return {**stats, "skipped": True}
+        if stats.get("key") == key:
+            return {**stats, "skipped": True}
+        done.unlink()  # made from other content or settings: made again below
+    if previous is not None:
+        from megafusion.data.tokenizer import Tokenizer
+
+        first, old = previous
+        with _shard_writers(cfg, spec.index, Tokenizer(cfg.tokenizer_model).vocab_size) as writers:
+            _copy_documents(cfg, first, old["documents"], writers)
+        stats = {**old, "index": spec.index}
+    else:
+        stats = _build_shard(cfg, spec, on_item)
+    stats["key"] = key
+    _write_json(done, stats)
+    return {**stats, "skipped": previous is not None}
+
+
+def _build_shard(cfg: PreprocessConfig, spec: ShardSpec, on_item) -> dict:
+    """Tokenizes/encodes the shard's items into its files; returns its stats."""
     proc = _processor(cfg)
     base = Path(spec.path).parent
-    name = f"{spec.index:06d}"
-    writers = {s: DatasetWriter(cfg.shard_dir / (name + s), proc.tok.vocab_size,
-                                proc.encoder.storage if proc.encoder else None) for s in cfg.suffixes}
     errors, items, documents, visuals = [], 0, 0, 0
-    try:
+    with _shard_writers(cfg, spec.index, proc.tok.vocab_size) as writers:
         for line_no, item in iter_items(spec):
             items += 1
             if on_item is not None:
@@ -555,18 +732,35 @@ def process_shard(cfg: PreprocessConfig, spec: ShardSpec, fingerprint: dict, on_
                 writers[suffix].add_document(tokens, vis)
             documents += 1
             visuals += sum(len(v) for _, v in docs.values())
-        for w in writers.values():
-            w.finalize()
-    except BaseException:
-        for w in writers.values():
-            w.abort()
-        raise
     enc = proc.encoder
-    stats = {"index": spec.index, "input": spec.path, "first_line": spec.first_line, "items": items,
-             "documents": documents, "visuals": visuals, "errors": errors,
-             "latent_dim": enc.dim if enc is not None else None, "fingerprint": fingerprint}
-    _write_json(done, stats)
-    return stats
+    return {"index": spec.index, "input": spec.path, "first_line": spec.first_line, "items": items,
+            "documents": documents, "visuals": visuals, "errors": errors,
+            "latent_dim": enc.dim if enc is not None else None}
+
+
+def _copy_documents(cfg: PreprocessConfig, first: int, count: int, writers: dict) -> None:
+    """Copies documents [first, first + count) of the existing output into ``writers`` exactly
+    as stored (token ids, visual values and layout), so a reused shard is what a fresh run makes."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    for suffix, writer in writers.items():
+        prefix = f"{cfg.output_prefix}{suffix}"
+        tokens = IndexedDataset(prefix)
+        if cfg.multimodal:
+            visual = IndexedDataset(visual_prefix(prefix))
+            layout = np.load(layout_path(prefix), mmap_mode="r")
+            row = int(np.searchsorted(layout["doc"], first))  # the layout is sorted by document
+        for doc in range(first, first + count):
+            items = []
+            while cfg.multimodal and row < len(layout) and layout[row]["doc"] == doc:
+                rec = layout[row]
+                array = np.asarray(visual[row]).reshape(int(rec["tokens"]), int(rec["dim"]))
+                if writer.storage == "float16":  # stored as the bits of float16 in uint16
+                    array = array.view(np.float16)
+                items.append(VisualItem(array, int(rec["boi"]), int(rec["modality"]), bool(rec["clean"]),
+                                        int(rec["frame"]), (int(rec["grid_h"]), int(rec["grid_w"]))))
+                row += 1
+            writer.add_document(np.array(tokens[doc]), items)
 
 
 # ----------------------------------------------------------------------------- driver
@@ -593,6 +787,9 @@ class PreprocessSummary:
                          + (f" [{e['path']}]" if e['path'] != e['input'] else ""))
         if self.skipped_items > 20:
             lines.append(f"  ... {self.skipped_items - 20} more skipped items listed in the errors file")
+        if self.skipped_items:
+            lines.append("  (skipped items are not in the dataset: fix their files and re-run to add them; "
+                         "only the shards whose files changed are made again)")
         lines += [f"  wrote {o}" for o in self.outputs]
         return "\n".join(lines)
 
@@ -609,65 +806,62 @@ def _clean_stale(cfg: PreprocessConfig) -> None:
             p.unlink()
 
 
+def _plan(cfg: PreprocessConfig) -> tuple[list[ShardSpec], bool]:
+    """The shards of this run, and whether they are all of the input (not cut by ``max_shards``)."""
+    specs = []
+    for spec in iter_shards(cfg.inputs, cfg.shard_size):
+        if cfg.max_shards is not None and spec.index >= cfg.max_shards:
+            return specs, False
+        specs.append(spec)
+    return specs, True
+
+
+def _output_sizes(cfg: PreprocessConfig) -> dict[str, int | None]:
+    files = [f for s in cfg.suffixes for f in dataset_files(f"{cfg.output_prefix}{s}", cfg.multimodal)]
+    return {f: Path(f).stat().st_size if Path(f).is_file() else None for f in files}
+
+
+def _previous_output(cfg: PreprocessConfig, summary_file: Path) -> tuple[dict | None, dict[str, tuple[int, dict]]]:
+    """The last complete run's summary and, by shard key, (first document, stats) of each of its
+    shards; (None, {}) unless its output files are still there with the sizes it wrote."""
+    try:
+        previous = json.loads(summary_file.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None, {}
+    if not previous.get("complete") or "shard_stats" not in previous:  # stopped early, or an older format
+        return None, {}
+    if previous.get("output_sizes") != _output_sizes(cfg):  # deleted, or written by something else since
+        return None, {}
+    by_key, first = {}, 0
+    for stats in previous["shard_stats"]:
+        by_key[stats["key"]] = (first, stats)
+        first += stats["documents"]
+    return previous, by_key
+
+
 def run_preprocess(cfg: PreprocessConfig) -> PreprocessSummary:
+    # per-run caches: a file may have changed since an earlier run in this process
+    _DIGESTS.clear()
+    _PROCESSOR.clear()
     cfg.validate()
+    prepare_output(cfg)
     from tqdm import tqdm
 
-    fingerprint = cfg.fingerprint()
-    summary_file = Path(f"{cfg.output_prefix}.summary.json")
-    if summary_file.is_file():
-        previous = json.loads(summary_file.read_text())
-        if previous.get("fingerprint") == fingerprint and previous.get("complete"):
-            print(f"{cfg.output_prefix}: already complete (see {summary_file}); nothing to do")
-            return PreprocessSummary(**{k: v for k, v in previous.items() if k != "fingerprint"})
-    Path(cfg.output_prefix).parent.mkdir(parents=True, exist_ok=True)
-    cfg.shard_dir.mkdir(exist_ok=True)
-    _clean_stale(cfg)
-
-    import megatron.core.datasets.indexed_dataset  # noqa: F401  (slow import: once, before workers fork)
-
     t0 = time.time()
-
-    results: dict[int, dict] = {}
-    complete = True
-    bar = tqdm(unit="item", desc="preprocess", disable=not cfg.progress, smoothing=0.1)
-    pool = ProcessPoolExecutor(cfg.workers) if cfg.workers > 1 else None
-    in_flight: deque = deque()
-
-    def collect(stats: dict, counted: int = 0):
-        results[stats["index"]] = stats
-        bar.update(stats["items"] - counted)
-        bar.set_postfix(skipped=sum(len(r["errors"]) for r in results.values()), shards=len(results))
-
-    try:
-        for spec in iter_shards(cfg.inputs, cfg.shard_size):
-            if cfg.max_shards is not None and spec.index >= cfg.max_shards:
-                complete = False
-                break
-            if pool is None:
-                counted = [0]
-
-                def tick():
-                    counted[0] += 1
-                    if counted[0] % 64 == 0:
-                        bar.update(64)
-
-                stats = process_shard(cfg, spec, fingerprint, tick)
-                collect(stats, counted[0] - counted[0] % 64)
-                continue
-            in_flight.append(pool.submit(process_shard, cfg, spec, fingerprint))
-            while len(in_flight) >= 2 * cfg.workers:  # bounded: the input is never read ahead much
-                collect(in_flight.popleft().result())
-        while in_flight:
-            collect(in_flight.popleft().result())
-    except BaseException:
-        for fut in in_flight:
-            fut.cancel()
-        raise
-    finally:
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
-        bar.close()
+    settings = cfg.settings()
+    settings_digest = hashlib.blake2b(json.dumps(settings, sort_keys=True).encode(), digest_size=16).hexdigest()
+    specs, complete = _plan(cfg)
+    key_of = functools.partial(shard_key, settings_digest, cfg.multimodal)
+    # hashing has its own pool: it needs no megatron, whose slow import the shard workers share
+    with ProcessPoolExecutor(cfg.workers) if cfg.workers > 1 else contextlib.nullcontext() as pool:
+        keys = list(tqdm(pool.map(key_of, specs) if pool else map(key_of, specs), total=len(specs), unit="shard",
+                         desc="hash inputs", disable=not cfg.progress))
+    summary_file = Path(f"{cfg.output_prefix}.summary.json")
+    previous, reusable = _previous_output(cfg, summary_file)
+    if complete and previous is not None and [s["key"] for s in previous["shard_stats"]] == keys:
+        print(f"{cfg.output_prefix}: already complete (see {summary_file}); nothing to do")
+        return PreprocessSummary(**{f.name: previous[f.name] for f in fields(PreprocessSummary)})
+    results = _process_shards(cfg, specs, keys, reusable)
 
     stats = [results[i] for i in sorted(results)]
     errors_file = Path(f"{cfg.output_prefix}.errors.jsonl")
@@ -683,23 +877,75 @@ def run_preprocess(cfg: PreprocessConfig) -> PreprocessSummary:
         if summary.documents == 0:
             raise PreprocessError(f"no documents: {summary.items} items read, {summary.skipped_items} skipped "
                                   f"(reasons in {errors_file}); megatron cannot open an empty dataset")
+        # from here the old output is replaced: its summary no longer describes it
+        summary_file.unlink(missing_ok=True)
         summary.outputs = _merge(cfg, stats)
         if not cfg.keep_shards:
             shutil.rmtree(cfg.shard_dir)
     summary.seconds = time.time() - t0
     if complete:
-        _write_json(summary_file, {**asdict(summary), "fingerprint": fingerprint})
+        shard_stats = [{k: v for k, v in s.items() if k != "skipped"} for s in stats]
+        _write_json(summary_file, {**asdict(summary), "settings": settings, "shard_stats": shard_stats,
+                                   "output_sizes": _output_sizes(cfg)})
     return summary
+
+
+def _process_shards(cfg: PreprocessConfig, specs: list[ShardSpec], keys: list[str],
+                    reusable: dict[str, tuple[int, dict]]) -> dict[int, dict]:
+    """Runs ``process_shard`` on every shard (in ``workers`` processes); stats by shard index.
+    ``reusable``: by key, where a shard's documents are in the previous output."""
+    from tqdm import tqdm
+
+    cfg.shard_dir.mkdir(exist_ok=True)
+    _clean_stale(cfg)
+    import megatron.core.datasets.indexed_dataset  # noqa: F401  (slow import: once, before workers fork)
+
+    results: dict[int, dict] = {}
+    bar = tqdm(unit="item", desc="preprocess", disable=not cfg.progress, smoothing=0.1)
+    pool = ProcessPoolExecutor(cfg.workers) if cfg.workers > 1 else None
+    in_flight: deque = deque()
+
+    def collect(stats: dict, counted: int = 0):
+        results[stats["index"]] = stats
+        bar.update(stats["items"] - counted)
+        bar.set_postfix(skipped=sum(len(r["errors"]) for r in results.values()), shards=len(results))
+
+    try:
+        for spec, key in zip(specs, keys):
+            previous = reusable.get(key)
+            if pool is None:
+                counted = [0]
+
+                def tick():
+                    counted[0] += 1
+                    if counted[0] % 64 == 0:
+                        bar.update(64)
+
+                stats = process_shard(cfg, spec, key, previous, tick)
+                collect(stats, counted[0] - counted[0] % 64)
+                continue
+            in_flight.append(pool.submit(process_shard, cfg, spec, key, previous))
+            while len(in_flight) >= 2 * cfg.workers:  # bounded: the input is never read ahead much
+                collect(in_flight.popleft().result())
+        while in_flight:
+            collect(in_flight.popleft().result())
+    except BaseException:
+        for fut in in_flight:
+            fut.cancel()
+        raise
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+        bar.close()
+    return results
 
 
 def _merge(cfg: PreprocessConfig, stats: list[dict]) -> list[str]:
     from megafusion.data.tokenizer import Tokenizer
 
     tok = Tokenizer(cfg.tokenizer_model)
-    storage = None
+    storage = _storage(cfg)
     latent_dim = next((s["latent_dim"] for s in stats if s["latent_dim"]), None)
-    if cfg.multimodal:
-        storage = "uint8" if cfg.encoder == "pixel" else "float16"
     outputs = []
     for suffix in cfg.suffixes:
         prefix = f"{cfg.output_prefix}{suffix}"
@@ -769,6 +1015,6 @@ def main(argv: list[str] | None = None) -> int:
         summary = run_preprocess(cfg)
     except PreprocessError as err:
         print(f"preprocess_data: error: {err}", file=sys.stderr)
-        return 1
+        return 2  # a usage error, as argparse's
     print(summary.format())
     return 0

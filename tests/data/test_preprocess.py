@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import os
 import random
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from megafusion.data.indexed import IndexedDocuments
+from megafusion.data.indexed import IndexedDocuments, dataset_files
 from megafusion.data.packing import SequencePacker
 from megafusion.data.preprocess import PreprocessConfig, PreprocessError, run_preprocess
 from megafusion.data.sample import IGNORE_INDEX, IMAGE, VIDEO
@@ -327,6 +328,14 @@ def test_webdataset_tar_and_folder_inputs(tmp_path, tok_path):
             expect = arrays[i].reshape(2, patch, 2, patch, 3).transpose(0, 2, 1, 3, 4).reshape(4, -1) / 127.5 - 1
             np.testing.assert_allclose(doc[1].latents, expect, atol=1e-6)
 
+    # a folder's caption edited in place (same size): its shard of the three is made again
+    (folder / "s0.txt").write_text("a blue square number 9")
+    summary = run_preprocess(PreprocessConfig(inputs=[str(folder)], output_prefix=str(tmp_path / "out/folder"),
+                                              kind="image-text", tokenizer_model=tok_path, image_size=size,
+                                              patch_size=patch, shard_size=2, progress=False))
+    assert summary.shards == 3 and summary.shards_reused == 2
+    assert IndexedDocuments(tmp_path / "out/folder")[0][0].tokens.tolist() == tok.encode("a blue square number 9")
+
 
 def test_no_documents_is_an_error_not_an_empty_dataset(tmp_path, tok_path):
     (tmp_path / "bad.jsonl").write_text("{x\n[]\n")
@@ -334,6 +343,7 @@ def test_no_documents_is_an_error_not_an_empty_dataset(tmp_path, tok_path):
         run_preprocess(PreprocessConfig(inputs=[str(tmp_path / "bad.jsonl")], output_prefix=str(tmp_path / "o"),
                                         tokenizer_model=tok_path, progress=False))
     assert not list(tmp_path.glob("o_text_document.*"))
+    assert len((tmp_path / "o.errors.jsonl").read_text().splitlines()) == 2  # the reasons the message points to
 
 
 def test_representation_encoder_latents_stored_as_float16(tmp_path, tok_path, monkeypatch):
@@ -408,3 +418,226 @@ def test_memory_stays_bounded_by_the_shard_not_the_input(tmp_path, tok_path):
         tracemalloc.stop()
     assert summary.documents == 1500
     assert peak < size / 4, f"peak Python memory {peak / 1e6:.1f} MB for a {size / 1e6:.1f} MB input"
+
+
+# ----------------------------------------------------------------------------- content-addressed re-runs
+def run_cli(args, capsys) -> tuple[int, str, str]:
+    rc = load_cli().main(args + ["--no-progress"])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def dataset_bytes(prefix) -> bytes:
+    return b"".join(Path(f"{prefix}.{ext}").read_bytes() for ext in ("bin", "idx"))
+
+
+def test_edited_input_of_the_same_size_rebuilds_only_its_shard(tmp_path, tok_path, capsys):
+    src = tmp_path / "in.jsonl"
+    rows = [{"text": f"the red circle moves left {i}"} for i in range(9)]
+    src.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    args = ["--input", str(src), "--tokenizer-model", tok_path, "--shard-size", "3", "--append-eod"]
+    prefix = tmp_path / "out/web"
+    assert run_cli(args + ["--output-prefix", str(prefix)], capsys)[0] == 0
+    size = src.stat().st_size
+
+    # line 5 (the second shard): "red" -> "big", the file keeps its byte size
+    rows[4]["text"] = "the big circle moves left 4"
+    src.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert src.stat().st_size == size
+    rc, out, _ = run_cli(args + ["--output-prefix", str(prefix)], capsys)
+    assert rc == 0 and "nothing to do" not in out
+    assert "3 shards (2 reused)" in out  # the first and third shards were copied, not re-tokenized
+    tok = Tokenizer(tok_path)
+    ds = megatron_dataset(f"{prefix}_text_document")
+    assert ds[4].tolist() == tok.encode("the big circle moves left 4") + [tok.eod_id]
+    # the reused shards' documents are exactly what a fresh run writes
+    assert run_cli(args + ["--output-prefix", str(tmp_path / "fresh/web")], capsys)[0] == 0
+    assert dataset_bytes(f"{prefix}_text_document") == dataset_bytes(tmp_path / "fresh/web_text_document")
+
+    # unchanged: nothing to do, the output is not touched
+    mtime = Path(f"{prefix}_text_document.bin").stat().st_mtime_ns
+    rc, out, _ = run_cli(args + ["--output-prefix", str(prefix)], capsys)
+    assert rc == 0 and "already complete" in out and "nothing to do" in out
+    assert Path(f"{prefix}_text_document.bin").stat().st_mtime_ns == mtime
+
+
+def test_an_edit_during_an_unfinished_run_rebuilds_the_finished_shard(tmp_path, tok_path, capsys):
+    """A shard finished before a stop (--max-shards, or a kill) whose input then changes is
+    made again, not merged stale."""
+    src = tmp_path / "in.jsonl"
+    rows = [{"text": f"a red square {i}"} for i in range(4)]
+    src.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    args = ["--input", str(src), "--tokenizer-model", tok_path, "--shard-size", "2",
+            "--output-prefix", str(tmp_path / "o")]
+    assert run_cli(args + ["--max-shards", "1"], capsys)[0] == 0
+    rows[0]["text"] = "a big square 0"  # same size
+    src.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    rc, out, _ = run_cli(args, capsys)
+    assert rc == 0 and "2 shards (0 reused)" in out
+    ds = megatron_dataset(tmp_path / "o_text_document")
+    assert ds[0].tolist() == Tokenizer(tok_path).encode("a big square 0")
+
+
+def test_an_image_missing_at_first_is_included_once_it_exists(tmp_path, tok_path, capsys):
+    size, patch = 16, 8
+    arrays = make_images(tmp_path / "img", 4, size)
+    late = tmp_path / "img/3.png"
+    late.rename(tmp_path / "later.png")
+    (tmp_path / "img/1.png").write_bytes(b"\x89PNG\r\n\x1a\n corrupt")
+    src = tmp_path / "pairs.jsonl"
+    src.write_text("\n".join(json.dumps({"image": f"img/{i}.png", "text": f"shape {i}"}) for i in range(4)) + "\n")
+    args = ["--input", str(src), "--tokenizer-model", tok_path, "--kind", "image-text", "--image-size", str(size),
+            "--patch-size", str(patch), "--shard-size", "2", "--output-prefix", str(tmp_path / "o")]
+    rc, out, _ = run_cli(args, capsys)
+    assert rc == 0 and "2 skipped" in out
+    # each skipped item is listed with its file, and the way to get it in
+    assert f"unreadable image" in out and str(tmp_path / "img/1.png") in out
+    assert "image file not found" in out and str(late) in out and "re-run" in out
+    assert len(IndexedDocuments(tmp_path / "o")) == 2
+
+    (tmp_path / "later.png").rename(late)  # the missing image appears
+    rc, out, _ = run_cli(args, capsys)
+    assert rc == 0 and "nothing to do" not in out and "1 skipped" in out and "2 shards (1 reused)" in out
+    docs = IndexedDocuments(tmp_path / "o")
+    assert len(docs) == 3
+    expect = arrays[3].reshape(2, patch, 2, patch, 3).transpose(0, 2, 1, 3, 4).reshape(4, -1) / 127.5 - 1
+    np.testing.assert_allclose(docs[2][1].latents, expect, atol=1e-6)
+
+    # an image whose pixels change (a JSONL that does not change at all) is encoded again
+    from PIL import Image
+
+    Image.fromarray(255 - arrays[0]).save(tmp_path / "img/0.png")
+    rc, out, _ = run_cli(args, capsys)
+    assert rc == 0 and "2 shards (1 reused)" in out
+    expect = (255 - arrays[0]).reshape(2, patch, 2, patch, 3).transpose(0, 2, 1, 3, 4).reshape(4, -1) / 127.5 - 1
+    np.testing.assert_allclose(IndexedDocuments(tmp_path / "o")[0][1].latents, expect, atol=1e-6)
+    assert "nothing to do" in run_cli(args, capsys)[1]
+    # the shards copied from the earlier output hold what a fresh run (in worker processes) writes
+    fresh = [a if a != str(tmp_path / "o") else str(tmp_path / "fresh") for a in args]
+    assert run_cli(fresh + ["--workers", "2"], capsys)[0] == 0
+    for name in dataset_files("o", multimodal=True):
+        assert (tmp_path / name).read_bytes() == (tmp_path / name.replace("o", "fresh", 1)).read_bytes(), name
+
+
+def test_a_different_tokenizer_at_the_same_path_rebuilds(tmp_path, tok_path, capsys):
+    import shutil
+
+    other = train_tokenizer([Path(tok_path).with_name("c.txt")], tmp_path / "other", vocab_size=300)
+    tok_file = tmp_path / "tok.model"
+    shutil.copy(tok_path, tok_file)
+    src = tmp_path / "in.jsonl"
+    write_text_jsonl(src, 6, bad={})
+    args = ["--input", str(src), "--tokenizer-model", str(tok_file), "--output-prefix", str(tmp_path / "o")]
+    assert run_cli(args, capsys)[0] == 0
+    # replaced as a new file: overwriting it in place would corrupt the sentencepiece model this
+    # process still holds (it crashed the interpreter), which a separate run never sees
+    shutil.copy(other, tmp_path / "new.model")
+    os.replace(tmp_path / "new.model", tok_file)
+    rc, out, _ = run_cli(args, capsys)
+    assert rc == 0 and "nothing to do" not in out and "(0 reused)" in out
+    first = json.loads(src.read_text().splitlines()[0])["text"]
+    ds = megatron_dataset(tmp_path / "o_text_document")  # kept alive: ds[0] is a view of its memory map
+    assert ds[0].tolist() == Tokenizer(other).encode(first)
+
+
+def test_a_changed_encoder_rebuilds(tmp_path, tok_path, monkeypatch, capsys):
+    """The encoder's identity is the bytes of its files, not its path."""
+    import megafusion.vision as vision
+
+    real_load = vision.load_representation
+    monkeypatch.setattr(vision, "load_representation",
+                        lambda kind, path=None, **kw: real_load("pixel", image_size=16, patch_size=8))
+    make_images(tmp_path / "img", 2, 16)
+    (tmp_path / "p.jsonl").write_text("\n".join(json.dumps({"image": f"img/{i}.png", "text": "x"}) for i in range(2)))
+    rep = tmp_path / "rep"
+    rep.mkdir()
+    (rep / "weights.bin").write_bytes(b"version 1")
+    args = ["--input", str(tmp_path / "p.jsonl"), "--tokenizer-model", tok_path, "--kind", "image-text",
+            "--encoder", "rae", "--encoder-path", str(rep), "--image-size", "16", "--shard-size", "1",
+            "--output-prefix", str(tmp_path / "o")]
+    assert run_cli(args, capsys)[0] == 0
+    assert "nothing to do" in run_cli(args, capsys)[1]
+    (rep / "weights.bin").write_bytes(b"version 2")
+    rc, out, _ = run_cli(args, capsys)
+    assert rc == 0 and "nothing to do" not in out and "2 shards (0 reused)" in out
+    # float16 latents copied from the output for the unchanged shard are stored bit for bit
+    from PIL import Image
+
+    Image.fromarray(np.full((16, 16, 3), 7, np.uint8)).save(tmp_path / "img/1.png")
+    rc, out, _ = run_cli(args, capsys)
+    assert rc == 0 and "2 shards (1 reused)" in out
+    assert run_cli([a if a != str(tmp_path / "o") else str(tmp_path / "fresh") for a in args], capsys)[0] == 0
+    assert IndexedDocuments(tmp_path / "o").meta["storage"] == "float16"
+    for name in dataset_files("o", multimodal=True):
+        assert (tmp_path / name).read_bytes() == (tmp_path / name.replace("o", "fresh", 1)).read_bytes(), name
+
+
+def test_a_deleted_output_is_made_again(tmp_path, tok_path, capsys):
+    src = tmp_path / "in.jsonl"
+    write_text_jsonl(src, 4, bad={})
+    args = ["--input", str(src), "--tokenizer-model", tok_path, "--output-prefix", str(tmp_path / "o")]
+    assert run_cli(args, capsys)[0] == 0
+    Path(tmp_path / "o_text_document.bin").unlink()
+    rc, out, _ = run_cli(args, capsys)
+    assert rc == 0 and "nothing to do" not in out and (tmp_path / "o_text_document.bin").is_file()
+
+
+def test_each_file_is_hashed_once_per_run(tmp_path, tok_path, monkeypatch):
+    import megafusion.data.preprocess as pre
+
+    make_images(tmp_path / "img", 1, 16)
+    (tmp_path / "q.jsonl").write_text("\n".join(json.dumps({"image": "img/0.png", "text": "q"}) for _ in range(30)))
+    hashed = []
+    real = pre._hash_file
+    monkeypatch.setattr(pre, "_hash_file", lambda path: hashed.append(str(path)) or real(path))
+    cfg = PreprocessConfig(inputs=[str(tmp_path / "q.jsonl")], output_prefix=str(tmp_path / "o"),
+                           tokenizer_model=tok_path, kind="image-text", image_size=16, shard_size=7, progress=False)
+    run_preprocess(cfg)
+    assert sorted(hashed) == sorted([tok_path, str(tmp_path / "img/0.png")])
+
+
+# ----------------------------------------------------------------------------- refused up front
+@pytest.mark.parametrize("case", ["missing", "directory", "not a model"])
+def test_a_bad_tokenizer_is_one_line_exit_2(tmp_path, tok_path, capsys, case):
+    src = tmp_path / "in.jsonl"
+    write_text_jsonl(src, 2, bad={})
+    tok = {"missing": tmp_path / "nope.model", "directory": tmp_path, "not a model": tmp_path / "junk.model"}[case]
+    (tmp_path / "junk.model").write_bytes(b"this is not a sentencepiece model")
+    rc, out, err = run_cli(["--input", str(src), "--tokenizer-model", str(tok),
+                            "--output-prefix", str(tmp_path / "out/o")], capsys)
+    lines = [line for line in err.splitlines() if line.startswith("preprocess_data: error:")]
+    assert rc == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert str(tok) in lines[0] and "tools/train_tokenizer.py" in lines[0]
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
+@pytest.mark.parametrize("case", ["parent is a file", "prefix is a directory"])
+def test_a_bad_output_prefix_is_one_line_exit_2(tmp_path, tok_path, capsys, case):
+    src = tmp_path / "in.jsonl"
+    write_text_jsonl(src, 2, bad={})
+    (tmp_path / "afile").write_text("keep me")
+    (tmp_path / "adir").mkdir()
+    prefix = tmp_path / ("afile/o" if case == "parent is a file" else "adir")
+    rc, out, err = run_cli(["--input", str(src), "--tokenizer-model", tok_path, "--output-prefix", str(prefix)], capsys)
+    lines = [line for line in err.splitlines() if line.startswith("preprocess_data: error:")]
+    assert rc == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert str(prefix.parent if case == "parent is a file" else prefix) in lines[0] and "--output-prefix" in lines[0]
+    assert (tmp_path / "afile").read_text() == "keep me" and not list((tmp_path / "adir").iterdir())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adir", "afile", "in.jsonl"]
+
+
+def test_corrupt_caption_images_are_skipped_and_listed_or_refused_under_strict(tmp_path, tok_path, capsys):
+    make_images(tmp_path / "img", 2, 16)
+    (tmp_path / "img/1.png").write_bytes((tmp_path / "img/1.png").read_bytes()[:40])  # truncated
+    src = tmp_path / "pairs.jsonl"
+    src.write_text("\n".join(json.dumps({"image": f"img/{i}.png", "text": "x"}) for i in range(2)) + "\n")
+    args = ["--input", str(src), "--tokenizer-model", tok_path, "--kind", "image-text", "--image-size", "16"]
+    rc, out, err = run_cli(args + ["--output-prefix", str(tmp_path / "o")], capsys)
+    assert rc == 0 and "1 skipped" in out and "Traceback" not in err
+    assert [line for line in out.splitlines() if f"skipped {src}:2: unreadable image" in line and str(tmp_path / "img/1.png") in line]
+    assert len(IndexedDocuments(tmp_path / "o")) == 1
+
+    rc, out, err = run_cli(args + ["--output-prefix", str(tmp_path / "s"), "--strict"], capsys)
+    lines = [line for line in err.splitlines() if line.startswith("preprocess_data: error:")]
+    assert rc == 2 and len(lines) == 1 and "Traceback" not in err
+    assert "pairs.jsonl:2: unreadable image" in lines[0] and "img/1.png" in lines[0] and "--strict" in lines[0]
