@@ -212,8 +212,8 @@ def _structure_problems(ckpt_dir: Path, with_manifest: bool) -> tuple[str, bool]
         metadata = read_metadata(ckpt_dir / ".metadata", name)
     except UnsafeCheckpointError as err:
         return str(err), True
-    except CheckpointError as err:
-        return str(err).replace(f"{name}: ", ".metadata ", 1), False
+    except CheckpointError as err:  # "<name>: unreadable checkpoint metadata (...)"
+        return f".metadata: {str(err).split(': ', 1)[-1]}", False
     needed: dict[str, int] = {}  # shard -> bytes it must hold at least
     for info in (metadata.storage_data or {}).values():
         path = str(info.relative_path)
@@ -233,6 +233,14 @@ def _structure_problems(ckpt_dir: Path, with_manifest: bool) -> tuple[str, bool]
     return "", False
 
 
+def _metadata_as_saved(ckpt_dir: Path, files: dict[str, tuple[int, str]] | None) -> bool:
+    """Whether ``.metadata`` matches the manifest (True without one: nothing to compare with)."""
+    if files is None:
+        return True
+    path = ckpt_dir / ".metadata"
+    return ".metadata" in files and path.is_file() and file_checksum(path) == files[".metadata"]
+
+
 def verify_checkpoint(ckpt_dir: Path) -> Verdict:
     """Checks ``ckpt_dir`` against its manifest and its ``.metadata`` (collective when
     torch.distributed is initialised: every rank hashes a share; all get rank 0's verdict)."""
@@ -242,9 +250,16 @@ def verify_checkpoint(ckpt_dir: Path) -> Verdict:
     if is_rank0:  # cheap checks first: only a checkpoint whose files all have the right sizes is hashed
         files, problem = _read_manifest(ckpt_dir) if ckpt_dir.is_dir() else (None, "not a directory")
         problem = problem or (_size_problems(ckpt_dir, files) if files is not None else "")
-        # Read .metadata (safely) even when the sizes are already wrong: a tampered run dir
-        # is reported as such, not merely skipped as corrupt.
-        structure, unsafe = _structure_problems(ckpt_dir, files is not None) if ckpt_dir.is_dir() else ("", False)
+        structure, unsafe = "", False
+        if ckpt_dir.is_dir() and _metadata_as_saved(ckpt_dir, files):
+            # Read .metadata (safely) even when a shard is already known to be bad: a hostile
+            # .metadata is reported as tampering, not merely skipped as corrupt. One that
+            # differs from the manifest is not read at all: flipped bits in a class name
+            # would look like tampering.
+            structure, unsafe = _structure_problems(ckpt_dir, files is not None)
+        elif not problem:
+            problem = (".metadata missing" if not (ckpt_dir / ".metadata").is_file()
+                       else ".metadata checksum mismatch (its contents changed after the save)")
         plan = (files, problem, structure, unsafe)
     files, problem, structure, unsafe = _from_rank0(plan)
     if unsafe:

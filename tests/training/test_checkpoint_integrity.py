@@ -89,10 +89,12 @@ def test_flipped_bytes_are_skipped_and_training_resumes_from_the_older_checkpoin
     (lambda c: (c / "__0_0.distcp").unlink(), "__0_0.distcp missing"),
     (lambda c: (c / ".metadata").unlink(), ".metadata missing"),
     (lambda c: truncate(c / ".metadata"), ".metadata is"),
+    # not read at all: corrupt bits in a class name must not pass for tampering (a hard error)
+    (lambda c: flip_bytes(c / ".metadata", count=4000), ".metadata checksum mismatch"),
     (lambda c: (c / "common.pt").write_bytes(b"planted"), "unexpected file common.pt"),
     (lambda c: (c / "manifest.json").write_text("{"), "manifest.json unreadable"),
-], ids=["flipped", "truncated", "missing-shard", "missing-metadata", "truncated-metadata", "extra-file",
-        "bad-manifest"])
+], ids=["flipped", "truncated", "missing-shard", "missing-metadata", "truncated-metadata", "flipped-metadata",
+        "extra-file", "bad-manifest"])
 def test_each_kind_of_damage_falls_back_with_its_reason(copy, capsys, damage, reason):
     full = (ckpt(copy, 6) / "__0_0.distcp").stat().st_size
     damage(ckpt(copy, 6))
