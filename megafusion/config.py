@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -390,9 +391,10 @@ def data_parallel_size(cfg: Config, world_size: int) -> int:
 
 
 def validate(cfg: Config, world_size: int) -> None:
-    """Refuses layouts and values that cannot run, naming the numbers involved."""
+    """Refuses layouts and values that cannot run, settings the run would ignore, and
+    steps that cannot fit in the device's memory, naming the numbers involved."""
     m, p, t = cfg.model, cfg.parallel, cfg.train
-    problems: list[str] = []
+    problems: list[str] = _non_finite_problems(cfg)
 
     for dotted, choices in _CHOICES.items():
         value = _get(cfg, dotted)
@@ -404,8 +406,7 @@ def validate(cfg: Config, world_size: int) -> None:
                    "model.seq_length", "model.vocab_size"):
         if _get(cfg, dotted) < 1:
             problems.append(f"{dotted} = {_get(cfg, dotted)} must be at least 1")
-    if not m.patch_position_init_std > 0:
-        problems.append(f"model.patch_position_init_std = {m.patch_position_init_std} must be positive")
+    problems += _bound_problems(cfg)
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
 
@@ -476,9 +477,151 @@ def validate(cfg: Config, world_size: int) -> None:
         problems.append(f"optimizer.min_lr = {cfg.optimizer.min_lr} is larger than optimizer.lr = {cfg.optimizer.lr}")
     if cfg.checkpoint.keep < 1:
         problems.append(f"checkpoint.keep = {cfg.checkpoint.keep} must be at least 1")
+    problems += _data_problems(cfg)
+    problems += _ignored_setting_problems(cfg)
     problems += _transformer_engine_problems(cfg)
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+    # Last: the estimate reads the layout that the checks above have accepted.
+    from megafusion.training.memory import memory_problem
+
+    problem = memory_problem(cfg, world_size)
+    if problem:
+        raise ConfigError(f"invalid config: {problem}")
+
+
+def _non_finite_problems(cfg: Config) -> list[str]:
+    """Every NaN or infinite float in the config, by key. Checked for all fields at once
+    because a range check alone lets NaN through (``nan > 0`` and ``nan <= 0`` are both
+    False): ``optimizer.clip_grad = nan`` used to train without clipping and exit 0, and
+    ``optimizer.lr = nan`` got as far as torch's Adam and a 40-line traceback."""
+    defaults = Config()
+
+    def walk(node: Any, key: str) -> list[str]:
+        if dataclasses.is_dataclass(node):
+            return [p for f in dataclasses.fields(node) for p in walk(getattr(node, f.name),
+                                                                      f"{key}.{f.name}" if key else f.name)]
+        if isinstance(node, dict):
+            return [p for k, v in node.items() for p in walk(v, f"{key}.{k}")]
+        if isinstance(node, (list, tuple)):
+            return [p for i, v in enumerate(node) for p in walk(v, f"{key}[{i}]")]
+        if isinstance(node, float) and not math.isfinite(node):
+            try:
+                hint = f" (the default is {_get(defaults, key)})"
+            except AttributeError:  # an item of a list or mapping: no default of its own
+                hint = ""
+            return [f"{key} = {node} is not a finite number; set a finite value{hint}"]
+        return []
+
+    return walk(cfg, "")
+
+
+def _at_least(low: float) -> tuple[Any, str]:
+    return (lambda v: v >= low), f">= {low}"
+
+
+def _above(low: float) -> tuple[Any, str]:
+    return (lambda v: v > low), f"> {low}"
+
+
+# Bounds of numeric keys that no other check covers: key -> (test, requirement, what the
+# key means). A None value (where the field allows it) always passes.
+_BOUNDS: dict[str, tuple[Any, str, str]] = {
+    "model.num_kv_heads": (*_at_least(1), "null: one per query head"),
+    "model.ffn_hidden_size": (*_at_least(1), "null: 4 * hidden_size"),
+    "model.rope_base": (*_above(1), "the RoPE frequency base, e.g. 10000"),
+    "model.init_std": (*_above(0), "the std of the initial weights"),
+    "model.patch_position_init_std": (*_above(0), "the std of the learned patch positions"),
+    "model.moe.num_experts": (*_at_least(0), "0: a dense FFN"),
+    "model.moe.ffn_hidden_size": (*_at_least(1), "null: model.ffn_hidden_size"),
+    "model.moe.shared_expert_ffn_hidden_size": (*_at_least(1), "null: no shared expert"),
+    "model.moe.aux_loss_coeff": (*_at_least(0), "0: no load-balancing loss"),
+    "model.moe.z_loss_coeff": (*_at_least(0), "null: no router z-loss"),
+    "model.moe.capacity_factor": (*_above(0), "null: dropless"),
+    "vision.image_size": (*_at_least(1), "pixels per side"),
+    "vision.patch_size": (*_at_least(1), "pixels per patch side"),
+    "diffusion.loss_weight": (*_at_least(0), "a negative weight would maximise the image loss"),
+    # 0 is allowed: a run whose weights stay put (tests/training/test_fp8.py compares losses so)
+    "optimizer.lr": (*_at_least(0), "the peak learning rate"),
+    "optimizer.min_lr": (*_at_least(0), "the learning rate the schedule decays to"),
+    "optimizer.weight_decay": (*_at_least(0), "0: no decay"),
+    "optimizer.beta1": ((lambda v: 0 <= v < 1), "in [0, 1)", "Adam's first-moment decay"),
+    "optimizer.beta2": ((lambda v: 0 <= v < 1), "in [0, 1)", "Adam's second-moment decay"),
+    "optimizer.eps": (*_above(0), "Adam's denominator term"),
+    "optimizer.clip_grad": (*_at_least(0), "0 disables clipping"),
+    "schedule.warmup_steps": (*_at_least(0), "0: no warmup"),
+    "schedule.decay_steps": (*_at_least(1), "null: train.steps"),
+    "schedule.wsd_decay_fraction": ((lambda v: 0 < v <= 1), "in (0, 1]", "the decaying fraction of a WSD run"),
+    "train.max_skipped_steps": (*_at_least(0), "null: 0 in fp32/bf16, unlimited in fp16"),
+    "checkpoint.every": (*_at_least(0), "0: save only at the end"),
+    "logging.every": (*_at_least(1), "log every N steps"),
+}
+
+
+def _bound_problems(cfg: Config) -> list[str]:
+    problems = []
+    for key, (ok, requirement, meaning) in _BOUNDS.items():
+        value = _get(cfg, key)
+        if value is None or (isinstance(value, float) and not math.isfinite(value)):
+            continue  # None: the documented default; NaN / inf: reported by _non_finite_problems
+        if not ok(value):
+            problems.append(f"{key} = {value} must be {requirement} ({meaning})")
+    return problems
+
+
+def _data_problems(cfg: Config) -> list[str]:
+    """What each data kind needs, checked before any process starts (the streams check again)."""
+    d = cfg.data
+    problems = []
+    if d.kind == "indexed" and not d.paths:
+        problems.append("data.kind = indexed needs data.paths: the output prefixes of tools/preprocess_data.py")
+    if d.kind == "indexed" and d.tokenizer is None:
+        problems.append("data.kind = indexed needs data.tokenizer: the sentencepiece .model the data was "
+                        "preprocessed with")
+    if d.weights and (any(w < 0 for w in d.weights) or not sum(d.weights) > 0):
+        problems.append(f"data.weights = {d.weights} must be non-negative with a positive sum")
+    shapes = d.shapes_weights
+    if any(w < 0 for w in shapes.values()) or not sum(shapes.values()) > 0:
+        problems.append(f"data.shapes_weights = {shapes} must be non-negative with a positive sum "
+                        "(a negative weight would count as 0)")
+    if cfg.model.kind == "transfusion" and d.kind == "synthetic":
+        problems.append("data.kind = synthetic is text only and the Transfusion model needs images: set data.kind "
+                        "= shapes (ShapesWorld, generated in-process) or indexed (tools/preprocess_data.py)")
+    if cfg.model.kind == "text" and d.kind == "shapes":
+        problems.append("data.kind = shapes is multimodal and model.kind = text reads text only: set data.kind = "
+                        "synthetic or indexed, or model.kind = transfusion")
+    # Keys that only some data kinds read.
+    for key, kinds in (("paths", ("indexed",)), ("weights", ("indexed",)), ("tokenizer", ("indexed", "shapes"))):
+        if getattr(d, key) != getattr(DataConfig(), key) and d.kind not in kinds:
+            problems.append(f"data.{key} = {getattr(d, key)} has no effect with data.kind = {d.kind} (read only "
+                            f"with data.kind = {' or '.join(kinds)}); remove it")
+    return problems
+
+
+# model.kind = text builds megatron's GPTModel (megafusion/model/text.py): one FFN, the
+# attention of model.spec's layer, no images. These Transfusion settings reach nothing there.
+_TRANSFUSION_ONLY_KEYS = (
+    "model.attention", "model.ffn", "model.patch_adapter", "model.time_conditioning", "model.image_positions",
+    "model.patch_positions", "model.patch_position_init_std", "model.rope_layout", "model.frame_positions",
+    "model.frame_conditioning", "model.action_conditioning", "model.moe.per_modality_shared_experts",
+    "data.shapes_weights", "data.shapes_world",
+)
+_TRANSFUSION_ONLY_SECTIONS = ("vision", "diffusion")
+
+
+def _ignored_setting_problems(cfg: Config) -> list[str]:
+    """Settings the chosen model kind never reads: a run that silently ignores one is not
+    the run that was asked for. Compared with the defaults, so only what was set counts."""
+    if cfg.model.kind != "text":
+        return []
+    defaults = Config()
+    keys = list(_TRANSFUSION_ONLY_KEYS)
+    for section in _TRANSFUSION_ONLY_SECTIONS:
+        keys += [f"{section}.{f.name}" for f in dataclasses.fields(getattr(defaults, section))]
+    return [f"{key} = {_get(cfg, key)} has no effect with model.kind = text (a Transfusion setting: the text model "
+            f"is megatron's GPT with one FFN, model.spec's attention and no images); remove it or set "
+            f"model.kind = transfusion"
+            for key in keys if _get(cfg, key) != _get(defaults, key)]
 
 
 def _transformer_engine_installed() -> bool:

@@ -109,6 +109,19 @@ def test_summarize_prints_a_markdown_row(result):
 # --------------------------------------------------------------------------- the GPU matrix
 
 
+H100_MEMORY = (80 * 10**9, "GPU 0 (NVIDIA H100 80GB HBM3) has", "cuda")
+
+
+@pytest.fixture
+def on_h100(monkeypatch):
+    """validate's memory guard as on the bench configs' target, an 80 GB H100 (both need
+    more than a CPU test machine's RAM: a 1B model's weights, gradients and Adam states
+    alone are ~17 GiB)."""
+    from megafusion.training import memory
+
+    monkeypatch.setattr(memory, "device_memory", lambda cfg: H100_MEMORY)
+
+
 def _provider(name):
     from megafusion.config import load_config, validate
     from megafusion.model.transfusion import TransfusionProvider
@@ -118,7 +131,7 @@ def _provider(name):
     return TransfusionProvider(cfg, transformer_config=None)
 
 
-def test_bench_configs_load_validate_and_have_the_intended_sizes():
+def test_bench_configs_load_validate_and_have_the_intended_sizes(on_h100):
     from megafusion.scaling.flops import params
 
     dense = params(_provider("bench_transfusion_1b.yaml").model_shape)
@@ -128,7 +141,7 @@ def test_bench_configs_load_validate_and_have_the_intended_sizes():
     assert moe.total > 1.5 * moe.active
 
 
-def test_gpu_script_rows_are_valid_configs(monkeypatch):
+def test_gpu_script_rows_are_valid_configs(monkeypatch, on_h100):
     """Every row of benchmarks/run_train_bench_gpu.sh validates on an H100 with TE (mocked),
     writes its own JSON, and the rows cover the matrix of the issue."""
     import shlex

@@ -94,3 +94,193 @@ def test_cli_refuses_broken_config_before_starting(tmp_path):
     proc = run_train(tmp_path / "run", "tiny_text.yaml", ["parallel.tp=3"], expect_rc=2)
     assert "model.num_heads = 4 is not divisible by parallel.tp = 3" in proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+# --------------------------------------------------------------------------- values that train silently wrong
+
+
+def _float_keys(cls=Config, prefix=""):
+    """Dotted keys of every float field (float, float | None, float | str) of the config."""
+    import dataclasses
+    import typing
+
+    keys = []
+    for name, typ in typing.get_type_hints(cls).items():
+        key = f"{prefix}{name}"
+        if dataclasses.is_dataclass(typ):
+            keys += _float_keys(typ, key + ".")
+        elif typ is float or float in typing.get_args(typ):
+            keys.append(key)
+    return keys
+
+
+@pytest.mark.parametrize("key", _float_keys())
+@pytest.mark.parametrize("value", ["nan", ".inf", "-inf"])
+def test_every_non_finite_float_is_refused_naming_its_key(key, value):
+    """NaN compares False with everything, so a range check like ``min_lr > lr`` let NaN
+    through (``optimizer.clip_grad = nan`` trained unclipped and exited 0)."""
+    config = "tiny_transfusion.yaml" if key.split(".")[0] in ("vision", "diffusion") else "tiny_text.yaml"
+    # (FlowMatchingConfig refuses some at load, naming the section and field as flow.<field>)
+    with pytest.raises(ConfigError, match=rf"{key.split('.')[-1]}.*(not a finite number|must)"):
+        validate(load_config(CONFIGS / config, [f"{key}={value}"]), world_size=1)
+
+
+def test_non_finite_message_names_the_value_and_the_default():
+    with pytest.raises(ConfigError) as info:
+        validate(load_config(CONFIGS / "tiny_text.yaml", ["optimizer.lr=nan"]), world_size=1)
+    assert "optimizer.lr = nan is not a finite number; set a finite value (the default is 0.001)" in str(info.value)
+
+
+def test_non_finite_mapping_values_are_refused():
+    cfg = load_config(CONFIGS / "tiny_transfusion.yaml", ["data.shapes_weights={text: .nan, image_text: 1}"])
+    with pytest.raises(ConfigError, match=r"data\.shapes_weights\.text = nan is not a finite number"):
+        validate(cfg, world_size=1)
+
+
+@pytest.mark.parametrize("config, overrides, message", [
+    ("tiny_text.yaml", ["checkpoint.every=-1"], "checkpoint.every = -1 must be >= 0 (0: save only at the end)"),
+    ("tiny_text.yaml", ["logging.every=0"], "logging.every = 0 must be >= 1"),
+    ("tiny_text.yaml", ["optimizer.lr=-1e-3"], "optimizer.lr = -0.001 must be >= 0"),
+    ("tiny_text.yaml", ["optimizer.min_lr=-1e-4"], "optimizer.min_lr = -0.0001 must be >= 0"),
+    ("tiny_text.yaml", ["optimizer.beta2=1"], "optimizer.beta2 = 1.0 must be in [0, 1)"),
+    ("tiny_text.yaml", ["optimizer.weight_decay=-0.1"], "optimizer.weight_decay = -0.1 must be >= 0"),
+    ("tiny_text.yaml", ["optimizer.clip_grad=-1"], "optimizer.clip_grad = -1.0 must be >= 0 (0 disables clipping)"),
+    ("tiny_text.yaml", ["train.max_skipped_steps=-1"], "train.max_skipped_steps = -1 must be >= 0"),
+    ("tiny_text.yaml", ["schedule.warmup_steps=-2"], "schedule.warmup_steps = -2 must be >= 0"),
+    ("tiny_text.yaml", ["model.rope_base=0"], "model.rope_base = 0.0 must be > 1"),
+    ("tiny_text_moe.yaml", ["model.moe.aux_loss_coeff=-0.01"], "model.moe.aux_loss_coeff = -0.01 must be >= 0"),
+    ("tiny_transfusion.yaml", ["diffusion.loss_weight=-1"], "diffusion.loss_weight = -1.0 must be >= 0"),
+    ("tiny_transfusion.yaml", ["data.shapes_weights={text: -1, image_text: 1}"],
+     "data.shapes_weights = {'text': -1.0, 'image_text': 1.0} must be non-negative"),
+    ("tiny_transfusion.yaml", ["data.kind=indexed", "data.paths=[a, b]", "data.tokenizer=t.model",
+                               "data.weights=[-1, 2]"], "data.weights = [-1.0, 2.0] must be non-negative"),
+])
+def test_out_of_range_values_are_refused(config, overrides, message):
+    with pytest.raises(ConfigError) as info:
+        validate(load_config(CONFIGS / config, overrides), world_size=1)
+    assert message in str(info.value)
+
+
+def test_max_skipped_steps_accepts_null_and_zero():
+    for value in ("null", "0", "5"):
+        validate(load_config(CONFIGS / "tiny_text.yaml", [f"train.max_skipped_steps={value}"]), world_size=1)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["optimizer.lr=nan"], "optimizer.lr = nan is not a finite number"),
+    (["optimizer.clip_grad=nan"], "optimizer.clip_grad = nan is not a finite number"),
+    (["checkpoint.every=-1"], "checkpoint.every = -1 must be >= 0"),
+    (["model.seq_length=10000000"], "model.seq_length = 10000000"),
+    (["vision.representation=rae"], "vision.representation = rae has no effect with model.kind = text"),
+])
+def test_cli_refuses_silently_wrong_values_before_starting(tmp_path, overrides, message):
+    """Each of these used to start: lr = nan ended in torch's traceback, clip_grad = nan
+    trained unclipped and exited 0, every = -1 saved at every step, the text model's RAE
+    was ignored, and 10M positions would need petabytes."""
+    proc = run_train(tmp_path / "run", "tiny_text.yaml", overrides, expect_rc=2)
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+# --------------------------------------------------------------------------- the memory guard
+
+
+def test_absurd_seq_length_is_refused_with_both_numbers():
+    """10M positions: the attention scores alone are petabytes. The message gives the
+    estimate and this machine's memory in GiB, and what to change."""
+    cfg = load_config(CONFIGS / "tiny_text.yaml", ["model.seq_length=10000000"])
+    with pytest.raises(ConfigError) as info:
+        validate(cfg, world_size=1)
+    text = str(info.value)
+    assert "model.seq_length = 10000000" in text and "train.micro_batch_size = 2" in text
+    assert "GiB per process" in text and "GiB; lower model.seq_length" in text and "raise parallel.tp" in text
+    assert "\n" not in text
+
+
+def test_memory_guard_compares_the_estimate_with_the_device(monkeypatch):
+    from megafusion.training import memory
+
+    cfg = load_config(CONFIGS / "tiny_text.yaml", ["model.seq_length=4096"])
+    need = memory.estimate_training_memory(cfg, 1, "cpu").total
+    monkeypatch.setattr(memory, "device_memory", lambda cfg: (need + 1, "this machine's RAM is", "cpu"))
+    validate(cfg, world_size=1)
+    monkeypatch.setattr(memory, "device_memory", lambda cfg: (need - 1, "this machine's RAM is", "cpu"))
+    with pytest.raises(ConfigError, match=rf"needs about {need / 2**30:.1f} GiB per process .* this machine's RAM is "
+                                          rf"{(need - 1) / 2**30:.1f} GiB"):
+        validate(cfg, world_size=1)
+
+
+def test_memory_estimate_follows_korthikanti_and_the_fixes_it_names():
+    """Activations per layer s*b*h*(10 + 24/t) + 5*a*s^2*b/t bytes in 16-bit (Korthikanti et
+    al. 2022, eq. 2-3), twice that in fp32; each suggested fix lowers the estimate."""
+    from megafusion.training.memory import estimate_training_memory
+
+    base = ["model.seq_length=2048", "model.num_heads=4", "model.num_kv_heads=4"]
+    est = estimate_training_memory(load_config(CONFIGS / "tiny_text.yaml", base + ["train.precision=bf16"]), 1, "cpu")
+    s, b, h, a, layers = 2048, 2, 64, 4, 4
+    assert est.activations == layers * (s * b * h * 34 + 5 * a * s * s * b)
+    assert est.logits == s * b * 256 * 4
+    fp32 = estimate_training_memory(load_config(CONFIGS / "tiny_text.yaml", base), 1, "cpu")
+    assert fp32.activations == 2 * est.activations
+
+    tp2 = estimate_training_memory(load_config(CONFIGS / "tiny_text.yaml", base + ["parallel.tp=2"]), 2, "cpu")
+    assert tp2.activations == 2 * layers * (s * b * h * (10 + 24 / 2) + 5 * a * s * s * b / 2)
+    for fix in ("train.micro_batch_size=1", "train.recompute=full", "model.seq_length=1024"):
+        lower = estimate_training_memory(load_config(CONFIGS / "tiny_text.yaml", base + [fix]), 1, "cpu")
+        assert lower.total < fp32.total, fix
+
+
+def test_memory_on_cpu_is_shared_by_the_processes_of_a_node(monkeypatch):
+    import psutil
+
+    from megafusion.training.memory import device_memory
+
+    cfg = load_config(CONFIGS / "tiny_text.yaml", ["train.device=cpu"])
+    assert device_memory(cfg)[0] == psutil.virtual_memory().total
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert device_memory(cfg)[0] == psutil.virtual_memory().total // 4
+
+
+# --------------------------------------------------------------------------- settings the model kind ignores
+
+
+TRANSFUSION_ONLY = [
+    "model.attention=flex", "model.ffn=modality", "model.time_conditioning=adaln", "model.image_positions=2d",
+    "model.patch_positions=learned", "model.patch_position_init_std=3", "model.frame_conditioning=window",
+    "model.action_conditioning=embedding", "vision.image_size=64", "vision.representation=vae",
+    "diffusion.prediction=v", "diffusion.loss_weight=1", "data.shapes_world=simple",
+    "data.shapes_weights={text: 1, image_text: 0}",
+]
+
+
+@pytest.mark.parametrize("override", TRANSFUSION_ONLY)
+def test_text_model_refuses_transfusion_settings(override):
+    """The text model is megatron's GPT: none of these reach it, and a run that ignores
+    what it was told is silently not the run that was asked for."""
+    key, value = override.split("=", 1)
+    with pytest.raises(ConfigError, match=rf"{key.replace('.', '[.]')} = .* has no effect with model\.kind = text"):
+        validate(load_config(CONFIGS / "tiny_text.yaml", [override]), world_size=1)
+    # the same setting is one the Transfusion model reads
+    validate(load_config(CONFIGS / "tiny_transfusion.yaml", [override]), world_size=1)
+
+
+def test_text_model_refuses_per_modality_shared_experts():
+    cfg = load_config(CONFIGS / "tiny_text_moe.yaml", ["model.moe.shared_expert_ffn_hidden_size=64",
+                                                       "model.moe.per_modality_shared_experts=true"])
+    with pytest.raises(ConfigError, match=r"model\.moe\.per_modality_shared_experts = True has no effect"):
+        validate(cfg, world_size=1)
+
+
+@pytest.mark.parametrize("config, overrides, message", [
+    ("tiny_text.yaml", ["data.kind=shapes"], "data.kind = shapes is multimodal and model.kind = text reads text only"),
+    ("tiny_transfusion.yaml", ["data.kind=synthetic"],
+     "data.kind = synthetic is text only and the Transfusion model needs images"),
+    ("tiny_text.yaml", ["data.kind=indexed", "data.tokenizer=t.model"], "data.kind = indexed needs data.paths"),
+    ("tiny_transfusion.yaml", ["data.kind=indexed", "data.paths=[a]"], "data.kind = indexed needs data.tokenizer"),
+    ("tiny_text.yaml", ["data.tokenizer=t.model"], "data.tokenizer = t.model has no effect with data.kind = synthetic"),
+    ("tiny_transfusion.yaml", ["data.paths=[a]"], "data.paths = ['a'] has no effect with data.kind = shapes"),
+])
+def test_data_kind_settings_are_checked_before_starting(config, overrides, message):
+    with pytest.raises(ConfigError) as info:
+        validate(load_config(CONFIGS / config, overrides), world_size=1)
+    assert message in str(info.value)
