@@ -42,7 +42,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from megafusion.inference.generate import Generator, SamplingOptions, add_ode_arguments, eval_world
+from megafusion.inference.generate import Generator, Parser, SamplingOptions, add_ode_arguments, checked, eval_world
 
 
 EVALUATIONS = ("generation", "captioning", "vqa", "world_model", "planning", "perplexity")
@@ -292,16 +292,18 @@ def write_tensorboard(metrics: dict, run_dir: Path, step: int) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="megafusion eval", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="megafusion eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run-dir", required=True, help="a `megafusion train` run dir (config.yaml + checkpoints/) or a "
                                                     "`megafusion export` directory (config.json + model.safetensors)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     p.add_argument("--out", default=None, help="output directory (default: RUN_DIR/eval/step_NNNNNNNN)")
     p.add_argument("--n", type=int, default=32, help="items per evaluation")
     add_ode_arguments(p)
-    p.add_argument("--planning-candidates", type=int, default=8, help="candidate action sequences per planning task")
-    p.add_argument("--planning-n", type=int, default=None,
+    # One candidate would be the true plan every time: success 1.0 measuring nothing.
+    p.add_argument("--planning-candidates", type=checked(int, lambda v: v >= 2, "an integer >= 2 (one candidate "
+                                                                                "is always the true plan)"),
+                   default=8, help="candidate action sequences per planning task")
+    p.add_argument("--planning-n", type=checked(int, lambda v: v >= 1, "an integer >= 1"), default=None,
                    help="planning tasks (default: --n); each costs a rollout per candidate")
     p.add_argument("--generation-n", type=int, default=None,
                    help="prompts of the generation evaluation (default: --n); cheap, and its strict score needs many")

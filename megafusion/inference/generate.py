@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -489,28 +490,54 @@ class Generator:
 # --------------------------------------------------------------------------- CLI
 
 
-def positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text}: must be > 0")
-    return value
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``prog: error: argument --steps: ...`` and a pointer
+    to ``--help``, instead of the usage block above it (exit code 2 as usual)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def checked(parse: type, ok, requirement: str):
+    """An argparse ``type`` that parses with ``parse`` (int or float) and refuses values that
+    fail ``ok`` or, for floats, are NaN or infinite (``nan`` fails every comparison, so a
+    range check alone would let it through), saying what a valid value is."""
+    noun = "an integer" if parse is int else "a number"
+
+    def check(text: str):
+        try:
+            value = parse(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {noun}; give {requirement}") from None
+        if parse is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text} is not a finite number; give {requirement}")
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{text} is out of range; give {requirement}")
+        return value
+
+    return check
+
+
+positive_float = checked(float, lambda v: v > 0, "a number > 0")
 
 
 def add_ode_arguments(p: argparse.ArgumentParser) -> None:
     """The image/frame sampling flags shared by ``megafusion generate`` and ``megafusion eval``."""
-    p.add_argument("--steps", type=int, default=25, help="ODE steps per image or frame")
+    p.add_argument("--steps", type=checked(int, lambda v: v >= 1, "an integer >= 1 (ODE steps per image or frame)"),
+                   default=25, help="ODE steps per image or frame")
     p.add_argument("--sampler", choices=("euler", "heun"), default="euler")
-    p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (1 = off)")
-    p.add_argument("--shift", type=positive_float, default=None,
+    p.add_argument("--cfg", type=checked(float, lambda v: True, "a finite guidance scale (1 = off)"), default=3.0,
+                   help="classifier-free guidance scale (1 = off)")
+    shift = checked(float, lambda v: v > 0, "a time shift > 0 (1 = no shift)")
+    p.add_argument("--shift", type=shift, default=None,
                    help="time shift of the ODE grid for images (larger: more steps near pure noise); "
                         "default: the run's diffusion.time_shift")
-    p.add_argument("--frame-shift", type=positive_float, default=None,
+    p.add_argument("--frame-shift", type=shift, default=None,
                    help="the same for video frames; default: the run's diffusion.frame_time_shift")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="megafusion generate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="megafusion generate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run-dir", required=True, help="a `megafusion train` run dir (config.yaml + checkpoints/) or a "
                                                     "`megafusion export` directory (config.json + model.safetensors)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
@@ -518,14 +545,20 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "with --rollout, overrides the episode caption)")
     p.add_argument("--image-prompt", action="store_true", help="append <boi> to the prompt: generate an image first")
     p.add_argument("--caption", metavar="IMAGE.png", default=None, help="caption this image (image-to-text)")
-    p.add_argument("--rollout", type=int, metavar="INDEX", default=None,
+    p.add_argument("--rollout", type=checked(int, lambda v: v >= 0, "a held-out video index >= 0"), metavar="INDEX",
+                   default=None,
                    help="roll out held-out ShapesWorld action video INDEX from its context frames and actions")
     p.add_argument("--actions", default=None, help="comma-separated actions for --rollout (up,down,left,right,stay; "
                                                    "W/A/S/D), replacing the episode's")
     add_ode_arguments(p)
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=checked(int, lambda v: v >= 1, "an integer >= 1"), default=64)
+    p.add_argument("--temperature", type=checked(float, lambda v: v >= 0, "a temperature >= 0 (0 = greedy)"),
+                   default=0.0, help="0 = greedy")
+    # No default cut: SamplingOptions' top_k 0 means "keep every token", but on the command
+    # line `--top-k 0` reads as "keep no token", so it is refused rather than guessed at.
+    p.add_argument("--top-k", type=checked(int, lambda v: v >= 1, "an integer >= 1 (leave --top-k out to keep every "
+                                                                  "token)"),
+                   default=None, help="sample among the K most likely tokens (needs --temperature > 0)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu | cuda | auto (default: the run's train.device)")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence per token (reference)")
@@ -541,7 +574,11 @@ def _save_png(image: np.ndarray, path: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.top_k is not None and args.temperature == 0:
+        parser.error(f"argument --top-k: {args.top_k} has no effect with --temperature 0 (greedy decoding); "
+                     "give --temperature > 0 or leave --top-k out")
     modes = sum([args.caption is not None, args.rollout is not None])
     if modes > 1:
         print("megafusion generate: choose one of --caption and --rollout", file=sys.stderr)
@@ -559,7 +596,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         gen = Generator.from_run(loaded, use_cache=not args.no_cache)
-        opts = SamplingOptions(args.temperature, args.top_k, args.steps, args.sampler, args.cfg, args.seed,
+        opts = SamplingOptions(args.temperature, 0 if args.top_k is None else args.top_k, args.steps, args.sampler, args.cfg, args.seed,
                                args.shift, args.frame_shift)
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
