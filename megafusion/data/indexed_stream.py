@@ -25,6 +25,13 @@ _MAX_DOCS = 256  # per sequence; a guard, far above what fits
 
 @dataclass
 class IndexedStream:
+    """Packed sample ``i`` of the blended sources, ``seq_len`` positions.
+
+    ``representation``: the ``megafusion.vision`` representation the latents were made
+    with; None for a text-only stream (``from_config(text_only=True)``, the text model),
+    whose samples then have latents of width 0.
+    """
+
     seed: int
     seq_len: int
     tokenizer: object
@@ -39,7 +46,13 @@ class IndexedStream:
                                lengths=[packed_lengths(s) for s in self.sources], max_docs=_MAX_DOCS)
 
     @classmethod
-    def from_config(cls, cfg) -> "IndexedStream":
+    def from_config(cls, cfg, text_only: bool = False) -> "IndexedStream":
+        """The stream of ``cfg.data``; ConfigError naming the path or setting that is wrong.
+
+        ``text_only`` (the text model): no vision representation is built (``cfg.vision`` is
+        not read) and a dataset holding images or video is refused, since the model has no
+        way to read them; dropping them would teach it captions with a hole in the middle.
+        """
         from megafusion.data.shapes_stream import load_tokenizer
         from megafusion.vision import representation_from_config
 
@@ -52,7 +65,7 @@ class IndexedStream:
         weights = list(d.weights) or [1.0] * len(d.paths)
         if any(w < 0 for w in weights) or sum(weights) <= 0:
             raise ConfigError(f"data.weights = {weights} must be non-negative with a positive sum")
-        rep = representation_from_config(cfg.vision)
+        rep = None if text_only else representation_from_config(cfg.vision)
 
         def normalize(latents: np.ndarray) -> np.ndarray:
             return rep.normalize(torch.from_numpy(np.ascontiguousarray(latents, dtype=np.float32))).float().numpy()
@@ -60,9 +73,17 @@ class IndexedStream:
         sources = []
         for prefix in d.paths:
             try:
-                source = IndexedDocuments(prefix, latent_transform=normalize)
+                source = IndexedDocuments(prefix, latent_transform=None if text_only else normalize)
             except FileNotFoundError as err:
                 raise ConfigError(f"data.paths: {err}") from None
+            if text_only:
+                if source.multimodal:
+                    raise ConfigError(
+                        f"data.paths: {prefix} holds images or video ({source.meta.get('kind', 'multimodal')} "
+                        "data); model.kind = text reads text only: preprocess with --kind text, or train "
+                        "model.kind = transfusion")
+                sources.append(source)
+                continue
             if source.latent_dim is not None and source.latent_dim != rep.latent_dim:
                 raise ConfigError(
                     f"data.paths: {prefix} holds latents of width {source.latent_dim} but vision."
@@ -76,11 +97,11 @@ class IndexedStream:
 
     @property
     def latent_dim(self) -> int:
-        return self.representation.latent_dim
+        return 0 if self.representation is None else self.representation.latent_dim
 
     @property
     def tokens_per_image(self) -> int:
-        return self.representation.tokens_per_image
+        return 0 if self.representation is None else self.representation.tokens_per_image
 
     def sample(self, i: int) -> Sample:
         """Packed sequence ``i``."""

@@ -1,6 +1,17 @@
 """A decoder-only text model: megatron-core's GPT stack through our layer spec.
 
 The trainer backbone's reference model, and the text-only baseline of the research.
+
+Data (``data.kind``):
+
+- ``synthetic``: arithmetic sequences made in-process (``megafusion.data.synthetic``).
+- ``indexed``: text datasets written by ``tools/preprocess_data.py --kind text``, blended by
+  ``data.weights`` and packed by the same ``IndexedStream`` as Transfusion's, with the
+  tokenizer of ``data.tokenizer``; ``megafusion.data.text_batches`` says how a packed
+  sequence becomes a GPT micro-batch (attention crosses documents, the loss does not).
+  Datasets holding images or video are refused: this model cannot read them.
+
+Either way micro-batch ``k`` of step ``s`` is a pure function of ``(train.seed, s, k)``.
 """
 
 from __future__ import annotations
@@ -9,8 +20,9 @@ from functools import partial
 
 import torch
 
-from megafusion.config import Config
+from megafusion.config import Config, ConfigError
 from megafusion.data import synthetic
+from megafusion.data.text_batches import gpt_batch
 from megafusion.model.init import init_weights
 from megafusion.model.spec import block_spec
 
@@ -30,6 +42,33 @@ class TextModelProvider:
     def __init__(self, cfg: Config, transformer_config) -> None:
         self.cfg = cfg
         self.transformer_config = transformer_config
+        # The indexed datasets' stream (data.kind = indexed); None for synthetic text.
+        self.stream = None
+        if cfg.data.kind == "indexed":
+            self.stream = self._indexed_stream(cfg)
+        elif cfg.data.kind != "synthetic":
+            raise ConfigError(f"data.kind = {cfg.data.kind!r}: model.kind = text reads synthetic text or "
+                              "preprocessed text datasets (indexed)")
+
+    @staticmethod
+    def _indexed_stream(cfg: Config):
+        """The text-only ``IndexedStream`` of ``cfg.data``, checked against ``model.vocab_size``
+        (an id past the embedding table would crash the step, on a GPU as a device assert)."""
+        from megafusion.data.indexed_stream import IndexedStream
+
+        stream = IndexedStream.from_config(cfg, text_only=True)
+        vocab = cfg.model.vocab_size
+        if stream.tokenizer.vocab_size > vocab:
+            raise ConfigError(f"model.vocab_size = {vocab} is smaller than the tokenizer's "
+                              f"{stream.tokenizer.vocab_size} tokens ({cfg.data.tokenizer}); set model.vocab_size "
+                              f">= {stream.tokenizer.vocab_size} (and divisible by parallel.tp)")
+        for source in stream.sources:  # made with another tokenizer than data.tokenizer, say
+            made_with = source.meta.get("vocab_size")
+            if made_with is not None and made_with > vocab:
+                raise ConfigError(f"data.paths: {source.prefix} was preprocessed with a {made_with}-token "
+                                  f"tokenizer ({source.meta.get('tokenizer_model')}), more than model.vocab_size "
+                                  f"= {vocab}; preprocess it with data.tokenizer or raise model.vocab_size")
+        return stream
 
     def build(self, pre_process: bool, post_process: bool, vp_stage: int | None) -> torch.nn.Module:
         from megatron.core.models.gpt import GPTModel
@@ -56,10 +95,14 @@ class TextModelProvider:
         return model
 
     def micro_batches(self, step: int, dp_rank: int, dp_size: int) -> list[dict[str, torch.Tensor]]:
+        """This rank's micro-batches of ``step``: tokens, labels, loss_mask, position_ids, each
+        [micro_batch_size, seq_length]. Global sample ``i`` is packed sequence ``i`` of the data."""
         t, m = self.cfg.train, self.cfg.model
-        return [synthetic.text_batch(t.seed, idx, m.seq_length, m.vocab_size)
-                for idx in synthetic.micro_batch_indices(step, t.global_batch_size, t.micro_batch_size,
-                                                         dp_rank, dp_size)]
+        indices = synthetic.micro_batch_indices(step, t.global_batch_size, t.micro_batch_size, dp_rank, dp_size)
+        if self.stream is None:
+            return [synthetic.text_batch(t.seed, idx, m.seq_length, m.vocab_size) for idx in indices]
+        pad_id = self.stream.tokenizer.pad_id
+        return [gpt_batch([self.stream.sample(i) for i in idx], pad_id) for idx in indices]
 
     def forward_step(self, batch: dict[str, torch.Tensor], model: torch.nn.Module):
         output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
