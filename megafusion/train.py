@@ -16,6 +16,11 @@ from pathlib import Path
 
 from megafusion.config import ConfigError, load_config, validate
 
+# Exit codes: 2 a config or run directory that cannot run (nothing changed), 3 NaN/inf in a
+# loss, gradients or a checkpoint about to be saved (the last checkpoint kept), 143 stopped
+# by SIGTERM/SIGINT/SIGUSR1 after saving a checkpoint, 130 a second Ctrl-C.
+NON_FINITE_EXIT_CODE = 3
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="megafusion train", description=__doc__,
@@ -33,22 +38,42 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     is_rank0 = os.environ.get("RANK", "0") == "0"
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    try:
-        cfg = load_config(args.config, args.overrides)
-        validate(cfg, world_size)
-    except ConfigError as err:
-        if is_rank0:
-            print(f"megafusion train: {err}", file=sys.stderr)
-        return 2
-    run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / Path(args.config).stem
 
-    from megafusion.training.loop import NonFiniteLossError, train
+    def fail(message: object, code: int) -> int:
+        if is_rank0:  # every rank stops with the same message; one copy is enough
+            print(f"megafusion train: {message}", file=sys.stderr, flush=True)
+        return code
 
+    # Installed first, so a stop signal during the slow imports and setup below is honoured
+    # at the first step boundary instead of ending in a traceback.
+    from megafusion.training.preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionWatcher
+
+    watcher = PreemptionWatcher()
     try:
-        train(cfg, run_dir)
-    except NonFiniteLossError as err:
-        print(f"megafusion train: {err}", file=sys.stderr)
-        return 3
+        try:
+            cfg = load_config(args.config, args.overrides)
+            validate(cfg, world_size)
+        except ConfigError as err:
+            return fail(err, 2)
+        run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / Path(args.config).stem
+
+        from megafusion.training.checkpoint import CheckpointError
+        from megafusion.training.loop import NonFiniteError, train
+
+        try:
+            train(cfg, run_dir, watcher=watcher)
+        # A config refused once the process group is up (a provider's checks, the resume
+        # check), or checkpoints that cannot be loaded (none verifies, unsafe metadata).
+        except (ConfigError, CheckpointError) as err:
+            return fail(err, 2)
+        except NonFiniteError as err:
+            return fail(err, NON_FINITE_EXIT_CODE)
+        except Preempted as err:
+            return fail(err, PREEMPTED_EXIT_CODE)
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before the watcher could take it
+        return fail("interrupted; the last complete checkpoint is kept (re-run to resume)", 130)
+    finally:
+        watcher.close()
     return 0
 
 

@@ -2,25 +2,31 @@
 
 One function, :func:`train`, run by every process. Parallelism lives in megatron-core
 (groups, DDP, the pipeline schedule, the distributed optimizer); this file only wires the
-pieces together in the order they need.
+pieces together in the order they need. What keeps a run honest lives next to it:
+``guards`` (no NaN/inf update or checkpoint), ``preemption`` (stop signals end a step
+with a checkpoint), ``resume`` (what a run directory may be resumed with, and the config
+history and schedule line it gets).
 """
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from megafusion.config import Config, save_config
+from megafusion.config import Config
 from megafusion.data.loader import StepLoader, default_num_workers
 from megafusion.model.provider import build_transformer_config, get_provider, micro_batch_iterators
 from megafusion.parallel.setup import ParallelEnv, init_parallel, shutdown
-from megafusion.training.checkpoint import Checkpointer
+from megafusion.training.checkpoint import Checkpointer, latest_checkpoint
+from megafusion.training.guards import (NonFiniteError, NonFiniteLossError, check_finite_for_save,  # noqa: F401
+                                        check_loss_finite, optimizer_step, skip_limit, too_many_skips)
 from megafusion.training.metrics import MetricsWriter
 from megafusion.training.optim import build_optimizer, build_scheduler
+from megafusion.training.preemption import Preempted, PreemptionWatcher
+from megafusion.training.resume import check_compatible, check_run_dir, continue_schedule, write_config
 
 
 def _step_flops(shape, batches: list[dict[str, torch.Tensor]]) -> float:
@@ -49,10 +55,6 @@ def _throughput(cfg: Config, env: ParallelEnv, shape, batches, elapsed: float) -
         out["mfu"] = mfu(per_gpu, torch.cuda.get_device_name(env.device),
                           matmul_dtype(cfg.train.precision, cfg.train.fp8))
     return out
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or inf; the run stops without saving a new checkpoint."""
 
 
 def build_model_chunks(cfg: Config, transformer_config, provider, env: ParallelEnv) -> list[torch.nn.Module]:
@@ -105,35 +107,29 @@ def _reduce_metrics(losses_reduced: list[dict], names: tuple[str, ...], env: Par
     return {name: (totals[i, 0] / totals[i, 1]).item() for i, name in enumerate(names) if totals[i, 1] > 0}
 
 
-def _check_finite(losses_reduced: list[dict], step: int, env: ParallelEnv) -> None:
-    """Stops every rank if any rank saw a non-finite loss, naming the first such rank."""
-    bad = any(not torch.isfinite(v).all() for micro in losses_reduced for v in micro.values())
-    first_bad = torch.tensor([env.rank if bad else env.world_size], device=env.device)
-    dist.all_reduce(first_bad, op=dist.ReduceOp.MIN)
-    if first_bad.item() < env.world_size:
-        raise NonFiniteLossError(
-            f"non-finite loss (NaN or inf) at step {step} on rank {int(first_bad.item())}; stopping without "
-            f"saving a checkpoint. Lower optimizer.lr, enable clipping (optimizer.clip_grad) or use fp32/bf16.")
-
-
-def train(cfg: Config, run_dir: Path, profiler=None) -> dict[str, float]:
+def train(cfg: Config, run_dir: Path, profiler=None, watcher: PreemptionWatcher | None = None) -> dict[str, float]:
     """Trains ``cfg`` in ``run_dir`` (resuming from its latest checkpoint). Returns the last metrics.
 
     ``profiler``: an optional ``torch.profiler.profile`` (already entered); it is stepped once
     per training step. Data loading, attention and MoE dispatch run inside the named ranges
     ``megafusion.data``, ``megafusion.attention`` and ``megafusion.moe_dispatch``.
+
+    ``watcher``: the stop-signal watcher (default: one installed for this call). SIGTERM,
+    SIGINT or SIGUSR1 end the run at the end of the current step with a checkpoint of it
+    and :class:`Preempted`. Non-finite losses, gradients (beyond ``train.max_skipped_steps``)
+    or tensors about to be saved end it with a :class:`NonFiniteError`; a run directory that
+    cannot be resumed with this config, with a ``ConfigError`` before anything is written.
     """
     from megatron.core.distributed import finalize_model_grads
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     run_dir = Path(run_dir)
+    check_run_dir(run_dir)
+    check_compatible(cfg, run_dir, has_checkpoint=latest_checkpoint(run_dir) is not None)
     env = init_parallel(cfg)
+    own_watcher = watcher is None
+    watcher = PreemptionWatcher() if own_watcher else watcher
     try:
-        if env.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, run_dir / "config.yaml")
-        dist.barrier()
-
         transformer_config = build_transformer_config(cfg, env.device)
         provider = get_provider(cfg, transformer_config)
         model_chunks = build_model_chunks(cfg, transformer_config, provider, env)
@@ -146,71 +142,106 @@ def train(cfg: Config, run_dir: Path, profiler=None) -> dict[str, float]:
         restored = checkpointer.load_latest(model_chunks, optimizer, scheduler)
         start_step = restored["step"] if restored else 0
         # The data position: the steps of data consumed (every batch is a pure function of its step).
-        data_step = int((restored.get("data") or {}).get("step", start_step)) if restored else 0
-        if restored and env.is_main:
-            print(f"[megafusion] resumed from step {start_step} (data step {data_step}) in {run_dir}", flush=True)
+        saved_data = (restored.get("data") or {}) if restored else {}
+        data_step = int(saved_data.get("step", start_step))
+        skipped = int(saved_data.get("skipped_steps", 0))  # updates skipped for NaN/inf gradients, all attempts
+        if restored:
+            schedule_line = continue_schedule(cfg, scheduler, start_step)  # may re-plan; updates cfg to match
+            if env.is_main:
+                print(f"[megafusion] resumed from step {start_step} (data step {data_step}) in {run_dir}", flush=True)
+                print(f"[megafusion] {schedule_line}", flush=True)
+        # Only now, with the checkpoint loaded, is this attempt's config written.
+        if env.is_main:
+            write_config(cfg, run_dir)
+        dist.barrier()
+        if watcher.requested(env.device):  # a signal while setting up: stop before any work
+            raise Preempted(watcher.signal_name, start_step, saved=False)
 
-        writer = MetricsWriter(run_dir, env.is_main, cfg.logging.tensorboard, cfg.train.steps)
+        writer = MetricsWriter(run_dir, env.is_main, cfg.logging.tensorboard, cfg.train.steps, start_step)
         forward_backward = get_forward_backward_func()
         from megafusion.scaling.flops import ModelShape
 
         flops_shape = getattr(provider, "model_shape", None) or ModelShape.from_model_config(cfg.to_dict()["model"])
         tokens_per_step = cfg.train.global_batch_size * cfg.model.seq_length
+        max_skipped = skip_limit(cfg.train.max_skipped_steps, cfg.train.precision)
         metrics: dict[str, float] = {}
 
         def forward_step(data_iterator, model):
             return provider.forward_step(next(data_iterator), model)
 
+        def save(step: int) -> None:
+            check_finite_for_save(model_chunks, optimizer, step, env.device)
+            checkpointer.save(step, model_chunks, optimizer, scheduler,
+                              data_state={"step": data_step + step - start_step, "skipped_steps": skipped})
+
         num_workers = cfg.data.num_workers
         loader = StepLoader(provider, data_step, data_step + cfg.train.steps - start_step, env.dp_rank, env.dp_size,
                             num_workers=default_num_workers(env.device) if num_workers is None else num_workers,
                             prefetch=cfg.data.prefetch, pin_memory=env.device.type == "cuda")
-        for step in range(start_step + 1, cfg.train.steps + 1):
-            started = time.perf_counter()
-            with torch.profiler.record_function("megafusion.data"):  # the wait for this step's batches
-                batches = [{k: v.to(env.device, non_blocking=True) for k, v in b.items()} for b in next(loader)]
-            data_time = time.perf_counter() - started
-            for chunk in model_chunks:
-                chunk.zero_grad_buffer()
-            optimizer.zero_grad()
-            losses = forward_backward(
-                forward_step_func=forward_step,
-                data_iterator=micro_batch_iterators(batches, len(model_chunks)),
-                model=model_chunks if len(model_chunks) > 1 else model_chunks[0],
-                num_microbatches=len(batches),
-                seq_length=cfg.model.seq_length,
-                micro_batch_size=cfg.train.micro_batch_size,
-                forward_only=False,
-            )
-            _check_finite(losses, step, env)
-            _, grad_norm, _ = optimizer.step()
-            scheduler.step(increment=1)
-            elapsed = time.perf_counter() - started
-
-            if step % cfg.logging.every == 0 or step == cfg.train.steps:
-                metrics = _reduce_metrics(losses, provider.metric_names, env)
-                metrics.update(
-                    lr=float(optimizer.param_groups[0]["lr"]),
-                    grad_norm=float(grad_norm) if grad_norm is not None else math.nan,
-                    tokens_per_s=tokens_per_step / elapsed,
-                    step_time_s=elapsed,
-                    data_time_s=data_time,
-                    **_throughput(cfg, env, flops_shape, batches, elapsed),
+        try:
+            for step in range(start_step + 1, cfg.train.steps + 1):
+                started = time.perf_counter()
+                with torch.profiler.record_function("megafusion.data"):  # the wait for this step's batches
+                    batches = [{k: v.to(env.device, non_blocking=True) for k, v in b.items()} for b in next(loader)]
+                data_time = time.perf_counter() - started
+                for chunk in model_chunks:
+                    chunk.zero_grad_buffer()
+                optimizer.zero_grad()
+                losses = forward_backward(
+                    forward_step_func=forward_step,
+                    data_iterator=micro_batch_iterators(batches, len(model_chunks)),
+                    model=model_chunks if len(model_chunks) > 1 else model_chunks[0],
+                    num_microbatches=len(batches),
+                    seq_length=cfg.model.seq_length,
+                    micro_batch_size=cfg.train.micro_batch_size,
+                    forward_only=False,
                 )
-                # Model-specific statistics (e.g. MoE routing per modality); a collective.
-                if hasattr(provider, "step_metrics"):
-                    metrics.update(provider.step_metrics(model_chunks))
-                writer.log(step, metrics)
-            if profiler is not None:
-                profiler.step()
-            checkpointer.poll()
-            if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or (
-                    step == cfg.train.steps and cfg.checkpoint.save_final):
-                checkpointer.save(step, model_chunks, optimizer, scheduler,
-                                  data_state={"step": data_step + step - start_step})
-        loader.close()
+                check_loss_finite(losses, step, env.device)
+                update = optimizer_step(optimizer, model_chunks, env.device, loss_scaled=cfg.train.precision == "fp16")
+                if update.applied:
+                    # The schedule counts updates (as megatron's does): a skipped step does not advance it.
+                    scheduler.step(increment=1)
+                else:
+                    skipped += 1
+                    if skipped > max_skipped:
+                        raise too_many_skips(model_chunks, step, skipped, max_skipped, env.device)
+                elapsed = time.perf_counter() - started
+                # A stop signal ends the run after this step (the last step ends it anyway). A collective.
+                stopping = step < cfg.train.steps and watcher.requested(env.device)
+
+                if step % cfg.logging.every == 0 or step == cfg.train.steps or stopping or not update.applied:
+                    metrics = _reduce_metrics(losses, provider.metric_names, env)
+                    metrics.update(
+                        lr=float(optimizer.param_groups[0]["lr"]),
+                        grad_norm=update.grad_norm,
+                        skipped_steps=skipped,
+                        tokens_per_s=tokens_per_step / elapsed,
+                        step_time_s=elapsed,
+                        data_time_s=data_time,
+                        **_throughput(cfg, env, flops_shape, batches, elapsed),
+                    )
+                    # Model-specific statistics (e.g. MoE routing per modality); a collective.
+                    if hasattr(provider, "step_metrics"):
+                        metrics.update(provider.step_metrics(model_chunks))
+                    writer.log(step, metrics)
+                if profiler is not None:
+                    profiler.step()
+                checkpointer.poll()
+                if stopping or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or (
+                        step == cfg.train.steps and cfg.checkpoint.save_final):
+                    save(step)
+                if stopping:
+                    checkpointer.poll(blocking=True)
+                    raise Preempted(watcher.signal_name, step)
+        except NonFiniteError:
+            checkpointer.poll(blocking=True)  # every rank stops here together: finish earlier saves
+            raise
+        finally:
+            loader.close()
+            writer.close()
         checkpointer.poll(blocking=True)
-        writer.close()
         return metrics
     finally:
+        if own_watcher:
+            watcher.close()
         shutdown()

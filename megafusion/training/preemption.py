@@ -20,6 +20,7 @@ all ranks agree through one ``all_reduce`` (any rank that saw a signal stops the
 from __future__ import annotations
 
 import signal
+import threading
 
 import torch
 import torch.distributed as dist
@@ -32,13 +33,19 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
 class Preempted(Exception):
-    """The run saved a checkpoint at ``step`` and stopped because of ``signal_name``."""
+    """The run stopped because of ``signal_name``: after ``step`` with its checkpoint saved, or,
+    with ``saved=False``, before its first step (the checkpoint it resumed from is the latest)."""
 
-    def __init__(self, signal_name: str, step: int) -> None:
-        super().__init__(f"stopped by {signal_name} after step {step}; a checkpoint of step {step} was saved. "
-                         "Re-run the same command to resume.")
+    def __init__(self, signal_name: str, step: int, saved: bool = True) -> None:
+        if saved:
+            message = f"stopped by {signal_name} after step {step}; checkpoint saved; re-run to resume"
+        else:
+            message = (f"stopped by {signal_name} before the first step (at step {step}); nothing new to save; "
+                       "re-run to resume")
+        super().__init__(message)
         self.signal_name = signal_name
         self.step = step
+        self.saved = saved
 
 
 class PreemptionWatcher:
@@ -51,6 +58,8 @@ class PreemptionWatcher:
     def __init__(self, signals: tuple[signal.Signals, ...] = SIGNALS) -> None:
         self.signal_name: str | None = None
         self._previous = {}
+        if threading.current_thread() is not threading.main_thread():
+            return  # Python delivers signals to the main thread only: nothing to watch from here
         for sig in signals:
             self._previous[sig] = signal.signal(sig, self._record)
 

@@ -85,11 +85,14 @@ def test_run_dir_contents(tmp_path):
 
 
 def test_non_finite_loss_stops_without_saving(tmp_path):
-    """A huge learning rate blows the weights up; the run stops, names step and rank, saves nothing."""
+    """A huge learning rate blows the weights up; the run stops, names step and rank, saves nothing.
+
+    (The gradients turn NaN one step before the loss would: the finite-update guard stops
+    it there; test_finite_updates.py covers both messages.)"""
     proc = run_train(tmp_path, "tiny_text.yaml",
                      ["train.steps=6", "checkpoint.every=1", "optimizer.lr=1e30", "optimizer.min_lr=0",
                       "optimizer.clip_grad=0", "logging.tensorboard=false"], expect_rc=3)
-    assert "non-finite loss (NaN or inf) at step" in proc.stderr and "on rank 0" in proc.stderr
+    assert "non-finite gradient (NaN or inf) at step" in proc.stderr and "on rank 0" in proc.stderr
     bad_step = int(proc.stderr.split("at step ")[1].split()[0])
     saved = [step for step, _ in complete_checkpoints(tmp_path)]
     assert saved and max(saved) == bad_step - 1
