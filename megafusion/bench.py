@@ -373,14 +373,19 @@ def main(argv: list[str] | None = None) -> int:
     if not temporary and (run_dir / "metrics.jsonl").exists():
         print(f"megafusion bench: --run-dir {run_dir} already holds a run; give a new directory", file=sys.stderr)
         return 2
-    from megafusion.training.loop import NonFiniteLossError
+    from megafusion.training.guards import NON_FINITE_EXIT_CODE, NonFiniteError
+    from megafusion.training.preemption import PREEMPTED_EXIT_CODE, Preempted
 
     try:
         try:
             split_times, seen = run(cfg, run_dir, args.warmup, args.steps, args.profile_steps, args.trace)
-        except NonFiniteLossError as err:
+        except NonFiniteError as err:
             print(f"megafusion bench: {err}", file=sys.stderr)
-            return 3
+            return NON_FINITE_EXIT_CODE
+        except Preempted as err:  # a benchmark cut short measures nothing: no result is written
+            print(f"megafusion bench: {err.signal_name} before the measurement finished; no result written",
+                  file=sys.stderr)
+            return PREEMPTED_EXIT_CODE
         if not is_main:
             return 0
         records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]

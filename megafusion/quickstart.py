@@ -617,16 +617,33 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
 
-    tokenizer, prefixes = prepare_data(out, scale, args.seed, args.world)
-    args.manifest = out / "data" / "raw" / "manifest.json"
-    rae_prefixes = None
-    if "latents" in trends:
-        args.rae = args.rae or build_rae(out, scale, args.world, args.seed, args.device)
-        rae_prefixes = preprocess_visual(out, tokenizer, ["--encoder", "rae", "--encoder-path", str(args.rae)],
-                                         "indexed_rae", prefixes)
-    eval_dir = train_and_evaluate(out, tokenizer, prefixes, steps, scale, args)
-    results = run_trends(out, trends, tokenizer, prefixes, steps, scale, args, eval_dir, rae_prefixes)
-    report = write_report(out, out / "run", eval_dir, results)
+    from megafusion.config import ConfigError
+    from megafusion.training.checkpoint import CheckpointError
+    from megafusion.training.guards import NON_FINITE_EXIT_CODE, NonFiniteError
+    from megafusion.training.preemption import PREEMPTED_EXIT_CODE, Preempted
+
+    try:
+        tokenizer, prefixes = prepare_data(out, scale, args.seed, args.world)
+        args.manifest = out / "data" / "raw" / "manifest.json"
+        rae_prefixes = None
+        if "latents" in trends:
+            args.rae = args.rae or build_rae(out, scale, args.world, args.seed, args.device)
+            rae_prefixes = preprocess_visual(out, tokenizer, ["--encoder", "rae", "--encoder-path", str(args.rae)],
+                                             "indexed_rae", prefixes)
+        eval_dir = train_and_evaluate(out, tokenizer, prefixes, steps, scale, args)
+        results = run_trends(out, trends, tokenizer, prefixes, steps, scale, args, eval_dir, rae_prefixes)
+        report = write_report(out, out / "run", eval_dir, results)
+    # The same exits as `megafusion train`: a stop signal saved the run being trained, and
+    # the same command resumes it (finished stages are not redone).
+    except Preempted as err:
+        print(f"megafusion quickstart: {err}", file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
+    except NonFiniteError as err:
+        print(f"megafusion quickstart: {err}", file=sys.stderr)
+        return NON_FINITE_EXIT_CODE
+    except (ConfigError, CheckpointError) as err:
+        print(f"megafusion quickstart: {err}", file=sys.stderr)
+        return 2
     print(f"\n[quickstart] finished in {time.time() - started:.0f}s. Report: {report}")
     return 0
 

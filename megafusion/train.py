@@ -19,7 +19,6 @@ from megafusion.config import ConfigError, load_config, validate
 # Exit codes: 2 a config or run directory that cannot run (nothing changed), 3 NaN/inf in a
 # loss, gradients or a checkpoint about to be saved (the last checkpoint kept), 143 stopped
 # by SIGTERM/SIGINT/SIGUSR1 after saving a checkpoint, 130 a second Ctrl-C.
-NON_FINITE_EXIT_CODE = 3
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / Path(args.config).stem
 
         from megafusion.training.checkpoint import CheckpointError
+        from megafusion.training.guards import NON_FINITE_EXIT_CODE
         from megafusion.training.loop import NonFiniteError, train
 
         try:

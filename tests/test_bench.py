@@ -221,3 +221,15 @@ def test_summary_mfu_uses_this_gpus_peak_or_none():
     moe = summarize(records, moe_cfg, "cpu", "cpu", (0, "cpu_peak_rss"), 1, 2, 1, times,
                     ["megafusion.attention", "megafusion.data"])
     assert moe["time_split"]["moe_dispatch"] is None and moe["mfu"] is None
+
+
+def test_non_finite_gradients_exit_3_with_one_line(tmp_path):
+    """lr=1e30 blows the weights up: bench stops like `megafusion train` (exit 3), no traceback."""
+    cmd = [sys.executable, "-m", "megafusion.bench", str(CONFIGS / "tiny_text.yaml"), "--set", "optimizer.lr=1e30",
+           "--set", "optimizer.clip_grad=0", "--steps", "6", "--warmup", "0", "--profile-steps", "0",
+           "--out", str(tmp_path / "r.json")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    assert proc.returncode == 3, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert "non-finite" in proc.stderr.lower() and not (tmp_path / "r.json").exists()

@@ -85,3 +85,25 @@ def test_latents_comparison_without_transformers_is_refused_before_anything_runs
     assert exit_info.value.code == 2
     assert "pip install -e '.[rae]'" in capsys.readouterr().err
     assert not (tmp_path / "qs").exists()
+
+
+@pytest.mark.parametrize("error, code", [
+    ("preempted", 143), ("non_finite", 3), ("checkpoint", 2)])
+def test_training_stops_end_the_quickstart_with_trains_exit_codes(tmp_path, monkeypatch, capsys, error, code):
+    """A stop signal, a NaN or an unloadable checkpoint inside the quickstart's training is one
+    line and `megafusion train`'s exit code, not a traceback (it called train() directly)."""
+    from megafusion import quickstart
+    from megafusion.training.checkpoint import CheckpointError
+    from megafusion.training.guards import NonFiniteGradientError
+    from megafusion.training.preemption import Preempted
+
+    raised = {"preempted": Preempted("SIGTERM", 7), "non_finite": NonFiniteGradientError("NaN gradient at step 7"),
+              "checkpoint": CheckpointError("no checkpoint verifies")}[error]
+
+    def prepare_data(*args, **kwargs):
+        raise raised
+
+    monkeypatch.setattr(quickstart, "prepare_data", prepare_data)
+    assert quickstart.main(["--quick", "--out", str(tmp_path / "qs")]) == code
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [f"megafusion quickstart: {raised}"]

@@ -27,6 +27,10 @@ import torch
 import torch.distributed as dist
 
 
+# What `megafusion train` (and the quickstart, bench) exit with after a NonFiniteError.
+NON_FINITE_EXIT_CODE = 3
+
+
 class NonFiniteError(RuntimeError):
     """NaN or inf in a loss, a gradient or a tensor about to be saved; the run stops (exit 3)."""
 
