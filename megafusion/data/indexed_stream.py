@@ -107,6 +107,22 @@ class IndexedStream:
         """Packed sequence ``i``."""
         return self.mixture.sample(i)
 
+    def truncation_notes(self, paths: list[str]) -> list[str]:
+        """One line per source (``paths``: its prefix, in order) whose documents are longer than
+        a sequence: the packer truncates them, so their tail is never trained on (Megatron
+        would split them across sequences instead). Said at start, never silent."""
+        notes = []
+        for path, source in zip(paths, self.sources):
+            lengths = packed_lengths(source)
+            long = lengths > self.seq_len
+            if long.any():
+                lost = int((lengths[long] - self.seq_len).sum())
+                notes.append(f"data: {int(long.sum())} of {len(lengths)} documents of {path} are longer than "
+                             f"model.seq_length = {self.seq_len} and are truncated to it ({lost} of "
+                             f"{int(lengths.sum())} positions, {100 * lost / lengths.sum():.1f}%, never trained on); "
+                             "raise model.seq_length or split long documents before preprocessing")
+        return notes
+
 
 def packed_lengths(source: IndexedDocuments) -> np.ndarray:
     """[documents] int64: positions each document takes once packed, from the indexes alone.

@@ -132,6 +132,10 @@ def train(cfg: Config, run_dir: Path, profiler=None, watcher: PreemptionWatcher 
     try:
         transformer_config = build_transformer_config(cfg, env.device)
         provider = get_provider(cfg, transformer_config)
+        stream = getattr(provider, "stream", None)
+        if env.is_main and hasattr(stream, "truncation_notes"):
+            for note in stream.truncation_notes(cfg.data.paths):
+                print(f"[megafusion] {note}", flush=True)
         model_chunks = build_model_chunks(cfg, transformer_config, provider, env)
         optimizer = build_optimizer(cfg, model_chunks)
         scheduler = build_scheduler(cfg, optimizer)

@@ -238,3 +238,21 @@ def test_indexed_data_under_pipeline_and_data_parallelism_matches_one_process(co
         got = losses_by_step(tmp_path / layout)
         assert sorted(got) == [1, 2, 3]
         assert all(got[s] == pytest.approx(ref[s], abs=1e-5) for s in ref), (layout, got, ref)
+
+
+def test_documents_longer_than_a_sequence_are_reported_at_start(corpus, tmp_path):
+    """The packer truncates a document longer than model.seq_length; the run says so, with the
+    counts read independently from the dataset (megatron's reader), instead of dropping it silently."""
+    _, text, _ = corpus
+    seq_len = 24
+    lengths = np.array([len(doc) for doc in documents_on_disk(text)])
+    long = lengths > seq_len
+    assert long.any() and not long.all()  # the corpus has documents on both sides of 24 tokens
+    proc = run_train(tmp_path, "tiny_text.yaml", indexed_overrides(
+        corpus, f"model.seq_length={seq_len}", "train.steps=3", "logging.tensorboard=false"))
+    lost = int((lengths[long] - seq_len).sum())
+    assert (f"{int(long.sum())} of {len(lengths)} documents of {text} are longer than model.seq_length = "
+            f"{seq_len} and are truncated to it ({lost} of {int(lengths.sum())} positions") in proc.stdout
+    fits = run_train(tmp_path / "fits", "tiny_text.yaml", indexed_overrides(corpus, "train.steps=3",
+                                                                           "logging.tensorboard=false"))
+    assert "truncated" not in fits.stdout  # every document fits model.seq_length = 64
