@@ -26,6 +26,8 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
+from megafusion.training.checkpoint import unwrap
+
 
 # What `megafusion train` (and the quickstart, bench) exit with after a NonFiniteError.
 NON_FINITE_EXIT_CODE = 3
@@ -47,17 +49,11 @@ class NonFiniteCheckpointError(NonFiniteError):
     """A tensor about to be checkpointed is NaN or inf; the save was refused."""
 
 
-def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
-    while hasattr(chunk, "module"):
-        chunk = chunk.module
-    return chunk
-
-
 def named_parameters(model_chunks) -> Iterator[tuple[str, torch.nn.Parameter]]:
     """(name, parameter) of this rank's chunks, named as in checkpoints (``chunkI.`` with VPP)."""
     for i, chunk in enumerate(model_chunks):
         prefix = f"chunk{i}." if len(model_chunks) > 1 else ""
-        for name, param in _unwrap(chunk).named_parameters():
+        for name, param in unwrap(chunk).named_parameters():
             yield prefix + name, param
 
 
