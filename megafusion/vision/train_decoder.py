@@ -430,7 +430,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         result = train_decoder(cfg)
-    except (FileNotFoundError, ImportError) as err:  # a missing encoder/data path or optional dependency
+    # A missing encoder/data path or optional dependency, too few images, a refused checkpoint.
+    except (FileNotFoundError, ImportError, ValueError) as err:
         print(f"megafusion train-decoder: {err}", file=sys.stderr)
         return 2
     if int(os.environ.get("RANK", "0")) == 0:

@@ -130,7 +130,7 @@ class _Payload:
         return os.system, (self.command,)
 
 
-def test_resume_never_unpickles_code(encoder_dir, tmp_path):
+def test_resume_never_unpickles_code(encoder_dir, tmp_path, capsys):
     """Before: the resume read state.pt with torch.load(weights_only=False) and ran this."""
     run, marker = tmp_path / "run", tmp_path / "marker"
     (run / "checkpoints" / "step_00000003").mkdir(parents=True)
@@ -140,6 +140,12 @@ def test_resume_never_unpickles_code(encoder_dir, tmp_path):
                              checkpoint_every=3, heldout_images=4, stats_images=0, **TINY_DECODER)
     with pytest.raises(ValueError, match=r"state\.pt': refusing to unpickle 'posix\.system'"):
         train_decoder(cfg)
+    assert not marker.exists()
+    # The command says it in one line, exit 2.
+    assert main(["--encoder-path", str(encoder_dir), "--data", "synthetic", "--run-dir", str(run), "--steps", "6",
+                 "--batch-size", "4", "--heldout-images", "4"]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]  # after transformers' progress bars
+    assert line.startswith("megafusion train-decoder: '") and "refusing to unpickle 'posix.system'" in line
     assert not marker.exists()
 
 
