@@ -107,3 +107,27 @@ def test_training_stops_end_the_quickstart_with_trains_exit_codes(tmp_path, monk
     assert quickstart.main(["--quick", "--out", str(tmp_path / "qs")]) == code
     err = capsys.readouterr().err
     assert err.strip().splitlines() == [f"megafusion quickstart: {raised}"]
+
+
+# --------------------------------------------------------------------------- the recipe as data
+# The quickstart's training overrides as quickstart.py built them in Python before its recipe
+# moved to megafusion/configs/quickstart.yaml (commit c6552e1), on examples/configs/tiny_transfusion.yaml:
+# the reference the YAML must resolve to, field for field.
+def _reference_overrides(vocab: int, prefixes: dict, steps: int, device: str, tokenizer: str,
+                         data_weights: dict) -> list[str]:
+    paths = ", ".join(str(p) for p in prefixes.values())
+    weights = ", ".join(str(data_weights[name]) for name in prefixes)
+    return [
+        f"model.vocab_size={vocab}", "data.kind=indexed", f"data.paths=[{paths}]", f"data.weights=[{weights}]",
+        "diffusion.time_shift=10.0", "diffusion.loss_weight=10.0", "diffusion.clean_fraction=1.0",
+        "diffusion.clean_t_max=0.25", "model.image_positions=3d", "model.time_conditioning=additive",
+        "model.frame_positions=1d", "model.patch_positions=learned", "model.patch_position_init_std=3.0",
+        "diffusion.frame_clean_fraction=0.5", "model.frame_conditioning=window", "model.action_conditioning=embedding",
+        "diffusion.frame_time_shift=30.0", "model.hidden_size=128", "model.ffn_hidden_size=256",
+        "train.global_batch_size=8", "train.micro_batch_size=8", f"data.tokenizer={tokenizer}",
+        "vision.image_size=32", "vision.patch_size=8", f"train.steps={steps}", f"train.device={device}",
+        f"checkpoint.every={max(steps // 2, 1)}",
+    ]
+
+
+REFERENCE_WEIGHTS = {"text": 0.5, "image_text": 4.0, "vqa": 1.0, "video": 0.3, "action_video": 1.0}
