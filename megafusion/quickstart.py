@@ -15,7 +15,9 @@ Stages (each prints its progress; artifacts land under ``--out``):
    the whole world.
 2. ``data/tokenizer.model``: a sentencepiece tokenizer with megafusion's special tokens.
 3. ``data/indexed/``: indexed datasets made by the preprocessing tool (pixel latents).
-4. ``run/``: a tiny Transfusion model trained on them with ``megafusion train``.
+4. ``run/``: a tiny Transfusion model trained on them with ``megafusion train``'s trainer,
+   configured by the recipe ``megafusion/configs/quickstart.yaml`` (also
+   ``examples/configs/quickstart.yaml``) plus the run's data, steps and device.
 5. ``eval/``: the exact ShapesWorld evaluations of that model, then ``report.md`` with
    loss curves per modality, a sample grid and the evaluation table (each figure next to
    its chance level).
@@ -38,8 +40,15 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-REPO_CONFIGS = Path(__file__).resolve().parents[1] / "examples" / "configs"
+if TYPE_CHECKING:
+    from megafusion.config import Config
+    from megafusion.eval.cli import EvalOptions
+
+# The training recipe: a config file shipped in the package (examples/configs/quickstart.yaml
+# links to it), so that an installed megafusion finds it without the repository.
+RECIPE = "configs/quickstart.yaml"
 
 
 @dataclass(frozen=True)
@@ -55,8 +64,8 @@ class Scale:
     eval_ode_steps: int  # ODE steps per generated image / frame
     planning_candidates: int
     planning_n: int  # planning tasks (each rolls out every candidate: the slowest evaluation)
-    # Prompts of the generation evaluation: strict correctness has a chance level near 0.006,
-    # so 48 prompts cannot tell one correct image from luck; 192 take ~17 s on 2 CPU cores.
+    # Prompts of the generation evaluation: its strict correctness has a chance level near
+    # 0.006, so it needs more items than the others to tell a correct image from luck.
     generation_n: int
     # The RAE of the latents comparison (built when no --rae is given): encoder pretraining
     # and decoder training steps.
@@ -69,22 +78,16 @@ SCALES = {
                    planning_candidates=2, planning_n=4, generation_n=4, rae_encoder_steps=10, rae_decoder_steps=10),
     "default": Scale(n_text=4000, n_image=8000, n_video=1000, n_action=2000, steps=2600, eval_n=48,
                      eval_ode_steps=10, planning_candidates=4, planning_n=24, generation_n=192),
-    # 10 ODE steps at full scale too: 20 drew no more correct images than 10 (0.34 against
-    # 0.39 strict, seed 0) and take twice the time.
+    # 10 ODE steps at full scale too: 20 drew no more correct images and take twice the time.
     "full": Scale(n_text=8000, n_image=16000, n_video=2000, n_action=4000, steps=8000, eval_n=64,
                   eval_ode_steps=10, planning_candidates=8, planning_n=64, generation_n=256),
 }
 IMAGE_SIZE, PATCH_SIZE = 32, 8
-BATCH_SIZE = 8  # sequences of model.seq_length (256) tokens per step
 # Sampling at evaluation. The run's training shifts (10 for images, 30 for frames) put too
 # few of the 10 ODE steps near pure noise, where this tiny model decides which cell a shape
-# fills and where the agent goes; guidance (3.0) made shapes of two colours. With guidance
-# off and both shifts at 100, on the quickstart runs of seeds 0/1/2 (2600 steps): strict
-# generation 0.21/0.10/0.24 -> 0.39/0.31/0.54 (right count 0.54/0.45/0.73 -> 0.54/0.67/0.73),
-# agent position 0.56/0.42/0.48 -> 0.65/0.67/0.56, rollout MSE 0.0063/0.0169/0.0121 ->
-# 0.0049/0.0057/0.0065, planning 0.67/0.58/0.58 -> 0.79/0.62/0.67; and evaluation takes half
-# the time (no unconditional pass). Spending that time on 2900 training steps did not help
-# (seed 2: caption F1 0.46 -> 0.16, VQA 0.64 -> 0.51).
+# fills and where the agent goes; guidance made shapes of two colours. Guidance off and both
+# shifts at 100 scored better on every evaluation and take half the time (no unconditional
+# pass). Measurements: docs/results.md.
 EVAL_CFG = 1.0  # classifier-free guidance scale of generated images and frames
 EVAL_SHIFT = 100.0  # time shift of the ODE grid of images and of frames
 # indexed dataset name -> (raw file key of write_dataset, preprocessing kind, extra arguments)
@@ -95,12 +98,10 @@ DATASETS = {
     "video": ("video", "video", []),
     "action_video": ("action_video", "action-video", []),
 }
-# Mixture weights of the datasets above (documents drawn per source). image_text 4.0 (was
-# 2.0, with 4500 steps instead of 3500): caption F1 0.07 -> 0.56, VQA 0.50 -> 0.78, planning
-# 0.29 -> 0.54 (chance 0.37) on 48 held-out items, in one comparison each. action_video 1.0
-# (was 0.5; with the 3x3 frame window and the action input, seed 0, 3000 steps): the agent
-# moved in 1 of 29 first predicted frames at 0.5 and agent position was 0.19, at 1.0 it was
-# 0.52 (copying the last frame 0.29), at 2.0 0.74 but strict generation fell to 0.005.
+# Mixture weights of the datasets above (documents drawn per source; the recipe's data.weights).
+# Image-caption data weighed most: captioning, VQA and planning all read images. Action video
+# at 1.0: at 0.5 the agent hardly moved in predicted frames, at 2.0 generated images got
+# worse. Measurements: docs/results.md.
 DATA_WEIGHTS = {"text": 0.5, "image_text": 4.0, "vqa": 1.0, "video": 0.3, "action_video": 1.0}
 
 
@@ -197,9 +198,8 @@ def build_rae(out: Path, scale: Scale, world: str, seed: int, device: str) -> Pa
     run = out / "rae" / "decoder"
     steps = scale.rae_decoder_steps
     # A 4-layer decoder, 128 wide, and noise augmentation tau 0.2 (the RAE paper's 0.8 is for
-    # 768-wide DINOv2 features). The detector parsed reconstructions of 128 held-out images
-    # of the simple world exactly: 100% after 3000 steps (25.3 dB), 90% after 2000 (23.3 dB);
-    # tau 0.8 and 1000 steps: 16% (18.0 dB).
+    # 768-wide DINOv2 features); 3000 steps make reconstructions the detector parses exactly
+    # (docs/results.md).
     cfg = DecoderTrainConfig(
         encoder_path=str(encoder), data=str(out / "data" / "raw" / "images"), run_dir=str(run), image_size=IMAGE_SIZE,
         decoder_hidden_size=128, decoder_depth=4, decoder_heads=4, steps=steps, batch_size=32, lr=1e-3,
@@ -223,105 +223,58 @@ def rae_summary(out: Path) -> list[str]:
                 f"trained for {d['steps']} steps (held-out PSNR {d['heldout_psnr_final']:.1f} dB)."]
 
 
-def train_overrides(tokenizer: Path, prefixes: dict[str, Path], steps: int, device: str,
-                    data_weights: dict[str, float] | None = None) -> list[str]:
+def recipe_tree() -> dict:
+    """The quickstart's training recipe (``megafusion/configs/quickstart.yaml``) as a mapping."""
+    from importlib.resources import as_file, files
+
+    from megafusion.settings import read_yaml
+
+    with as_file(files("megafusion") / RECIPE) as path:
+        return read_yaml(path)
+
+
+def run_overrides(tokenizer: Path, prefixes: dict[str, Path], steps: int, device: str,
+                  data_weights: dict[str, float] | None = None) -> list[str]:
+    """The recipe's per-run keys as ``--set`` overrides: the prepared data, its tokenizer and
+    sizes, the number of steps and the device."""
     from megafusion.data.tokenizer import Tokenizer
+    from megafusion.settings import yaml_value
 
     data_weights = data_weights or DATA_WEIGHTS
-    paths = ", ".join(str(p) for p in prefixes.values())
-    weights = ", ".join(str(data_weights[name]) for name in prefixes)
     vocab = -(-Tokenizer(tokenizer).vocab_size // 64) * 64  # padded: divisible by any small TP
     return [
         f"model.vocab_size={vocab}",
-        "data.kind=indexed",
-        f"data.paths=[{paths}]",
-        f"data.weights=[{weights}]",
-        # Shift the noise schedule towards noise: the 'auto' shift of 16 x 192 pixel latents
-        # is below 1 and made denoising too easy (planning success 0.25 -> 0.56, chance 0.28,
-        # in one 1500-step comparison). 10 rather than 3: which cell a shape fills is decided
-        # near pure noise, as the agent's move is (below); at data seeds 0/1/2 (with frames
-        # at 30) strict generation 0.30/0/0.03 -> 0.35/0.31/0.39 (chance 0.007), right count
-        # 0.46/0.01/0.10 -> 0.67/0.70/0.67, agent 0.20/0.12/0.07 -> 0.23/0.15/0.10, planning
-        # 0.38/0.46/0.25 -> 0.58/0.50/0.42 (chance 0.36), caption F1 0.64/0.49/0.46 ->
-        # 0.52/0.59/0.58, VQA 0.73/0.70/0.66 -> 0.78/0.77/0.52, colour+shape 0.55/0.70/0.40
-        # -> 0.48/0.38/0.47.
-        "diffusion.time_shift=10.0",
-        # Images that condition text (captioning, VQA) and frames that condition later frames
-        # are always nearly clean (t <= 0.25), as at evaluation, where they are clean: with
-        # Transfusion's 20% most of them were mostly noise and the text after an image could
-        # not read it. 3-D RoPE (time, row, column): VQA 0.31 -> 0.45 (chance 0.32) in an
-        # 800-step comparison (together with AdaLN time conditioning, since dropped: below).
-        # Flow loss weighed 10 (not 3) against text: generated images drew each asked
-        # colour+shape 0.33 -> 0.67 of the time (chance 0.06), cell right 0.08 -> 0.17
-        # (chance 0.02), in a 3500-step comparison; VQA and planning did not suffer.
-        "diffusion.loss_weight=10.0",
-        "diffusion.clean_fraction=1.0",
-        "diffusion.clean_t_max=0.25",
-        "model.image_positions=3d",
-        # Additive time conditioning, not AdaLN: evaluated as below (guidance off, shifts
-        # 100), at data seeds 0/1/2, strict generation 0.39/0.31/0.54 -> 0.99/1.00/0.97, caption F1
-        # 0.68/0.52/0.46 -> 0.77/0.85/0.77, VQA 0.75/0.72/0.64 -> 0.77/0.80/0.79, agent position 0.65/0.67/0.56 ->
-        # 0.81/0.80/0.74, rollout MSE 0.0049/0.0057/0.0065 -> 0.0039/0.0034/0.0038, planning 0.79/0.62/0.67 -> 0.46/0.75/0.67;
-        # and steps take 10% less time (130 ms against 144 ms).
-        "model.time_conditioning=additive",
-        # The frame after an action is mostly the frame before it, but the model never
-        # copied it: in 3-D RoPE every patch of a frame shares the time angle and rows/columns
-        # get only the lowest frequencies of a 16-wide head, so "the same place one frame
-        # back" was invisible (its x-prediction from pure noise was no better with the true
-        # context than with another clip's). Frames on 1-D RoPE (a fixed offset back), a
-        # learned patch position and half the context frames trained from noise too (at 1.0
-        # only a clip's last frame was) made it copy: rollout MSE 0.066 -> 0.024 (copying the
-        # last frame 0.013), agent position 0.043 -> 0.094 (chance 0.0625), caption F1 0.17 ->
-        # 0.19, VQA 0.64 -> 0.62, on 64 held-out items each. Images stay on 3-D RoPE: 1-D
-        # images read worse (caption F1 0.07, VQA 0.54).
-        "model.frame_positions=1d",
-        "model.patch_positions=learned",
-        # A patch's input is mostly noise at high flow times; a position embedding drawn at
-        # init_std (0.02) was drowned by it and patches never learned which caption words
-        # describe their cell. Drawn at 3.0, on image-caption data alone (1500 steps): loss at
-        # t >= 0.9 0.144 -> 0.108, generated images with the right count 0.06 -> 0.31.
-        "model.patch_position_init_std=3.0",
-        "diffusion.frame_clean_fraction=0.5",
-        # Each frame patch also embeds the clean patch at its place one frame back, so what
-        # stays put is copied without attention, and width 128 (3000 steps in the time of
-        # 4500 at width 64). Against 64-wide, 4500 steps, at data seeds 0/1/2: rollout MSE
-        # 0.040/0.029/0.036 -> 0.021/0.017/0.017, agent position 0.047/0.073/0.083 ->
-        # 0.099/0.052/0.125 (chance 0.0625), caption F1 0.56/0.26/0.14 -> 0.39/0.51/0.44,
-        # strict generation 0/0.15/0 -> 0.016/0.016/0.010 (chance 0.007); VQA 0.78/0.72/0.65
-        # -> 0.68/0.77/0.64. Width 64 with the frame input alone drew fewer asked shapes.
-        # The 3x3 window of patches around that place and the action (the mean embedding of
-        # the text since the frame before) as inputs of each frame patch: with the patch alone
-        # the agent never moved (0 of 29 first predicted frames where it should; all of its
-        # accuracy came from clips where it stays), as finding the neighbour it moves from and
-        # the latest of several actions by attention was beyond 2 layers. Action video alone
-        # (64 wide, 1000 steps): moves right 0 -> 0.28, agent position 0.146 -> 0.208. The
-        # window costs about 10% more per step (hence 2600 steps, not 3000).
-        "model.frame_conditioning=window",
-        "model.action_conditioning=embedding",
-        # Frames on their own, larger time shift: the next frame is mostly the frame before,
-        # so only near pure noise must the model read the action to place the agent, and at
-        # shift 3 few frames were trained there (action-video-only, 4 layers, 1000 steps:
-        # agent position 0.083 at shift 3, 0.198 at 10, 0.271 at 30, 0.214 at 100). In the
-        # full mix at seed 0 (against shift 3, same data and machine): agent 0.109 -> 0.203,
-        # rollout MSE 0.0217 -> 0.0121 (copying the last frame 0.0136), strict generation
-        # 0.141 -> 0.297, caption F1 0.52 -> 0.64, VQA 0.73 -> 0.73, planning 0.38 -> 0.38.
-        # Seeds 1/2: rollout MSE 0.0123/0.0122 (was 0.017/0.017), agent 0.120/0.068 (was
-        # 0.052/0.125). 4 layers instead of 2 (seed 2, 2000 steps): agent 0.130, but its
-        # steps take 1.7x as long.
-        "diffusion.frame_time_shift=30.0",
-        "model.hidden_size=128",
-        "model.ffn_hidden_size=256",
-        # The whole batch in one micro-batch: the same gradient, 1.5x the steps per second
-        # on 2 CPU cores (a tiny model's step is mostly per-call overhead).
-        f"train.global_batch_size={BATCH_SIZE}",
-        f"train.micro_batch_size={BATCH_SIZE}",
-        f"data.tokenizer={tokenizer}",
+        f"data.paths={yaml_value([str(p) for p in prefixes.values()])}",
+        f"data.weights={yaml_value([float(data_weights[name]) for name in prefixes])}",
+        f"data.tokenizer={yaml_value(str(tokenizer))}",
         f"vision.image_size={IMAGE_SIZE}",
         f"vision.patch_size={PATCH_SIZE}",
         f"train.steps={steps}",
         f"train.device={device}",
         f"checkpoint.every={max(steps // 2, 1)}",
     ]
+
+
+def train_overrides(tokenizer: Path, prefixes: dict[str, Path], steps: int, device: str,
+                    data_weights: dict[str, float] | None = None) -> list[str]:
+    """The quickstart's whole training config as ``--set`` overrides (recipe, then per-run keys):
+    ``load_config(None, train_overrides(...))`` is :func:`training_config`'s config."""
+    from megafusion.config import Config
+    from megafusion.settings import as_overrides
+
+    return as_overrides(recipe_tree(), Config) + run_overrides(tokenizer, prefixes, steps, device, data_weights)
+
+
+def training_config(tokenizer: Path, prefixes: dict[str, Path], steps: int, device: str,
+                    data_weights: dict[str, float] | None = None,
+                    overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """The config a quickstart run trains with: the recipe file, its per-run keys, then ``overrides``."""
+    from importlib.resources import as_file, files
+
+    from megafusion.config import load_config
+
+    with as_file(files("megafusion") / RECIPE) as path:
+        return load_config(path, run_overrides(tokenizer, prefixes, steps, device, data_weights) + list(overrides))
 
 
 def secondary_metrics(name: str, result: dict) -> list[tuple[str, float, str, str]]:
@@ -448,30 +401,37 @@ TRENDS = {
 def train_and_evaluate(out: Path, tokenizer: Path, prefixes: dict[str, Path], steps: int, scale: Scale, args,
                        overrides: tuple[str, ...] = (), weights: dict | None = None, stage: str = "") -> Path | None:
     """Trains a run under ``out/run`` and evaluates it under ``out/eval``; returns the eval dir (None on failure)."""
-    from megafusion.config import load_config, validate
-    from megafusion.eval import cli as eval_cli
+    from megafusion.config import validate
+    from megafusion.eval.cli import EvalError, evaluate_run
     from megafusion.training.loop import train
 
     started = _stage(4, f"{stage}train a tiny Transfusion model for {steps} steps -> {out / 'run'}")
-    cfg = load_config(REPO_CONFIGS / "tiny_transfusion.yaml",
-                      train_overrides(tokenizer, prefixes, steps, args.device, weights) + list(args.overrides)
-                      + list(overrides))
+    cfg = training_config(tokenizer, prefixes, steps, args.device, weights, [*args.overrides, *overrides])
     validate(cfg, world_size=1)
     run_dir = out / "run"
     train(cfg, run_dir)
     _done(started)
     started = _stage(5, f"{stage}evaluate -> {out / 'eval'}")
     eval_dir = out / "eval"
-    scale_args = ["--n", str(scale.eval_n), "--steps", str(scale.eval_ode_steps),
-                  "--planning-candidates", str(scale.planning_candidates), "--planning-n", str(scale.planning_n),
-                  "--generation-n", str(scale.generation_n),
-                  "--cfg", str(args.cfg), "--shift", str(args.shift), "--frame-shift", str(args.frame_shift),
-                  "--world", str(args.manifest)]
-    if eval_cli.main(["--run-dir", str(run_dir), "--out", str(eval_dir), *scale_args]) != 0:
+    try:
+        evaluate_run(eval_options(run_dir, eval_dir, scale, args))
+    except EvalError as err:
+        print(f"megafusion eval: {err}", file=sys.stderr)
         print("[quickstart] evaluation failed; the report has the training part only", file=sys.stderr)
         eval_dir = None
     _done(started)
     return eval_dir
+
+
+def eval_options(run_dir: Path, eval_dir: Path, scale: Scale, args) -> EvalOptions:
+    """How the quickstart evaluates a run: the scale's sizes, its sampling (``--cfg``, ``--shift``,
+    ``--frame-shift``) and the world its data was drawn from."""
+    from megafusion.eval.cli import EvalOptions
+
+    return EvalOptions(run_dir=str(run_dir), out=str(eval_dir), n=scale.eval_n, steps=scale.eval_ode_steps,
+                       planning_candidates=scale.planning_candidates, planning_n=scale.planning_n,
+                       generation_n=scale.generation_n, cfg=args.cfg, shift=args.shift,
+                       frame_shift=args.frame_shift, world=str(args.manifest))
 
 
 def run_trends(out: Path, names: list[str], tokenizer: Path, prefixes: dict[str, Path], steps: int, scale: Scale,

@@ -131,3 +131,89 @@ def _reference_overrides(vocab: int, prefixes: dict, steps: int, device: str, to
 
 
 REFERENCE_WEIGHTS = {"text": 0.5, "image_text": 4.0, "vqa": 1.0, "video": 0.3, "action_video": 1.0}
+
+
+class _FakeTokenizer:
+    """Stands for the trained sentencepiece model: only its vocabulary size is read."""
+
+    def __init__(self, path):
+        self.vocab_size = 500  # padded to 512, as the quickstart's trained tokenizer
+
+
+def _variants_and_runs():
+    from megafusion.quickstart import MOE, SCALES, _image_only_weights
+
+    image_only, _ = _image_only_weights()
+    return [  # (steps, device, data weights, --set of the user, variant overrides)
+        (SCALES["default"].steps, "auto", None, (), ()),
+        (SCALES["quick"].steps, "cpu", None, (), ()),
+        (SCALES["full"].steps, "cuda", None, ("model.hidden_size=64",), ()),
+        (5, "cpu", image_only, (), ()),
+        (6, "cpu", None, (), MOE),
+        (6, "cpu", None, (), ("vision.representation=rae", "vision.path=/some/rae")),
+    ]
+
+
+@pytest.mark.parametrize("case", range(6))
+def test_recipe_yaml_resolves_to_the_quickstarts_config_of_before(case, monkeypatch):
+    """megafusion/configs/quickstart.yaml, with the per-run keys, gives the very config the
+    quickstart trained with when its overrides were Python strings (every field)."""
+    import megafusion.data.tokenizer
+    from megafusion import quickstart
+    from megafusion.config import load_config
+
+    from conftest import CONFIGS
+
+    monkeypatch.setattr(megafusion.data.tokenizer, "Tokenizer", _FakeTokenizer)
+    steps, device, weights, user, variant = _variants_and_runs()[case]
+    prefixes = {name: Path(f"/data/indexed/{name}") for name in quickstart.DATASETS}
+    tokenizer = Path("/data/tokenizer.model")
+    reference = load_config(CONFIGS / "tiny_transfusion.yaml",
+                            _reference_overrides(512, prefixes, steps, device, str(tokenizer),
+                                                 weights or REFERENCE_WEIGHTS) + [*user, *variant]).to_dict()
+    assert quickstart.DATA_WEIGHTS == REFERENCE_WEIGHTS
+    built = quickstart.training_config(tokenizer, prefixes, steps, device, weights, [*user, *variant])
+    assert built.to_dict() == reference
+    # the same config as --set strings only (what train_overrides gives other tests)
+    as_sets = quickstart.train_overrides(tokenizer, prefixes, steps, device, weights) + [*user, *variant]
+    assert load_config(None, as_sets).to_dict() == reference
+
+
+def test_recipe_ships_in_the_package_and_examples_links_it():
+    """The quickstart reads its recipe from the installed package (not the repository's
+    examples/), and pyproject ships it; examples/configs/quickstart.yaml is the same file."""
+    import tomllib
+    from fnmatch import fnmatch
+
+    from megafusion import quickstart
+
+    packaged = REPO / "megafusion" / quickstart.RECIPE
+    assert packaged.is_file()
+    assert (REPO / "examples" / "configs" / "quickstart.yaml").read_bytes() == packaged.read_bytes()
+    package_data = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    assert any(fnmatch(quickstart.RECIPE, pattern) for pattern in package_data["megafusion"])
+    assert "parents[" not in Path(quickstart.__file__).read_text()  # no path out of the package into the repo
+    assert quickstart.recipe_tree()["model"]["kind"] == "transfusion"
+
+
+def test_quickstart_evaluates_with_the_arguments_it_passed_to_the_eval_cli():
+    """eval_options() are exactly what `megafusion eval` made of the quickstart's former flags."""
+    import argparse
+
+    from megafusion import quickstart
+    from megafusion.eval.cli import EvalOptions, build_parser
+
+    args = argparse.Namespace(cfg=quickstart.EVAL_CFG, shift=quickstart.EVAL_SHIFT, frame_shift=quickstart.EVAL_SHIFT,
+                              manifest=Path("/qs/data/raw/manifest.json"))
+    for name, scale in quickstart.SCALES.items():
+        for cfg, shift, frame_shift in ((args.cfg, args.shift, args.frame_shift), (3.0, 7.5, 20.0)):
+            args.cfg, args.shift, args.frame_shift = cfg, shift, frame_shift
+            run_dir, eval_dir = Path("/qs/run"), Path("/qs/eval")
+            before = ["--run-dir", str(run_dir), "--out", str(eval_dir),
+                      "--n", str(scale.eval_n), "--steps", str(scale.eval_ode_steps),
+                      "--planning-candidates", str(scale.planning_candidates), "--planning-n", str(scale.planning_n),
+                      "--generation-n", str(scale.generation_n),
+                      "--cfg", str(args.cfg), "--shift", str(args.shift), "--frame-shift", str(args.frame_shift),
+                      "--world", str(args.manifest)]
+            expected = EvalOptions.from_args(build_parser().parse_args(before))
+            assert quickstart.eval_options(run_dir, eval_dir, scale, args) == expected, name

@@ -27,15 +27,18 @@ written as ``{"skipped": "not trained on this modality: ..."}``, never silently 
 Writes ``OUT/metrics.json`` (every result, and ``headlines``: one figure per evaluation with
 its chance level), sample grids ``OUT/*.png``, and TensorBoard scalars ``eval/...`` at the
 checkpoint's step under ``RUN_DIR/tensorboard``.
+
+From Python: ``evaluate_run(EvalOptions(run_dir=RUN, out=OUT, n=32))`` (one field per flag).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -318,40 +321,108 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    only = None if args.only is None else tuple(x.strip() for x in args.only.split(",") if x.strip())
-    if only is not None and (not only or set(only) - set(EVALUATIONS)):
-        print(f"megafusion eval: --only {args.only}: choose from {', '.join(EVALUATIONS)}", file=sys.stderr)
-        return 2
-    if args.n < 2 or (args.generation_n is not None and args.generation_n < 2):
-        print("megafusion eval: --n and --generation-n must be >= 2 (chance levels compare items with each other)",
-              file=sys.stderr)
-        return 2
+class EvalError(ValueError):
+    """Options ``megafusion eval`` refuses, or a run it cannot load (the CLI: one line, exit 2)."""
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """What ``megafusion eval`` does, as typed fields: one per command-line flag (``--planning-n``
+    is ``planning_n``; ``--sampler`` is ``sampler``, ``--no-tensorboard`` is ``tensorboard=False``).
+    Checked on construction: invalid values raise :class:`EvalError`."""
+
+    run_dir: str | Path
+    out: str | Path | None = None      # default: RUN_DIR/eval/step_NNNNNNNN
+    step: int | None = None            # checkpoint step; default: the latest
+    n: int = 32                        # items per evaluation
+    steps: int = 25                    # ODE steps per image or frame
+    sampler: str = "euler"             # euler | heun
+    cfg: float = 3.0                   # classifier-free guidance scale (1 = off)
+    shift: float | None = None         # time shift of the image ODE grid; None: the run's
+    frame_shift: float | None = None   # the same for video frames
+    planning_candidates: int = 8
+    planning_n: int | None = None      # planning tasks; default: n
+    generation_n: int | None = None    # prompts of the generation evaluation; default: n
+    seed: int = 0
+    world: str | Path | None = None    # the data's manifest.json (or WorldConfig JSON); default: the run's world
+    only: tuple[str, ...] | None = None  # run just these of EVALUATIONS; None: all
+    device: str | None = None          # cpu | cuda | auto; default: the run's train.device
+    tensorboard: bool = True           # also write eval/... scalars under RUN_DIR/tensorboard
+
+    def __post_init__(self) -> None:
+        if self.only is not None:
+            object.__setattr__(self, "only", tuple(self.only))
+            if not self.only or set(self.only) - set(EVALUATIONS):
+                raise EvalError(f"--only {','.join(self.only)}: choose from {', '.join(EVALUATIONS)}")
+        if self.n < 2 or (self.generation_n is not None and self.generation_n < 2):
+            raise EvalError("--n and --generation-n must be >= 2 (chance levels compare items with each other)")
+        if self.steps < 1:
+            raise EvalError(f"--steps {self.steps}: must be an integer >= 1 (ODE steps per image or frame)")
+        if self.sampler not in ("euler", "heun"):
+            raise EvalError(f"--sampler {self.sampler}: choose from euler, heun")
+        if self.planning_candidates < 2:
+            raise EvalError(f"--planning-candidates {self.planning_candidates}: must be >= 2 "
+                            "(one candidate is always the true plan)")
+        if self.planning_n is not None and self.planning_n < 1:
+            raise EvalError(f"--planning-n {self.planning_n}: must be >= 1")
+        for name in ("shift", "frame_shift"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise EvalError(f"--{name.replace('_', '-')} {value}: must be a time shift > 0 (1 = no shift)")
+        if not math.isfinite(self.cfg):
+            raise EvalError(f"--cfg {self.cfg}: must be a finite guidance scale (1 = off)")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> EvalOptions:
+        """The options of parsed ``megafusion eval`` flags (:func:`build_parser`)."""
+        only = None if args.only is None else tuple(x.strip() for x in args.only.split(",") if x.strip())
+        if only == ():
+            raise EvalError(f"--only {args.only}: choose from {', '.join(EVALUATIONS)}")
+        return cls(run_dir=args.run_dir, out=args.out, step=args.step, n=args.n, steps=args.steps,
+                   sampler=args.sampler, cfg=args.cfg, shift=args.shift, frame_shift=args.frame_shift,
+                   planning_candidates=args.planning_candidates, planning_n=args.planning_n,
+                   generation_n=args.generation_n, seed=args.seed, world=args.world, only=only,
+                   device=args.device, tensorboard=not args.no_tensorboard)
+
+
+def evaluate_run(options: EvalOptions) -> dict:
+    """``megafusion eval`` as a function: loads the run, runs the evaluations, writes
+    ``metrics.json`` (and TensorBoard scalars); returns the metrics. A run that cannot be loaded
+    raises :class:`EvalError`; failures during the evaluations propagate."""
     from megafusion.inference.loading import close, load_run
 
     try:
-        loaded = load_run(args.run_dir, args.step, args.device)
+        loaded = load_run(str(options.run_dir), options.step, options.device)
     except (FileNotFoundError, ValueError) as err:
-        print(f"megafusion eval: {err}", file=sys.stderr)
-        return 2
+        raise EvalError(str(err)) from err
     try:
         gen = Generator.from_run(loaded)
-        if args.world is not None:
-            gen.world_config = load_world_config(args.world)
-        out = Path(args.out) if args.out else Path(args.run_dir) / "eval" / f"step_{loaded.step:08d}"
-        opts = SamplingOptions(steps=args.steps, method=args.sampler, cfg_scale=args.cfg, seed=args.seed,
-                               shift=args.shift, frame_shift=args.frame_shift)
-        metrics = evaluate(gen, loaded.cfg, out, args.n, opts, args.planning_candidates, planning_n=args.planning_n,
-                           caption_first_prob=getattr(loaded.provider.stream, "caption_first_prob", 0.8), only=only,
-                           generation_n=args.generation_n)
-        metrics.update(run_dir=str(args.run_dir), step=loaded.step)
+        if options.world is not None:
+            gen.world_config = load_world_config(options.world)
+        out = Path(options.out) if options.out else Path(options.run_dir) / "eval" / f"step_{loaded.step:08d}"
+        opts = SamplingOptions(steps=options.steps, method=options.sampler, cfg_scale=options.cfg, seed=options.seed,
+                               shift=options.shift, frame_shift=options.frame_shift)
+        metrics = evaluate(gen, loaded.cfg, out, options.n, opts, options.planning_candidates,
+                           planning_n=options.planning_n,
+                           caption_first_prob=getattr(loaded.provider.stream, "caption_first_prob", 0.8),
+                           only=options.only, generation_n=options.generation_n)
+        metrics.update(run_dir=str(options.run_dir), step=loaded.step)
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        if not args.no_tensorboard:
-            write_tensorboard(metrics, Path(args.run_dir), loaded.step)
+        if options.tensorboard:
+            write_tensorboard(metrics, Path(options.run_dir), loaded.step)
         print(f"[eval] wrote {out / 'metrics.json'}")
     finally:
         close()
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        evaluate_run(EvalOptions.from_args(args))
+    except EvalError as err:
+        print(f"megafusion eval: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -1,6 +1,7 @@
 """``megafusion train-decoder``: train the RAE's ViT decoder on frozen encoder features.
 
-    megafusion train-decoder --encoder-path DIR --data FOLDER|shapes|synthetic --run-dir RUN [--config FILE]
+    megafusion train-decoder --encoder-path DIR --data FOLDER|shapes|synthetic --run-dir RUN \
+        [--config FILE] [--set key=value ...]
     torchrun --nproc_per_node N -m megafusion.vision.train_decoder ...   (data parallel; gloo on CPU)
 
 Each step: encode a batch with the frozen encoder, add RAE noise augmentation to the latents
@@ -398,6 +399,9 @@ def train_decoder(cfg: DecoderTrainConfig, encoder: nn.Module | None = None) -> 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="megafusion train-decoder", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", help="YAML file whose keys are the fields below (flags override it)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field, as `megafusion train --set` (repeatable; after --config and the flags), "
+                        "e.g. --set noise_tau=0.5")
     for f in dataclasses.fields(DecoderTrainConfig):
         kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "str")
         conv = int if "int" in kind else float if "float" in kind else str
@@ -406,19 +410,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(argv: list[str] | None) -> DecoderTrainConfig:
-    args = _parser().parse_args(argv)
-    values: dict[str, Any] = {}
-    if args.config:
-        import yaml
+    """``--config`` YAML, then the flags, then ``--set`` overrides, read as ``megafusion train``
+    reads its config (:func:`megafusion.settings.load_dataclass`: typed, unknown keys refused)."""
+    from megafusion.settings import load_dataclass
 
-        loaded = yaml.safe_load(Path(args.config).read_text()) or {}
-        known = {f.name for f in dataclasses.fields(DecoderTrainConfig)}
-        unknown = sorted(set(loaded) - known)
-        if unknown:
-            raise ValueError(f"{args.config}: unknown train-decoder keys {unknown}; known: {sorted(known)}")
-        values.update(loaded)
-    values.update({k: v for k, v in vars(args).items() if k != "config" and v is not None})
-    return DecoderTrainConfig(**values)
+    args = _parser().parse_args(argv)
+    flags = {k: v for k, v in vars(args).items() if k not in ("config", "overrides") and v is not None}
+    return load_dataclass(DecoderTrainConfig, args.config, args.overrides, flags)
 
 
 def main(argv: list[str] | None = None) -> int:

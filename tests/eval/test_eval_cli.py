@@ -87,6 +87,41 @@ def test_only_runs_the_requested_evaluations(run_dir, tmp_path):
     assert main(["--run-dir", str(run_dir), "--out", str(out), "--only", "world_models"]) == 2  # a typo is an error
 
 
+def test_evaluate_run_is_the_cli_as_a_typed_function(run_dir, tmp_path):
+    """evaluate_run(EvalOptions(...)) does what the flags do, returns the metrics it writes."""
+    from megafusion.eval.cli import EvalOptions, evaluate_run
+
+    out = tmp_path / "eval"
+    metrics = evaluate_run(EvalOptions(run_dir=run_dir, out=out, n=2, steps=1, only=("perplexity",),
+                                       tensorboard=False))
+    assert set(metrics["headlines"]) == {"perplexity"} and metrics["step"] == 2
+    assert json.loads((out / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
+
+
+def test_eval_options_mirror_the_flags_and_refuse_what_the_cli_refuses(tmp_path, capsys):
+    from megafusion.eval.cli import EvalError, EvalOptions, build_parser, evaluate_run, main
+
+    # every field's default is the flag's default
+    assert EvalOptions.from_args(build_parser().parse_args(["--run-dir", "r"])) == EvalOptions(run_dir="r")
+    flags = ["--run-dir", "r", "--out", "o", "--step", "4", "--n", "5", "--steps", "3", "--sampler", "heun",
+             "--cfg", "1.5", "--shift", "2", "--frame-shift", "4", "--planning-candidates", "3", "--planning-n", "2",
+             "--generation-n", "6", "--seed", "7", "--world", "m.json", "--only", "vqa, perplexity",
+             "--device", "cpu", "--no-tensorboard"]
+    assert EvalOptions.from_args(build_parser().parse_args(flags)) == EvalOptions(
+        run_dir="r", out="o", step=4, n=5, steps=3, sampler="heun", cfg=1.5, shift=2.0, frame_shift=4.0,
+        planning_candidates=3, planning_n=2, generation_n=6, seed=7, world="m.json", only=("vqa", "perplexity"),
+        device="cpu", tensorboard=False)
+    for bad in (dict(n=1), dict(generation_n=1), dict(only=("world_models",)), dict(only=()), dict(steps=0),
+                dict(planning_candidates=1), dict(planning_n=0), dict(shift=0.0), dict(frame_shift=float("nan")),
+                dict(cfg=float("inf")), dict(sampler="rk4")):
+        with pytest.raises(EvalError):
+            EvalOptions(run_dir="r", **bad)
+    with pytest.raises(EvalError, match="not a directory|does not exist"):
+        evaluate_run(EvalOptions(run_dir=tmp_path / "missing"))
+    assert main(["--run-dir", str(tmp_path / "missing")]) == 2
+    assert capsys.readouterr().err.startswith("megafusion eval: ")
+
+
 def test_perplexity_matches_the_models_training_loss(loaded):
     """Held-out perplexity from the generator's log-probs equals exp(mean CE) of the model's own
     (vocab-parallel) training loss on the same tokens."""

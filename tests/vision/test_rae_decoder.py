@@ -220,10 +220,32 @@ def test_cli_errors_are_clear(encoder_dir, tmp_path, capsys):
     conf = tmp_path / "c.yaml"
     conf.write_text("steps: 3\nnoise_taux: 0.5\n")
     assert main(["--config", str(conf), "--encoder-path", str(encoder_dir)]) == 2
-    assert "unknown train-decoder keys ['noise_taux']" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "unknown config key 'noise_taux'. Did you mean 'noise_tau'?" in err and str(conf) in err
+    assert main(["--encoder-path", str(encoder_dir), "--set", "steps=many"]) == 2
+    assert "config key 'steps' must be an integer, got 'many'" in capsys.readouterr().err
     assert main(["--encoder-path", str(encoder_dir), "--data", str(tmp_path / "nofolder"),
                  "--run-dir", str(tmp_path / "r")]) == 2
     assert "image folder" in capsys.readouterr().err
+
+
+def test_config_file_flags_and_set_overrides_read_as_train_reads_its_config(tmp_path):
+    """--config YAML, then the flags, then --set (the same loader rules as `megafusion train`:
+    values checked against the field types, 1e-3 read as a number)."""
+    from megafusion.config import ConfigError
+    from megafusion.vision.train_decoder import config_from_args
+
+    conf = tmp_path / "c.yaml"
+    conf.write_text("steps: 30\nlr: 1e-3\nnoise_tau: 0.5\nimage_size: 32\ndevice: cpu\n")
+    cfg = config_from_args(["--config", str(conf), "--steps", "40", "--set", "noise_tau=0.25",
+                            "--set", "encoder_path=/enc", "--set", "image_size="])
+    assert cfg == DecoderTrainConfig(steps=40, lr=1e-3, noise_tau=0.25, image_size=None, device="cpu",
+                                     encoder_path="/enc")
+    assert config_from_args(["--set", "batch_size=8"]).batch_size == 8
+    with pytest.raises(ConfigError, match="--set expects key.sub=value"):
+        config_from_args(["--set", "batch_size"])
+    with pytest.raises(ConfigError, match="unknown config key 'batchsize'. Did you mean 'batch_size'"):
+        config_from_args(["--set", "batchsize=8"])
 
 
 @pytest.mark.distributed
