@@ -217,3 +217,15 @@ def test_quickstart_evaluates_with_the_arguments_it_passed_to_the_eval_cli():
                       "--world", str(args.manifest)]
             expected = EvalOptions.from_args(build_parser().parse_args(before))
             assert quickstart.eval_options(run_dir, eval_dir, scale, args) == expected, name
+
+
+def test_per_run_paths_are_written_as_yaml_values(monkeypatch):
+    """Data paths and the tokenizer reach the config verbatim, whatever characters they hold."""
+    import megafusion.data.tokenizer
+    from megafusion import quickstart
+
+    monkeypatch.setattr(megafusion.data.tokenizer, "Tokenizer", _FakeTokenizer)
+    prefixes = {name: Path(f"/runs/a, b: [c]/{name}") for name in quickstart.DATASETS}
+    cfg = quickstart.training_config(Path("/runs/#1/tokenizer.model"), prefixes, 4, "cpu")
+    assert cfg.data.paths == [str(p) for p in prefixes.values()] and cfg.data.tokenizer == "/runs/#1/tokenizer.model"
+    assert cfg.data.weights == [REFERENCE_WEIGHTS[name] for name in prefixes] and cfg.checkpoint.every == 2
