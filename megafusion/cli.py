@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "checkpoint": ("megafusion.training.checkpoint_cli", "verify a run's checkpoints: `checkpoint verify RUN_DIR`"),
     "export": ("megafusion.interop.export", "export a run's checkpoint to safetensors + config.json"),
     "import": ("megafusion.interop.import_", "turn an exported safetensors directory into a run dir"),
+    "config": ("megafusion.config_cli", "print a resolved config with each key's meaning, or the config reference"),
     "bench": ("megafusion.bench", "training throughput of a config: tokens/s, TFLOP/s per GPU, MFU, memory, time split"),
 }
 

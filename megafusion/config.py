@@ -15,9 +15,10 @@ import difflib
 import math
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -35,20 +36,21 @@ class ConfigError(ValueError):
 class MoEConfig:
     """Mixture of experts in place of the dense FFN (``num_experts: 0`` keeps it dense)."""
 
-    num_experts: int = 0
-    top_k: int = 2
-    ffn_hidden_size: int | None = None  # per expert; default: model.ffn_hidden_size
-    # Per-modality shared experts (Transfusion); for the text model one shared expert.
+    num_experts: int = 0  # routed experts per MoE layer; 0: a dense FFN
+    top_k: int = 2  # experts each token is routed to
+    ffn_hidden_size: int | None = None  # per expert; null: model.ffn_hidden_size
+    # size of the shared expert beside the routed ones (the Transfusion model: one per modality
+    # with per_modality_shared_experts); null: no shared expert
     shared_expert_ffn_hidden_size: int | None = None
-    dispatcher: str = "alltoall"  # megatron token dispatcher: alltoall | allgather
-    dispatch: str = "megatron"  # permute implementation: megatron | triton
+    dispatcher: Literal["alltoall", "allgather"] = "alltoall"  # megatron's token dispatcher
+    dispatch: Literal["megatron", "triton"] = "megatron"  # the permute implementation
     # routed experts module: megatron (SequentialMLP; TE grouped MLP with spec te) | grouped
     # (megafusion.model.grouped_experts: one grouped GEMM per projection, same checkpoint keys)
-    experts: str = "megatron"
-    router_score: str = "softmax"  # softmax | sigmoid
-    aux_loss_coeff: float = 0.0
-    z_loss_coeff: float | None = None
-    capacity_factor: float | None = None  # None = dropless
+    experts: Literal["megatron", "grouped"] = "megatron"
+    router_score: Literal["softmax", "sigmoid"] = "softmax"  # how the router turns logits into scores
+    aux_loss_coeff: float = 0.0  # load-balancing loss weight (0: none)
+    z_loss_coeff: float | None = None  # router z-loss weight (null: none)
+    capacity_factor: float | None = None  # tokens an expert takes, relative to an even share; null: dropless
     # Transfusion: a text shared expert for text tokens and a vision one for image/frame
     # tokens (each of size shared_expert_ffn_hidden_size), instead of one global shared expert.
     per_modality_shared_experts: bool = False
@@ -56,108 +58,114 @@ class MoEConfig:
 
 @dataclass
 class ModelConfig:
-    kind: str = "text"  # which provider builds the model: text | transfusion
-    spec: str = "local"  # megatron layer spec: local (pure torch) | te (Transformer Engine)
-    vocab_size: int = 256
-    hidden_size: int = 64
-    num_layers: int = 2
-    num_heads: int = 4
-    num_kv_heads: int | None = None  # None = num_heads (no GQA)
-    ffn_hidden_size: int | None = None  # None = 4 * hidden_size
-    seq_length: int = 64
-    activation: str = "swiglu"  # swiglu | gelu
-    normalization: str = "rmsnorm"  # rmsnorm | layernorm
-    tie_embeddings: bool = True
-    rope_base: float = 10000.0
-    init_std: float = 0.02
-    attention: str = "sdpa"  # core attention backend of the transfusion model: sdpa | flex | triton
+    """The network: its kind, sizes and, for the Transfusion model, how images enter it."""
+
+    kind: Literal["text", "transfusion"] = "text"  # which provider builds the model
+    spec: Literal["local", "te"] = "local"  # megatron layer spec: local (pure torch) | te (Transformer Engine)
+    vocab_size: int = 256  # the tokenizer's vocabulary (a multiple of parallel.tp)
+    hidden_size: int = 64  # the width of the residual stream
+    num_layers: int = 2  # transformer layers
+    num_heads: int = 4  # attention (query) heads
+    num_kv_heads: int | None = None  # key/value heads for GQA; null: num_heads (no GQA)
+    ffn_hidden_size: int | None = None  # null: 4 * hidden_size
+    seq_length: int = 64  # tokens per sample
+    activation: Literal["swiglu", "gelu"] = "swiglu"  # the FFN's activation
+    normalization: Literal["rmsnorm", "layernorm"] = "rmsnorm"  # the norm before attention and FFN
+    tie_embeddings: bool = True  # the output layer shares the input embedding's weights
+    rope_base: float = 10000.0  # the RoPE frequency base
+    init_std: float = 0.02  # the std of the initial weights
+    attention: Literal["sdpa", "flex", "triton"] = "sdpa"  # core attention backend of the Transfusion model
     moe: MoEConfig = field(default_factory=MoEConfig)
-    # ---- Transfusion only
-    ffn: str = "dense"  # dense: one FFN for all tokens | modality: separate text / vision FFN weights
-    patch_adapter: str = "linear"  # latent patches in/out: linear | unet
-    time_conditioning: str = "additive"  # timestep embedding on image tokens: additive | adaln
-    image_positions: str = "1d"  # RoPE positions of image/frame patches: 1d | 2d | 3d
+    # ---- Transfusion only (model.kind = text refuses these)
+    ffn: Literal["dense", "modality"] = "dense"  # dense: one FFN for all tokens | modality: text / vision FFNs
+    patch_adapter: Literal["linear", "unet"] = "linear"  # latent patches in/out
+    time_conditioning: Literal["additive", "adaln"] = "additive"  # timestep embedding on image tokens
+    image_positions: Literal["1d", "2d", "3d"] = "1d"  # RoPE positions of image/frame patches
     # learned: an absolute embedding of each patch's index inside its image/frame, added to
-    # its input, so patches know where they sit whatever the RoPE leaves them: none | learned
-    patch_positions: str = "none"
+    # its input, so patches know where they sit whatever the RoPE leaves them
+    patch_positions: Literal["none", "learned"] = "none"
     # Initial std of that embedding. Far above init_std on purpose: a patch's input is mostly
-    # noise at high flow times, and a position 0.02 strong was drowned by it, so patches never
-    # learned which caption words describe their cell (x0-prediction at t >= 0.9 no better
-    # than the data mean; at std 3.0: images laid out by their captions).
+    # noise at high flow times, and a weaker position is drowned by it, so patches never learn
+    # which caption words describe their place.
     patch_position_init_std: float = 1.0
     # How 2d/3d RoPE shares its frequencies among (time, row, column): contiguous thirds
     # (M-RoPE; time gets the highest) | interleaved (row, column, time, row, ...: the
     # spatial axes get the highest, which small head dims need to tell neighbours apart)
-    rope_layout: str = "contiguous"
+    rope_layout: Literal["contiguous", "interleaved"] = "contiguous"
     # 1d: video frames keep 1-D RoPE positions whatever image_positions says, so the same
-    # place in consecutive frames sits a fixed offset apart (what copying a frame attends
-    # by): same | 1d
-    frame_positions: str = "same"
+    # place in consecutive frames sits a fixed offset apart (what copying a frame attends by)
+    frame_positions: Literal["same", "1d"] = "same"
     # previous: each video-frame patch also embeds the clean latent at its place one frame
     # back (world models feed context frames to the denoiser this way: DIAMOND, GameNGen),
     # so what stays put is copied without attention; window: the 3x3 window of clean
     # patches around that place, so a one-patch move needs no attention either (square
-    # patch grids): none | previous | window
-    frame_conditioning: str = "none"
+    # patch grids)
+    frame_conditioning: Literal["none", "previous", "window"] = "none"
     # embedding: each video-frame patch also gets the mean word embedding of the text between
     # the frame before it and it (the action), so which way the agent moves needs no
-    # attention to find the latest action among all earlier ones: none | embedding
-    action_conditioning: str = "none"
+    # attention to find the latest action among all earlier ones
+    action_conditioning: Literal["none", "embedding"] = "none"
 
 
 @dataclass
 class VisionConfig:
     """The visual representation whose latents the Transfusion model diffuses (megafusion.vision)."""
 
-    representation: str = "pixel"  # pixel | rae | vae
+    representation: Literal["pixel", "rae", "vae"] = "pixel"  # what the latents are
     path: str | None = None  # a saved representation directory (rae / vae weights, statistics)
-    image_size: int = 16
-    patch_size: int = 4  # pixel / vae patchification
+    image_size: int = 16  # pixels per side
+    patch_size: int = 4  # pixels per patch side (pixel / vae patchification)
 
 
 @dataclass
 class ParallelConfig:
     """Parallel sizes. Data parallelism is whatever is left of the world size."""
 
-    tp: int = 1
-    pp: int = 1
-    ep: int = 1
+    tp: int = 1  # tensor-parallel size
+    pp: int = 1  # pipeline-parallel size
+    ep: int = 1  # expert-parallel size (MoE models)
     sp: bool = False  # sequence parallelism (needs tp > 1)
     vpp: int | None = None  # virtual pipeline stages per pipeline rank (interleaved 1F1B)
-    distributed_optimizer: bool = False
+    distributed_optimizer: bool = False  # shard the optimizer state over data-parallel ranks
 
 
 @dataclass
 class OptimizerConfig:
-    lr: float = 1e-3
-    min_lr: float = 1e-4
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
+    """AdamW (megatron's optimizer)."""
+
+    lr: float = 1e-3  # the peak learning rate
+    min_lr: float = 1e-4  # the learning rate the schedule decays to
+    weight_decay: float = 0.1  # decoupled (AdamW) weight decay; 0: none
+    beta1: float = 0.9  # Adam's first-moment decay
+    beta2: float = 0.95  # Adam's second-moment decay
+    eps: float = 1e-8  # Adam's denominator term
     clip_grad: float = 1.0  # 0 disables clipping
 
 
 @dataclass
 class ScheduleConfig:
-    kind: str = "cosine"  # cosine | wsd | constant
-    warmup_steps: int = 0
-    decay_steps: int | None = None  # None = train.steps - warmup
+    """The learning rate per step: a linear warmup from 0, then the decay of ``kind``."""
+
+    kind: Literal["cosine", "wsd", "constant"] = "cosine"  # wsd: warmup-stable-decay
+    warmup_steps: int = 0  # steps of linear warmup from 0 to optimizer.lr
+    decay_steps: int | None = None  # the step where the decay reaches min_lr; null: train.steps
     wsd_decay_fraction: float = 0.2  # WSD: the last fraction of training decays the LR
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 100
-    micro_batch_size: int = 1
-    global_batch_size: int = 8
-    seed: int = 1234
-    precision: str = "fp32"  # fp32 | bf16 | fp16
-    recompute: str = "none"  # activation recomputation: none | full | selective
-    device: str = "auto"  # auto | cpu | cuda
+    """Steps, batch sizes, numerics and the device."""
+
+    steps: int = 100  # optimizer steps
+    micro_batch_size: int = 1  # samples per forward/backward on one data-parallel rank
+    global_batch_size: int = 8  # samples per optimizer step (micro-batches accumulate to it)
+    seed: int = 1234  # initial weights and data order
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # compute precision (fp16: dynamic loss scaling)
+    recompute: Literal["none", "full", "selective"] = "none"  # activation recomputation
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when a GPU is visible
     # FP8 matmuls in the Transformer Engine layers (model.spec = te, CUDA, precision bf16):
-    # none | delayed | tensorwise (per-tensor current scaling) | mxfp8 (Blackwell, CC >= 10)
-    fp8: str = "none"
+    # delayed | tensorwise (per-tensor current scaling) | mxfp8 (Blackwell, CC >= 10)
+    fp8: Literal["none", "delayed", "tensorwise", "mxfp8"] = "none"
     fp8_params: bool = False  # keep the TE layers' weights in FP8 (less memory; needs train.fp8)
     # Steps whose gradients hold NaN/inf are skipped (no update) and counted; after this
     # many the run stops naming the step, rank and first non-finite parameter. None: 0 in
@@ -168,38 +176,46 @@ class TrainConfig:
 
 @dataclass
 class DataConfig:
-    kind: str = "synthetic"  # synthetic (text) | shapes (ShapesWorld, in-process) | indexed
+    """What the run reads."""
+
+    # synthetic: random text | shapes: ShapesWorld, generated in-process | indexed: data.paths
+    kind: Literal["synthetic", "indexed", "shapes"] = "synthetic"
     paths: list[str] = field(default_factory=list)  # indexed datasets (prefixes)
     weights: list[float] = field(default_factory=list)  # blending weights, one per path
     tokenizer: str | None = None  # sentencepiece model path (indexed / shapes data)
     # Background loading (megafusion.data.loader): worker processes that build steps ahead
-    # (null: 2 on CUDA, 0 on CPU, where workers compete with the step for cores) and the
-    # steps each worker keeps ready.
+    # (null: 2 on CUDA, 0 on CPU, where workers compete with the step for cores)
     num_workers: int | None = None
-    prefetch: int = 2
+    prefetch: int = 2  # steps each loading worker keeps ready
     # ShapesWorld mixture weights of its sources (data.kind = shapes)
     shapes_weights: dict[str, float] = field(
         default_factory=lambda: {"text": 1.0, "image_text": 1.0, "video": 0.0, "action_video": 0.0})
-    # ShapesWorld vocabulary (data.kind = shapes): full | simple (3 colours, 3 shapes, 2x2 grid: the quickstart's)
-    shapes_world: str = "full"
+    # ShapesWorld vocabulary (data.kind = shapes): simple = 3 colours, 3 shapes, 2x2 grid (the quickstart's)
+    shapes_world: Literal["full", "simple"] = "full"
 
 
 @dataclass
 class CheckpointConfig:
+    """Checkpoints under the run directory's checkpoints/."""
+
     every: int = 0  # save every N steps (0 = only at the end)
     keep: int = 2  # keep the last K complete checkpoints
     async_save: bool = True  # GPU only; CPU saves synchronously
-    save_final: bool = True
+    save_final: bool = True  # save after the last step
 
 
 @dataclass
 class LoggingConfig:
-    every: int = 1
-    tensorboard: bool = True
+    """Metrics (metrics.jsonl, the console and TensorBoard)."""
+
+    every: int = 1  # log every N steps (and the last, and any skipped step)
+    tensorboard: bool = True  # also write TensorBoard events to the run directory's tensorboard/
 
 
 @dataclass
 class Config:
+    """A whole run, one section per concern."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     vision: VisionConfig = field(default_factory=VisionConfig)
     diffusion: FlowMatchingConfig = field(default_factory=FlowMatchingConfig)
@@ -222,22 +238,46 @@ def _field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def _coerce(value: Any, typ: Any, key: str) -> Any:
-    """Checks (and gently converts) ``value`` to the annotated type ``typ``."""
+def describe_type(typ: Any) -> str:
+    """A field's type in words, as the docs and messages name it: ``text | transfusion``,
+    ``integer or null``, ``auto or number``."""
+    origin = typing.get_origin(typ)
+    if origin is Literal:
+        return " | ".join(str(choice) for choice in typing.get_args(typ))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(describe_type(arg) for arg in typing.get_args(typ))
+    if origin is list:
+        return f"list of {describe_type(typing.get_args(typ)[0])}"
+    if origin is dict:
+        return "mapping of {} to {}".format(*(describe_type(arg) for arg in typing.get_args(typ)))
+    names = {bool: "true or false", int: "integer", float: "number", str: "string", type(None): "null"}
+    return names.get(typ, getattr(typ, "__name__", str(typ)))
+
+
+def _coerce(value: Any, typ: Any, key: str, strict: bool = False) -> Any:
+    """Checks (and gently converts) ``value`` to the annotated type ``typ``.
+
+    A choice (``Literal``) outside its list is kept when it has the choices' type, so that
+    ``validate`` names it with every other problem; ``strict`` (an arm of a union such as
+    ``Literal["auto"] | float``) refuses it, so the next arm can try."""
     origin = typing.get_origin(typ)
     if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(typ)
-        if value is None and type(None) in args:
+        args = [arg for arg in typing.get_args(typ) if arg is not type(None)]
+        if value is None and len(args) < len(typing.get_args(typ)):
             return None
-        errors = []
+        if len(args) == 1:  # X | None
+            return _coerce(value, args[0], key, strict)
         for arg in args:
-            if arg is type(None):
-                continue
             try:
-                return _coerce(value, arg, key)
-            except ConfigError as err:
-                errors.append(str(err))
-        raise ConfigError(errors[0])
+                return _coerce(value, arg, key, strict=True)
+            except ConfigError:
+                pass
+        raise ConfigError(f"config key '{key}' must be {describe_type(typ)}, got {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(typ)
+        if value in choices or (not strict and type(value) in {type(choice) for choice in choices}):
+            return value
+        raise ConfigError(f"config key '{key}' must be one of {', '.join(map(str, choices))}, got {value!r}")
     if dataclasses.is_dataclass(typ):
         if not isinstance(value, dict):
             raise ConfigError(f"config key '{key}' must be a mapping of {typ.__name__} fields, got {value!r}")
@@ -349,35 +389,6 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 # --------------------------------------------------------------------------- validation
 
-_CHOICES = {
-    "model.kind": ("text", "transfusion"),
-    "model.spec": ("local", "te"),
-    "model.activation": ("swiglu", "gelu"),
-    "model.normalization": ("rmsnorm", "layernorm"),
-    "model.attention": ("sdpa", "flex", "triton"),
-    "model.ffn": ("dense", "modality"),
-    "model.patch_adapter": ("linear", "unet"),
-    "model.time_conditioning": ("additive", "adaln"),
-    "model.image_positions": ("1d", "2d", "3d"),
-    "model.patch_positions": ("none", "learned"),
-    "model.rope_layout": ("contiguous", "interleaved"),
-    "model.frame_positions": ("same", "1d"),
-    "model.frame_conditioning": ("none", "previous", "window"),
-    "model.action_conditioning": ("none", "embedding"),
-    "vision.representation": ("pixel", "rae", "vae"),
-    "model.moe.dispatcher": ("alltoall", "allgather"),
-    "model.moe.dispatch": ("megatron", "triton"),
-    "model.moe.experts": ("megatron", "grouped"),
-    "model.moe.router_score": ("softmax", "sigmoid"),
-    "schedule.kind": ("cosine", "wsd", "constant"),
-    "train.precision": ("fp32", "bf16", "fp16"),
-    "train.recompute": ("none", "full", "selective"),
-    "train.device": ("auto", "cpu", "cuda"),
-    "train.fp8": ("none", "delayed", "tensorwise", "mxfp8"),
-    "data.kind": ("synthetic", "indexed", "shapes"),
-    "data.shapes_world": ("full", "simple"),
-}
-
 
 def _get(cfg: Config, dotted: str) -> Any:
     node: Any = cfg
@@ -386,102 +397,156 @@ def _get(cfg: Config, dotted: str) -> Any:
     return node
 
 
+def config_fields(node: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted key, value, annotated type) of every value of a config (or section), in the
+    order of the dataclasses, sections walked into."""
+    rows = []
+    for name, typ in _field_types(type(node)).items():
+        key, value = f"{prefix}{name}", getattr(node, name)
+        rows += config_fields(value, key + ".") if dataclasses.is_dataclass(typ) else [(key, value, typ)]
+    return rows
+
+
+def choices_of(typ: Any) -> tuple[Any, ...] | None:
+    """The choices of a ``Literal[...]`` (or ``Literal[...] | None``) annotation, else None."""
+    args = [arg for arg in typing.get_args(typ) if arg is not type(None)]
+    if typing.get_origin(typ) in (typing.Union, types.UnionType) and len(args) == 1:
+        typ = args[0]
+    return typing.get_args(typ) if typing.get_origin(typ) is Literal else None
+
+
+def choice_problems(cfg: Config) -> list[tuple[str, str]]:
+    """(key, message) of each value outside the choices of its ``Literal`` annotation."""
+    problems = []
+    for key, value, typ in config_fields(cfg):
+        choices = choices_of(typ)
+        if choices is not None and value is not None and value not in choices:
+            problems.append((key, f"{key} = {value!r} is not one of {', '.join(map(str, choices))}"))
+    return problems
+
+
 def data_parallel_size(cfg: Config, world_size: int) -> int:
     return world_size // (cfg.parallel.tp * cfg.parallel.pp)
 
 
+class _Problems:
+    """The problems found so far and the keys whose values they refused. A later check that
+    reads a refused value is skipped (``ok``), so each problem is named once, by its own key,
+    and no check divides by a refused 0."""
+
+    def __init__(self) -> None:
+        self.messages: list[str] = []
+        self.refused: set[str] = set()
+
+    def add(self, message: str, key: str | None = None) -> None:
+        self.messages.append(message)
+        if key is not None:
+            self.refused.add(key)
+
+    def ok(self, *keys: str) -> bool:
+        """Whether none of ``keys`` (nor a value inside one: ``data.weights[0]``) was refused."""
+        return not any(bad == key or bad.startswith((key + ".", key + "["))
+                       for bad in self.refused for key in keys)
+
+
+_AT_LEAST_ONE = ("parallel.tp", "parallel.pp", "parallel.ep", "train.steps", "train.micro_batch_size",
+                 "train.global_batch_size", "model.num_layers", "model.num_heads", "model.hidden_size",
+                 "model.seq_length", "model.vocab_size")
+
+
 def validate(cfg: Config, world_size: int) -> None:
     """Refuses layouts and values that cannot run, settings the run would ignore, and
-    steps that cannot fit in the device's memory, naming the numbers involved."""
+    steps that cannot fit in the device's memory, naming the numbers involved.
+
+    Every problem goes into one message. Values are checked first (choices, finite numbers,
+    bounds); a later check that reads a refused value is skipped rather than reporting a
+    consequence of it. The memory estimate comes last and only for a config with no other
+    problem: it reads the layout that the other checks accept."""
     m, p, t = cfg.model, cfg.parallel, cfg.train
-    problems: list[str] = _non_finite_problems(cfg)
+    found = _Problems()
+    for key, message in _non_finite_problems(cfg) + choice_problems(cfg):
+        found.add(message, key)
+    for key in _AT_LEAST_ONE:
+        if _get(cfg, key) < 1:
+            found.add(f"{key} = {_get(cfg, key)} must be at least 1", key)
+    for key, message in _bound_problems(cfg):
+        found.add(message, key)
+    ok, add = found.ok, found.add
 
-    for dotted, choices in _CHOICES.items():
-        value = _get(cfg, dotted)
-        if value not in choices:
-            problems.append(f"{dotted} = {value!r} is not one of {', '.join(choices)}")
-
-    for dotted in ("parallel.tp", "parallel.pp", "parallel.ep", "train.steps", "train.micro_batch_size",
-                   "train.global_batch_size", "model.num_layers", "model.num_heads", "model.hidden_size",
-                   "model.seq_length", "model.vocab_size"):
-        if _get(cfg, dotted) < 1:
-            problems.append(f"{dotted} = {_get(cfg, dotted)} must be at least 1")
-    problems += _bound_problems(cfg)
-    if problems:
-        raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
-
-    model_parallel = p.tp * p.pp
-    if world_size % model_parallel != 0:
-        problems.append(
-            f"world size {world_size} is not divisible by parallel.tp * parallel.pp = {p.tp} * {p.pp} = "
-            f"{model_parallel}; data parallelism takes what is left, so the world size must be a multiple")
-    dp = max(world_size // model_parallel, 1)
-    if m.num_heads % p.tp:
-        problems.append(f"model.num_heads = {m.num_heads} is not divisible by parallel.tp = {p.tp}")
+    dp = None  # the data-parallel size, once the layout allows one
+    if ok("parallel.tp", "parallel.pp"):
+        model_parallel = p.tp * p.pp
+        if world_size % model_parallel != 0:
+            add(f"world size {world_size} is not divisible by parallel.tp * parallel.pp = {p.tp} * {p.pp} = "
+                f"{model_parallel}; data parallelism takes what is left, so the world size must be a multiple")
+        dp = max(world_size // model_parallel, 1)
     kv_heads = m.num_kv_heads or m.num_heads
-    if m.num_heads % kv_heads:
-        problems.append(f"model.num_heads = {m.num_heads} is not a multiple of model.num_kv_heads = {kv_heads}")
-    if kv_heads % p.tp:
-        problems.append(f"model.num_kv_heads = {kv_heads} is not divisible by parallel.tp = {p.tp}")
-    if m.hidden_size % m.num_heads:
-        problems.append(f"model.hidden_size = {m.hidden_size} is not divisible by model.num_heads = {m.num_heads}")
+    if ok("model.num_heads", "parallel.tp") and m.num_heads % p.tp:
+        add(f"model.num_heads = {m.num_heads} is not divisible by parallel.tp = {p.tp}")
+    if ok("model.num_heads", "model.num_kv_heads"):
+        if m.num_heads % kv_heads:
+            add(f"model.num_heads = {m.num_heads} is not a multiple of model.num_kv_heads = {kv_heads}")
+        if ok("parallel.tp") and kv_heads % p.tp:
+            add(f"model.num_kv_heads = {kv_heads} is not divisible by parallel.tp = {p.tp}")
+    if ok("model.hidden_size", "model.num_heads") and m.hidden_size % m.num_heads:
+        add(f"model.hidden_size = {m.hidden_size} is not divisible by model.num_heads = {m.num_heads}")
     stages = p.pp * (p.vpp or 1)
-    if m.num_layers % stages:
-        problems.append(f"model.num_layers = {m.num_layers} is not divisible by parallel.pp * vpp = {stages}")
-    if p.vpp is not None and p.pp < 2:
-        problems.append(f"parallel.vpp = {p.vpp} needs parallel.pp >= 2, got pp = {p.pp}")
+    if ok("model.num_layers", "parallel.pp") and m.num_layers % stages:
+        add(f"model.num_layers = {m.num_layers} is not divisible by parallel.pp * vpp = {stages}")
+    if ok("parallel.pp") and p.vpp is not None and p.pp < 2:
+        add(f"parallel.vpp = {p.vpp} needs parallel.pp >= 2, got pp = {p.pp}")
     if m.image_positions == "1d":
         for key, value, default in (("rope_layout", m.rope_layout, "contiguous"),
                                     ("frame_positions", m.frame_positions, "same")):
-            if value != default:
-                problems.append(f"model.{key} = {value} has no effect with model.image_positions = 1d; "
-                                f"set model.image_positions to 2d or 3d (or model.{key} to {default})")
-    if p.sp and p.tp < 2:
-        problems.append("parallel.sp = true needs parallel.tp >= 2 (sequence parallelism splits along TP ranks)")
-    if p.sp and m.seq_length % p.tp:
-        problems.append(f"model.seq_length = {m.seq_length} is not divisible by parallel.tp = {p.tp} (needed by sp)")
-    if m.vocab_size % p.tp:
-        problems.append(f"model.vocab_size = {m.vocab_size} is not divisible by parallel.tp = {p.tp}")
+            if ok(f"model.{key}") and value != default:
+                add(f"model.{key} = {value} has no effect with model.image_positions = 1d; "
+                    f"set model.image_positions to 2d or 3d (or model.{key} to {default})")
+    if ok("parallel.tp"):
+        if p.sp and p.tp < 2:
+            add("parallel.sp = true needs parallel.tp >= 2 (sequence parallelism splits along TP ranks)")
+        if p.sp and ok("model.seq_length") and m.seq_length % p.tp:
+            add(f"model.seq_length = {m.seq_length} is not divisible by parallel.tp = {p.tp} (needed by sp)")
+        if ok("model.vocab_size") and m.vocab_size % p.tp:
+            add(f"model.vocab_size = {m.vocab_size} is not divisible by parallel.tp = {p.tp}")
 
     moe = m.moe
-    if moe.num_experts:
+    if moe.num_experts > 0:
         if moe.top_k < 1 or moe.top_k > moe.num_experts:
-            problems.append(f"model.moe.top_k = {moe.top_k} must be between 1 and model.moe.num_experts = "
-                            f"{moe.num_experts}")
-        if moe.num_experts % p.ep:
-            problems.append(f"model.moe.num_experts = {moe.num_experts} is not divisible by parallel.ep = {p.ep}")
-        if p.ep > 1 and (dp * p.tp) % p.ep:
-            problems.append(f"parallel.ep = {p.ep} must divide data-parallel size * tp = {dp} * {p.tp}")
-    elif p.ep > 1:
-        problems.append(f"parallel.ep = {p.ep} needs a MoE model (model.moe.num_experts > 0)")
+            add(f"model.moe.top_k = {moe.top_k} must be between 1 and model.moe.num_experts = {moe.num_experts}")
+        if ok("parallel.ep") and moe.num_experts % p.ep:
+            add(f"model.moe.num_experts = {moe.num_experts} is not divisible by parallel.ep = {p.ep}")
+        if ok("parallel.ep") and dp is not None and p.ep > 1 and (dp * p.tp) % p.ep:
+            add(f"parallel.ep = {p.ep} must divide data-parallel size * tp = {dp} * {p.tp}")
+    elif p.ep > 1 and ok("model.moe.num_experts"):
+        add(f"parallel.ep = {p.ep} needs a MoE model (model.moe.num_experts > 0)")
 
-    if t.global_batch_size % (t.micro_batch_size * dp):
-        problems.append(
-            f"train.global_batch_size = {t.global_batch_size} is not divisible by train.micro_batch_size * "
-            f"data-parallel size = {t.micro_batch_size} * {dp}")
-    elif p.pp > 1 and p.vpp and (t.global_batch_size // (t.micro_batch_size * dp)) % p.pp:
-        problems.append("interleaved pipelining (parallel.vpp) needs the number of micro-batches to be a "
-                        f"multiple of parallel.pp = {p.pp}")
+    if dp is not None and ok("train.global_batch_size", "train.micro_batch_size"):
+        if t.global_batch_size % (t.micro_batch_size * dp):
+            add(f"train.global_batch_size = {t.global_batch_size} is not divisible by train.micro_batch_size * "
+                f"data-parallel size = {t.micro_batch_size} * {dp}")
+        elif p.pp > 1 and p.vpp and (t.global_batch_size // (t.micro_batch_size * dp)) % p.pp:
+            add("interleaved pipelining (parallel.vpp) needs the number of micro-batches to be a "
+                f"multiple of parallel.pp = {p.pp}")
     if cfg.data.num_workers is not None and cfg.data.num_workers < 0:
-        problems.append(f"data.num_workers = {cfg.data.num_workers} must be >= 0 (0: load in the training process)")
+        add(f"data.num_workers = {cfg.data.num_workers} must be >= 0 (0: load in the training process)")
     if cfg.data.prefetch < 1:
-        problems.append(f"data.prefetch = {cfg.data.prefetch} must be >= 1 (steps built ahead per worker)")
+        add(f"data.prefetch = {cfg.data.prefetch} must be >= 1 (steps built ahead per worker)")
     if cfg.data.weights and len(cfg.data.weights) != len(cfg.data.paths):
-        problems.append(f"data.weights has {len(cfg.data.weights)} entries but data.paths has "
-                        f"{len(cfg.data.paths)}; give one weight per path")
+        add(f"data.weights has {len(cfg.data.weights)} entries but data.paths has "
+            f"{len(cfg.data.paths)}; give one weight per path")
     decay_steps = cfg.schedule.decay_steps or t.steps
-    if cfg.schedule.warmup_steps >= decay_steps:
-        problems.append(f"schedule.warmup_steps = {cfg.schedule.warmup_steps} must be smaller than the decay "
-                        f"horizon (schedule.decay_steps or train.steps) = {decay_steps}")
-    if cfg.optimizer.min_lr > cfg.optimizer.lr:
-        problems.append(f"optimizer.min_lr = {cfg.optimizer.min_lr} is larger than optimizer.lr = {cfg.optimizer.lr}")
+    if ok("schedule.warmup_steps", "schedule.decay_steps", "train.steps") and cfg.schedule.warmup_steps >= decay_steps:
+        add(f"schedule.warmup_steps = {cfg.schedule.warmup_steps} must be smaller than the decay "
+            f"horizon (schedule.decay_steps or train.steps) = {decay_steps}")
+    if ok("optimizer.min_lr", "optimizer.lr") and cfg.optimizer.min_lr > cfg.optimizer.lr:
+        add(f"optimizer.min_lr = {cfg.optimizer.min_lr} is larger than optimizer.lr = {cfg.optimizer.lr}")
     if cfg.checkpoint.keep < 1:
-        problems.append(f"checkpoint.keep = {cfg.checkpoint.keep} must be at least 1")
-    problems += _data_problems(cfg)
-    problems += _ignored_setting_problems(cfg)
-    problems += _transformer_engine_problems(cfg)
-    if problems:
-        raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+        add(f"checkpoint.keep = {cfg.checkpoint.keep} must be at least 1")
+    for message in (_data_problems(cfg, ok) + _ignored_setting_problems(cfg, ok)
+                    + _transformer_engine_problems(cfg, ok)):
+        add(message)
+    if found.messages:
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(found.messages))
     # Last: the estimate reads the layout that the checks above have accepted.
     from megafusion.training.memory import memory_problem
 
@@ -490,14 +555,14 @@ def validate(cfg: Config, world_size: int) -> None:
         raise ConfigError(f"invalid config: {problem}")
 
 
-def _non_finite_problems(cfg: Config) -> list[str]:
-    """Every NaN or infinite float in the config, by key. Checked for all fields at once
+def _non_finite_problems(cfg: Config) -> list[tuple[str, str]]:
+    """(key, message) of every NaN or infinite float in the config. Checked for all fields at once
     because a range check alone lets NaN through (``nan > 0`` and ``nan <= 0`` are both
     False): ``optimizer.clip_grad = nan`` used to train without clipping and exit 0, and
     ``optimizer.lr = nan`` got as far as torch's Adam and a 40-line traceback."""
     defaults = Config()
 
-    def walk(node: Any, key: str) -> list[str]:
+    def walk(node: Any, key: str) -> list[tuple[str, str]]:
         if dataclasses.is_dataclass(node):
             return [p for f in dataclasses.fields(node) for p in walk(getattr(node, f.name),
                                                                       f"{key}.{f.name}" if key else f.name)]
@@ -510,7 +575,7 @@ def _non_finite_problems(cfg: Config) -> list[str]:
                 hint = f" (the default is {_get(defaults, key)})"
             except AttributeError:  # an item of a list or mapping: no default of its own
                 hint = ""
-            return [f"{key} = {node} is not a finite number; set a finite value{hint}"]
+            return [(key, f"{key} = {node} is not a finite number; set a finite value{hint}")]
         return []
 
     return walk(cfg, "")
@@ -558,32 +623,34 @@ _BOUNDS: dict[str, tuple[Any, str, str]] = {
 }
 
 
-def _bound_problems(cfg: Config) -> list[str]:
+def _bound_problems(cfg: Config) -> list[tuple[str, str]]:
     problems = []
     for key, (ok, requirement, meaning) in _BOUNDS.items():
         value = _get(cfg, key)
         if value is None or (isinstance(value, float) and not math.isfinite(value)):
             continue  # None: the documented default; NaN / inf: reported by _non_finite_problems
         if not ok(value):
-            problems.append(f"{key} = {value} must be {requirement} ({meaning})")
+            problems.append((key, f"{key} = {value} must be {requirement} ({meaning})"))
     return problems
 
 
-def _data_problems(cfg: Config) -> list[str]:
+def _data_problems(cfg: Config, ok: Callable[..., bool]) -> list[str]:
     """What each data kind needs, checked before any process starts (the streams check again)."""
     d = cfg.data
     problems = []
+    if d.weights and ok("data.weights") and (any(w < 0 for w in d.weights) or not sum(d.weights) > 0):
+        problems.append(f"data.weights = {d.weights} must be non-negative with a positive sum")
+    shapes = d.shapes_weights
+    if ok("data.shapes_weights") and (any(w < 0 for w in shapes.values()) or not sum(shapes.values()) > 0):
+        problems.append(f"data.shapes_weights = {shapes} must be non-negative with a positive sum "
+                        "(a negative weight would count as 0)")
+    if not ok("data.kind", "model.kind"):
+        return problems  # what the kinds need is only known for kinds that exist
     if d.kind == "indexed" and not d.paths:
         problems.append("data.kind = indexed needs data.paths: the output prefixes of tools/preprocess_data.py")
     if d.kind == "indexed" and d.tokenizer is None:
         problems.append("data.kind = indexed needs data.tokenizer: the sentencepiece .model the data was "
                         "preprocessed with")
-    if d.weights and (any(w < 0 for w in d.weights) or not sum(d.weights) > 0):
-        problems.append(f"data.weights = {d.weights} must be non-negative with a positive sum")
-    shapes = d.shapes_weights
-    if any(w < 0 for w in shapes.values()) or not sum(shapes.values()) > 0:
-        problems.append(f"data.shapes_weights = {shapes} must be non-negative with a positive sum "
-                        "(a negative weight would count as 0)")
     if cfg.model.kind == "transfusion" and d.kind == "synthetic":
         problems.append("data.kind = synthetic is text only and the Transfusion model needs images: set data.kind "
                         "= shapes (ShapesWorld, generated in-process) or indexed (tools/preprocess_data.py)")
@@ -609,7 +676,12 @@ _TRANSFUSION_ONLY_KEYS = (
 _TRANSFUSION_ONLY_SECTIONS = ("vision", "diffusion")
 
 
-def _ignored_setting_problems(cfg: Config) -> list[str]:
+def transfusion_only(key: str) -> bool:
+    """Whether a dotted key is read by the Transfusion model only (model.kind = text refuses it)."""
+    return key in _TRANSFUSION_ONLY_KEYS or key.split(".")[0] in _TRANSFUSION_ONLY_SECTIONS
+
+
+def _ignored_setting_problems(cfg: Config, ok: Callable[..., bool]) -> list[str]:
     """Settings the chosen model kind never reads: a run that silently ignores one is not
     the run that was asked for. Compared with the defaults, so only what was set counts."""
     if cfg.model.kind != "text":
@@ -621,7 +693,7 @@ def _ignored_setting_problems(cfg: Config) -> list[str]:
     return [f"{key} = {_get(cfg, key)} has no effect with model.kind = text (a Transfusion setting: the text model "
             f"is megatron's GPT with one FFN, model.spec's attention and no images); remove it or set "
             f"model.kind = transfusion"
-            for key in keys if _get(cfg, key) != _get(defaults, key)]
+            for key in keys if _get(cfg, key) != _get(defaults, key) and ok(key)]
 
 
 def _transformer_engine_installed() -> bool:
@@ -643,17 +715,19 @@ def _cuda_capability(cfg: Config) -> tuple[str, tuple[int, int]] | None:
     return torch.cuda.get_device_name(index), torch.cuda.get_device_capability(index)
 
 
-def _transformer_engine_problems(cfg: Config) -> list[str]:
+def _transformer_engine_problems(cfg: Config, ok: Callable[..., bool]) -> list[str]:
     """model.spec = te and train.fp8 need Transformer Engine, a CUDA GPU and bf16."""
     m, t = cfg.model, cfg.train
-    problems = []
+    problems: list[str] = []
+    if not ok("train.fp8", "model.spec", "train.device"):
+        return problems  # what an unknown recipe, spec or device needs is unknown
     fp8 = t.fp8 != "none"
     if t.fp8_params and not fp8:
         problems.append("train.fp8_params = true needs an FP8 recipe: set train.fp8 = delayed | tensorwise | mxfp8")
     if fp8 and m.spec != "te":
         problems.append(f"train.fp8 = {t.fp8} needs model.spec = te (FP8 matmuls run in Transformer Engine "
                         f"layers), got model.spec = {m.spec}")
-    if fp8 and t.precision != "bf16":
+    if fp8 and ok("train.precision") and t.precision != "bf16":
         problems.append(f"train.fp8 = {t.fp8} needs train.precision = bf16 (the layers outside the FP8 matmuls "
                         f"run in bf16), got {t.precision}")
     if m.spec != "te" and not fp8:

@@ -284,3 +284,77 @@ def test_data_kind_settings_are_checked_before_starting(config, overrides, messa
     with pytest.raises(ConfigError) as info:
         validate(load_config(CONFIGS / config, overrides), world_size=1)
     assert message in str(info.value)
+
+
+# --------------------------------------------------------------------------- choices are types, every problem at once
+
+
+def _choice_keys():
+    from megafusion.config import choices_of, config_fields
+
+    return [(key, choices_of(typ)) for key, _, typ in config_fields(Config()) if choices_of(typ) is not None]
+
+
+def test_choices_come_from_literal_annotations():
+    import megafusion.config as config
+
+    assert not hasattr(config, "_CHOICES")
+    keys = dict(_choice_keys())
+    assert keys["train.precision"] == ("fp32", "bf16", "fp16")
+    assert keys["model.kind"] == ("text", "transfusion") and keys["diffusion.prediction"] == ("x", "v", "eps")
+    assert len(keys) >= 26  # every choice of the former _CHOICES table, and diffusion.prediction
+
+
+@pytest.mark.parametrize("key, choices", _choice_keys())
+def test_every_choice_outside_its_list_is_refused_naming_the_choices(key, choices):
+    # (FlowMatchingConfig refuses its own at load, as flow.<field>)
+    with pytest.raises(ConfigError, match=rf"{key.split('.')[-1]}.*(is not one of|choose one of)") as info:
+        validate(load_config(None, [f"{key}=bogus"]), world_size=1)
+    if not key.startswith("diffusion."):
+        assert f"{key} = 'bogus' is not one of {', '.join(choices)}" in str(info.value)
+
+
+def test_choice_of_the_wrong_type_is_refused_at_load():
+    with pytest.raises(ConfigError, match=r"config key 'train\.fp8' must be one of none, delayed, tensorwise, mxfp8, "
+                                          r"got None"):
+        load_config(None, ["train.fp8=null"])
+
+
+def test_time_shift_is_auto_or_a_number():
+    assert load_config(None, ["diffusion.time_shift=auto"]).diffusion.time_shift == "auto"
+    assert load_config(None, ["diffusion.time_shift=2"]).diffusion.time_shift == 2.0
+    assert load_config(None, ["diffusion.time_shift=1e-1"]).diffusion.time_shift == pytest.approx(0.1)
+    with pytest.raises(ConfigError, match=r"'diffusion\.time_shift' must be auto or number, got 'fast'"):
+        load_config(None, ["diffusion.time_shift=fast"])
+
+
+def test_validate_reports_every_problem_in_one_message():
+    """Choices, non-finite values, minimums, layouts, data and checkpoint settings together:
+    one run of validate names them all (it used to stop after the value checks)."""
+    cfg = load_config(CONFIGS / "tiny_text.yaml", ["train.precision=fp8", "optimizer.lr=nan", "model.num_layers=0",
+                                                   "model.num_heads=3", "parallel.sp=true", "data.prefetch=0",
+                                                   "checkpoint.keep=0", "data.tokenizer=t.model"])
+    with pytest.raises(ConfigError) as info:
+        validate(cfg, world_size=1)
+    text = str(info.value)
+    for message in ("train.precision = 'fp8' is not one of fp32, bf16, fp16", "optimizer.lr = nan is not a finite",
+                    "model.num_layers = 0 must be at least 1",
+                    "model.hidden_size = 64 is not divisible by model.num_heads = 3",
+                    "parallel.sp = true needs parallel.tp >= 2", "data.prefetch = 0 must be >= 1",
+                    "checkpoint.keep = 0 must be at least 1", "data.tokenizer = t.model has no effect"):
+        assert message in text
+    assert text.count("\n  - ") == 8
+
+
+@pytest.mark.parametrize("overrides, absent", [
+    (["parallel.tp=0", "checkpoint.keep=0"], "divisible by parallel.tp"),  # no division by the refused 0
+    (["model.num_heads=0", "checkpoint.keep=0"], "divisible by model.num_heads"),
+    (["data.kind=bogus", "data.tokenizer=t.model", "checkpoint.keep=0"], "has no effect with data.kind"),
+    (["model.rope_layout=bogus", "checkpoint.keep=0"], "has no effect with model.image_positions"),
+    (["train.fp8=bogus", "checkpoint.keep=0"], "needs model.spec = te"),
+])
+def test_checks_that_read_a_refused_value_are_skipped(overrides, absent):
+    with pytest.raises(ConfigError) as info:
+        validate(load_config(CONFIGS / "tiny_text.yaml", overrides), world_size=2)
+    text = str(info.value)
+    assert "checkpoint.keep = 0 must be at least 1" in text and absent not in text

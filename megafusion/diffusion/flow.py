@@ -74,7 +74,7 @@ class FlowMatchingConfig:
     loss_weight: float = 3.0
     logit_normal_mean: float = 0.0
     logit_normal_std: float = 1.0
-    time_shift: str | float = "auto"
+    time_shift: Literal["auto"] | float = "auto"
     frame_time_shift: float | None = None
     clean_fraction: float = 0.2
     clean_t_max: float = 0.5
