@@ -26,7 +26,8 @@ content-addressed: a shard is made again only when the bytes of its input lines,
 images/videos they name, of the tokenizer model or of the encoder's files (or a flag) changed;
 if nothing changed the run says "nothing to do". Bad items are skipped and listed
 (OUT.errors.jsonl) unless --strict. Errors (a bad tokenizer or output prefix, a bad item
-under --strict) are one line on stderr and exit status 2. See megafusion/data/preprocess.py
+under --strict) are one line on stderr and exit status 2. See megafusion/data/preprocess/
+(its __init__ lists the modules: readers, documents, encoders, digests, shards, run, cli)
 and megafusion/data/indexed.py for the format.
 """
 

@@ -36,6 +36,21 @@ def synthetic_shapes(rng: np.random.Generator, image_size: int, max_shapes: int 
     return image
 
 
+def load_image(source, image_size: int) -> np.ndarray:
+    """An image file (a path or a binary file object) as RGB uint8 [S, S, 3]: the shorter side
+    resized to S (bicubic), then centre-cropped. PIL's errors for missing or corrupt files pass through."""
+    from PIL import Image
+
+    with Image.open(source) as im:
+        im = im.convert("RGB")
+        w, h = im.size
+        scale = image_size / min(w, h)
+        nw, nh = max(image_size, round(w * scale)), max(image_size, round(h * scale))
+        im = im.resize((nw, nh), Image.BICUBIC)
+        left, top = (nw - image_size) // 2, (nh - image_size) // 2
+        return np.asarray(im.crop((left, top, left + image_size, top + image_size)), dtype=np.uint8)
+
+
 def to_tensor(image: np.ndarray) -> torch.Tensor:
     """uint8 [S, S, 3] -> float [3, S, S] in [0, 1]."""
     return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float() / 255.0  # np.array: a writable copy
@@ -82,18 +97,7 @@ class ImageFolder(Dataset):
         return len(self.files)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        from PIL import Image
-
-        with Image.open(self.files[i]) as im:
-            im = im.convert("RGB")
-            w, h = im.size
-            scale = self.image_size / min(w, h)
-            im = im.resize((max(self.image_size, round(w * scale)), max(self.image_size, round(h * scale))),
-                           Image.BICUBIC)
-            w, h = im.size
-            left, top = (w - self.image_size) // 2, (h - self.image_size) // 2
-            im = im.crop((left, top, left + self.image_size, top + self.image_size))
-            return to_tensor(np.asarray(im))
+        return to_tensor(load_image(self.files[i], self.image_size))
 
 
 def open_image_source(spec: str, image_size: int, length: int = 10_000, seed: int = 0) -> Dataset:

@@ -583,13 +583,13 @@ def test_a_deleted_output_is_made_again(tmp_path, tok_path, capsys):
 
 
 def test_each_file_is_hashed_once_per_run(tmp_path, tok_path, monkeypatch):
-    import megafusion.data.preprocess as pre
+    import megafusion.data.preprocess.digests as digests
 
     make_images(tmp_path / "img", 1, 16)
     (tmp_path / "q.jsonl").write_text("\n".join(json.dumps({"image": "img/0.png", "text": "q"}) for _ in range(30)))
     hashed = []
-    real = pre._hash_file
-    monkeypatch.setattr(pre, "_hash_file", lambda path: hashed.append(str(path)) or real(path))
+    real = digests._hash_file
+    monkeypatch.setattr(digests, "_hash_file", lambda path: hashed.append(str(path)) or real(path))
     cfg = PreprocessConfig(inputs=[str(tmp_path / "q.jsonl")], output_prefix=str(tmp_path / "o"),
                            tokenizer_model=tok_path, kind="image-text", image_size=16, shard_size=7, progress=False)
     run_preprocess(cfg)
@@ -641,3 +641,50 @@ def test_corrupt_caption_images_are_skipped_and_listed_or_refused_under_strict(t
     lines = [line for line in err.splitlines() if line.startswith("preprocess_data: error:")]
     assert rc == 2 and len(lines) == 1 and "Traceback" not in err
     assert "pairs.jsonl:2: unreadable image" in lines[0] and "img/1.png" in lines[0] and "--strict" in lines[0]
+
+
+# ----------------------------------------------------------------------------- the parts, and what they share with vision
+def test_pixel_encoder_patches_are_vision_patchify_and_invert():
+    from megafusion.data.preprocess.encoders import PixelEncoder
+    from megafusion.vision.base import patchify, unpatchify
+
+    images = np.random.default_rng(0).integers(0, 256, (2, 8, 12, 3), dtype=np.uint8)
+    encoded = PixelEncoder(4).encode(images)
+    assert [grid for _, grid in encoded] == [(2, 3), (2, 3)]
+    ref = patchify(torch.from_numpy(images).permute(0, 3, 1, 2), 4).numpy()
+    for i, (patches, _) in enumerate(encoded):
+        assert patches.dtype == np.uint8 and patches.shape == (6, 48) and np.array_equal(patches, ref[i])
+        back = unpatchify(torch.from_numpy(patches)[None], 4, 3, grid=(2, 3))[0].permute(1, 2, 0).numpy()
+        assert np.array_equal(back, images[i])
+
+
+def test_load_image_is_vision_load_image_with_item_errors(tmp_path):
+    from PIL import Image
+
+    from megafusion.data.preprocess import IMAGE_EXTS, ItemError, load_image
+    from megafusion.vision.images import IMAGE_SUFFIXES
+    from megafusion.vision.images import load_image as vision_load_image
+
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (20, 30, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    image = load_image(tmp_path / "a.png", 16)
+    assert image.shape == (16, 16, 3) and image.dtype == np.uint8
+    assert np.array_equal(image, vision_load_image(tmp_path / "a.png", 16))
+    with pytest.raises(ItemError, match="image file not found"):
+        load_image(tmp_path / "missing.png", 16)
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    with pytest.raises(ItemError, match="unreadable image") as err:
+        load_image(tmp_path / "bad.png", 16)
+    assert err.value.path == str(tmp_path / "bad.png")
+    assert set(IMAGE_EXTS) == {*IMAGE_SUFFIXES, ".gif"}
+
+
+def test_the_command_and_public_names_stay_at_megafusion_data_preprocess():
+    import importlib
+
+    import megafusion.data.preprocess as pre
+    from megafusion.cli import COMMANDS
+
+    assert importlib.import_module(COMMANDS["preprocess-data"][0]).main is pre.main
+    assert load_cli().main is pre.main
+    for name in ("PreprocessConfig", "PreprocessError", "PreprocessSummary", "run_preprocess", "build_parser"):
+        assert getattr(pre, name).__module__.startswith("megafusion.data.preprocess.")
