@@ -124,7 +124,7 @@ def on_h100(monkeypatch):
 
 def _provider(name):
     from megafusion.config import load_config, validate
-    from megafusion.model.transfusion import TransfusionProvider
+    from megafusion.recipes.transfusion import TransfusionProvider
 
     cfg = load_config(CONFIGS / name)
     validate(cfg, world_size=1)

@@ -326,7 +326,7 @@ class Generator:
         """The state's sequence with its text condition dropped (training's CFG convention:
         the text before the document's first image/frame, ``<boi>`` kept, becomes the null
         token), prefilled into a new cache."""
-        from megafusion.model.transfusion import drop_text_condition
+        from megafusion.recipes.transfusion import drop_text_condition
 
         seq = state.seq
         # One pending latent position marks where the image being sampled starts when the

@@ -101,7 +101,8 @@ def _start_world_of_one(cfg: Config) -> torch.device:
 def build_model(cfg: Config, device: str | None = None) -> LoadedRun:
     """Starts a world of one and builds ``cfg``'s model, freshly initialised (no checkpoint).
     Call ``close()`` once per ``build_model`` / ``load_run`` when done."""
-    from megafusion.model.provider import build_transformer_config, get_provider
+    from megafusion.model.transformer_config import build_transformer_config
+    from megafusion.recipes import get_provider
 
     cfg = single_process_config(cfg, device)
     dev = _start_world_of_one(cfg)

@@ -210,7 +210,8 @@ def import_export(src: str | Path, run_dir: str | Path, config: str | Path | Non
 
     from megafusion.config import save_config
     from megafusion.inference.loading import single_process_config
-    from megafusion.model.provider import build_transformer_config, get_provider
+    from megafusion.model.transformer_config import build_transformer_config
+    from megafusion.recipes import get_provider
     from megafusion.parallel.setup import init_parallel, shutdown
     from megafusion.training.checkpoint import Checkpointer, unwrap
     from megafusion.training.loop import build_model_chunks

@@ -1,51 +1,20 @@
-"""How the trainer gets a model: a provider per ``model.kind``.
+"""megatron-core's ``TransformerConfig`` for a run: the model and parallel layout of a
+:class:`~megafusion.config.Config` (sizes, norms, activation, MoE, FP8, recomputation).
 
-A provider turns the run's :class:`~megafusion.config.Config` into megatron-core modules
-(one per virtual pipeline stage) and says how one micro-batch flows through them. The
-trainer knows nothing else about the model, so the Transfusion model plugs in beside the
-plain text model.
+Both model kinds build their megatron-core modules from it; which modules, and how data
+reaches them, is the recipe's business (``megafusion.recipes``).
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from megafusion.config import Config
 
-# model.kind -> "module:Class"
-PROVIDERS = {
-    "text": "megafusion.model.text:TextModelProvider",
-    "transfusion": "megafusion.model.transfusion:TransfusionProvider",
-}
-
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class ModelProvider(Protocol):
-    # Names of the summed metrics the loss function reports, e.g. ("loss", "loss_text").
-    metric_names: tuple[str, ...]
-
-    def build(self, pre_process: bool, post_process: bool, vp_stage: int | None) -> torch.nn.Module:
-        """One pipeline (virtual) stage of the model, on CPU, not yet wrapped for DDP."""
-
-    def micro_batches(self, step: int, dp_rank: int, dp_size: int) -> list[dict[str, torch.Tensor]]:
-        """This data-parallel rank's micro-batches for a step (deterministic in ``step``)."""
-
-    def forward_step(self, batch: dict[str, torch.Tensor], model: torch.nn.Module
-                     ) -> tuple[torch.Tensor, Callable[[torch.Tensor], Any]]:
-        """Runs the model; returns its output and megatron's loss function for it."""
-
-    # Optional: ``step_metrics(model_chunks) -> dict[str, float]``, called on every rank at
-    # each logged step (it may run collectives); its entries join metrics.jsonl/TensorBoard.
-
-
-def get_provider(cfg: Config, transformer_config) -> ModelProvider:
-    module_name, cls_name = PROVIDERS[cfg.model.kind].split(":")
-    return getattr(importlib.import_module(module_name), cls_name)(cfg, transformer_config)
 
 
 def fp8_config(recipe: str, fp8_params: bool) -> dict[str, Any]:
@@ -127,8 +96,3 @@ def build_transformer_config(cfg: Config, device: torch.device):
         **recompute,
         **moe_kwargs,
     )
-
-
-def micro_batch_iterators(batches: list[dict[str, torch.Tensor]], num_chunks: int) -> list[Iterator]:
-    """One iterator per virtual pipeline chunk over the same micro-batches."""
-    return [iter(batches) for _ in range(num_chunks)]

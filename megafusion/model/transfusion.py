@@ -1,4 +1,4 @@
-"""The Transfusion model on megatron-core, and its trainer provider.
+"""The Transfusion model on megatron-core.
 
 One transformer reads a packed sequence of text tokens and continuous image/frame latent
 patches (``megafusion.data.sample.Sample``). Text is trained by next-token prediction, the
@@ -25,15 +25,12 @@ column) per patch, time = the span's start, so 3d is the same scheme seen on vid
 learned (``PatchPositionEmbedding`` added to the latent inputs), ``frame_conditioning`` none |
 previous (each frame patch also embeds the clean patch at its place one frame back).
 
-``TransfusionProvider`` (``model.kind: transfusion``) feeds it packed ShapesWorld
-sequences (``megafusion.data.shapes_stream``), noises the latents and defines the loss.
+``build_transfusion_model`` builds one pipeline stage from the run's config. What it is
+trained on (data stream, noising, condition dropout, the loss) is the Transfusion recipe's
+(``megafusion.recipes.transfusion``).
 """
 
 from __future__ import annotations
-
-import dataclasses
-import math
-from functools import partial
 
 import torch
 from megatron.core import tensor_parallel
@@ -44,10 +41,8 @@ from megatron.core.transformer.enums import ModelType
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlock
 
-from megafusion.config import Config, ConfigError
-from megafusion.data import synthetic
-from megafusion.data.sample import IGNORE_INDEX, IMAGE, TEXT, VIDEO
-from megafusion.diffusion.flow import add_noise
+from megafusion.config import Config
+from megafusion.data.sample import IGNORE_INDEX, TEXT, VIDEO
 from megafusion.model.adaln import AdaLNNorm, TimeContext
 from megafusion.model.embeddings import (FrameActionIn, PatchIn, PatchOut, PatchPositionEmbedding,
                                          TimestepEmbedding, gather_previous_frames, mean_between_frames,
@@ -57,7 +52,7 @@ from megafusion.model.init import init_weights
 from megafusion.model.mask import HybridMaskInfo
 from megafusion.model.modality_ffn import ModalityContext, ffn_spec
 from megafusion.model.spec import transfusion_block_spec
-from megafusion.model.unet import UNetDown, UNetUp, latent_layout
+from megafusion.model.unet import UNetDown, UNetUp
 
 
 class TransfusionModel(LanguageModule):
@@ -349,235 +344,40 @@ class TransfusionModel(LanguageModule):
         return self.compute_language_model_loss(safe_labels, logits), latent_pred
 
 
-# --------------------------------------------------------------------------- the loss
+def build_transfusion_model(cfg: Config, transformer_config, pre_process: bool, post_process: bool,
+                            vp_stage: int | None, *, latent_dim: int, tokens_per_image: int,
+                            unet_layout: tuple[int, int, int] | None = None, image_grid_width: int | None = None,
+                            frame_grid_width: int | None = None) -> tuple[TransfusionModel, ModalityContext]:
+    """One pipeline (virtual) stage of ``cfg.model``'s Transfusion model, on CPU, initialised
+    from ``train.seed``, and the ``ModalityContext`` its FFNs read (routing statistics live there).
 
-
-def transfusion_loss(batch: dict[str, torch.Tensor], loss_weight: float, output):
-    """megatron loss function of one micro-batch.
-
-    L = mean CE over text targets + loss_weight * mean flow-matching MSE over latent
-    loss positions. Each micro-batch counts once (``num_tokens = 1``): every layout cuts the
-    global batch into the same micro-batches, so the mean over micro-batches is
-    layout-independent. Per-modality metrics are token-weighted [sum, count] pairs.
+    The sizes that come from the data's representation, not the config: ``latent_dim`` (C),
+    ``tokens_per_image`` (learned patch positions), ``unet_layout`` (``patch_adapter: unet``),
+    ``image_grid_width`` (2-D/3-D RoPE) and ``frame_grid_width`` (``frame_conditioning: window``).
     """
-    ce, latent_pred = output
-    text_mask = batch["text_loss_mask"].float()
-    ce_sum = (ce.float() * text_mask).sum()
-    n_text = text_mask.sum()
-    mse = (latent_pred.float() - batch["target"].float()).pow(2).mean(-1)  # [b, s]
-    flow_mask = batch["flow_loss_mask"].float()
-    mse_sum = (mse * flow_mask).sum()
-    n_latent = flow_mask.sum()
-    loss = ce_sum / n_text.clamp_min(1) + loss_weight * mse_sum / n_latent.clamp_min(1)
-
-    def pair(values, mask):
-        return torch.stack([(values * mask).sum().detach(), mask.sum()])
-
-    is_image = (batch["modality"] == IMAGE).float() * flow_mask
-    is_video = (batch["modality"] == VIDEO).float() * flow_mask
-    metrics = {
-        "loss": torch.stack([loss.detach(), torch.ones_like(loss)]),
-        "loss_text": torch.stack([ce_sum.detach(), n_text]),
-        "loss_image": pair(mse.detach(), is_image),
-        "loss_video": pair(mse.detach(), is_video),
-    }
-    return loss, torch.tensor(1, dtype=torch.int, device=loss.device), metrics
-
-
-# --------------------------------------------------------------------------- the provider
-
-
-def drop_text_condition(tokens: torch.Tensor, labels: torch.Tensor, modality: torch.Tensor,
-                        doc_ids: torch.Tensor, drop: torch.Tensor, null_id: int):
-    """Classifier-free-guidance condition dropout, on [B, N] tensors.
-
-    In a flagged document (``drop``, set on all its positions by ``add_noise``) the text
-    before its first image/frame span (the caption; the ``<boi>`` marker stays) is replaced
-    by ``null_id`` in the model input and loses its next-token targets. Documents without
-    a leading caption (text only, image first) are unchanged. Returns (tokens, labels).
-    """
-    B, N = tokens.shape
-    index = torch.arange(N, device=tokens.device).expand(B, N)
-    is_latent = modality != TEXT
-    big = torch.full_like(index, N)
-    first_latent = torch.full((B, int(doc_ids.max()) + 1), N, dtype=index.dtype, device=tokens.device)
-    first_latent.scatter_reduce_(1, doc_ids, torch.where(is_latent, index, big), reduce="amin")
-    first = first_latent.gather(1, doc_ids)  # N: the document has no latents
-    before = (index < first - 1) & (first < N)  # strictly before <boi>
-    dropped = drop & ~is_latent & before
-    return torch.where(dropped, torch.full_like(tokens, null_id), tokens), \
-        torch.where(dropped, torch.full_like(labels, IGNORE_INDEX), labels)
-
-
-def conditions_later_text(labels: torch.Tensor, span_ids: torch.Tensor, doc_ids: torch.Tensor) -> torch.Tensor:
-    """[N] bool: latent positions whose span is followed, in its document, by text that has
-    next-token targets beyond the span's own ``<eoi>`` (a captioning image, a video frame
-    before more text/frames). Only these spans may be noise-capped (``clean_fraction``):
-    a caption-first image (``caption <boi> image <eoi> <eod>``) is not. One sequence [N].
-    """
-    n = labels.shape[0]
-    has_target = labels != IGNORE_INDEX
-    # targets strictly after position i in its document (a contiguous run of one doc id):
-    # count up to the run's last position minus count up to i
-    count = torch.cumsum(has_target.long(), 0)
-    last_of_run = torch.ones(n, dtype=torch.bool)
-    last_of_run[:-1] = doc_ids[1:] != doc_ids[:-1]
-    ends = last_of_run.nonzero().squeeze(1)
-    run_end = ends[torch.searchsorted(ends, torch.arange(n))]
-    after = torch.cat([count[run_end] - count, torch.zeros(1, dtype=torch.long)])
-    out = torch.zeros(n, dtype=torch.bool)
-    for span in span_ids.unique().tolist():
-        if span < 0:
-            continue
-        idx = (span_ids == span).nonzero().squeeze(1)
-        eoi = int(idx[-1]) + 1
-        out[idx] = eoi < n and bool(doc_ids[eoi] == doc_ids[idx[0]]) and bool(after[eoi] > 0)
-    return out
-
-
-class TransfusionProvider:
-    """Builds the Transfusion model and feeds it packed samples: ShapesWorld in-process
-    (``data.kind: shapes``) or preprocessed indexed datasets (``data.kind: indexed``)."""
-
-    metric_names = ("loss", "loss_text", "loss_image", "loss_video")
-
-    def __init__(self, cfg: Config, transformer_config) -> None:
-        from megafusion.data.indexed_stream import IndexedStream
-        from megafusion.data.shapes_stream import ShapesStream
-
-        if cfg.data.kind not in ("shapes", "indexed"):
-            raise ConfigError(f"data.kind = {cfg.data.kind!r}: the Transfusion provider reads ShapesWorld "
-                              "in-process (shapes) or preprocessed datasets (indexed)")
-        self.cfg = cfg
-        self.transformer_config = transformer_config
-        # Both streams give packed sample i as a pure function of (seed, i).
-        self.stream = (ShapesStream if cfg.data.kind == "shapes" else IndexedStream).from_config(cfg)
-        if self.stream.tokenizer.vocab_size > cfg.model.vocab_size:
-            raise ConfigError(f"model.vocab_size = {cfg.model.vocab_size} is smaller than the tokenizer's "
-                              f"{self.stream.tokenizer.vocab_size} tokens; set model.vocab_size >= "
-                              f"{self.stream.tokenizer.vocab_size} (and divisible by parallel.tp)")
-        self.latent_dim = self.stream.latent_dim  # from the representation, not the config
-        self.modality_contexts: list[ModalityContext] = []  # one per built chunk
-        self.unet_layout = None
-        if cfg.model.patch_adapter == "unet":
-            self.unet_layout = (*latent_layout(self.stream.representation), self.stream.tokens_per_image)
-        # 2d and 3d share the (time, row, column) coordinates of rope_coordinates: the time
-        # axis is each span's start position, so every video frame has its own time.
-        self.image_grid_width = (self.square_grid(f"model.image_positions = {cfg.model.image_positions}")
-                                 if cfg.model.image_positions in ("2d", "3d") else None)
-        self.window_grid = (self.square_grid("model.frame_conditioning = window", " (use previous)")
-                            if cfg.model.frame_conditioning == "window" else None)
-
-    def square_grid(self, what: str, hint: str = "") -> int:
-        """Patches per row of the representation's square patch grid; ConfigError naming
-        ``what`` needs it when the grid is not square."""
-        width = math.isqrt(self.stream.tokens_per_image)
-        if width ** 2 != self.stream.tokens_per_image:
-            raise ConfigError(f"{what} needs square patch grids; the representation has "
-                              f"{self.stream.tokens_per_image} tokens per image{hint}")
-        return width
-
-    def step_metrics(self, model_chunks=None, group=None) -> dict[str, float]:
-        """Per-layer, per-modality MoE routing statistics since the last call ({} without MoE).
-
-        ``model_chunks`` (the trainer's wrapped chunks) is unused: the provider keeps the
-        ModalityContext of every chunk it built. A collective over ``group`` (default: all
-        ranks): call it on every rank at the same step.
-        """
-        from megafusion.model.moe import collect_routing_stats
-
-        return collect_routing_stats(self.modality_contexts, group=group)
-
-    @property
-    def model_shape(self):
-        """The sizes the trainer's FLOP counter needs (``megafusion.scaling.flops.ModelShape``)."""
-        from megafusion.scaling.flops import ModelShape
-
-        m = self.cfg.model
-        shape = ModelShape.from_model_config({**self.cfg.to_dict()["model"], "latent_dim": self.latent_dim,
-                                              "unet_layout": self.unet_layout})
-        copies = {"ffn_copies": 2 if m.ffn == "modality" else 1,
-                  "shared_expert_copies": 2 if m.moe.per_modality_shared_experts else 1}
-        return dataclasses.replace(shape, **copies)
-
-    def build(self, pre_process: bool, post_process: bool, vp_stage: int | None) -> torch.nn.Module:
-        m = self.cfg.model
-        # FFN hook: dense / modality-specific FFN / MoE with per-modality shared experts, all
-        # reading the modality of each position from one context per model chunk.
-        context = ModalityContext()
-        self.modality_contexts.append(context)
-        mlp_spec = ffn_spec(self.cfg, self.transformer_config, context)
-        time_context = norm_spec = None
-        if m.time_conditioning == "adaln":
-            time_context = TimeContext()
-            norm_spec = ModuleSpec(module=AdaLNNorm, params={"context": time_context})
-        # model.spec local | te: megatron's torch or Transformer Engine linears/norms, our core attention.
-        spec = transfusion_block_spec(self.transformer_config, m.attention, m.moe.num_experts, vp_stage, mlp_spec,
-                                      norm_spec, spec=m.spec)
-        model = TransfusionModel(self.transformer_config, spec, vocab_size=m.vocab_size, latent_dim=self.latent_dim,
-                                 max_sequence_length=m.seq_length, pre_process=pre_process,
-                                 post_process=post_process, tie_embeddings=m.tie_embeddings,
-                                 rope_base=m.rope_base, vp_stage=vp_stage, modality_context=context,
-                                 time_context=time_context, image_grid_width=self.image_grid_width,
-                                 unet_layout=self.unet_layout,
-                                 patch_positions=self.stream.tokens_per_image if m.patch_positions == "learned"
-                                 else None, rope_layout=m.rope_layout, frames_1d=m.frame_positions == "1d",
-                                 frame_conditioning=m.frame_conditioning,
-                                 frame_actions=m.action_conditioning == "embedding",
-                                 frame_grid_width=self.window_grid)
-        init_weights(model, self.cfg.train.seed, m.init_std, m.num_layers,
-                     std_of={"patch_position.table.weight": m.patch_position_init_std})
-        return model
-
-    def batch(self, indices) -> dict[str, torch.Tensor]:
-        """The training micro-batch of global sample ``indices``: a pure function of (seed, indices)."""
-        t = self.cfg.train
-        rows = []
-        d = self.cfg.diffusion
-        for i in indices:
-            s = self.stream.sample(i)
-            generator = torch.Generator().manual_seed(t.seed * 1_000_003 + int(i) + 17)
-            cap_fraction = None
-            if d.frame_clean_fraction is not None:
-                cap_fraction = torch.where(s.modality == VIDEO, d.frame_clean_fraction, d.clean_fraction)
-            noised = add_noise(s.latents, s.span_ids, s.clean_spans, d, generator,
-                               image_loss_mask=s.image_loss_mask, doc_ids=s.doc_ids,
-                               cap_eligible=conditions_later_text(s.labels, s.span_ids, s.doc_ids),
-                               cap_fraction=cap_fraction, is_frame=s.modality == VIDEO)
-            condition = s.latents
-            if d.frame_condition_noise > 0:  # what the next frame reads as the frame before it
-                std = d.frame_condition_noise * torch.rand((), generator=generator)
-                noise = torch.randn(s.latents.shape, generator=generator)
-                condition = s.latents + std * noise * (s.modality == VIDEO).unsqueeze(-1)
-            rows.append((s, noised, condition))
-        stack = lambda f: torch.stack([f(s, n) for s, n, _ in rows])  # noqa: E731
-        tokens, labels = stack(lambda s, n: s.tokens), stack(lambda s, n: s.labels)
-        modality, doc_ids = stack(lambda s, n: s.modality), stack(lambda s, n: s.doc_ids)
-        drop = stack(lambda s, n: n.drop_condition)
-        tokens, labels = drop_text_condition(tokens, labels, modality, doc_ids, drop,
-                                             self.stream.tokenizer.pad_id)
-        return {
-            "tokens": tokens,
-            "labels": labels,
-            "text_loss_mask": labels != IGNORE_INDEX,
-            "positions": stack(lambda s, n: s.positions),
-            "doc_ids": doc_ids,
-            "span_ids": stack(lambda s, n: s.span_ids),
-            "modality": modality,
-            "x_t": stack(lambda s, n: n.x_t),
-            "clean_latents": torch.stack([c for _, _, c in rows]),
-            "t": stack(lambda s, n: n.t),
-            "target": stack(lambda s, n: n.target),
-            "flow_loss_mask": stack(lambda s, n: n.loss_mask),
-        }
-
-    def micro_batches(self, step: int, dp_rank: int, dp_size: int) -> list[dict[str, torch.Tensor]]:
-        t = self.cfg.train
-        return [self.batch(idx) for idx in synthetic.micro_batch_indices(
-            step, t.global_batch_size, t.micro_batch_size, dp_rank, dp_size)]
-
-    def forward_step(self, batch: dict[str, torch.Tensor], model: torch.nn.Module):
-        mask = torch.stack([batch["doc_ids"], batch["span_ids"]])  # HybridMaskInfo.as_tensor()
-        output = model(batch["tokens"], batch["positions"], mask, latents=batch["x_t"], timesteps=batch["t"],
-                       modality=batch["modality"], labels=batch["labels"], clean_latents=batch["clean_latents"])
-        return output, partial(transfusion_loss, batch, self.cfg.diffusion.loss_weight)
+    m = cfg.model
+    # FFN hook: dense / modality-specific FFN / MoE with per-modality shared experts, all
+    # reading the modality of each position from one context per model chunk.
+    context = ModalityContext()
+    mlp_spec = ffn_spec(cfg, transformer_config, context)
+    time_context = norm_spec = None
+    if m.time_conditioning == "adaln":
+        time_context = TimeContext()
+        norm_spec = ModuleSpec(module=AdaLNNorm, params={"context": time_context})
+    # model.spec local | te: megatron's torch or Transformer Engine linears/norms, our core attention.
+    spec = transfusion_block_spec(transformer_config, m.attention, m.moe.num_experts, vp_stage, mlp_spec,
+                                  norm_spec, spec=m.spec)
+    model = TransfusionModel(transformer_config, spec, vocab_size=m.vocab_size, latent_dim=latent_dim,
+                             max_sequence_length=m.seq_length, pre_process=pre_process,
+                             post_process=post_process, tie_embeddings=m.tie_embeddings,
+                             rope_base=m.rope_base, vp_stage=vp_stage, modality_context=context,
+                             time_context=time_context, image_grid_width=image_grid_width,
+                             unet_layout=unet_layout,
+                             patch_positions=tokens_per_image if m.patch_positions == "learned" else None,
+                             rope_layout=m.rope_layout, frames_1d=m.frame_positions == "1d",
+                             frame_conditioning=m.frame_conditioning,
+                             frame_actions=m.action_conditioning == "embedding",
+                             frame_grid_width=frame_grid_width)
+    init_weights(model, cfg.train.seed, m.init_std, m.num_layers,
+                 std_of={"patch_position.table.weight": m.patch_position_init_std})
+    return model, context

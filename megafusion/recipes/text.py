@@ -1,6 +1,5 @@
-"""A decoder-only text model: megatron-core's GPT stack through our layer spec.
-
-The trainer backbone's reference model, and the text-only baseline of the research.
+"""The text recipe (``model.kind: text``): a GPT model (``megafusion.model.text``), its data
+stream, its micro-batches and its loss (summed next-token cross-entropy over ``loss_mask``).
 
 Data (``data.kind``):
 
@@ -23,8 +22,7 @@ import torch
 from megafusion.config import Config, ConfigError
 from megafusion.data import synthetic
 from megafusion.data.text_batches import gpt_batch
-from megafusion.model.init import init_weights
-from megafusion.model.spec import block_spec
+from megafusion.model.text import build_text_model
 
 
 def masked_token_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
@@ -37,6 +35,8 @@ def masked_token_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
 
 
 class TextModelProvider:
+    """Builds the GPT model and feeds it synthetic or indexed text (``data.kind``)."""
+
     metric_names = ("loss", "loss_text")
 
     def __init__(self, cfg: Config, transformer_config) -> None:
@@ -71,28 +71,7 @@ class TextModelProvider:
         return stream
 
     def build(self, pre_process: bool, post_process: bool, vp_stage: int | None) -> torch.nn.Module:
-        from megatron.core.models.gpt import GPTModel
-
-        m = self.cfg.model
-        spec = block_spec(self.transformer_config, m.spec, m.moe.num_experts, vp_stage)
-        if m.moe.num_experts:
-            from megafusion.model.moe_dispatch import with_moe_dispatch
-
-            spec.layer_specs = [with_moe_dispatch(layer, m.moe.dispatch, m.moe.experts) for layer in spec.layer_specs]
-        model = GPTModel(
-            config=self.transformer_config,
-            transformer_layer_spec=spec,
-            vocab_size=m.vocab_size,
-            max_sequence_length=m.seq_length,
-            pre_process=pre_process,
-            post_process=post_process,
-            share_embeddings_and_output_weights=m.tie_embeddings,
-            position_embedding_type="rope",
-            rotary_base=int(m.rope_base),
-            vp_stage=vp_stage,
-        )
-        init_weights(model, self.cfg.train.seed, m.init_std, m.num_layers)
-        return model
+        return build_text_model(self.cfg, self.transformer_config, pre_process, post_process, vp_stage)
 
     def micro_batches(self, step: int, dp_rank: int, dp_size: int) -> list[dict[str, torch.Tensor]]:
         """This rank's micro-batches of ``step``: tokens, labels, loss_mask, position_ids, each

@@ -17,9 +17,10 @@ import torch
 import torch.distributed as dist
 
 from megafusion.config import Config
-from megafusion.data.loader import StepLoader, default_num_workers
-from megafusion.model.provider import build_transformer_config, get_provider, micro_batch_iterators
+from megafusion.data.loader import StepLoader, default_num_workers, micro_batch_iterators
+from megafusion.model.transformer_config import build_transformer_config
 from megafusion.parallel.setup import ParallelEnv, init_parallel, shutdown
+from megafusion.recipes import get_provider
 from megafusion.training.checkpoint import Checkpointer, latest_checkpoint
 from megafusion.training.guards import (NonFiniteError, NonFiniteLossError, check_finite_for_save,  # noqa: F401
                                         check_loss_finite, optimizer_step, skip_limit, too_many_skips)
@@ -179,7 +180,8 @@ def train(cfg: Config, run_dir: Path, profiler=None, watcher: PreemptionWatcher 
                               data_state={"step": data_step + step - start_step, "skipped_steps": skipped})
 
         num_workers = cfg.data.num_workers
-        loader = StepLoader(provider, data_step, data_step + cfg.train.steps - start_step, env.dp_rank, env.dp_size,
+        loader = StepLoader(provider.micro_batches, data_step, data_step + cfg.train.steps - start_step,
+                            env.dp_rank, env.dp_size,
                             num_workers=default_num_workers(env.device) if num_workers is None else num_workers,
                             prefetch=cfg.data.prefetch, pin_memory=env.device.type == "cuda")
         try:

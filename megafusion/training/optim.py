@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from megafusion.config import Config
-from megafusion.model.provider import DTYPES
+from megafusion.model.transformer_config import DTYPES
 
 
 def build_optimizer(cfg: Config, model_chunks):

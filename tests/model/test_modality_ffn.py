@@ -33,7 +33,7 @@ def run_config(*overrides):
 
 
 def transformer_config_for(cfg):
-    from megafusion.model.provider import build_transformer_config
+    from megafusion.model.transformer_config import build_transformer_config
 
     return build_transformer_config(cfg, torch.device("cpu"))
 

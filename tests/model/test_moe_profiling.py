@@ -21,7 +21,7 @@ STEPS = ("dispatch_preprocess", "token_dispatch", "dispatch_postprocess", "combi
 def build_layer(dispatch, experts, dispatcher="alltoall"):
     from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 
-    from megafusion.model.provider import build_transformer_config
+    from megafusion.model.transformer_config import build_transformer_config
 
     cfg = load_config(overrides=["model.kind=transfusion", "model.hidden_size=16", "model.ffn_hidden_size=24",
                                  "model.num_heads=2", "model.moe.num_experts=4", "model.moe.ffn_hidden_size=8",
@@ -66,7 +66,7 @@ def test_dispatch_range_in_a_cpu_profile_of_one_moe_forward(megatron_world, disp
 def test_triton_dispatch_layer_of_a_plain_spec_is_profiled_too(megatron_world):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_submodules
 
-    from megafusion.model.provider import build_transformer_config
+    from megafusion.model.transformer_config import build_transformer_config
 
     cfg = load_config(overrides=["model.hidden_size=16", "model.ffn_hidden_size=24", "model.num_heads=2",
                                  "model.moe.num_experts=4", "model.moe.ffn_hidden_size=8"])

@@ -59,8 +59,8 @@ def test_text_moe_model_builds_the_chosen_modules(megatron_world):
     from megafusion.config import load_config
     from megafusion.model.grouped_experts import GroupedExperts
     from megafusion.model.moe_dispatch import TritonAlltoAllTokenDispatcher, TritonDispatchMoELayer
-    from megafusion.model.provider import build_transformer_config
-    from megafusion.model.text import TextModelProvider
+    from megafusion.model.transformer_config import build_transformer_config
+    from megafusion.recipes.text import TextModelProvider
 
     from conftest import CONFIGS
 

@@ -36,8 +36,8 @@ VARIANTS = {
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_accounting_matches_the_real_model(megatron_world, variant):
-    from megafusion.model.provider import build_transformer_config
-    from megafusion.model.transfusion import TransfusionProvider
+    from megafusion.model.transformer_config import build_transformer_config
+    from megafusion.recipes.transfusion import TransfusionProvider
 
     cfg = load_config(CONFIG, [*SMALL, *VARIANTS[variant]])
     provider = TransfusionProvider(cfg, build_transformer_config(cfg, torch.device("cpu")))

@@ -44,7 +44,8 @@ def test_skipped_steps_are_counted_and_do_not_advance_the_schedule(tmp_path):
 @pytest.fixture(params=["fp32", "bf16"])
 def model_and_optimizer(request, megatron_world):
     from megafusion.config import load_config
-    from megafusion.model.provider import build_transformer_config, get_provider
+    from megafusion.model.transformer_config import build_transformer_config
+    from megafusion.recipes import get_provider
     from megafusion.parallel.setup import ParallelEnv
     from megafusion.training.loop import build_model_chunks
     from megafusion.training.optim import build_optimizer

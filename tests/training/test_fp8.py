@@ -65,7 +65,7 @@ def test_mxfp8_needs_blackwell(monkeypatch):
 
 @pytest.mark.parametrize("recipe, fmt", [("delayed", "hybrid"), ("tensorwise", "hybrid"), ("mxfp8", "e4m3")])
 def test_fp8_fields_reach_the_transformer_config(recipe, fmt):
-    from megafusion.model.provider import build_transformer_config
+    from megafusion.model.transformer_config import build_transformer_config
 
     cfg = load_config(CONFIGS / TINY, ["model.spec=te", "train.precision=bf16", f"train.fp8={recipe}",
                                        "train.fp8_params=true"])

@@ -17,7 +17,7 @@ import torch
 from conftest import CONFIGS, REPO, losses_by_step, run_train
 from megafusion.config import ConfigError, load_config
 from megafusion.data import synthetic
-from megafusion.model.text import TextModelProvider
+from megafusion.recipes.text import TextModelProvider
 
 SUBJECTS = "the red circle|a blue square|the green triangle|a small star|the big moon".split("|")
 VERBS = "moves|jumps|rolls|slides|spins".split("|")
