@@ -19,7 +19,7 @@ def test_in_process_loading_then_resume_with_workers_equals_an_uninterrupted_run
     run = tmp_path / "b"
     run_train(run, "tiny_transfusion.yaml", BASE + ["train.steps=2", "data.num_workers=0"])
     [(step, path)] = complete_checkpoints(run)
-    assert step == 2 and dist_checkpointing.load_common_state_dict(str(path))["common"]["data"] == {"step": 2}
+    assert step == 2 and dist_checkpointing.load_common_state_dict(str(path))["common"]["data"] == {"step": 2, "skipped_steps": 0}
     proc = run_train(run, "tiny_transfusion.yaml", BASE + ["train.steps=4", "data.num_workers=2"])
     assert "resumed from step 2 (data step 2)" in proc.stdout
 
