@@ -11,7 +11,6 @@ global argument object.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import types
 import typing
@@ -23,10 +22,9 @@ from typing import Any, Literal
 import yaml
 
 from megafusion.diffusion.flow import FlowMatchingConfig
+from megafusion.settings import ConfigError, describe_type, load_dataclass  # noqa: F401 (re-exported)
 
 
-class ConfigError(ValueError):
-    """A configuration that cannot run. The message names the key, the value and the fix."""
 
 
 # --------------------------------------------------------------------------- sections
@@ -238,149 +236,9 @@ def _field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def describe_type(typ: Any) -> str:
-    """A field's type in words, as the docs and messages name it: ``text | transfusion``,
-    ``integer or null``, ``auto or number``."""
-    origin = typing.get_origin(typ)
-    if origin is Literal:
-        return " | ".join(str(choice) for choice in typing.get_args(typ))
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(describe_type(arg) for arg in typing.get_args(typ))
-    if origin is list:
-        return f"list of {describe_type(typing.get_args(typ)[0])}"
-    if origin is dict:
-        return "mapping of {} to {}".format(*(describe_type(arg) for arg in typing.get_args(typ)))
-    names = {bool: "true or false", int: "integer", float: "number", str: "string", type(None): "null"}
-    return names.get(typ, getattr(typ, "__name__", str(typ)))
-
-
-def _coerce(value: Any, typ: Any, key: str, strict: bool = False) -> Any:
-    """Checks (and gently converts) ``value`` to the annotated type ``typ``.
-
-    A choice (``Literal``) outside its list is kept when it has the choices' type, so that
-    ``validate`` names it with every other problem; ``strict`` (an arm of a union such as
-    ``Literal["auto"] | float``) refuses it, so the next arm can try."""
-    origin = typing.get_origin(typ)
-    if origin in (typing.Union, types.UnionType):
-        args = [arg for arg in typing.get_args(typ) if arg is not type(None)]
-        if value is None and len(args) < len(typing.get_args(typ)):
-            return None
-        if len(args) == 1:  # X | None
-            return _coerce(value, args[0], key, strict)
-        for arg in args:
-            try:
-                return _coerce(value, arg, key, strict=True)
-            except ConfigError:
-                pass
-        raise ConfigError(f"config key '{key}' must be {describe_type(typ)}, got {value!r}")
-    if origin is Literal:
-        choices = typing.get_args(typ)
-        if value in choices or (not strict and type(value) in {type(choice) for choice in choices}):
-            return value
-        raise ConfigError(f"config key '{key}' must be one of {', '.join(map(str, choices))}, got {value!r}")
-    if dataclasses.is_dataclass(typ):
-        if not isinstance(value, dict):
-            raise ConfigError(f"config key '{key}' must be a mapping of {typ.__name__} fields, got {value!r}")
-        return _build(typ, value, key)
-    if origin is dict:
-        key_type, value_type = typing.get_args(typ)
-        if not isinstance(value, dict):
-            raise ConfigError(f"config key '{key}' must be a mapping, got {value!r}")
-        return {_coerce(k, key_type, key): _coerce(v, value_type, f"{key}.{k}") for k, v in value.items()}
-    if origin is list:
-        (item,) = typing.get_args(typ)
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
-        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
-    if typ is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
-    if typ is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
-    if typ is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)  # YAML reads 1e-3 as a string
-            except ValueError:
-                pass
-        raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
-    if typ is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
-    return value
-
-
-def _unknown_key_error(cls: type, name: str, prefix: str) -> ConfigError:
-    valid = [f.name for f in dataclasses.fields(cls)]
-    close = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
-    where = f"{prefix}.{name}" if prefix else name
-    hint = f" Did you mean '{(prefix + '.') if prefix else ''}{close[0]}'?" if close else ""
-    return ConfigError(f"unknown config key '{where}'.{hint} Valid keys here: {', '.join(valid)}")
-
-
-def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
-    hints = _field_types(cls)
-    kwargs = {}
-    for name, value in values.items():
-        if name not in hints:
-            raise _unknown_key_error(cls, name, prefix)
-        kwargs[name] = _coerce(value, hints[name], f"{prefix}.{name}" if prefix else name)
-    try:
-        return cls(**kwargs)
-    except (TypeError, ValueError) as err:  # a section's own checks (e.g. FlowMatchingConfig)
-        raise ConfigError(f"config section '{prefix or 'top level'}': {err}") from None
-
-
-def _apply_override(tree: dict[str, Any], assignment: str) -> None:
-    if "=" not in assignment:
-        raise ConfigError(f"--set expects key.sub=value, got '{assignment}'")
-    dotted, raw = assignment.split("=", 1)
-    keys = dotted.strip().split(".")
-    cls: type = Config
-    node = tree
-    for depth, key in enumerate(keys):
-        hints = _field_types(cls)
-        if key not in hints:
-            raise _unknown_key_error(cls, key, ".".join(keys[:depth]))
-        if depth == len(keys) - 1:
-            node[key] = yaml.safe_load(raw) if raw.strip() else None
-        else:
-            cls = hints[key]
-            if not dataclasses.is_dataclass(cls):
-                raise ConfigError(f"config key '{'.'.join(keys[:depth + 1])}' is a value, not a section")
-            node = node.setdefault(key, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"config key '{'.'.join(keys[:depth + 1])}' must be a mapping")
-
-
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Reads a YAML file (or starts from defaults), applies ``key.sub=value`` overrides."""
-    tree: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file '{path}' does not exist")
-        try:
-            tree = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file '{path}' is not valid YAML: {err}") from None
-        if not isinstance(tree, dict):
-            raise ConfigError(f"config file '{path}' must hold a mapping of sections, got {type(tree).__name__}")
-    for assignment in overrides:
-        _apply_override(tree, assignment)
-    try:
-        return _build(Config, tree)
-    except ConfigError as err:
-        where = f" (in {path})" if path is not None else ""
-        raise ConfigError(f"{err}{where}") from None
+    return load_dataclass(Config, path, overrides, what="a mapping of sections")
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

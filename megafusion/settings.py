@@ -1,8 +1,8 @@
 """Dataclass settings from YAML and ``--set key=value`` overrides, for any dataclass.
 
-``megafusion train`` reads its :class:`~megafusion.config.Config` with
-:func:`megafusion.config.load_config`; tools with their own settings dataclass (``megafusion
-train-decoder``'s ``DecoderTrainConfig``) read theirs here, with the same rules: a YAML
+``megafusion train``'s :class:`~megafusion.config.Config` (:func:`megafusion.config.load_config`)
+and tools with their own settings dataclass (``megafusion train-decoder``'s
+``DecoderTrainConfig``) are all read here, with the same rules: a YAML
 mapping of field names (nested dataclasses as nested mappings), then ``section.key=value``
 overrides whose values are parsed as YAML, then each value checked against its annotation
 (an int where an int is declared, ``1e-3`` read as a number, ...), unknown keys refused with
@@ -21,12 +21,15 @@ from typing import Any, Iterable, Literal, TypeVar
 
 import yaml
 
-from megafusion.config import ConfigError
 
 T = TypeVar("T")
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
+class ConfigError(ValueError):
+    """A configuration that cannot run. The message names the key, the value and the fix."""
+
+
+def read_yaml(path: str | Path, what: str = "a mapping") -> dict[str, Any]:
     """The mapping in a YAML file; ConfigError when it is missing, not YAML or not a mapping."""
     path = Path(path)
     if not path.is_file():
@@ -36,7 +39,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except yaml.YAMLError as err:
         raise ConfigError(f"config file '{path}' is not valid YAML: {err}") from None
     if not isinstance(tree, dict):
-        raise ConfigError(f"config file '{path}' must hold a mapping, got {type(tree).__name__}")
+        raise ConfigError(f"config file '{path}' must hold {what}, got {type(tree).__name__}")
     return tree
 
 
@@ -77,26 +80,46 @@ def apply_override(tree: dict[str, Any], assignment: str, cls: type) -> None:
             raise ConfigError(f"config key '{'.'.join(keys[:depth + 1])}' must be a mapping")
 
 
-def _coerce(value: Any, typ: Any, key: str) -> Any:
-    """``value`` checked against the annotation ``typ`` (an int may stand for a float, a numeric string too)."""
+def describe_type(typ: Any) -> str:
+    """A field's type in words, as the docs and messages name it: ``text | transfusion``,
+    ``integer or null``, ``auto or number``."""
+    origin = typing.get_origin(typ)
+    if origin is Literal:
+        return " | ".join(str(choice) for choice in typing.get_args(typ))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(describe_type(arg) for arg in typing.get_args(typ))
+    if origin is list:
+        return f"list of {describe_type(typing.get_args(typ)[0])}"
+    if origin is dict:
+        return "mapping of {} to {}".format(*(describe_type(arg) for arg in typing.get_args(typ)))
+    names = {bool: "true or false", int: "integer", float: "number", str: "string", type(None): "null"}
+    return names.get(typ, getattr(typ, "__name__", str(typ)))
+
+
+def _coerce(value: Any, typ: Any, key: str, strict: bool = False) -> Any:
+    """Checks (and gently converts) ``value`` to the annotated type ``typ``.
+
+    A choice (``Literal``) outside its list is kept when it has the choices' type, so that
+    ``validate`` names it with every other problem; ``strict`` (an arm of a union such as
+    ``Literal["auto"] | float``) refuses it, so the next arm can try."""
     origin = typing.get_origin(typ)
     if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in typing.get_args(typ):
+        args = [arg for arg in typing.get_args(typ) if arg is not type(None)]
+        if value is None and len(args) < len(typing.get_args(typ)):
             return None
-        errors = []
-        for arg in typing.get_args(typ):
-            if arg is type(None):
-                continue
+        if len(args) == 1:  # X | None
+            return _coerce(value, args[0], key, strict)
+        for arg in args:
             try:
-                return _coerce(value, arg, key)
-            except ConfigError as err:
-                errors.append(str(err))
-        raise ConfigError(errors[0])
+                return _coerce(value, arg, key, strict=True)
+            except ConfigError:
+                pass
+        raise ConfigError(f"config key '{key}' must be {describe_type(typ)}, got {value!r}")
     if origin is Literal:
         choices = typing.get_args(typ)
-        if value not in choices:
-            raise ConfigError(f"config key '{key}' must be one of {', '.join(map(str, choices))}; got {value!r}")
-        return value
+        if value in choices or (not strict and type(value) in {type(choice) for choice in choices}):
+            return value
+        raise ConfigError(f"config key '{key}' must be one of {', '.join(map(str, choices))}, got {value!r}")
     if dataclasses.is_dataclass(typ):
         if not isinstance(value, dict):
             raise ConfigError(f"config key '{key}' must be a mapping of {typ.__name__} fields, got {value!r}")
@@ -127,7 +150,7 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
             return float(value)
         if isinstance(value, str):
             try:
-                return float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
+                return float(value)  # YAML reads 1e-3 as a string
             except ValueError:
                 pass
         raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
@@ -153,10 +176,10 @@ def build(cls: type[T], values: dict[str, Any], prefix: str = "") -> T:
 
 
 def load_dataclass(cls: type[T], path: str | Path | None = None, overrides: Iterable[str] = (),
-                   values: dict[str, Any] | None = None) -> T:
+                   values: dict[str, Any] | None = None, what: str = "a mapping") -> T:
     """``cls`` from a YAML file (or its defaults), then ``values`` (e.g. command-line flags:
     top-level fields), then ``key.sub=value`` overrides, in that order."""
-    tree = read_yaml(path) if path is not None else {}
+    tree = read_yaml(path, what) if path is not None else {}
     tree.update(values or {})
     for assignment in overrides:
         apply_override(tree, assignment, cls)
