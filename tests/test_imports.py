@@ -1,12 +1,13 @@
 """Which way imports go inside ``megafusion/`` (issue 25; ../shared/notes/design.md).
 
 Reads every module's imports with ``ast`` (imports inside functions count: a lazy import
-still ties two modules together) and checks two rules:
+still ties two modules together) and checks three rules:
 
 - no import cycle between modules of ``megafusion/``;
 - ``megafusion.model`` holds modules only: it imports nothing from ``megafusion.training``
   or ``megafusion.recipes``, and from ``megafusion.data`` only the Sample format
-  (``megafusion.data.sample``).
+  (``megafusion.data.sample``);
+- no module uses another's ``_private`` names (``from megafusion.x import _y``, ``x._y``).
 
 Importing ``a.b.c`` runs the ``__init__`` of ``a.b`` too, so a module depends on every
 package above the module it imports (those it sits in itself excepted: they are running).
@@ -21,16 +22,10 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "megafusion"
 
 # Cycles that exist today and are not yet broken: each is a sorted tuple of the modules of
-# one strongly connected component. Issue 25 ("No circles") removes them; delete an entry
-# when its cycle is gone (the test says so). Any other cycle fails.
-KNOWN_CYCLES: set[tuple[str, ...]] = {
-    # inference <-> interop (loading -> import_/export -> loading): reading and writing exported
-    # safetensors becomes one leaf module that both use (issue 25, "No circles").
-    ("megafusion.inference.loading", "megafusion.interop.export", "megafusion.interop.import_"),
-    # moe <-> modality_ffn: ModalityContext and routing statistics get their own module that
-    # both import (issue 25, "No circles").
-    ("megafusion.model.modality_ffn", "megafusion.model.moe"),
-}
+# one strongly connected component. Delete an entry when its cycle is gone (the test says
+# so). Any other cycle fails. (Issue 25 broke inference.loading <-> interop.{export,import_}
+# with interop.safetensors_io, and moe <-> modality_ffn with model.routing + model.ffn.)
+KNOWN_CYCLES: set[tuple[str, ...]] = set()
 
 # megafusion.model may import these (and anything outside megafusion.{data,training,recipes}).
 MODEL_MAY_IMPORT = {"megafusion.data.sample"}
@@ -202,3 +197,47 @@ def test_model_imports_no_data_training_or_recipes():
         and any(target == p or target.startswith(p + ".") for p in MODEL_MAY_NOT_IMPORT))
     assert not bad, ("megafusion.model holds modules only: no imports from megafusion.training, "
                      "megafusion.recipes, or megafusion.data beyond megafusion.data.sample:\n  " + "\n  ".join(bad))
+
+
+def private_uses(name: str, path: Path) -> list[str]:
+    """``_private`` names that module ``name`` takes from another megafusion module: imported by
+    name (``from megafusion.x import _y``) or read off an imported module (``x._y``)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    is_package = path.name == "__init__.py"
+    modules: set[str] = set()  # local names bound to megafusion modules
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = name.split(".") if is_package else name.split(".")[:-1]
+                target = ".".join(base[:len(base) - (node.level - 1)] + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            if target != "megafusion" and not target.startswith("megafusion."):
+                continue
+            for alias in node.names:
+                if alias.name.startswith("_") and not alias.name.startswith("__"):
+                    found.append(f"{name}:{node.lineno} imports {target}.{alias.name}")
+                modules.add(alias.asname or alias.name)
+        elif isinstance(node, ast.Import):
+            modules |= {(alias.asname or alias.name).split(".")[0] for alias in node.names
+                        if alias.name == "megafusion" or alias.name.startswith("megafusion.")}
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
+                and isinstance(node.value, ast.Name) and node.value.id in modules):
+            found.append(f"{name}:{node.lineno} reads {node.value.id}.{node.attr}")
+    return found
+
+
+def test_no_module_imports_another_modules_private_names():
+    bad = sorted(use for name, path in all_modules().items() for use in private_uses(name, path))
+    assert not bad, ("a module of megafusion/ uses another's _private names; make the name public where it is "
+                     "shared:\n  " + "\n  ".join(bad))
+
+
+def test_private_use_finder(tmp_path):
+    path = tmp_path / "m.py"
+    path.write_text("from megafusion.a import _x, y\nimport megafusion.b as b\nfrom os import _exit\n"
+                    "def f():\n    return b._z, y._w, b.__name__\n")
+    assert private_uses("megafusion.m", path) == ["megafusion.m:1 imports megafusion.a._x",
+                                                  "megafusion.m:5 reads b._z", "megafusion.m:5 reads y._w"]

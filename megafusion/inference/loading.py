@@ -129,7 +129,7 @@ def load_run(run_dir: str | Path, step: int | None = None, device: str | None = 
     """
     from megatron.core import dist_checkpointing
 
-    from megafusion.interop.import_ import is_export
+    from megafusion.interop.safetensors_io import is_export
     from megafusion.training.checkpoint import unwrap
     from megafusion.training.safe_load import restricted_loading
 
@@ -161,7 +161,7 @@ def load_run(run_dir: str | Path, step: int | None = None, device: str | None = 
 def load_export(export_dir: str | Path, step: int | None = None, device: str | None = None,
                 kinds: tuple[str, ...] | None = ("transfusion",)) -> LoadedRun:
     """``load_run`` for a ``megafusion export`` directory (one step: the exported one)."""
-    from megafusion.interop.import_ import load_strict, read_config, read_tensors
+    from megafusion.interop.safetensors_io import load_strict, read_config, read_tensors
 
     export_dir = Path(export_dir)
     cfg, raw = read_config(export_dir)

@@ -21,13 +21,9 @@ import shutil
 import sys
 from pathlib import Path
 
-import torch
 
 from megafusion.interop import architecture, names
-
-FORMAT = "megafusion-safetensors-v1"
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
+from megafusion.interop.safetensors_io import DTYPES, FORMAT, write_tensors  # noqa: F401 (public here too)
 
 def parse_size(text: str) -> int:
     """'2GB' / '500MB' / '10KB' / '123' -> bytes."""
@@ -40,36 +36,6 @@ def parse_size(text: str) -> int:
         return int(t)
     except ValueError:
         raise ValueError(f"--max-shard-size {text!r} is not a size; write e.g. 2GB, 500MB or 123") from None
-
-
-def write_tensors(tensors: dict[str, torch.Tensor], out: Path, max_shard_bytes: int, metadata: dict) -> list[Path]:
-    """Writes one file, or shards plus the Hugging Face index, under ``out``."""
-    from safetensors.torch import save_file
-
-    tensors = {k: v.detach().contiguous().cpu() for k, v in sorted(tensors.items())}
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = t
-        size += nbytes
-    if len(shards) == 1:
-        path = out / "model.safetensors"
-        save_file(shards[0], str(path), metadata=metadata)
-        return [path]
-    paths, weight_map = [], {}
-    for i, shard in enumerate(shards):
-        path = out / f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(path), metadata=metadata)
-        paths.append(path)
-        weight_map.update({name: path.name for name in shard})
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    (out / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    return paths
 
 
 def export_run(run_dir: str | Path, out: str | Path, step: int | None = None, dtype: str = "fp32",

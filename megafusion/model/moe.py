@@ -51,14 +51,15 @@ from __future__ import annotations
 
 import copy
 import functools
-import math
-from typing import Iterable, Optional
+from typing import Optional
 
 import torch
 from megatron.core.transformer.moe.moe_layer import MoELayer
 
-from megafusion.data.sample import IMAGE, TEXT, VIDEO
-from megafusion.model.modality_ffn import ModalityContext, ModalityFFN, _tp_rank_size
+from megafusion.model.modality_ffn import ModalityFFN, spec_backend
+from megafusion.model.routing import (  # noqa: F401 (the routing statistics are public here too)
+    NUM_MODALITIES, ModalityContext, collect_routing_stats, reduce_routing_counts, routing_counts,
+    routing_stats_from_counts, take_routing_counts, tp_rank_size)
 
 __all__ = [
     "ModalityMoELayer",
@@ -69,29 +70,6 @@ __all__ = [
     "routing_stats_from_counts",
     "take_routing_counts",
 ]
-
-NUM_MODALITIES = 3  # TEXT, IMAGE, VIDEO
-
-
-def routing_counts(modality: torch.Tensor, routing_map: torch.Tensor) -> torch.Tensor:
-    """Per-modality routing counts of one forward.
-
-    Args:
-        modality: [T] int64 modality of each routed token.
-        routing_map: [T, E] bool, the router's token -> expert assignments.
-
-    Returns:
-        [3, E + 1] int64: ``[m, e]`` assignments of modality-m tokens to expert e, ``[m, E]``
-        number of modality-m tokens.
-    """
-    num_tokens, num_experts = routing_map.shape
-    if modality.numel() != num_tokens:
-        raise ValueError(f"routing map covers {num_tokens} tokens but the modality {modality.numel()}")
-    counts = torch.zeros(NUM_MODALITIES, num_experts + 1, dtype=torch.int64, device=routing_map.device)
-    counts[:, :num_experts].index_add_(0, modality, routing_map.to(torch.int64))
-    counts[:, num_experts] = torch.bincount(modality, minlength=NUM_MODALITIES)[:NUM_MODALITIES]
-    return counts
-
 
 class ModalityMoELayer(MoELayer):
     """megatron-core's MoELayer + per-modality shared experts + routing counts (module docstring).
@@ -146,7 +124,7 @@ class ModalityMoELayer(MoELayer):
         probs, routing_map = super().route(hidden_states, padding_mask)
         # _current_graph_task_id() != -1 inside backward: an activation-checkpoint recompute
         if self.ctx.recording and not self.is_mtp_layer and torch._C._current_graph_task_id() == -1:
-            tp_rank, tp_size = _tp_rank_size(self.attn_tp_group)
+            tp_rank, tp_size = tp_rank_size(self.attn_tp_group)
             modality = self.ctx.local_modality(hidden_states.shape, tp_rank, tp_size)
             self.ctx.add_routing_counts(self.layer_number - 1, routing_counts(modality, routing_map.detach()))
         return probs, routing_map
@@ -163,11 +141,9 @@ class ModalityMoELayer(MoELayer):
 
 
 def moe_spec(cfg, transformer_config, ctx: ModalityContext, shared_expert_submodules):
-    """The ``mlp`` builder of a MoE Transfusion layer (called by ``modality_ffn.ffn_spec``)."""
+    """The ``mlp`` builder of a MoE Transfusion layer (called by ``megafusion.model.ffn.ffn_spec``)."""
     from megatron.core.transformer.moe.moe_layer import MoESubmodules
     from megatron.core.transformer.moe.shared_experts import SharedExpertMLP
-
-    from megafusion.model.modality_ffn import _backend
 
     from megafusion.model.grouped_experts import EXPERTS_CHOICES, GroupedExperts
 
@@ -177,125 +153,10 @@ def moe_spec(cfg, transformer_config, ctx: ModalityContext, shared_expert_submod
     if moe.experts == "grouped":
         experts = GroupedExperts
     else:
-        experts = _backend(cfg.model.spec).grouped_mlp_modules(cfg.model.spec == "te")
+        experts = spec_backend(cfg.model.spec).grouped_mlp_modules(cfg.model.spec == "te")
     submodules = MoESubmodules(
         experts=experts,
         shared_experts=functools.partial(SharedExpertMLP, submodules=shared_expert_submodules))
     return functools.partial(
         ModalityMoELayer, submodules=submodules, ctx=ctx, shared_expert_submodules=shared_expert_submodules,
         per_modality_shared_experts=moe.per_modality_shared_experts, dispatch=moe.dispatch)
-
-
-# --------------------------------------------------------------------------- statistics
-
-
-def take_routing_counts(ctx: ModalityContext) -> torch.Tensor:
-    """[num_layers, 3, E + 1] int64 counts of this rank since the last take; resets the context.
-
-    Under tensor parallelism without sequence parallelism every TP rank routes the same
-    tokens, so only TP rank 0 contributes (the others return zeros) and a plain sum over
-    all ranks counts each token once.
-    """
-    counts = ctx._counts
-    ctx._counts = {}
-    device = next(iter(counts.values())).device if counts else torch.device("cpu")
-    if torch.cuda.is_available() and device.type == "cpu" and _backend_needs_cuda():
-        device = torch.device("cuda", torch.cuda.current_device())
-    out = torch.zeros(ctx.num_layers, NUM_MODALITIES, ctx.num_experts + 1, dtype=torch.int64, device=device)
-    for layer, c in counts.items():
-        out[layer] = c.to(device)
-    if not ctx.sequence_parallel and _tp_rank() != 0:
-        out.zero_()
-    return out
-
-
-def _backend_needs_cuda() -> bool:
-    return torch.distributed.is_initialized() and torch.distributed.get_backend() == "nccl"
-
-
-def _tp_rank() -> int:
-    if not torch.distributed.is_initialized():
-        return 0
-    from megatron.core import parallel_state
-
-    if not parallel_state.model_parallel_is_initialized():
-        return 0
-    return parallel_state.get_tensor_model_parallel_rank()
-
-
-def reduce_routing_counts(counts: torch.Tensor, group=None) -> torch.Tensor:
-    """Sums counts over ``group`` (default: all ranks) in place; a no-op without torch.distributed."""
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size(group) > 1:
-        torch.distributed.all_reduce(counts, group=group)
-    return counts
-
-
-def collect_routing_stats(contexts: Iterable[ModalityContext], group=None) -> dict[str, float]:
-    """Takes the counts of all this rank's model chunks, sums them over ``group``, returns metrics.
-
-    A collective over ``group`` (default: every rank): call it on every rank at the same
-    step. Returns {} for a model without MoE layers.
-    """
-    contexts = list(contexts)
-    if not contexts or not contexts[0].num_experts:
-        return {}
-    counts = sum(take_routing_counts(ctx) for ctx in contexts)
-    return routing_stats_from_counts(reduce_routing_counts(counts, group).cpu())
-
-
-def _specialization(vision_share: float, overall: float) -> float:
-    """Signed specialization in [-1, 1] of an expert whose assignments are ``vision_share`` vision."""
-    if vision_share >= overall:
-        return (vision_share - overall) / (1.0 - overall)
-    return (vision_share - overall) / overall
-
-
-def _entropy(p: Iterable[float]) -> float:
-    return -sum(x * math.log(x) for x in p if x > 0)
-
-
-def routing_stats_from_counts(counts: torch.Tensor) -> dict[str, float]:
-    """Metrics from (reduced) counts [num_layers, 3, E + 1]; key definitions in the module docstring."""
-    counts = counts.to(torch.float64)
-    num_experts = counts.shape[2] - 1
-    stats: dict[str, float] = {}
-    spec_layers, nmi_layers = [], []
-    for layer in range(counts.shape[0]):
-        c = counts[layer]
-        if c[:, num_experts].sum() == 0:
-            continue  # not a MoE layer, or nothing routed
-        assign = {"text": c[TEXT, :num_experts], "image": c[IMAGE, :num_experts], "video": c[VIDEO, :num_experts]}
-        tokens = {"text": c[TEXT, num_experts], "image": c[IMAGE, num_experts], "video": c[VIDEO, num_experts]}
-        assign["vision"] = assign["image"] + assign["video"]
-        tokens["vision"] = tokens["image"] + tokens["video"]
-        key = f"moe/layer{layer}"
-        for m in ("text", "image", "video", "vision"):
-            n = float(tokens[m])
-            stats[f"{key}/tokens_{m}"] = n
-            if n > 0:
-                for e in range(num_experts):
-                    stats[f"{key}/frac_{m}_tokens_expert{e}"] = float(assign[m][e]) / n
-        text_a, vision_a = assign["text"], assign["vision"]
-        load = text_a + vision_a
-        total = float(load.sum())
-        overall = float(vision_a.sum()) / total if total else 0.0
-        if not 0.0 < overall < 1.0:
-            continue  # specialization needs both modalities
-        weighted = 0.0
-        for e in range(num_experts):
-            if load[e] > 0:
-                s = _specialization(float(vision_a[e] / load[e]), overall)
-                stats[f"{key}/specialization_expert{e}"] = s
-                weighted += float(load[e]) * abs(s)
-        stats[f"{key}/specialization"] = weighted / total
-        joint = torch.stack([text_a, vision_a]) / total  # [modality, expert]
-        h_modality = _entropy([1.0 - overall, overall])
-        mutual = sum(float(joint[m, e]) * math.log(float(joint[m, e]) / (float(joint[m].sum()) * float(load[e]) / total))
-                     for m in range(2) for e in range(num_experts) if joint[m, e] > 0)
-        stats[f"{key}/modality_nmi"] = mutual / h_modality
-        spec_layers.append(stats[f"{key}/specialization"])
-        nmi_layers.append(stats[f"{key}/modality_nmi"])
-    if spec_layers:
-        stats["moe/specialization"] = sum(spec_layers) / len(spec_layers)
-        stats["moe/modality_nmi"] = sum(nmi_layers) / len(nmi_layers)
-    return stats

@@ -48,9 +48,10 @@ from megafusion.model.embeddings import (FrameActionIn, PatchIn, PatchOut, Patch
                                          TimestepEmbedding, gather_previous_frames, mean_between_frames,
                                          previous_frame_index, previous_window_index, rope_axis_of_frequency,
                                          rope_coordinates)
+from megafusion.model.ffn import ffn_spec
 from megafusion.model.init import init_weights
 from megafusion.model.mask import HybridMaskInfo
-from megafusion.model.modality_ffn import ModalityContext, ffn_spec
+from megafusion.model.routing import ModalityContext
 from megafusion.model.spec import transfusion_block_spec
 from megafusion.model.unet import UNetDown, UNetUp
 

@@ -42,7 +42,7 @@ from megafusion.training.safe_load import CheckpointError, UnsafeCheckpointError
 __all__ = ["CheckpointError", "UnsafeCheckpointError", "Checkpointer", "Verdict", "complete_checkpoints",
            "latest_checkpoint", "select_checkpoint", "verify_checkpoint"]
 
-_STEP_DIR = re.compile(r"^step_(\d{8})$")
+STEP_DIR = re.compile(r"^step_(\d{8})$")
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "megafusion-checkpoint-manifest-v1"
 _CHUNK = 8 << 20  # bytes read per crc32 update: large enough for full disk speed, small in memory
@@ -57,7 +57,7 @@ def complete_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     root = checkpoint_root(run_dir)
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))]
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := STEP_DIR.match(p.name))]
     return sorted(found)
 
 

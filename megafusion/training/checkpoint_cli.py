@@ -21,13 +21,13 @@ from pathlib import Path
 
 def verify_run(path: Path) -> int:
     """Prints one line per checkpoint under ``path``; returns the exit code (0, 1 or 2)."""
-    from megafusion.training.checkpoint import _STEP_DIR, checkpoint_root, complete_checkpoints, verify_checkpoint
+    from megafusion.training.checkpoint import STEP_DIR, checkpoint_root, complete_checkpoints, verify_checkpoint
 
     if not path.is_dir():
         print(f"megafusion checkpoint verify: '{path}' is not a directory; give a run dir (holding checkpoints/) "
               "or one checkpoint (checkpoints/step_NNNNNNNN)", file=sys.stderr)
         return 2
-    if _STEP_DIR.match(path.name):
+    if STEP_DIR.match(path.name):
         checkpoints = [path]
     else:
         checkpoints = [p for _, p in complete_checkpoints(path)]

@@ -16,12 +16,14 @@ import torch.nn.functional as F
 
 from megafusion.config import load_config
 from megafusion.data.sample import IMAGE, TEXT, VIDEO
-from megafusion.model.modality_ffn import ModalityContext, ModalityFFN, ffn_spec, model_contexts
+from megafusion.model.ffn import ffn_spec
+from megafusion.model.modality_ffn import ModalityFFN
 from megafusion.model.moe import (
     ModalityMoELayer,
     routing_counts,
     routing_stats_from_counts,
 )
+from megafusion.model.routing import ModalityContext, model_contexts
 
 HIDDEN, FFN, SEQ, BATCH = 16, 24, 12, 2
 

@@ -11,7 +11,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from megafusion.config import load_config
-from megafusion.model.modality_ffn import ModalityContext, ffn_spec
+from megafusion.model.ffn import ffn_spec
+from megafusion.model.routing import ModalityContext
 from megafusion.model.moe_dispatch import DISPATCH_RANGE, TritonDispatchMoELayer, with_moe_dispatch
 
 STEPS = ("dispatch_preprocess", "token_dispatch", "dispatch_postprocess", "combine_preprocess", "token_combine",
