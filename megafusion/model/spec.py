@@ -101,7 +101,7 @@ def _te_transfusion_layer(num_experts: int | None, core_attention, fuse_input_no
     if mlp_spec is None:
         if num_experts:
             raise ValueError("transfusion_block_spec(spec='te') with experts needs an mlp_spec "
-                             "(megafusion.model.modality_ffn.ffn_spec builds the MoE FFN)")
+                             "(megafusion.model.ffn.ffn_spec builds the MoE FFN)")
         mlp_spec = ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=TELayerNormColumnParallelLinear,
                                                                    linear_fc2=TERowParallelLinear))
         pre_mlp_norm = IdentityOp

@@ -26,7 +26,7 @@ from megafusion.config import Config, ConfigError
 from megafusion.data import synthetic
 from megafusion.data.sample import IGNORE_INDEX, IMAGE, TEXT, VIDEO
 from megafusion.diffusion.flow import add_noise
-from megafusion.model.modality_ffn import ModalityContext
+from megafusion.model.routing import ModalityContext
 from megafusion.model.transfusion import build_transfusion_model
 from megafusion.model.unet import latent_layout
 
