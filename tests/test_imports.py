@@ -11,7 +11,8 @@ still ties two modules together) and checks three rules:
 
 Importing ``a.b.c`` runs the ``__init__`` of ``a.b`` too, so a module depends on every
 package above the module it imports (those it sits in itself excepted: they are running).
-Imports under ``if TYPE_CHECKING:`` never run and are skipped.
+Imports under ``if TYPE_CHECKING:`` count too: a cycle only for the type checker is still
+a circle a reader has to untangle (design.md: no import cycles anywhere).
 """
 
 from __future__ import annotations
@@ -41,28 +42,12 @@ def all_modules() -> dict[str, Path]:
     return {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
 
 
-def _type_checking_nodes(tree: ast.AST) -> set[int]:
-    """ids of the import nodes under ``if TYPE_CHECKING:`` / ``if typing.TYPE_CHECKING:``."""
-    skipped: set[int] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.If):
-            test = node.test
-            name = test.id if isinstance(test, ast.Name) else test.attr if isinstance(test, ast.Attribute) else None
-            if name == "TYPE_CHECKING":
-                for stmt in node.body:
-                    skipped |= {id(n) for n in ast.walk(stmt)}
-    return skipped
-
-
 def imported_names(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
     """The modules of ``megafusion`` that ``name`` imports (at module level or in any function)."""
     tree = ast.parse(path.read_text(), filename=str(path))
-    skipped = _type_checking_nodes(tree)
     is_package = path.name == "__init__.py"
     found: set[str] = set()
     for node in ast.walk(tree):
-        if id(node) in skipped:
-            continue
         if isinstance(node, ast.Import):
             found |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom):

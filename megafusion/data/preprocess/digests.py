@@ -30,10 +30,6 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from megafusion.data.preprocess.readers import ShardSpec
 
 _DIGESTS: dict[str, str] = {}  # absolute path -> digest, for one run (cleared at its start)
 
@@ -95,8 +91,9 @@ def digest_settings(settings: dict) -> str:
     return hashlib.blake2b(json.dumps(settings, sort_keys=True).encode(), digest_size=16).hexdigest()
 
 
-def shard_key(settings_digest: str, multimodal: bool, spec: ShardSpec) -> str:
-    """The shard's content key (see the module docstring for what it covers)."""
+def shard_key(settings_digest: str, multimodal: bool, spec) -> str:
+    """The content key of ``spec``, a ``readers.ShardSpec`` (see the module docstring for what
+    it covers). Not imported, even for typing: readers imports config, which imports this."""
     h = hashlib.blake2b(settings_digest.encode(), digest_size=16)
     h.update(json.dumps([spec.path, spec.fmt, spec.first_line]).encode())
     if spec.fmt == "tar":
