@@ -13,7 +13,7 @@ import sys
 # subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("megafusion.train", "train a model (runs under torchrun for several processes)"),
-    "generate": ("megafusion.inference.generate", "generate text, images and video frames from a run"),
+    "generate": ("megafusion.inference.cli", "generate text, images and video frames from a run"),
     "eval": ("megafusion.eval.cli", "evaluate a run on ShapesWorld and held-out text"),
     "quickstart": ("megafusion.quickstart", "generate data, train, evaluate and report, on CPU in minutes"),
     "preprocess-data": ("megafusion.data.preprocess", "turn raw files into indexed datasets (tools/preprocess_data.py)"),

@@ -531,7 +531,7 @@ def trends_section(out: Path, trends: dict) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from megafusion.inference.generate import positive_float
+    from megafusion.inference.cli import positive_float
 
     parser = argparse.ArgumentParser(prog="megafusion quickstart", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

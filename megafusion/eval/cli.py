@@ -45,7 +45,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from megafusion.inference.generate import Generator, Parser, SamplingOptions, add_ode_arguments, checked, eval_world
+from megafusion.eval.world import eval_world
+from megafusion.inference.cli import Parser, add_ode_arguments, checked
+from megafusion.inference.generate import Generator, SamplingOptions
 
 
 EVALUATIONS = ("generation", "captioning", "vqa", "world_model", "planning", "perplexity")
@@ -141,9 +143,10 @@ def evaluate(gen: Generator, cfg, out: Path, n: int = 32, opts: SamplingOptions 
     it needs more items than the others to tell a few correct images from none.
     """
     from megafusion.data.shapes.video import agent_caption
-    from megafusion.eval.shapes import (save_grid, score_agent_positions, score_captions, score_generation,
+    from megafusion.eval.shapes import (score_agent_positions, score_captions, score_generation,
                                         score_planning, score_rollout, score_vqa, world_model_plan_scorer)
     from megafusion.eval.text import perplexity
+    from megafusion.vision.images import save_grid
 
     opts = opts or SamplingOptions()
     out = Path(out)

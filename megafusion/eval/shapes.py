@@ -33,16 +33,15 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
-from megafusion.data.shapes.export import save_png
 from megafusion.data.shapes.scene import (BACKGROUND, COLORS, DEFAULT_VOCAB, GRID, PALETTE, SHAPES, SIZES, Scene,
                                           Vocab, cell_edges, check_grid, position_name, sample_scene, shape_mask,
                                           size_pixels)
 from megafusion.data.shapes.text import VQA, ParsedObject, caption, normalize_answer, parse_caption
+from megafusion.vision.images import as_uint8
 
 MIN_MATCH = 0.65  # a component matching no template this well (soft Dice) is not a shape
 # Template blur levels (Gaussian sigma, px): generated images are often soft-edged.
@@ -82,7 +81,7 @@ def color_labels(image: np.ndarray) -> np.ndarray:
     background, as on soft edges): it takes the colour whose ray fits it best, and is
     background when it holds less than half of that colour. An exact render maps exactly.
     """
-    p = _as_uint8(image).astype(np.float32)
+    p = as_uint8(image).astype(np.float32)
     colors = _PALETTE_RGB[1:]
     alpha = np.clip(p @ colors.T / (colors * colors).sum(1), 0, 1)  # [H, W, C]
     residual = ((p[:, :, None, :] - alpha[..., None] * colors) ** 2).sum(-1)
@@ -190,7 +189,7 @@ def detect(image: np.ndarray, grid: int = GRID) -> list[Detection]:
     template. Components below half the smallest template's area or matching no template
     with Dice >= MIN_MATCH are not shapes.
     """
-    image = _as_uint8(image)
+    image = as_uint8(image)
     s = image.shape[0]
     if image.shape[:2] != (s, s) or s not in (32, 64):
         raise ValueError(f"detect: expected a square 32 or 64 px RGB image, got shape {image.shape}")
@@ -223,15 +222,6 @@ def detect(image: np.ndarray, grid: int = GRID) -> list[Detection]:
             col = int(np.clip(np.searchsorted(edges, x, side="right") - 1, 0, grid - 1))
             found.append(Detection(t.shape, color, t.size, float(x), float(y), row, col, area, dice, grid))
     return sorted(found, key=lambda d: (d.row, d.col, d.color))
-
-
-def _as_uint8(image) -> np.ndarray:
-    image = np.asarray(image)
-    if image.ndim != 3 or image.shape[-1] != 3:
-        raise ValueError(f"expected an [H, W, 3] RGB image, got shape {image.shape}")
-    if image.dtype == np.uint8:
-        return image
-    return (np.clip(image.astype(np.float32), 0, 1) * 255).round().astype(np.uint8)
 
 
 # ----------------------------------------------------------------------------- matching
@@ -319,7 +309,7 @@ def score_generation(images: Sequence[np.ndarray], prompts: Sequence[Scene | str
         raise ValueError(f"score_generation: {len(images)} images for {len(prompts)} prompts")
     wanted = [_scene_objects(p) for p in prompts]
     rows = [_generation_checks(w, detect(im, vocab.grid)) for w, im in zip(wanted, images)]
-    size = _as_uint8(images[0]).shape[0]
+    size = as_uint8(images[0]).shape[0]
     chance_rows = []
     for j, w in enumerate(wanted):
         for r in range(chance_samples):
@@ -517,26 +507,3 @@ def world_model_plan_scorer(predict_final_frame: Callable[[np.ndarray, list], np
         return [-float(((_as_float(predict_final_frame(start, c)) - g) ** 2).mean()) for c in candidates]
 
     return scorer
-
-
-# ----------------------------------------------------------------------------- grids
-
-
-def save_grid(images: Sequence[np.ndarray], path: str | Path, ncols: int | None = None, pad: int = 2,
-              scale: int = 4) -> Path:
-    """Saves [H, W, 3] images (uint8 or float in [0, 1]) as one PNG grid, upscaled ``scale``x
-    by pixel repetition so small renders stay crisp; grey padding between tiles."""
-    if not len(images):
-        raise ValueError("save_grid: no images")
-    tiles = [np.repeat(np.repeat(_as_uint8(im), scale, 0), scale, 1) for im in images]
-    h, w = tiles[0].shape[:2]
-    ncols = ncols or int(np.ceil(np.sqrt(len(tiles))))
-    nrows = int(np.ceil(len(tiles) / ncols))
-    grid = np.full((nrows * (h + pad) + pad, ncols * (w + pad) + pad, 3), 128, np.uint8)
-    for i, t in enumerate(tiles):
-        r, c = divmod(i, ncols)
-        grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + c * (w + pad):pad + c * (w + pad) + w] = t
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_png(grid, path)
-    return path

@@ -1,16 +1,13 @@
-"""Generation from a trained Transfusion model: text, images, captions, action rollouts.
+"""Decoding with a trained Transfusion model: text, images, captions, action rollouts.
 
-    megafusion generate --run-dir runs/tiny --prompt "a red circle" --image-prompt --out out/
-    megafusion generate --run-dir runs/tiny --caption image.png --out out/
-    megafusion generate --run-dir runs/tiny --rollout 3 --out out/        # held-out action video 3
+The command line is ``megafusion generate`` (``megafusion.inference.cli``). From Python::
 
-From Python::
-
-    gen = Generator.from_run(load_run("runs/tiny"))
-    result = gen.generate("There is", max_new_tokens=64)      # text; images where <boi> appears
-    image = gen.generate_image("a small red circle at the top left")   # uint8 [S, S, 3]
-    text = gen.caption(image)
-    frames = gen.rollout(context_frames, actions, caption)
+    with load_run("runs/tiny") as loaded:
+        gen = Generator.from_run(loaded)
+        result = gen.generate("There is", max_new_tokens=64)      # text; images where <boi> appears
+        image = gen.generate_image("a small red circle at the top left")   # uint8 [S, S, 3]
+        text = gen.caption(image)
+        frames = gen.rollout(context_frames, actions, caption)
 
 How a sequence is decoded (one document, positions 0..L-1, the layout of
 ``megafusion.data.shapes_stream``):
@@ -35,12 +32,7 @@ How a sequence is decoded (one document, positions 0..L-1, the layout of
 
 from __future__ import annotations
 
-import argparse
-import json
-import math
-import sys
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -485,174 +477,3 @@ class Generator:
         logits = state.run(self.text_chunk(ids))[0]  # [n, V]
         logp = torch.log_softmax(logits[:-1].double(), -1)
         return logp.gather(1, torch.as_tensor(ids[1:], device=logp.device)[:, None])[:, 0].cpu().numpy()
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse with one-line errors: ``prog: error: argument --steps: ...`` and a pointer
-    to ``--help``, instead of the usage block above it (exit code 2 as usual)."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def checked(parse: type, ok, requirement: str):
-    """An argparse ``type`` that parses with ``parse`` (int or float) and refuses values that
-    fail ``ok`` or, for floats, are NaN or infinite (``nan`` fails every comparison, so a
-    range check alone would let it through), saying what a valid value is."""
-    noun = "an integer" if parse is int else "a number"
-
-    def check(text: str):
-        try:
-            value = parse(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {noun}; give {requirement}") from None
-        if parse is float and not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"{text} is not a finite number; give {requirement}")
-        if not ok(value):
-            raise argparse.ArgumentTypeError(f"{text} is out of range; give {requirement}")
-        return value
-
-    return check
-
-
-positive_float = checked(float, lambda v: v > 0, "a number > 0")
-
-
-def add_ode_arguments(p: argparse.ArgumentParser) -> None:
-    """The image/frame sampling flags shared by ``megafusion generate`` and ``megafusion eval``."""
-    p.add_argument("--steps", type=checked(int, lambda v: v >= 1, "an integer >= 1 (ODE steps per image or frame)"),
-                   default=25, help="ODE steps per image or frame")
-    p.add_argument("--sampler", choices=("euler", "heun"), default="euler")
-    p.add_argument("--cfg", type=checked(float, lambda v: True, "a finite guidance scale (1 = off)"), default=3.0,
-                   help="classifier-free guidance scale (1 = off)")
-    shift = checked(float, lambda v: v > 0, "a time shift > 0 (1 = no shift)")
-    p.add_argument("--shift", type=shift, default=None,
-                   help="time shift of the ODE grid for images (larger: more steps near pure noise); "
-                        "default: the run's diffusion.time_shift")
-    p.add_argument("--frame-shift", type=shift, default=None,
-                   help="the same for video frames; default: the run's diffusion.frame_time_shift")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = Parser(prog="megafusion generate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run-dir", required=True, help="a `megafusion train` run dir (config.yaml + checkpoints/) or a "
-                                                    "`megafusion export` directory (config.json + model.safetensors)")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
-    p.add_argument("--prompt", default=None, help="text prompt (continuation; with --image-prompt, image caption; "
-                                                 "with --rollout, overrides the episode caption)")
-    p.add_argument("--image-prompt", action="store_true", help="append <boi> to the prompt: generate an image first")
-    p.add_argument("--caption", metavar="IMAGE.png", default=None, help="caption this image (image-to-text)")
-    p.add_argument("--rollout", type=checked(int, lambda v: v >= 0, "a held-out video index >= 0"), metavar="INDEX",
-                   default=None,
-                   help="roll out held-out ShapesWorld action video INDEX from its context frames and actions")
-    p.add_argument("--actions", default=None, help="comma-separated actions for --rollout (up,down,left,right,stay; "
-                                                   "W/A/S/D), replacing the episode's")
-    add_ode_arguments(p)
-    p.add_argument("--max-new-tokens", type=checked(int, lambda v: v >= 1, "an integer >= 1"), default=64)
-    p.add_argument("--temperature", type=checked(float, lambda v: v >= 0, "a temperature >= 0 (0 = greedy)"),
-                   default=0.0, help="0 = greedy")
-    # No default cut: SamplingOptions' top_k 0 means "keep every token", but on the command
-    # line `--top-k 0` reads as "keep no token", so it is refused rather than guessed at.
-    p.add_argument("--top-k", type=checked(int, lambda v: v >= 1, "an integer >= 1 (leave --top-k out to keep every "
-                                                                  "token)"),
-                   default=None, help="sample among the K most likely tokens (needs --temperature > 0)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None, help="cpu | cuda | auto (default: the run's train.device)")
-    p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence per token (reference)")
-    p.add_argument("--out", required=True, help="output directory (PNG files + generation.json)")
-    return p
-
-
-def _save_png(image: np.ndarray, path: Path) -> str:
-    from megafusion.data.shapes import save_png
-
-    save_png(image, path)
-    return path.name
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.top_k is not None and args.temperature == 0:
-        parser.error(f"argument --top-k: {args.top_k} has no effect with --temperature 0 (greedy decoding); "
-                     "give --temperature > 0 or leave --top-k out")
-    modes = sum([args.caption is not None, args.rollout is not None])
-    if modes > 1:
-        print("megafusion generate: choose one of --caption and --rollout", file=sys.stderr)
-        return 2
-    if modes == 0 and args.prompt is None:
-        print("megafusion generate: give --prompt (text or, with --image-prompt, an image caption), "
-              "--caption IMAGE.png or --rollout INDEX", file=sys.stderr)
-        return 2
-    from megafusion.inference.loading import close, load_run
-
-    try:
-        loaded = load_run(args.run_dir, args.step, args.device)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"megafusion generate: {err}", file=sys.stderr)
-        return 2
-    try:
-        gen = Generator.from_run(loaded, use_cache=not args.no_cache)
-        opts = SamplingOptions(args.temperature, 0 if args.top_k is None else args.top_k, args.steps, args.sampler, args.cfg, args.seed,
-                               args.shift, args.frame_shift)
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        record: dict = {"run_dir": str(args.run_dir), "step": loaded.step, "seed": args.seed,
-                        "sampler": args.sampler, "steps": args.steps, "cfg": args.cfg, "shift": args.shift,
-                        "frame_shift": args.frame_shift}
-        if args.caption is not None:
-            from megafusion.data.shapes import load_png
-
-            image = load_png(args.caption)
-            record.update(mode="caption", image=str(args.caption),
-                          text=gen.caption(image, args.max_new_tokens, opts))
-        elif args.rollout is not None:
-            record.update(mode="rollout", **_rollout(gen, loaded.cfg, args, opts, out))
-        else:
-            result = gen.generate(args.prompt, args.max_new_tokens, opts, force_image=args.image_prompt)
-            names = [_save_png(im, out / f"image_{k}.png") for k, im in enumerate(result.images)]
-            record.update(mode="image" if args.image_prompt else "text", prompt=args.prompt, text=result.text,
-                          images=names)
-        (out / "generation.json").write_text(json.dumps(record, indent=2) + "\n")
-        print(json.dumps(record, indent=2))
-    finally:
-        close()
-    return 0
-
-
-def _rollout(gen: Generator, cfg, args, opts: SamplingOptions, out: Path) -> dict:
-    from megafusion.data.shapes import HELDOUT_SEED, canonical_action
-    from megafusion.data.shapes.video import agent_caption, apply_actions
-    from megafusion.eval.shapes import save_grid
-
-    world = eval_world(gen)
-    sample = world.action_video(args.rollout)
-    actions = sample.actions
-    truth = sample.frames
-    if args.actions:
-        actions = [canonical_action(a.strip()) for a in args.actions.split(",") if a.strip()]
-        start = tuple(int(v) for v in sample.path[0])
-        truth = sample.episode.render(apply_actions(start, actions, world.lattice.k))
-    c = sample.context_frames
-    caption = args.prompt if args.prompt is not None else agent_caption(sample.episode, actions)
-    frames = gen.rollout(truth[:c], actions, caption, opts)
-    names = [_save_png(f, out / f"frame_{c + k}.png") for k, f in enumerate(frames)]
-    save_grid(list(truth) + list(truth[:c]) + list(frames), out / "rollout_grid.png", ncols=len(truth))
-    return {"index": args.rollout, "seed": HELDOUT_SEED, "actions": actions, "caption": caption,
-            "context_frames": c, "frames": names, "grid": "rollout_grid.png",
-            "grid_rows": ["ground truth", "context + predicted"]}
-
-
-def eval_world(gen: Generator):
-    """The held-out ShapesWorld (``HELDOUT_SEED``) with the training stream's clip lengths."""
-    from megafusion.data.shapes import HELDOUT_SEED, ShapesWorld, WorldConfig
-
-    base = gen.world_config or WorldConfig(image_size=gen.representation.image_size)
-    return ShapesWorld(config=replace(base, seed=HELDOUT_SEED))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

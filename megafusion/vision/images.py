@@ -4,11 +4,14 @@ scenes, or simple synthetic shapes. Every source yields float [3, S, S] tensors 
 ``open_image_source(spec, image_size, seed)`` takes ``spec`` = a directory path,
 ``"shapes"`` (megafusion.data.shapes, 32 or 64 px) or ``"synthetic"`` (random coloured
 rectangles and discs on a random background, any size, no dependencies).
+
+``save_grid`` writes sample grids (PNG).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -105,3 +108,38 @@ def open_image_source(spec: str, image_size: int, length: int = 10_000, seed: in
     if spec in ("shapes", "synthetic"):
         return GeneratedImages(spec, image_size, length, seed)
     return ImageFolder(spec, image_size)
+
+
+# ----------------------------------------------------------------------------- grids
+
+
+def as_uint8(image) -> np.ndarray:
+    """An [H, W, 3] image as uint8 (floats are read as [0, 1])."""
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[-1] != 3:
+        raise ValueError(f"expected an [H, W, 3] RGB image, got shape {image.shape}")
+    if image.dtype == np.uint8:
+        return image
+    return (np.clip(image.astype(np.float32), 0, 1) * 255).round().astype(np.uint8)
+
+
+def save_grid(images: Sequence[np.ndarray], path: str | Path, ncols: int | None = None, pad: int = 2,
+              scale: int = 4) -> Path:
+    """Saves [H, W, 3] images (uint8 or float in [0, 1]) as one PNG grid, upscaled ``scale``x
+    by pixel repetition so small renders stay crisp; grey padding between tiles."""
+    if not len(images):
+        raise ValueError("save_grid: no images")
+    tiles = [np.repeat(np.repeat(as_uint8(im), scale, 0), scale, 1) for im in images]
+    h, w = tiles[0].shape[:2]
+    ncols = ncols or int(np.ceil(np.sqrt(len(tiles))))
+    nrows = int(np.ceil(len(tiles) / ncols))
+    grid = np.full((nrows * (h + pad) + pad, ncols * (w + pad) + pad, 3), 128, np.uint8)
+    for i, t in enumerate(tiles):
+        r, c = divmod(i, ncols)
+        grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + c * (w + pad):pad + c * (w + pad) + w] = t
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    from megafusion.data.shapes.export import save_png  # numpy/PIL only
+
+    save_png(grid, path)
+    return path

@@ -8,10 +8,10 @@ import math
 import numpy as np
 import pytest
 
-from megafusion.data.shapes import PALETTE, VQA, Scene, ShapeObject, ShapesWorld, load_png
+from megafusion.data.shapes import VQA, Scene, ShapeObject, ShapesWorld
 from megafusion.data.shapes.scene import render_objects
 from megafusion.data.shapes.video import apply_actions
-from megafusion.eval.shapes import (agent_position, detect, flatten_results, save_grid, score_agent_positions,
+from megafusion.eval.shapes import (agent_position, detect, flatten_results, score_agent_positions,
                                     score_captions, score_generation, score_planning, score_rollout, score_vqa,
                                     world_model_plan_scorer)
 from megafusion.eval.text import heldout_documents, perplexity
@@ -205,17 +205,6 @@ def test_perplexity_of_a_uniform_model_is_the_vocabulary_size():
     assert half["perplexity"] == pytest.approx(math.sqrt(vocab))
     with pytest.raises(ValueError, match="log p <= 0"):
         perplexity(["x"], lambda text: [0.5])
-
-
-def test_save_grid_round_trips_tiles(tmp_path):
-    world = ShapesWorld(seed=0)
-    images = [world.image_text(i).image for i in range(5)]
-    path = save_grid(images, tmp_path / "grid.png", ncols=3, pad=2, scale=2)
-    grid = load_png(path)
-    assert grid.shape == (2 * (64 + 2) + 2, 3 * (64 + 2) + 2, 3)
-    tile = grid[2 + 66:2 + 66 + 64, 2 + 66:2 + 66 + 64]  # row 1, col 1: image 4
-    assert np.array_equal(tile[::2, ::2], images[4])
-    assert tuple(grid[0, 0]) == (128, 128, 128) and tuple(PALETTE["red"]) != (128, 128, 128)
 
 
 def test_every_result_is_json_ready_with_a_headline_and_its_chance():

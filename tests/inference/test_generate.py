@@ -222,7 +222,8 @@ def test_sampling_shift_overrides_the_runs(gens, span, kw, shift):
 
 def test_caption_and_rollout_paths(gens):
     from megafusion.data.shapes import ShapesWorld
-    from megafusion.inference.generate import SamplingOptions, eval_world
+    from megafusion.eval.world import eval_world
+    from megafusion.inference.generate import SamplingOptions
 
     gen = gens[0]
     image = ShapesWorld(seed=7, image_size=gen.representation.image_size).image_text(0).image
@@ -240,7 +241,7 @@ def test_caption_and_rollout_paths(gens):
 
 def test_generate_cli_writes_images_and_text(run_dir, loaded, tmp_path):
     from megafusion.data.shapes import load_png, save_png
-    from megafusion.inference.generate import main
+    from megafusion.inference.cli import main
 
     out = tmp_path / "image"
     assert main(["--run-dir", str(run_dir), "--prompt", "A big blue square.", "--image-prompt", "--steps", "2",
@@ -271,7 +272,7 @@ def test_generate_cli_writes_images_and_text(run_dir, loaded, tmp_path):
 
 
 def test_generate_cli_errors_name_the_problem(tmp_path, capsys):
-    from megafusion.inference.generate import main
+    from megafusion.inference.cli import main
 
     assert main(["--run-dir", str(tmp_path), "--prompt", "x", "--out", str(tmp_path / "o")]) == 2
     assert "config.yaml" in capsys.readouterr().err

@@ -52,7 +52,7 @@ def test_load_run_on_an_export_equals_the_run(run_dir, export_dir):
 
 
 def test_generate_on_an_export_equals_the_run(run_dir, export_dir, tmp_path):
-    from megafusion.inference.generate import main
+    from megafusion.inference.cli import main
 
     records = {}
     for name, source in (("run", run_dir), ("export", export_dir)):

@@ -43,9 +43,12 @@ def _refused(main, argv, capsys) -> str:
     (["--max-new-tokens", "0"], "argument --max-new-tokens: 0 is out of range; give an integer >= 1"),
     (["--rollout", "-1"], "argument --rollout: -1 is out of range; give a held-out video index >= 0"),
     (["--steps", "two"], "argument --steps: 'two' is not an integer; give an integer >= 1"),
+    (["--rollout", "0", "--actions", " , "], "argument --actions: ' , ' names no action; give e.g. up,left,stay"),
+    (["--rollout", "0", "--actions", "up,jump"], "argument --actions: unknown action 'jump'"),
+    (["--actions", "up"], "argument --actions: only --rollout reads it"),
 ])
 def test_generate_refuses_bad_sampling_options(tmp_path, capsys, args, message):
-    from megafusion.inference.generate import main
+    from megafusion.inference.cli import main
 
     # the run dir does not exist: the arguments are refused before anything is loaded
     err = _refused(main, ["--run-dir", str(tmp_path / "none"), "--prompt", "x", "--out", str(tmp_path / "o"), *args],
@@ -65,7 +68,7 @@ def test_eval_refuses_the_same_sampling_options(tmp_path, capsys, args, message)
 
 
 def test_valid_sampling_options_parse():
-    from megafusion.inference.generate import build_parser
+    from megafusion.inference.cli import build_parser
 
     args = build_parser().parse_args(["--run-dir", "r", "--out", "o", "--steps", "1", "--cfg", "0", "--temperature",
                                       "0.7", "--top-k", "1", "--shift", "100", "--rollout", "0"])
