@@ -28,6 +28,7 @@ The ``attention_mask`` the model passes reaches the backend unchanged: a
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -128,18 +129,20 @@ class SdpaCoreAttention(HybridCoreAttention):
             return run()
 
 
-_compiled_flex = None
+@functools.cache
+def _compiled_flex_attention():
+    """``torch.compile(flex_attention)``, compiled once per process and shared by every layer."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
 
 
 def _flex_attention(compile: bool):
+    if compile:
+        return _compiled_flex_attention()
     from torch.nn.attention.flex_attention import flex_attention
 
-    global _compiled_flex
-    if not compile:
-        return flex_attention
-    if _compiled_flex is None:
-        _compiled_flex = torch.compile(flex_attention, dynamic=False)
-    return _compiled_flex
+    return flex_attention
 
 
 class FlexCoreAttention(HybridCoreAttention):

@@ -14,6 +14,7 @@ No megatron imports here: inference and kernels' tests use this module on its ow
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -140,18 +141,32 @@ class HybridMaskInfo:
                              "the last q_len <= S positions")
 
 
-# One-entry cache for the tensor form, so 2 * num_layers calls per step build one mask.
-# Holding a reference to the tensor keeps its storage alive, so (storage pointer, offset,
-# shape, stride, version counter) identifies its content without a device sync.
-_last_packed: tuple[tuple, torch.Tensor, HybridMaskInfo] | None = None
+class _PackedIds:
+    """The tensor form ``[2, B, S]`` as a cache key. Holding the tensor keeps its storage
+    alive, so (storage pointer, offset, shape, stride, version counter, device) identifies its
+    content without a device sync: an in-place write bumps the version, and the storage
+    cannot be freed and its address reused while the key holds it."""
+
+    __slots__ = ("packed", "key")
+
+    def __init__(self, packed: torch.Tensor) -> None:
+        self.packed = packed
+        self.key = (packed.untyped_storage().data_ptr(), packed.storage_offset(), tuple(packed.shape),
+                    packed.stride(), packed._version, packed.device)
+
+    def __hash__(self) -> int:
+        return hash(self.key)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _PackedIds) and self.key == other.key
+
+
+# One entry, so the 2 * num_layers core-attention calls of a step share one HybridMaskInfo
+# (and the masks it caches); the next step's tensor evicts it.
+@functools.lru_cache(maxsize=1)
+def _info_of(ids: _PackedIds) -> HybridMaskInfo:
+    return HybridMaskInfo(ids.packed[0], ids.packed[1])
 
 
 def _from_packed_tensor(packed: torch.Tensor) -> HybridMaskInfo:
-    global _last_packed
-    key = (packed.untyped_storage().data_ptr(), packed.storage_offset(), tuple(packed.shape), packed.stride(),
-           packed._version, packed.device)
-    if _last_packed is not None and _last_packed[0] == key:
-        return _last_packed[2]
-    info = HybridMaskInfo(packed[0], packed[1])
-    _last_packed = (key, packed, info)
-    return info
+    return _info_of(_PackedIds(packed))

@@ -21,7 +21,7 @@ run directory, whose ``representation/`` is used); then kw only overrides saved 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -86,20 +86,6 @@ def register_representation(name: str, build: Callable[..., Representation],
     REGISTRY[name] = RepresentationKind(build, from_saved)
 
 
-@dataclass
-class RepresentationConfig:
-    """The visual representation a run uses (a config section): ``kind`` plus ``path`` and the
-    kind's keyword arguments (``options``, e.g. {"image_size": 64, "patch_size": 8} for pixel)."""
-
-    kind: str = "pixel"
-    path: str | None = None
-    options: dict[str, Any] = field(default_factory=dict)
-
-    def build(self, **extra: Any) -> Representation:
-        """``extra``: arguments that cannot live in YAML, e.g. encoder=<nn.Module>."""
-        return load_representation(self.kind, self.path, **{**self.options, **extra})
-
-
 def load_representation(kind: str, path: str | os.PathLike | None = None, **kw: Any) -> Representation:
     """Build or load a representation; ``kind="auto"`` takes the kind from a saved directory."""
     if kind != "auto" and kind not in REGISTRY:
@@ -125,7 +111,7 @@ def load_representation(kind: str, path: str | os.PathLike | None = None, **kw: 
     return REGISTRY[kind].build(path, **kw)
 
 
-__all__ = ["Representation", "RepresentationConfig", "RepresentationKind", "REGISTRY", "load_representation",
+__all__ = ["Representation", "RepresentationKind", "REGISTRY", "load_representation",
            "register_representation"]
 
 

@@ -4,6 +4,7 @@ import importlib.util
 import json
 import os
 import random
+import time
 from pathlib import Path
 
 import numpy as np
@@ -590,11 +591,55 @@ def test_each_file_is_hashed_once_per_run(tmp_path, tok_path, monkeypatch):
     hashed = []
     real = digests._hash_file
     monkeypatch.setattr(digests, "_hash_file", lambda path: hashed.append(str(path)) or real(path))
+    time.sleep(2 * digests.RACY_NS / 1e9)  # files changed just now are hashed at every use
     cfg = PreprocessConfig(inputs=[str(tmp_path / "q.jsonl")], output_prefix=str(tmp_path / "o"),
                            tokenizer_model=tok_path, kind="image-text", image_size=16, shard_size=7, progress=False)
     run_preprocess(cfg)
     assert sorted(hashed) == sorted([tok_path, str(tmp_path / "img/0.png")])
 
+
+def test_a_file_rewritten_within_one_process_gets_a_new_digest(tmp_path, monkeypatch):
+    """The digest cache keys on a file's stat, not its path alone: a changed file is never
+    taken for the unchanged one, whether or not a run starts (clear_digests) in between."""
+    import megafusion.data.preprocess.digests as digests
+
+    hashed = []
+    real = digests._hash_file
+    monkeypatch.setattr(digests, "_hash_file", lambda path: hashed.append(str(path)) or real(path))
+    f = tmp_path / "weights.bin"
+    # rewritten at once, same size: within the file system's timestamp tick, so not cached
+    f.write_bytes(b"version 1")
+    first = digests.file_digest(f)
+    f.write_bytes(b"version 2")
+    second = digests.file_digest(f)
+    assert first != second == digests.file_digest(f) == digests.file_digest(str(f))
+    assert len(hashed) == 4
+
+    # once it is older than that, it is hashed once ...
+    time.sleep(2 * digests.RACY_NS / 1e9)
+    hashed.clear()
+    assert [digests.file_digest(f) for _ in range(3)] == [second] * 3 and len(hashed) == 1
+    # ... until it changes: same size, mtime set back (as tar or rsync -t do) -> new ctime
+    old = f.stat()
+    monkeypatch.setattr(digests, "RACY_NS", 0)  # the stat key alone must tell
+    time.sleep(0.05)  # past a coarse timestamp tick
+    f.write_bytes(b"version 3")
+    os.utime(f, ns=(old.st_atime_ns, old.st_mtime_ns))
+    assert f.stat().st_size == old.st_size and f.stat().st_mtime_ns == old.st_mtime_ns
+    third = digests.file_digest(f)
+    assert third == digests._hash_file(f) != second
+    # replaced by another file (a new inode) of the same size and mtime
+    time.sleep(0.05)
+    g = tmp_path / "new.bin"
+    g.write_bytes(b"version 4")
+    os.utime(g, ns=(old.st_atime_ns, old.st_mtime_ns))
+    os.replace(g, f)
+    assert digests.file_digest(f) == digests._hash_file(f) != third
+    # deleted, then back
+    f.unlink()
+    assert digests.file_digest(f) == "missing"
+    f.write_bytes(b"version 1")
+    assert digests.file_digest(f) == first
 
 # ----------------------------------------------------------------------------- refused up front
 @pytest.mark.parametrize("case", ["missing", "directory", "not a model"])

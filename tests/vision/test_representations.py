@@ -178,13 +178,17 @@ def test_rae_loads_a_bf16_checkpoint_in_float32(tmp_path):
     assert rep.encode(images(1)).dtype == torch.float32
 
 
-def test_representation_config_builds_from_yaml_fields(tmp_path):
-    from megafusion.vision import RepresentationConfig
+def test_representation_from_config_builds_and_loads_the_vision_section(tmp_path):
+    from megafusion.config import VisionConfig
+    from megafusion.vision import representation_from_config
 
-    rep = RepresentationConfig(kind="pixel", options={"image_size": 16, "patch_size": 4}).build()
-    assert (rep.tokens_per_image, rep.latent_dim) == (16, 48)
+    rep = representation_from_config(VisionConfig(representation="pixel", image_size=16, patch_size=4))
+    assert (rep.kind, rep.tokens_per_image, rep.latent_dim) == ("pixel", 16, 48)
     rep.save(tmp_path / "p")
-    assert RepresentationConfig(kind="auto", path=str(tmp_path / "p")).build().image_size == 16
+    saved = VisionConfig(representation="pixel", path=str(tmp_path / "p"), image_size=16, patch_size=4)
+    loaded = representation_from_config(saved)
+    assert (loaded.image_size, loaded.tokens_per_image, loaded.latent_dim) == (16, 16, 48)
+    assert load_representation("auto", tmp_path / "p").image_size == 16
 
 
 def test_rae_decoder_paints_larger_images_than_the_encoder_sees(hf_dirs):

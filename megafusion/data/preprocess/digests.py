@@ -19,24 +19,32 @@ to do" (``run.py``).
 
 Cost: every input byte and every referenced media file is read once per run to hash it
 (each file once, however many lines name it; with ``workers`` > 1, once per worker that
-meets it), at disk speed: far less than decoding and encoding, but a re-run of a large
-image corpus still reads all of it. A file changed while a run hashes or reads it is not
-detected by that run.
+meets it; one changed in the last ``RACY_NS`` at each use), at disk speed: far less than
+decoding and encoding, but a re-run of a large image corpus still reads all of it. The cache
+keys on a file's path and stat (``file_digest``), so a file changed after the run hashed it
+is hashed again where the run next meets it; one changed between being hashed and being read
+for its shard is not detected by that run.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 
-_DIGESTS: dict[str, str] = {}  # absolute path -> digest, for one run (cleared at its start)
+# A file whose last change (ctime) is this close to the moment it is hashed is hashed again at
+# every use instead of cached: a same-size rewrite within the file system's timestamp tick
+# (a jiffy, at most 10 ms, on local file systems) would otherwise keep its stat key.
+RACY_NS = 100_000_000
 
 
 def clear_digests() -> None:
-    """Forgets the digests of earlier runs in this process: a file may have changed since."""
-    _DIGESTS.clear()
+    """Forgets the digests of earlier runs in this process (each run starts with this; the
+    stat key already tells a changed file apart, so this only bounds the memory)."""
+    _cached_digest.cache_clear()
 
 
 def _hash_file(path: str) -> str:
@@ -47,18 +55,37 @@ def _hash_file(path: str) -> str:
     return h.hexdigest()
 
 
+def _read_digest(path: str) -> str:
+    try:
+        return _hash_file(path)
+    except FileNotFoundError:
+        return "missing"
+    except OSError as err:
+        return f"unreadable ({type(err).__name__})"
+
+
+@functools.cache
+def _cached_digest(path: str, stat_key: tuple) -> str:
+    """``stat_key`` (device, inode, size, mtime, ctime) is part of the key: a file rewritten,
+    replaced, truncated, chmod-ed or given back an old mtime has a new ctime, so a new key."""
+    return _read_digest(path)
+
+
 def file_digest(path) -> str:
-    """blake2b of a file's bytes, once per run per file. A file that cannot be read gets a
-    digest naming why ("missing"), so it becoming readable changes every key that covers it."""
+    """blake2b of a file's bytes, once per run per unchanged file (keyed on its path and stat,
+    so a file that changed is hashed again). A file that cannot be read gets a digest naming
+    why ("missing"), so it becoming readable changes every key that covers it."""
     path = os.path.abspath(path)
-    if path not in _DIGESTS:
-        try:
-            _DIGESTS[path] = _hash_file(path)
-        except FileNotFoundError:
-            _DIGESTS[path] = "missing"
-        except OSError as err:
-            _DIGESTS[path] = f"unreadable ({type(err).__name__})"
-    return _DIGESTS[path]
+    now = time.time_ns()
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return "missing"
+    except OSError as err:
+        return f"unreadable ({type(err).__name__})"
+    if now - max(st.st_ctime_ns, st.st_mtime_ns) < RACY_NS:  # changed just now (or stamped in the future)
+        return _read_digest(path)
+    return _cached_digest(path, (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
 
 
 def tree_digest(path) -> str:
