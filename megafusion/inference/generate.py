@@ -38,7 +38,6 @@ import numpy as np
 import torch
 
 from megafusion.data.sample import IMAGE, TEXT, VIDEO
-from megafusion.model.embeddings import gather_previous_frames
 from megafusion.model.mask import HybridMaskInfo
 
 # --------------------------------------------------------------------------- sequence state
@@ -104,33 +103,20 @@ class DecodeState:
             raise ValueError(f"sequence of {end} positions exceeds the generator's max_length "
                              f"{self.gen.max_length}; generate fewer tokens or raise max_length")
         full = Chunk.cat([self.seq, chunk])
-        model = self.gen.model
         positions = torch.arange(end, device=self.gen.device)[None]
         doc_ids = torch.zeros(1, end, dtype=torch.long, device=self.gen.device)
         mask = HybridMaskInfo(doc_ids, full.span_ids[None])
-        if self.context is None:
-            logits, latent_pred = model(full.tokens[None], positions, mask.as_tensor(), latents=full.latents[None],
-                                        timesteps=full.t[None], modality=full.modality[None])
+        inputs = dict(latents=full.latents[None], timesteps=full.t[None], modality=full.modality[None])
+        if self.context is None:  # the reference: the whole sequence again
+            logits, latent_pred = self.gen.model(full.tokens[None], positions, mask.as_tensor(), **inputs)
             logits, latent_pred = logits[0, start:], latent_pred[0, start:]
-        else:
-            # TransfusionModel.forward for the chunk's positions only, plus megatron's KV
-            # cache: the per-position hooks (FFN modality, AdaLN time) see the chunk; RoPE
-            # and the mask cover all `end` positions (megatron slices the queries' rows).
+        else:  # the model's forward runs the chunk's positions against the cached ones
             self.context.sequence_len_offset = start
-            if model.modality_context is not None:
-                model.modality_context.set(chunk.modality[None])
-            if getattr(model, "time_context", None) is not None:
-                model.time_context.set(chunk.t[None], chunk.modality[None])
-            index, actions = self._frame_inputs(full, start, doc_ids)
-            previous = None if index is None else gather_previous_frames(full.latents[None], index)
-            hidden = model.embed(chunk.tokens[None], chunk.latents[None], chunk.t[None], chunk.modality[None],
-                                 chunk.span_ids[None], previous, actions)
-            hidden = model.decoder(hidden_states=hidden, attention_mask=mask,
-                                   rotary_pos_emb=model.rope(positions, mask.span_ids, full.modality[None]),
-                                   inference_context=self.context)
-            # The model's own heads (LM head + patch-out or U-Net adapter; whole images per chunk).
-            logits, latent_pred = model.heads(hidden, chunk.t[None], chunk.modality[None])  # [k,1,V], [1,k,C]
-            logits, latent_pred = logits[:, 0], latent_pred[0]
+            previous_index, actions = self._frame_inputs(full, start, doc_ids)
+            logits, latent_pred = self.gen.model(full.tokens[None], positions, mask, **inputs,
+                                                 inference_context=self.context, previous_index=previous_index,
+                                                 frame_actions=actions)
+            logits, latent_pred = logits[0], latent_pred[0]
         if commit:
             self.seq = full
             self.last_logits = logits[-1]
@@ -139,20 +125,19 @@ class DecodeState:
 
     def _frame_inputs(self, full: Chunk, start: int, doc_ids: torch.Tensor
                       ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """For the positions from ``start`` on: the previous-frame index (``frame_conditioning``)
-        and the embedded actions (``action_conditioning``), None where the model has none.
-        Both depend on the layout and the text only, not on the latents, so the ODE steps of
-        one frame compute them once (it was a sixth of a rollout's time)."""
+        """The whole sequence's previous-frame index (``frame_conditioning``) and embedded
+        actions (``action_conditioning``), None where the model has none. Both depend on the
+        layout and the text only, not on the latents, so the ODE steps of one frame compute
+        them once (it was a sixth of a rollout's time)."""
         model = self.gen.model
         key = (start, full.span_ids[start:].tolist(), full.modality[start:].tolist(), full.tokens[start:].tolist())
         if self._frame_inputs_cache is not None and self._frame_inputs_cache[0] == key:
             return self._frame_inputs_cache[1]
         index = actions = None
-        if getattr(model, "previous_frame_in", None) is not None:  # the whole sequence's, sliced
-            index = model.previous_frames_index(full.span_ids[None], full.modality[None], doc_ids)[:, start:]
+        if getattr(model, "previous_frame_in", None) is not None:
+            index = model.previous_frames_index(full.span_ids[None], full.modality[None], doc_ids)
         if getattr(model, "action_in", None) is not None:
-            actions = model.frame_actions_of(full.tokens[None], full.span_ids[None], full.modality[None],
-                                             doc_ids)[:, start:]
+            actions = model.frame_actions_of(full.tokens[None], full.span_ids[None], full.modality[None], doc_ids)
         self._frame_inputs_cache = (key, (index, actions))
         return index, actions
 

@@ -220,7 +220,7 @@ class TransfusionModel(LanguageModule):
         Text positions get their token embedding; latent positions (modality != TEXT) get
         PatchIn(x_t) + TimestepEmbedding(t) instead (PatchIn(x_t) alone with AdaLN), plus
         the learned patch position with ``patch_positions`` (``span_ids`` [b, s] needed), plus
-        the embedded ``previous_frames`` [b, s, C] ([b, s, 9 C]) with ``frame_conditioning`` (``previous_frames_of``),
+        the embedded ``previous_frames`` [b, s, C] ([b, s, 9 C]) with ``frame_conditioning`` (``gather_previous_frames``),
         plus the embedded ``frame_actions`` [b, s, h] with ``frame_actions`` (``frame_actions_of``).
         """
         text = self.embedding(input_ids=tokens, position_ids=None)  # [s, b, h]
@@ -255,14 +255,6 @@ class TransfusionModel(LanguageModule):
             return previous_window_index(span_ids, modality, doc_ids, self.frame_grid_width)
         return previous_frame_index(span_ids, modality, doc_ids)
 
-    def previous_frames_of(self, clean_latents: torch.Tensor, span_ids: torch.Tensor, modality: torch.Tensor,
-                           doc_ids: torch.Tensor) -> torch.Tensor:
-        """[b, s, C] ([b, s, 9 C] with a window): for each video-frame patch, the clean
-        latent at its place in the frame before it, or the 3x3 window around it (zeros
-        elsewhere). ``clean_latents`` [b, s, C]: the training data, or at inference the
-        sequence itself, whose earlier frames are clean."""
-        return gather_previous_frames(clean_latents, self.previous_frames_index(span_ids, modality, doc_ids))
-
     def frame_actions_of(self, tokens: torch.Tensor, span_ids: torch.Tensor, modality: torch.Tensor,
                          doc_ids: torch.Tensor) -> torch.Tensor:
         """[b, s, h]: for each video-frame patch, the mean word embedding of the text tokens
@@ -288,8 +280,10 @@ class TransfusionModel(LanguageModule):
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, attention_mask: torch.Tensor,
                 latents: torch.Tensor | None = None, timesteps: torch.Tensor | None = None,
                 modality: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                decoder_input: torch.Tensor | None = None, clean_latents: torch.Tensor | None = None):
-        """Runs this stage.
+                decoder_input: torch.Tensor | None = None, clean_latents: torch.Tensor | None = None,
+                inference_context=None, previous_index: torch.Tensor | None = None,
+                frame_actions: torch.Tensor | None = None):
+        """Runs this stage, for training and decoding alike.
 
         Args:
             tokens: [b, s] int64 token ids (anything at latent positions).
@@ -301,25 +295,36 @@ class TransfusionModel(LanguageModule):
             modality: [b, s] int64 TEXT / IMAGE / VIDEO.
             labels: [b, s] int64 next-token targets (``IGNORE_INDEX`` allowed) or None.
             decoder_input: [s, b, h] overrides the embeddings (first stage only).
-            clean_latents: [b, s, C] clean latents, read by ``frame_conditioning: previous``
-                for the frame before each frame (None: ``latents``, whose earlier frames are
-                clean at inference).
+            clean_latents: [b, s, C] clean latents, read by ``frame_conditioning`` for the
+                frame before each frame (None: ``latents``, whose earlier frames are clean at
+                inference).
+            inference_context: megatron's ``StaticInferenceContext`` (KV cache), as
+                ``GPTModel.forward`` takes it. The inputs still describe the whole sequence
+                (RoPE and the mask need every position), but only the positions from
+                ``inference_context.sequence_len_offset`` on are computed: the ones before
+                are in the cache.
+            previous_index: [b, s] ([b, s, 9] with a window) the ``previous_frames_index`` of
+                the whole sequence, which depends on its layout only (a decoder computes it
+                once for all ODE steps of a frame); None: computed here.
+            frame_actions: [b, s, h] the ``frame_actions_of`` the whole sequence, likewise.
 
         Returns:
-            Not the last stage: hidden states [s, b, h] ([s/tp, b, h] under SP).
-            Last stage: ``(text, latent_pred)`` with latent_pred [b, s, C] and ``text`` the
-            per-token cross-entropy [b, s] if ``labels`` is given, else the vocab-parallel
-            logits [b, s, vocab / tp].
+            Not the last stage: hidden states [s', b, h] ([s'/tp, b, h] under SP).
+            Last stage: ``(text, latent_pred)`` with latent_pred [b, s', C] and ``text`` the
+            per-token cross-entropy [b, s'] if ``labels`` is given, else the vocab-parallel
+            logits [b, s', vocab / tp]; s' = the positions computed (s without a context).
         """
         b, s = tokens.shape
         if modality is None:
             modality = torch.full_like(tokens, TEXT)
         if timesteps is None:
             timesteps = torch.zeros(b, s, device=tokens.device)
+        new = slice(0 if inference_context is None else inference_context.sequence_len_offset, None)
+        # The per-position hooks (FFN modality, AdaLN time) see the positions that run.
         if self.modality_context is not None:
-            self.modality_context.set(modality)
+            self.modality_context.set(modality[:, new])
         if self.time_context is not None:
-            self.time_context.set(timesteps, modality)
+            self.time_context.set(timesteps[:, new], modality[:, new])
         mask_info = HybridMaskInfo.coerce(attention_mask)
         span_ids = mask_info.span_ids
         if decoder_input is None and self.pre_process:
@@ -327,20 +332,27 @@ class TransfusionModel(LanguageModule):
                 latents = torch.zeros(b, s, self.latent_dim, device=tokens.device)
             previous = actions = None
             if self.previous_frame_in is not None:
+                if previous_index is None:
+                    previous_index = self.previous_frames_index(span_ids, modality, mask_info.doc_ids)
                 source = latents if clean_latents is None else clean_latents
-                previous = self.previous_frames_of(source, span_ids, modality, mask_info.doc_ids)
+                previous = gather_previous_frames(source, previous_index)[:, new]
             if self.action_in is not None:
-                actions = self.frame_actions_of(tokens, span_ids, modality, mask_info.doc_ids)
-            decoder_input = self.embed(tokens, latents, timesteps, modality, span_ids, previous, actions)
+                if frame_actions is None:
+                    frame_actions = self.frame_actions_of(tokens, span_ids, modality, mask_info.doc_ids)
+                actions = frame_actions[:, new]
+            decoder_input = self.embed(tokens[:, new], latents[:, new], timesteps[:, new], modality[:, new],
+                                       span_ids[:, new], previous, actions)
 
         hidden = self.decoder(hidden_states=decoder_input, attention_mask=attention_mask,
-                              rotary_pos_emb=self.rope(positions, span_ids, modality))
+                              rotary_pos_emb=self.rope(positions, span_ids, modality),
+                              inference_context=inference_context)
         if not self.post_process:
             return hidden
 
-        logits, latent_pred = self.heads(hidden, timesteps, modality)
+        logits, latent_pred = self.heads(hidden, timesteps[:, new], modality[:, new])
         if labels is None:
             return logits.transpose(0, 1).contiguous(), latent_pred
+        labels = labels[:, new]
         safe_labels = torch.where(labels == IGNORE_INDEX, torch.zeros_like(labels), labels)
         return self.compute_language_model_loss(safe_labels, logits), latent_pred
 

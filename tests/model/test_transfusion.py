@@ -536,6 +536,50 @@ def test_action_conditioning_embedding_reaches_only_frames_after_an_action(megat
     assert make_provider().build(pre_process=True, post_process=True, vp_stage=None).action_in is None
 
 
+def test_one_forward_with_a_kv_cache_equals_the_whole_sequence(megatron_world):
+    """``forward(..., inference_context=...)`` (what decoding calls) computes only the positions
+    after the cached ones, from inputs that describe the whole sequence: run in chunks it
+    gives the logits, latent predictions and losses of one uncached forward, frame inputs
+    (previous frame, actions) included, precomputed or not."""
+    from megatron.core.inference.contexts import StaticInferenceContext
+
+    from megafusion.model.mask import HybridMaskInfo
+
+    n, c = 20, 192
+    span, modality, doc, positions = _clip_then_image()
+    g = torch.Generator().manual_seed(3)
+    tokens = torch.randint(0, 256, (1, n), generator=g)
+    labels = torch.randint(0, 256, (1, n), generator=g)
+    x_t = torch.randn(1, n, c, generator=g) * (span >= 0).unsqueeze(-1)
+    t = torch.rand(1, n, generator=g) * (span >= 0)
+    model = make_provider(["model.frame_conditioning=previous", "model.action_conditioning=embedding"]).build(
+        pre_process=True, post_process=True, vp_stage=None).eval()
+    inputs = dict(latents=x_t, timesteps=t, modality=modality)
+    with torch.no_grad():
+        logits, pred = model(tokens, positions, torch.stack([doc, span]), **inputs)
+        loss, _ = model(tokens, positions, torch.stack([doc, span]), labels=labels, **inputs)
+        for precomputed in (False, True):
+            extra = {}
+            if precomputed:
+                extra = dict(previous_index=model.previous_frames_index(span, modality, doc),
+                             frame_actions=model.frame_actions_of(tokens, span, modality, doc))
+            context = StaticInferenceContext(max_batch_size=1, max_sequence_length=n)
+            parts = []
+            for start, end in ((0, 11), (11, 15), (15, n)):  # chunks never split an image/frame span
+                context.sequence_len_offset = start
+                whole = slice(0, end)
+                mask = HybridMaskInfo(doc[:, whole], span[:, whole])
+                step = {k: v[:, whole] for k, v in {**inputs, **extra}.items()}
+                out = model(tokens[:, whole], positions[:, whole], mask, inference_context=context, **step)
+                step_loss, _ = model(tokens[:, whole], positions[:, whole], mask, inference_context=context,
+                                     labels=labels[:, whole], **step)
+                assert out[0].shape[1] == end - start and out[1].shape[1] == end - start
+                parts.append((*out, step_loss))
+            torch.testing.assert_close(torch.cat([p[0] for p in parts], 1), logits, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(torch.cat([p[1] for p in parts], 1), pred, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(torch.cat([p[2] for p in parts], 1), loss, rtol=1e-5, atol=1e-5)
+
+
 def test_patch_position_init_std(megatron_world):
     """The patch-position table is drawn at ``model.patch_position_init_std`` (the same draw
     scaled: its generator is seeded by the weight's name), every other matrix at init_std."""
