@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 import yaml
 
+from megafusion import config_checks
 from megafusion.diffusion.flow import FlowMatchingConfig
 from megafusion.settings import ConfigError, describe_type, load_dataclass  # noqa: F401 (re-exported)
 
@@ -312,6 +313,13 @@ _AT_LEAST_ONE = ("parallel.tp", "parallel.pp", "parallel.ep", "train.steps", "tr
                  "model.seq_length", "model.vocab_size")
 
 
+def problems_error(messages: list[str]) -> ConfigError:
+    """One ConfigError naming every problem: one line for one, one line each for several."""
+    if len(messages) == 1:
+        return ConfigError(f"invalid config: {messages[0]}")
+    return ConfigError("invalid config:\n  - " + "\n  - ".join(messages))
+
+
 def validate(cfg: Config, world_size: int) -> None:
     """Refuses layouts and values that cannot run, settings the run would ignore, and
     steps that cannot fit in the device's memory, naming the numbers involved.
@@ -400,11 +408,11 @@ def validate(cfg: Config, world_size: int) -> None:
         add(f"optimizer.min_lr = {cfg.optimizer.min_lr} is larger than optimizer.lr = {cfg.optimizer.lr}")
     if cfg.checkpoint.keep < 1:
         add(f"checkpoint.keep = {cfg.checkpoint.keep} must be at least 1")
-    for message in (_data_problems(cfg, ok) + _ignored_setting_problems(cfg, ok)
+    for message in (_data_problems(cfg, ok) + provider_problems(cfg, ok) + _ignored_setting_problems(cfg, ok)
                     + _transformer_engine_problems(cfg, ok)):
         add(message)
     if found.messages:
-        raise ConfigError("invalid config:\n  - " + "\n  - ".join(found.messages))
+        raise problems_error(found.messages)
     # Last: the estimate reads the layout that the checks above have accepted.
     from megafusion.training.memory import memory_problem
 
@@ -509,18 +517,55 @@ def _data_problems(cfg: Config, ok: Callable[..., bool]) -> list[str]:
     if d.kind == "indexed" and d.tokenizer is None:
         problems.append("data.kind = indexed needs data.tokenizer: the sentencepiece .model the data was "
                         "preprocessed with")
-    if cfg.model.kind == "transfusion" and d.kind == "synthetic":
-        problems.append("data.kind = synthetic is text only and the Transfusion model needs images: set data.kind "
-                        "= shapes (ShapesWorld, generated in-process) or indexed (tools/preprocess_data.py)")
-    if cfg.model.kind == "text" and d.kind == "shapes":
-        problems.append("data.kind = shapes is multimodal and model.kind = text reads text only: set data.kind = "
-                        "synthetic or indexed, or model.kind = transfusion")
     # Keys that only some data kinds read.
     for key, kinds in (("paths", ("indexed",)), ("weights", ("indexed",)), ("tokenizer", ("indexed", "shapes"))):
         if getattr(d, key) != getattr(DataConfig(), key) and d.kind not in kinds:
             problems.append(f"data.{key} = {getattr(d, key)} has no effect with data.kind = {d.kind} (read only "
                             f"with data.kind = {' or '.join(kinds)}); remove it")
     return problems
+
+
+# The data kinds each model kind's provider reads (megafusion.recipes).
+MODEL_DATA_KINDS = {"text": ("synthetic", "indexed"), "transfusion": ("shapes", "indexed")}
+
+
+def _data_kind_problem(model_kind: str, data_kind: str) -> str | None:
+    if data_kind in MODEL_DATA_KINDS[model_kind]:
+        return None
+    if model_kind == "transfusion" and data_kind == "synthetic":
+        return ("data.kind = synthetic is text only and the Transfusion model needs images: set data.kind "
+                "= shapes (ShapesWorld, generated in-process) or indexed (tools/preprocess_data.py)")
+    if model_kind == "text" and data_kind == "shapes":
+        return ("data.kind = shapes is multimodal and model.kind = text reads text only: set data.kind = "
+                "synthetic or indexed, or model.kind = transfusion")
+    if model_kind == "text":  # a kind outside the choices (validate names those first)
+        return (f"data.kind = {data_kind!r}: model.kind = text reads synthetic text or preprocessed text "
+                "datasets (indexed)")
+    return (f"data.kind = {data_kind!r}: the Transfusion provider reads ShapesWorld in-process (shapes) or "
+            "preprocessed datasets (indexed)")
+
+
+def provider_problems(cfg: Config, ok: Callable[..., bool] = lambda *keys: True) -> list[str]:
+    """What the model kind's provider needs of the data and of the files the config names:
+    a data kind it reads, a tokenizer and datasets that fit model.vocab_size, datasets and a
+    representation that exist, square patch grids where a setting needs them
+    (``megafusion.config_checks``: metadata reads only, no process group). validate reports
+    these with every other problem; ``require_provider_config`` refuses with them alone."""
+    if not ok("data.kind", "model.kind") or cfg.model.kind not in MODEL_DATA_KINDS:
+        return []  # what the kinds need is only known for kinds that exist
+    problem = _data_kind_problem(cfg.model.kind, cfg.data.kind)
+    if problem is not None:
+        return [problem]
+    return config_checks.file_problems(cfg, ok)
+
+
+def require_provider_config(cfg: Config) -> None:
+    """ConfigError with every :func:`provider_problems` of ``cfg``. A config that passed
+    validate has none; a recipe calls this for one that did not (a test's, a library
+    user's), so a provider is never built on data it cannot read."""
+    problems = provider_problems(cfg)
+    if problems:
+        raise problems_error(problems)
 
 
 # model.kind = text builds megatron's GPTModel (megafusion/model/text.py): one FFN, the

@@ -7,9 +7,19 @@ from megafusion.config import Config, ConfigError, load_config, save_config, val
 
 
 def test_example_configs_load_and_validate():
+    """Every tiny example validates, but tiny_transfusion_indexed.yaml names placeholder files
+    (data/mine/...): validate refuses it for those alone, each named by its key."""
     for path in sorted(CONFIGS.glob("tiny_*.yaml")):
         cfg = load_config(path)
-        validate(cfg, world_size=1)
+        if cfg.data.kind != "indexed":
+            validate(cfg, world_size=1)
+            continue
+        with pytest.raises(ConfigError) as info:
+            validate(cfg, world_size=1)
+        problems = str(info.value).split("\n  - ")[1:]
+        assert problems[0].startswith(f"data.tokenizer = {cfg.data.tokenizer}: no such file")
+        assert [p.split("(")[0] for p in problems[1:]] == [f"data.paths: no indexed dataset at {prefix}"
+                                                           for prefix in cfg.data.paths]
 
 
 def test_set_overrides_parse_types():
@@ -358,3 +368,157 @@ def test_checks_that_read_a_refused_value_are_skipped(overrides, absent):
         validate(load_config(CONFIGS / "tiny_text.yaml", overrides), world_size=2)
     text = str(info.value)
     assert "checkpoint.keep = 0 must be at least 1" in text and absent not in text
+
+
+# --------------------------------------------------------------------------- what the named files say (issue 25)
+# These used to be refused by the recipes, when the provider was built: after the process
+# groups existed. validate reads the files' metadata instead, with no process group.
+
+
+def _refused_by_validate(config, overrides, message):
+    """validate refuses config + overrides naming ``message``, and accepts config alone, with
+    no process group before or after."""
+    import torch.distributed
+
+    validate(load_config(config, overrides[:-1] if isinstance(overrides, tuple) else []), world_size=1)
+    with pytest.raises(ConfigError) as info:
+        validate(load_config(config, list(overrides)), world_size=1)
+    assert message in str(info.value)
+    assert not torch.distributed.is_initialized()
+    return str(info.value)
+
+
+@pytest.fixture(scope="module")
+def text_data(tmp_path_factory):
+    """A real sentencepiece tokenizer, and an indexed text dataset made with it (its files
+    are empty: validate reads only whether they are there and the dataset's meta.json)."""
+    import json
+
+    from megafusion.data.tokenizer import Tokenizer, train_tokenizer
+
+    root = tmp_path_factory.mktemp("text_data")
+    (root / "corpus.txt").write_text("the red circle moves to the left of the big blue square .\n" * 50)
+    model = train_tokenizer([root / "corpus.txt"], root / "tok", vocab_size=300)
+    vocab = Tokenizer(model).vocab_size
+    prefix = root / "docs"
+    for suffix in (".bin", ".idx"):
+        (root / f"docs{suffix}").write_bytes(b"")
+    (root / "docs.meta.json").write_text(json.dumps({"kind": "text", "vocab_size": vocab,
+                                                     "tokenizer_model": str(model)}))
+    return model, vocab, prefix
+
+
+def _text_indexed(text_data, *extra):
+    model, vocab, prefix = text_data
+    padded = -(-vocab // 64) * 64
+    return [f"model.vocab_size={padded}", "data.kind=indexed", f"data.paths=[{prefix}]", f"data.tokenizer={model}",
+            *extra]
+
+
+@pytest.mark.parametrize("config, kind, message", [
+    ("tiny_text.yaml", "shapes", "data.kind = shapes is multimodal and model.kind = text reads text only"),
+    ("tiny_transfusion.yaml", "synthetic", "data.kind = synthetic is text only and the Transfusion model needs images"),
+])
+def test_validate_refuses_a_data_kind_the_model_cannot_read(config, kind, message):
+    _refused_by_validate(CONFIGS / config, ("train.steps=10", f"data.kind={kind}"), message)
+
+
+def test_validate_refuses_a_vocab_smaller_than_the_byte_tokenizer():
+    """ShapesWorld with data.tokenizer = null: the byte tokenizer's 266 tokens."""
+    _refused_by_validate(CONFIGS / "tiny_transfusion.yaml", ("train.steps=10", "model.vocab_size=256"),
+                         "model.vocab_size = 256 is smaller than the tokenizer's 266 tokens")
+
+
+def test_validate_refuses_a_vocab_smaller_than_the_sentencepiece_tokenizer(text_data):
+    _, vocab, _ = text_data
+    assert vocab > 256
+    overrides = _text_indexed(text_data)
+    text = _refused_by_validate(CONFIGS / "tiny_text.yaml", (*overrides, "model.vocab_size=256"),
+                                f"model.vocab_size = 256 is smaller than the tokenizer's {vocab} tokens")
+    assert "set model.vocab_size >= " in text
+
+
+def test_validate_refuses_a_dataset_made_with_a_bigger_tokenizer(text_data, tmp_path):
+    """data.tokenizer fits model.vocab_size, but the dataset holds ids of a 1000-token one."""
+    import json
+    import shutil
+
+    _, _, prefix = text_data
+    other = tmp_path / "docs"
+    for suffix in (".bin", ".idx"):
+        shutil.copy(f"{prefix}{suffix}", f"{other}{suffix}")
+    (tmp_path / "docs.meta.json").write_text(json.dumps({"kind": "text", "vocab_size": 1000,
+                                                         "tokenizer_model": "big.model"}))
+    overrides = _text_indexed(text_data)
+    _refused_by_validate(CONFIGS / "tiny_text.yaml", (*overrides, f"data.paths=[{other}]"),
+                         f"data.paths: {other} was preprocessed with a 1000-token tokenizer (big.model), more than "
+                         f"model.vocab_size = {overrides[0].split('=')[1]}")
+
+
+def test_validate_refuses_images_in_the_text_models_data(text_data, tmp_path):
+    import shutil
+
+    _, _, prefix = text_data
+    other = tmp_path / "captions"
+    for suffix in (".bin", ".idx", ".meta.json"):
+        shutil.copy(f"{prefix}{suffix}", f"{other}{suffix}")
+    (tmp_path / "captions.layout.npy").write_bytes(b"")
+    _refused_by_validate(CONFIGS / "tiny_text.yaml", (*_text_indexed(text_data), f"data.paths=[{other}]"),
+                         f"data.paths: {other} holds images or video (text data); model.kind = text reads text only")
+
+
+@pytest.mark.parametrize("key, message", [
+    ("data.tokenizer", "data.tokenizer = {missing}: no such file"),
+    ("data.paths", "data.paths: no indexed dataset at {missing}(.bin/.idx)"),
+])
+def test_validate_names_a_missing_data_file_by_its_key(text_data, tmp_path, key, message):
+    missing = tmp_path / "no_such_file"
+    value = f"[{missing}]" if key == "data.paths" else missing
+    _refused_by_validate(CONFIGS / "tiny_text.yaml", (*_text_indexed(text_data), f"{key}={value}"),
+                         message.format(missing=missing))
+
+
+def _saved_rae(directory, tokens):
+    """A representation.json as megafusion train-decoder writes it (no weights: validate
+    reads the manifest only)."""
+    import json
+
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "representation.json").write_text(json.dumps({
+        "kind": "rae", "config": {"image_size": 32}, "tokens_per_image": tokens, "latent_dim": 12, "image_size": 32}))
+    return directory
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("model.image_positions=2d", "model.image_positions = 2d needs square patch grids; the representation has 8 "
+                                 "tokens per image"),
+    ("model.image_positions=3d", "model.image_positions = 3d needs square patch grids"),
+    ("model.frame_conditioning=window", "model.frame_conditioning = window needs square patch grids; the "
+                                        "representation has 8 tokens per image (use previous)"),
+])
+def test_validate_refuses_settings_that_need_square_patch_grids(tmp_path, setting, message):
+    square, oblong = _saved_rae(tmp_path / "square", 16), _saved_rae(tmp_path / "oblong", 8)
+    rae = ["vision.representation=rae", "vision.image_size=32"]
+    validate(load_config(CONFIGS / "tiny_transfusion.yaml", [*rae, f"vision.path={square}", setting]), world_size=1)
+    _refused_by_validate(CONFIGS / "tiny_transfusion.yaml", (*rae, f"vision.path={oblong}", setting), message)
+
+
+def test_validate_names_a_missing_representation_by_its_key(tmp_path):
+    missing = tmp_path / "no_such_rae"
+    _refused_by_validate(CONFIGS / "tiny_transfusion.yaml", ("vision.representation=rae", f"vision.path={missing}"),
+                         f"vision.path = {missing}: no such directory")
+
+
+def test_validate_refuses_pixel_patches_that_do_not_tile_the_image():
+    _refused_by_validate(CONFIGS / "tiny_transfusion.yaml", ("train.steps=10", "vision.patch_size=5"),
+                         "vision.image_size = 32 is not divisible by vision.patch_size = 5")
+
+
+def test_recipes_refuse_with_validates_messages():
+    """A provider built without validate (a test's, a library user's) gets validate's refusal."""
+    from megafusion.config import provider_problems, require_provider_config
+
+    cfg = load_config(CONFIGS / "tiny_transfusion.yaml", ["model.vocab_size=256"])
+    with pytest.raises(ConfigError) as info:
+        require_provider_config(cfg)
+    assert str(info.value) == "invalid config: " + provider_problems(cfg)[0]

@@ -10,6 +10,11 @@ Data (``data.kind``):
   sequence becomes a GPT micro-batch (attention crosses documents, the loss does not).
   Datasets holding images or video are refused: this model cannot read them.
 
+What the data must be (a kind this model reads, a tokenizer and datasets that fit
+``model.vocab_size``, no images) is checked by ``megafusion.config.validate`` before any
+process group exists; the provider only re-asserts it (``require_provider_config``) for a
+config that never went through validate.
+
 Either way micro-batch ``k`` of step ``s`` is a pure function of ``(train.seed, s, k)``.
 """
 
@@ -19,7 +24,7 @@ from functools import partial
 
 import torch
 
-from megafusion.config import Config, ConfigError
+from megafusion.config import Config, require_provider_config
 from megafusion.data import synthetic
 from megafusion.data.text_batches import gpt_batch
 from megafusion.model.text import build_text_model
@@ -40,35 +45,15 @@ class TextModelProvider:
     metric_names = ("loss", "loss_text")
 
     def __init__(self, cfg: Config, transformer_config) -> None:
+        require_provider_config(cfg)  # validate's data checks; a validated config passes
         self.cfg = cfg
         self.transformer_config = transformer_config
         # The indexed datasets' stream (data.kind = indexed); None for synthetic text.
         self.stream = None
         if cfg.data.kind == "indexed":
-            self.stream = self._indexed_stream(cfg)
-        elif cfg.data.kind != "synthetic":
-            raise ConfigError(f"data.kind = {cfg.data.kind!r}: model.kind = text reads synthetic text or "
-                              "preprocessed text datasets (indexed)")
+            from megafusion.data.indexed_stream import IndexedStream
 
-    @staticmethod
-    def _indexed_stream(cfg: Config):
-        """The text-only ``IndexedStream`` of ``cfg.data``, checked against ``model.vocab_size``
-        (an id past the embedding table would crash the step, on a GPU as a device assert)."""
-        from megafusion.data.indexed_stream import IndexedStream
-
-        stream = IndexedStream.from_config(cfg, text_only=True)
-        vocab = cfg.model.vocab_size
-        if stream.tokenizer.vocab_size > vocab:
-            raise ConfigError(f"model.vocab_size = {vocab} is smaller than the tokenizer's "
-                              f"{stream.tokenizer.vocab_size} tokens ({cfg.data.tokenizer}); set model.vocab_size "
-                              f">= {stream.tokenizer.vocab_size} (and divisible by parallel.tp)")
-        for source in stream.sources:  # made with another tokenizer than data.tokenizer, say
-            made_with = source.meta.get("vocab_size")
-            if made_with is not None and made_with > vocab:
-                raise ConfigError(f"data.paths: {source.prefix} was preprocessed with a {made_with}-token "
-                                  f"tokenizer ({source.meta.get('tokenizer_model')}), more than model.vocab_size "
-                                  f"= {vocab}; preprocess it with data.tokenizer or raise model.vocab_size")
-        return stream
+            self.stream = IndexedStream.from_config(cfg, text_only=True)
 
     def build(self, pre_process: bool, post_process: bool, vp_stage: int | None) -> torch.nn.Module:
         return build_text_model(self.cfg, self.transformer_config, pre_process, post_process, vp_stage)

@@ -17,12 +17,12 @@ step's micro-batches are made from it, and the loss, for ``megafusion.model.tran
 from __future__ import annotations
 
 import dataclasses
-import math
 from functools import partial
 
 import torch
 
-from megafusion.config import Config, ConfigError
+from megafusion.config import Config, ConfigError, require_provider_config
+from megafusion.config_checks import square_grid_problem, square_grid_width
 from megafusion.data import synthetic
 from megafusion.data.sample import IGNORE_INDEX, IMAGE, TEXT, VIDEO
 from megafusion.diffusion.flow import add_noise
@@ -130,17 +130,13 @@ class TransfusionProvider:
         from megafusion.data.indexed_stream import IndexedStream
         from megafusion.data.shapes_stream import ShapesStream
 
-        if cfg.data.kind not in ("shapes", "indexed"):
-            raise ConfigError(f"data.kind = {cfg.data.kind!r}: the Transfusion provider reads ShapesWorld "
-                              "in-process (shapes) or preprocessed datasets (indexed)")
+        # validate's checks of the data kind, the tokenizer's and datasets' vocabularies and the
+        # patch grid (megafusion.config_checks); a validated config passes.
+        require_provider_config(cfg)
         self.cfg = cfg
         self.transformer_config = transformer_config
         # Both streams give packed sample i as a pure function of (seed, i).
         self.stream = (ShapesStream if cfg.data.kind == "shapes" else IndexedStream).from_config(cfg)
-        if self.stream.tokenizer.vocab_size > cfg.model.vocab_size:
-            raise ConfigError(f"model.vocab_size = {cfg.model.vocab_size} is smaller than the tokenizer's "
-                              f"{self.stream.tokenizer.vocab_size} tokens; set model.vocab_size >= "
-                              f"{self.stream.tokenizer.vocab_size} (and divisible by parallel.tp)")
         self.latent_dim = self.stream.latent_dim  # from the representation, not the config
         self.modality_contexts: list[ModalityContext] = []  # one per built chunk
         self.unet_layout = None
@@ -154,12 +150,13 @@ class TransfusionProvider:
                             if cfg.model.frame_conditioning == "window" else None)
 
     def square_grid(self, what: str, hint: str = "") -> int:
-        """Patches per row of the representation's square patch grid; ConfigError naming
-        ``what`` needs it when the grid is not square."""
-        width = math.isqrt(self.stream.tokens_per_image)
-        if width ** 2 != self.stream.tokens_per_image:
-            raise ConfigError(f"{what} needs square patch grids; the representation has "
-                              f"{self.stream.tokens_per_image} tokens per image{hint}")
+        """Patches per row of the representation's square patch grid. validate refuses a
+        ``what`` that needs one without it (config_checks); the ConfigError here is only for a
+        grid validate could not read without building the representation (pretrained RAE /
+        VAE weights, whose grids are square by construction)."""
+        width = square_grid_width(self.stream.tokens_per_image)
+        if width is None:
+            raise ConfigError(square_grid_problem(self.stream.tokens_per_image, what, hint))
         return width
 
     def step_metrics(self, model_chunks=None, group=None) -> dict[str, float]:
