@@ -31,7 +31,7 @@ echo "[install] 2/5 runtime dependencies"
 # Every later install is constrained to the torch we have, so nothing can replace it.
 CONSTRAINTS=$(mktemp)
 echo "$TORCH_PIN" > "$CONSTRAINTS"
-$PIP -c "$CONSTRAINTS" numpy "packaging>=24.2" psutil sentencepiece tensorboard PyYAML tqdm \
+$PIP -c "$CONSTRAINTS" numpy "packaging>=24.2" psutil sentencepiece tokenizers tensorboard PyYAML tqdm \
   safetensors matplotlib Pillow
 # The CPU torch wheel declares no triton; the CUDA build brings its own.
 if ! $PY -c "import triton" 2>/dev/null; then
@@ -47,7 +47,8 @@ if [ "$dev" = 1 ]; then
   echo "[install] 4/5 dev tools"
   # transformers < 5.25: 5.25 requires Hugging Face's `kernels` package, which our top-level
   # `kernels/` (the Triton kernels) shadows, so every model load fails.
-  $PIP -c "$CONSTRAINTS" pytest pytest-benchmark av "transformers<5.25" diffusers nvidia-dali-cuda130
+  $PIP -c "$CONSTRAINTS" pytest pytest-benchmark av "transformers<5.25" diffusers nvidia-dali-cuda130 \
+    "megatron-energon==7.4.1"
 else
   echo "[install] 4/5 dev tools (skipped, pass --dev)"
 fi
