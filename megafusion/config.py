@@ -178,10 +178,14 @@ class DataConfig:
     """What the run reads."""
 
     # synthetic: random text | shapes: ShapesWorld, generated in-process | indexed: data.paths
-    kind: Literal["synthetic", "indexed", "shapes"] = "synthetic"
+    # | energon: data.paths are Energon-prepared WebDataset image-caption datasets (+ indexed to blend)
+    kind: Literal["synthetic", "indexed", "shapes", "energon"] = "synthetic"
     paths: list[str] = field(default_factory=list)  # indexed datasets (prefixes)
     weights: list[float] = field(default_factory=list)  # blending weights, one per path
-    tokenizer: str | None = None  # sentencepiece model path (indexed / shapes data)
+    tokenizer: str | None = None  # tokenizer path (indexed / shapes data): a .model file or a HF directory
+    # how data.tokenizer is read (Megatron's names): a sentencepiece .model file, or a local
+    # Hugging Face tokenizer directory (tokenizer.json); data.tokenizer unset: the byte tokenizer
+    tokenizer_type: Literal["SentencePieceTokenizer", "HuggingFaceTokenizer"] = "SentencePieceTokenizer"
     # Background loading (megafusion.data.loader): worker processes that build steps ahead
     # (null: 2 on CUDA, 0 on CPU, where workers compete with the step for cores)
     num_workers: int | None = None
@@ -515,18 +519,41 @@ def _data_problems(cfg: Config, ok: Callable[..., bool]) -> list[str]:
     if d.kind == "indexed" and not d.paths:
         problems.append("data.kind = indexed needs data.paths: the output prefixes of tools/preprocess_data.py")
     if d.kind == "indexed" and d.tokenizer is None:
-        problems.append("data.kind = indexed needs data.tokenizer: the sentencepiece .model the data was "
-                        "preprocessed with")
+        problems.append("data.kind = indexed needs data.tokenizer: the tokenizer the data was preprocessed with "
+                        "(a sentencepiece .model, or a Hugging Face directory with data.tokenizer_type)")
+    if d.kind == "energon":
+        problems += _energon_problems(cfg)
     # Keys that only some data kinds read.
-    for key, kinds in (("paths", ("indexed",)), ("weights", ("indexed",)), ("tokenizer", ("indexed", "shapes"))):
+    for key, kinds in (("paths", ("indexed", "energon")), ("weights", ("indexed", "energon")),
+                       ("tokenizer", ("indexed", "shapes", "energon"))):
         if getattr(d, key) != getattr(DataConfig(), key) and d.kind not in kinds:
             problems.append(f"data.{key} = {getattr(d, key)} has no effect with data.kind = {d.kind} (read only "
                             f"with data.kind = {' or '.join(kinds)}); remove it")
     return problems
 
 
+def _energon_problems(cfg: Config) -> list[str]:
+    """data.kind = energon: Energon-prepared datasets of a sample type the stream reads
+    (``megafusion.data.energon_paths``: dataset.yaml only; energon is not imported), indexed
+    prefixes to blend in, one weight per path, and the energon package itself."""
+    import importlib.util
+
+    from megafusion.data.energon_paths import energon_path_problems
+
+    d = cfg.data
+    if not d.paths:
+        return ["data.kind = energon needs data.paths: Energon-prepared WebDataset datasets (energon prepare), "
+                "optionally with indexed prefixes to blend in by data.weights"]
+    problems = energon_path_problems(list(d.paths))
+    if d.weights and len(d.weights) != len(d.paths):
+        problems.append(f"data.weights = {d.weights}: give one weight per data.paths entry ({len(d.paths)})")
+    if importlib.util.find_spec("megatron.energon") is None:
+        problems.append("data.kind = energon needs megatron-energon: pip install 'megafusion[energon]'")
+    return problems
+
+
 # The data kinds each model kind's provider reads (megafusion.recipes).
-MODEL_DATA_KINDS = {"text": ("synthetic", "indexed"), "transfusion": ("shapes", "indexed")}
+MODEL_DATA_KINDS = {"text": ("synthetic", "indexed"), "transfusion": ("shapes", "indexed", "energon")}
 
 
 def _data_kind_problem(model_kind: str, data_kind: str) -> str | None:
@@ -538,6 +565,9 @@ def _data_kind_problem(model_kind: str, data_kind: str) -> str | None:
     if model_kind == "text" and data_kind == "shapes":
         return ("data.kind = shapes is multimodal and model.kind = text reads text only: set data.kind = "
                 "synthetic or indexed, or model.kind = transfusion")
+    if model_kind == "text" and data_kind == "energon":
+        return ("data.kind = energon reads image-caption datasets and model.kind = text reads text only: set "
+                "data.kind = synthetic or indexed, or model.kind = transfusion")
     if model_kind == "text":  # a kind outside the choices (validate names those first)
         return (f"data.kind = {data_kind!r}: model.kind = text reads synthetic text or preprocessed text "
                 "datasets (indexed)")

@@ -3,7 +3,9 @@ step's micro-batches are made from it, and the loss, for ``megafusion.model.tran
 
 - Data (``data.kind``): packed ShapesWorld sequences generated in-process (``shapes``,
   ``megafusion.data.shapes_stream``) or preprocessed indexed datasets (``indexed``,
-  ``megafusion.data.indexed_stream``); packed sample ``i`` is a pure function of (seed, i).
+  ``megafusion.data.indexed_stream``), where packed sample ``i`` is a pure function of
+  (seed, i); or Energon WebDataset shards (``energon``, ``megafusion.data.energon_stream``),
+  read in order, whose position is saved in the checkpoint (``data_state``).
 - Micro-batches (``TransfusionProvider.batch``): flow-matching noise and time sampling per
   image/frame span (``megafusion.diffusion.flow.add_noise``), noise caps for spans that
   condition later text (``conditions_later_text``, ``diffusion.clean_fraction`` /
@@ -122,7 +124,8 @@ def conditions_later_text(labels: torch.Tensor, span_ids: torch.Tensor, doc_ids:
 
 class TransfusionProvider:
     """Builds the Transfusion model and feeds it packed samples: ShapesWorld in-process
-    (``data.kind: shapes``) or preprocessed indexed datasets (``data.kind: indexed``)."""
+    (``data.kind: shapes``), preprocessed indexed datasets (``data.kind: indexed``) or
+    Energon-prepared WebDataset shards (``data.kind: energon``)."""
 
     metric_names = ("loss", "loss_text", "loss_image", "loss_video")
 
@@ -135,8 +138,17 @@ class TransfusionProvider:
         require_provider_config(cfg)
         self.cfg = cfg
         self.transformer_config = transformer_config
-        # Both streams give packed sample i as a pure function of (seed, i).
-        self.stream = (ShapesStream if cfg.data.kind == "shapes" else IndexedStream).from_config(cfg)
+        # shapes and indexed give packed sample i as a pure function of (seed, i); energon
+        # (WebDataset shards read by megatron-energon) is sequential and keeps a saved position.
+        if cfg.data.kind == "energon":
+            from megafusion.data.energon_stream import EnergonStream
+
+            self.stream = EnergonStream.from_config(cfg)
+        else:
+            self.stream = (ShapesStream if cfg.data.kind == "shapes" else IndexedStream).from_config(cfg)
+        # A sequential stream is read in order in the training process (the trainer's
+        # StepLoader builds no steps ahead in workers; the stream has its own workers).
+        self.sequential_data = bool(getattr(self.stream, "sequential", False))
         self.latent_dim = self.stream.latent_dim  # from the representation, not the config
         self.modality_contexts: list[ModalityContext] = []  # one per built chunk
         self.unet_layout = None
@@ -168,7 +180,61 @@ class TransfusionProvider:
         """
         from megafusion.model.moe import collect_routing_stats
 
-        return collect_routing_stats(self.modality_contexts, group=group)
+        stats = collect_routing_stats(self.modality_contexts, group=group)
+        if self.sequential_data:
+            stats["data_skipped_samples"] = self._skipped_samples(group)
+        return stats
+
+    def _skipped_samples(self, group=None) -> float:
+        """Corrupt samples skipped so far by all data-parallel ranks (a collective over ``group``)."""
+        import torch.distributed as dist
+
+        count = torch.tensor([float(self.stream.skipped)])
+        if dist.is_available() and dist.is_initialized():
+            from megatron.core import parallel_state as ps
+
+            dist.all_reduce(count, group=ps.get_data_parallel_group())
+        return float(count)
+
+    # ----------------------------------------------------------------- data position
+    def data_state(self) -> dict:
+        """The sequential stream's position for the checkpoint (``{}`` for index-addressable
+        streams, whose position is the step): every data-parallel rank's state, gathered, so
+        the checkpoint's common state (written by rank 0) holds them all. A collective."""
+        if not self.sequential_data:
+            return {}
+        import torch.distributed as dist
+
+        blob = self.stream.state_dict()
+        if not (dist.is_available() and dist.is_initialized()):
+            return {"stream_states": [blob]}
+        from megatron.core import parallel_state as ps
+
+        group = ps.get_data_parallel_group()
+        states = [None] * dist.get_world_size(group)
+        dist.all_gather_object(states, blob, group=group)
+        return {"stream_states": states}
+
+    def load_data_state(self, saved: dict) -> None:
+        """Restores ``data_state``'s position on this rank (before the first step)."""
+        if not self.sequential_data:
+            return
+        states = saved.get("stream_states")
+        if not states:
+            raise ConfigError("the checkpoint holds no energon data position (it was written by a run with "
+                              "another data.kind); start a new run directory for data.kind = energon")
+        import torch.distributed as dist
+
+        dp_rank, dp_size = 0, 1
+        if dist.is_available() and dist.is_initialized():
+            from megatron.core import parallel_state as ps
+
+            dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+        if len(states) != dp_size:
+            raise ConfigError(f"the checkpoint's energon data position is for {len(states)} data-parallel ranks, "
+                              f"this run has {dp_size}: Energon's loader state is per rank, so resume with the "
+                              "same data-parallel size")
+        self.stream.load_state_dict(states[dp_rank])
 
     @property
     def model_shape(self):
@@ -234,6 +300,8 @@ class TransfusionProvider:
 
     def micro_batches(self, step: int, dp_rank: int, dp_size: int) -> list[dict[str, torch.Tensor]]:
         t = self.cfg.train
+        if self.sequential_data:
+            self.stream.bind(dp_rank, dp_size)  # opens this rank's loaders once
         return [self.batch(idx) for idx in synthetic.micro_batch_indices(
             step, t.global_batch_size, t.micro_batch_size, dp_rank, dp_size)]
 

@@ -120,6 +120,10 @@ def train(cfg: Config, run_dir: Path, profiler=None, watcher: PreemptionWatcher 
     and :class:`Preempted`. Non-finite losses, gradients (beyond ``train.max_skipped_steps``)
     or tensors about to be saved end it with a :class:`NonFiniteError`; a run directory that
     cannot be resumed with this config, with a ``ConfigError`` before anything is written.
+
+    On a CPU device the caller applies ``megafusion.parallel.cpu_compat`` around the call
+    (``megafusion.train.main``, ``bench`` and ``quickstart`` do); ``init_parallel`` refuses
+    to start without it.
     """
     from megatron.core.distributed import finalize_model_grads
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -150,6 +154,8 @@ def train(cfg: Config, run_dir: Path, profiler=None, watcher: PreemptionWatcher 
         saved_data = (restored.get("data") or {}) if restored else {}
         data_step = int(saved_data.get("step", start_step))
         skipped = int(saved_data.get("skipped_steps", 0))  # updates skipped for NaN/inf gradients, all attempts
+        if restored and hasattr(provider, "load_data_state"):  # a sequential stream's saved position (energon)
+            provider.load_data_state(saved_data)
         if restored:
             schedule_line = continue_schedule(cfg, scheduler, start_step)  # may re-plan; updates cfg to match
             if env.is_main:
@@ -177,12 +183,14 @@ def train(cfg: Config, run_dir: Path, profiler=None, watcher: PreemptionWatcher 
         def save(step: int) -> None:
             check_finite_for_save(model_chunks, optimizer, step, env.device)
             checkpointer.save(step, model_chunks, optimizer, scheduler,
-                              data_state={"step": data_step + step - start_step, "skipped_steps": skipped})
+                              data_state={"step": data_step + step - start_step, "skipped_steps": skipped,
+                                          **(provider.data_state() if hasattr(provider, "data_state") else {})})
 
         num_workers = cfg.data.num_workers
         loader = StepLoader(provider.micro_batches, data_step, data_step + cfg.train.steps - start_step,
                             env.dp_rank, env.dp_size,
-                            num_workers=default_num_workers(env.device) if num_workers is None else num_workers,
+                            num_workers=0 if getattr(provider, "sequential_data", False) else
+                            default_num_workers(env.device) if num_workers is None else num_workers,
                             prefetch=cfg.data.prefetch, pin_memory=env.device.type == "cuda")
         try:
             for step in range(start_step + 1, cfg.train.steps + 1):
