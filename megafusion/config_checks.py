@@ -18,16 +18,30 @@ from typing import Any
 # --------------------------------------------------------------------------- cheap reads
 
 
-def tokenizer_vocab_size(path: str | None) -> int:
-    """The vocabulary size of ``data.tokenizer`` (None: the byte tokenizer). FileNotFoundError
-    when the file is missing, ValueError (or sentencepiece's error) when it is no tokenizer."""
-    if path is None:
-        from megafusion.data.byte_tokenizer import ByteTokenizer
+def load_configured_tokenizer(path: str | None, type: str = "SentencePieceTokenizer"):
+    """The tokenizer of ``data.tokenizer`` / ``data.tokenizer_type`` (None: the byte tokenizer).
+    FileNotFoundError when the file is missing, ValueError (or the library's error) when it is no
+    tokenizer."""
+    from megafusion.data.tokenizer import load_tokenizer
 
-        return ByteTokenizer().vocab_size
-    from megafusion.data.tokenizer import Tokenizer
+    return load_tokenizer(path, type)
 
-    return Tokenizer(path).vocab_size
+
+def tokenizer_vocab_size(path: str | None, type: str = "SentencePieceTokenizer") -> int:
+    """The vocabulary size of ``data.tokenizer``, added special tokens included."""
+    return load_configured_tokenizer(path, type).vocab_size
+
+
+def dataset_tokenizer_map(prefix: str) -> dict[str, Any] | None:
+    """The tokenizer mapping stored beside an indexed dataset (``P.tokenizer_map.json``, or the
+    ``tokenizer`` entry of ``P.meta.json``); None for data preprocessed before it was stored."""
+    from megafusion.data.indexed import meta_path
+
+    path = Path(f"{prefix}.tokenizer_map.json")
+    if path.is_file():
+        return json.loads(path.read_text())
+    meta = Path(meta_path(prefix))
+    return (json.loads(meta.read_text()) if meta.is_file() else {}).get("tokenizer")
 
 
 def is_remote(prefix: str) -> bool:
@@ -108,19 +122,26 @@ def file_problems(cfg, ok=lambda *keys: True) -> list[str]:
     m, d = cfg.model, cfg.data
     problems: list[str] = []
     tokenizer_read = d.kind == "indexed" or (d.kind == "shapes" and m.kind == "transfusion")
+    tokenizer = None  # the configured tokenizer, once read
     if tokenizer_read and ok("data.tokenizer") and not (d.kind == "indexed" and d.tokenizer is None):
         try:
-            vocab = tokenizer_vocab_size(d.tokenizer)
+            tokenizer = load_configured_tokenizer(d.tokenizer, d.tokenizer_type)
+            vocab = tokenizer.vocab_size
         except FileNotFoundError:
             problems.append(f"data.tokenizer = {d.tokenizer}: no such file; train one with tools/train_tokenizer.py "
-                            "(the sentencepiece .model the data was preprocessed with)")
+                            "(the sentencepiece .model the data was preprocessed with) or, with data.tokenizer_type = "
+                            "HuggingFaceTokenizer, give a Hugging Face tokenizer directory")
         except (ValueError, OSError, RuntimeError) as err:
             problems.append(f"data.tokenizer = {d.tokenizer}: {err}")
         else:
             if ok("model.vocab_size") and vocab > m.vocab_size:
                 which = d.tokenizer if d.tokenizer is not None else "the byte tokenizer of data.tokenizer = null"
+                from megafusion.data.tokenizer import padded_vocab_size
+
                 problems.append(f"model.vocab_size = {m.vocab_size} is smaller than the tokenizer's {vocab} tokens "
-                                f"({which}); set model.vocab_size >= {vocab} (and divisible by parallel.tp)")
+                                f"({which}, added special tokens included); set model.vocab_size >= {vocab} and "
+                                f"divisible by parallel.tp, e.g. {padded_vocab_size(vocab, 128, cfg.parallel.tp)} "
+                                "(megatron's padding to a multiple of 128 * tp)")
     if d.kind == "indexed" and ok("data.paths"):
         for prefix in d.paths:
             if is_remote(prefix):
@@ -135,6 +156,14 @@ def file_problems(cfg, ok=lambda *keys: True) -> list[str]:
                 problems.append(f"data.paths: {prefix} was preprocessed with a {made_with}-token tokenizer "
                                 f"({meta.get('tokenizer_model')}), more than model.vocab_size = {m.vocab_size}; "
                                 "preprocess it with data.tokenizer or raise model.vocab_size")
+            stored = dataset_tokenizer_map(prefix)
+            if stored is not None and tokenizer is not None and ok("data.tokenizer", "data.tokenizer_type"):
+                from megafusion.data.tokenizer import mapping_problem
+
+                problem = mapping_problem(stored, tokenizer, f"data.paths: {prefix}",
+                                          f"data.tokenizer = {d.tokenizer}")
+                if problem:
+                    problems.append(problem)
             if m.kind == "text" and dataset_is_multimodal(prefix):
                 problems.append(f"data.paths: {prefix} holds images or video ({meta.get('kind', 'multimodal')} "
                                 "data); model.kind = text reads text only: preprocess with --kind text, or train "

@@ -15,6 +15,9 @@ SPECIALS = ("<pad>", "<boi>", "<eoi>", "<frame>", "<eod>")
 
 
 class ByteTokenizer:
+    type = "byte"
+    path = None
+
     def __init__(self, actions: Iterable[str] = ACTIONS) -> None:
         self.actions = tuple(actions)
         self.pieces = [bytes([b]) for b in range(256)] + list(SPECIALS) + [f"<act_{a}>" for a in self.actions]
@@ -24,6 +27,9 @@ class ByteTokenizer:
     @property
     def vocab_size(self) -> int:
         return len(self.pieces)
+
+    base_vocab_size = vocab_size
+    bos_id = None
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
@@ -50,3 +56,12 @@ class ByteTokenizer:
         if action in self._action_id:
             return [self._action_id[action]]
         return self.encode(str(action))
+
+    def special_tokens(self) -> dict[str, int]:
+        return {"pad": self.pad_id, "boi": self.boi_id, "eoi": self.eoi_id, "frame": self.frame_id, "eod": self.eod_id}
+
+    def mapping(self) -> dict:
+        """As ``megafusion.data.tokenizer``'s: the byte tokenizer has no file."""
+        return {"type": self.type, "base_vocab_size": self.vocab_size, "vocab_size": self.vocab_size,
+                "special_tokens": self.special_tokens(), "added_tokens": [], "action_tokens": self.action_ids(),
+                "sha256": None, "path": None}

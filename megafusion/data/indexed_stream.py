@@ -60,8 +60,8 @@ class IndexedStream:
         if not d.paths:
             raise ConfigError("data.kind = indexed needs data.paths: the output prefixes of tools/preprocess_data.py")
         if d.tokenizer is None:
-            raise ConfigError("data.kind = indexed needs data.tokenizer: the sentencepiece .model the data was "
-                              "preprocessed with")
+            raise ConfigError("data.kind = indexed needs data.tokenizer: the tokenizer (a sentencepiece .model, or a "
+                              "Hugging Face directory with data.tokenizer_type) the data was preprocessed with")
         weights = list(d.weights) or [1.0] * len(d.paths)
         if any(w < 0 for w in weights) or sum(weights) <= 0:
             raise ConfigError(f"data.weights = {weights} must be non-negative with a positive sum")
@@ -91,7 +91,7 @@ class IndexedStream:
                     "preprocess with the same --encoder / --image-size / --patch-size as the vision section")
             sources.append(source)
         try:
-            return cls(cfg.train.seed, cfg.model.seq_length, load_tokenizer(d.tokenizer), rep, sources, weights)
+            return cls(cfg.train.seed, cfg.model.seq_length, load_tokenizer(d.tokenizer, d.tokenizer_type), rep, sources, weights)
         except ValueError as err:  # an empty dataset with a weight, a weight too small to draw
             raise ConfigError(f"data.paths / data.weights ({list(d.paths)}, {weights}): {err}") from None
 

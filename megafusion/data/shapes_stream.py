@@ -34,15 +34,12 @@ SOURCES = ("text", "image_text", "video", "action_video", "vqa")
 _MAX_DOCS = 64  # per sequence; a guard, far above what fits
 
 
-def load_tokenizer(path: str | None):
-    """The byte tokenizer for ``None``, else a sentencepiece model file."""
-    if path is None:
-        from megafusion.data.byte_tokenizer import ByteTokenizer
+def load_tokenizer(path: str | None, type: str | None = "SentencePieceTokenizer"):
+    """The byte tokenizer for ``None``, else ``type`` (``data.tokenizer_type``) loaded from ``path``
+    (``megafusion.data.tokenizer.load_tokenizer``, the one factory)."""
+    from megafusion.data.tokenizer import load_tokenizer as load
 
-        return ByteTokenizer()
-    from megafusion.data.tokenizer import Tokenizer
-
-    return Tokenizer(path)
+    return load(path, type)
 
 
 @dataclass
@@ -83,7 +80,7 @@ class ShapesStream:
         clips = dict(seed=cfg.train.seed, image_size=v.image_size, video_frames=4, action_frames=4, context_frames=1)
         world = ShapesWorld(config=WorldConfig.simple(**clips) if cfg.data.shapes_world == "simple"
                             else WorldConfig(**clips))
-        return cls(cfg.train.seed, cfg.model.seq_length, load_tokenizer(cfg.data.tokenizer), rep,
+        return cls(cfg.train.seed, cfg.model.seq_length, load_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_type), rep,
                    dict(cfg.data.shapes_weights), world)
 
     @property

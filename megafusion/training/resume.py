@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from megafusion.config import Config, ConfigError, save_config
+from megafusion.data.tokenizer import write_tokenizer_map
 
 # Model settings that pick an implementation, not the parameters: a checkpoint resumes under
 # another value (same tensors, same names).
@@ -91,6 +92,7 @@ def write_config(cfg: Config, run_dir: Path) -> Path:
     tmp = run_dir / "config.yaml.tmp"
     save_config(cfg, tmp)
     os.replace(tmp, latest)
+    write_tokenizer_map(cfg.data, run_dir)  # tokenizer_map.json: the tokenizer's special ids, sizes, hash
     return attempt
 
 

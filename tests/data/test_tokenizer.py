@@ -45,14 +45,17 @@ def test_special_tokens_are_single_pieces(tmp_path, model_type):
 def test_tokenizer_errors_name_the_problem(tmp_path):
     with pytest.raises(FileNotFoundError, match="train_tokenizer"):
         Tokenizer(tmp_path / "missing.model")
-    # a plain sentencepiece model without the reserved tokens is refused
+    with pytest.raises(ValueError, match="HuggingFaceTokenizer"):
+        Tokenizer(tmp_path)  # a directory: names the other type
+    # a plain sentencepiece model without the reserved tokens is accepted: they are appended
     import sentencepiece as spm
 
     corpus = write_corpus(tmp_path / "c.txt")
     spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "plain"), vocab_size=40,
                                    minloglevel=2)
-    with pytest.raises(ValueError, match="lacks the special tokens"):
-        Tokenizer(tmp_path / "plain.model")
+    tok = Tokenizer(tmp_path / "plain.model")
+    assert tok.base_vocab_size == 40 and tok.vocab_size == 44  # <pad> <boi> <eoi> <frame>; eos is </s>
+    assert (tok.pad_id, tok.boi_id, tok.eoi_id, tok.frame_id) == (40, 41, 42, 43) and tok.eod_id == 2
 
 
 def test_train_tokenizer_cli(tmp_path):

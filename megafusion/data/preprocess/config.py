@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from megafusion.data.preprocess.digests import file_digest, tree_digest
+from megafusion.data.preprocess.digests import tree_digest
 
 KINDS = ("text", "image-text", "video", "action-video")
 ENCODERS = ("pixel", "rae", "vae")
@@ -35,6 +35,7 @@ class PreprocessConfig:
     output_prefix: str
     tokenizer_model: str
     kind: str = "text"
+    tokenizer_type: str = "SentencePieceTokenizer"  # or HuggingFaceTokenizer (a local directory)
     json_keys: tuple[str, ...] = ("text",)
     append_eod: bool = False
     encoder: str = "pixel"
@@ -62,7 +63,7 @@ class PreprocessConfig:
         missing = [p for p in self.inputs if not Path(p).exists()]
         if not self.inputs or missing:
             raise PreprocessError(f"input files not found: {missing or '(none given)'}")
-        check_tokenizer(self.tokenizer_model)
+        check_tokenizer(self.tokenizer_model, self.tokenizer_type)
         if self.encoder == "pixel" and self.image_size % self.patch_size:
             raise PreprocessError(f"--image-size {self.image_size} is not a multiple of --patch-size {self.patch_size}")
         if self.kind == "action-video" and (self.frame_stride != 1 or self.fps is not None):
@@ -99,28 +100,34 @@ class PreprocessConfig:
                 "max_frames", "frame_stride", "fps", "context_frames", "strict")
         out = {k: getattr(self, k) for k in keys}
         out["json_keys"] = list(self.json_keys)
-        out["tokenizer"] = file_digest(self.tokenizer_model)
+        out["tokenizer"] = tree_digest(self.tokenizer_model)  # a file, or a Hugging Face directory
+        if self.tokenizer_type != "SentencePieceTokenizer":  # (keys of earlier runs stay valid)
+            out["tokenizer_type"] = self.tokenizer_type
         if self.encoder != "pixel":  # the pixel encoder is fixed by image_size and patch_size
             out["encoder_files"] = tree_digest(self.encoder_path) if self.encoder_path else None
         return out
 
 
-def check_tokenizer(path: str) -> None:
-    """Refuses, before anything is written, a tokenizer path that is not a usable model."""
-    from megafusion.data.tokenizer import Tokenizer
+def check_tokenizer(path: str, type: str = "SentencePieceTokenizer") -> None:
+    """Refuses, before anything is written, a tokenizer path that is not a usable tokenizer of ``type``."""
+    from megafusion.data.tokenizer import HUGGINGFACE, SENTENCEPIECE, TOKENIZER_TYPES, load_tokenizer
 
-    fix = "pass the .model file that tools/train_tokenizer.py wrote"
-    if Path(path).is_dir():
-        raise PreprocessError(f"--tokenizer-model {path} is a directory; {fix}")
-    if not Path(path).is_file():
-        raise PreprocessError(f"--tokenizer-model {path} not found; {fix} (or train one with that tool)")
+    if type not in TOKENIZER_TYPES:
+        raise PreprocessError(f"--tokenizer-type must be one of {TOKENIZER_TYPES}, got {type!r}")
+    if type == SENTENCEPIECE:
+        fix = "pass a sentencepiece .model file (e.g. from tools/train_tokenizer.py)"
+        if Path(path).is_dir():
+            raise PreprocessError(f"--tokenizer-model {path} is a directory; {fix}, or pass --tokenizer-type "
+                                  f"{HUGGINGFACE} for a Hugging Face tokenizer directory")
+    else:
+        fix = "pass a local Hugging Face tokenizer directory (with tokenizer.json)"
+    if not Path(path).exists():
+        raise PreprocessError(f"--tokenizer-model {path} not found; {fix}")
     try:
-        Tokenizer(path)
-    except ValueError as err:  # a sentencepiece model without megafusion's special tokens; says the fix
-        raise PreprocessError(f"--tokenizer-model: {err}") from None
+        load_tokenizer(path, type)
     except Exception as err:  # sentencepiece raises RuntimeError (or OSError) for a file it cannot parse
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise PreprocessError(f"--tokenizer-model {path} is not a sentencepiece model ({reason}); {fix}") from None
+        raise PreprocessError(f"--tokenizer-model {path} is not a usable {type} ({reason}); {fix}") from None
 
 
 def prepare_output(cfg: PreprocessConfig) -> None:

@@ -52,10 +52,10 @@ class ItemProcessor:
     """Turns one parsed JSONL item into documents (token ids + visual items) per output suffix."""
 
     def __init__(self, cfg: PreprocessConfig):
-        from megafusion.data.tokenizer import Tokenizer
+        from megafusion.data.tokenizer import load_tokenizer
 
         self.cfg = cfg
-        self.tok = Tokenizer(cfg.tokenizer_model)
+        self.tok = load_tokenizer(cfg.tokenizer_model, cfg.tokenizer_type)
         self.encoder = make_encoder(cfg) if cfg.multimodal else None
 
     def _field(self, item: dict, key: str, types, required=True):

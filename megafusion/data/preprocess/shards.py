@@ -5,7 +5,9 @@ A worker makes one shard at a time under ``<prefix>.shards/``: ``NNNNNN<suffix>.
 complete, with ``NNNNNN.done.json`` (its stats and content key) written last. A shard whose
 key matches is not made again: a finished one in the shard folder is kept, one of the last
 complete output is copied from it as stored. When every shard is done they are merged with
-the indexed-dataset builder's ``add_index`` (``merge_shards``) and the metadata written.
+the indexed-dataset builder's ``add_index`` (``merge_shards``) and the metadata written:
+``P.meta.json`` and ``P.tokenizer_map.json`` (the tokenizer's type, base and total vocabulary,
+special name -> id and content hash; training refuses data whose map differs from its tokenizer's).
 """
 
 from __future__ import annotations
@@ -92,10 +94,11 @@ def process_shard(cfg: PreprocessConfig, spec: ShardSpec, key: str, previous: tu
             return {**stats, "skipped": True}
         done.unlink()  # made from other content or settings: made again below
     if previous is not None:
-        from megafusion.data.tokenizer import Tokenizer
+        from megafusion.data.tokenizer import load_tokenizer
 
         first, old = previous
-        with _shard_writers(cfg, spec.index, Tokenizer(cfg.tokenizer_model).vocab_size) as writers:
+        with _shard_writers(cfg, spec.index, load_tokenizer(cfg.tokenizer_model, cfg.tokenizer_type).vocab_size) \
+                as writers:
             _copy_documents(cfg, first, old["documents"], writers)
         stats = {**old, "index": spec.index}
     else:
@@ -165,9 +168,10 @@ def _copy_documents(cfg: PreprocessConfig, first: int, count: int, writers: dict
 def merge_shards(cfg: PreprocessConfig, stats: list[dict]) -> list[str]:
     """Merges the finished shards (``stats`` in shard order) into the output dataset(s) and
     writes each one's metadata; returns the output prefixes."""
-    from megafusion.data.tokenizer import Tokenizer
+    from megafusion.data.tokenizer import load_tokenizer
 
-    tok = Tokenizer(cfg.tokenizer_model)
+    tok = load_tokenizer(cfg.tokenizer_model, cfg.tokenizer_type)
+    mapping = tok.mapping()
     storage = cfg.storage
     latent_dim = next((s["latent_dim"] for s in stats if s["latent_dim"]), None)
     outputs = []
@@ -179,7 +183,9 @@ def merge_shards(cfg: PreprocessConfig, stats: list[dict]) -> list[str]:
                 "image_size": cfg.image_size, "patch_size": cfg.patch_size if cfg.encoder == "pixel" else None,
                 "latent_dim": latent_dim, "tokenizer_model": str(Path(cfg.tokenizer_model).resolve()),
                 "vocab_size": tok.vocab_size, "pad_id": tok.pad_id, "boi_id": tok.boi_id, "eoi_id": tok.eoi_id,
-                "frame_id": tok.frame_id, "eod_id": tok.eod_id, "append_eod": cfg.append_eod}
+                "frame_id": tok.frame_id, "eod_id": tok.eod_id, "append_eod": cfg.append_eod,
+                "tokenizer_type": cfg.tokenizer_type, "tokenizer": mapping}
+        write_json(Path(f"{prefix}.tokenizer_map.json"), mapping)  # special name -> id, sizes, type, hash
         write_json(Path(meta_path(prefix)), meta)
         outputs.append(prefix)
     return outputs
