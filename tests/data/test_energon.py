@@ -127,3 +127,35 @@ def test_energon_refuses_unsupported_sample_types_and_unknown_paths(dataset, tmp
     cfg.model.kind, cfg.data.paths = "text", [str(dataset)]
     with pytest.raises(ConfigError, match="model.kind = text reads text only"):
         validate(cfg, 1)
+
+
+def test_energon_blends_with_an_indexed_dataset_by_weight(dataset, tmp_path):
+    """An Energon dataset and an indexed text dataset, weights 3 : 1: documents are drawn in
+    that proportion (Megatron's furthest-behind rule), read from both, and packed."""
+    from megafusion.config import Config
+    from megafusion.data.byte_tokenizer import ByteTokenizer
+    from megafusion.data.energon_stream import EnergonStream
+    from megafusion.data.indexed import DatasetWriter
+    from megafusion.data.sample import IMAGE
+
+    tok = ByteTokenizer()
+    prefix = tmp_path / "text_document"
+    writer = DatasetWriter(prefix, vocab_size=272)
+    for i in range(20):
+        writer.add_document(np.asarray(tok.encode(f"plain text number {i} .") + [tok.eod_id], dtype=np.int64))
+    writer.finalize()
+
+    cfg = Config()
+    cfg.model.kind, cfg.model.seq_length = "transfusion", 256
+    cfg.vision.representation, cfg.vision.image_size, cfg.vision.patch_size = "pixel", 32, 8
+    cfg.data.kind, cfg.data.paths, cfg.data.weights, cfg.data.num_workers = "energon", [str(dataset), str(prefix)], \
+        [3.0, 1.0], 0
+    stream = EnergonStream.from_config(cfg)
+    stream.bind(0, 1)
+    samples = [stream.sample(i) for i in range(6)]
+    images = sum(int(((s.modality == IMAGE).long().diff(prepend=s.modality[:1] * 0) == 1).sum()) for s in samples)
+    texts = sum(tok.decode(s.tokens[s.modality == 0].tolist()).count("plain text") for s in samples)
+    drawn = stream.slot - (1 if stream.pending is not None else 0)  # documents packed or skipped
+    assert images > 0 and texts > 0
+    assert abs(texts - drawn / 4) <= 1.5, (texts, images, drawn)
+    assert abs(images + stream.skipped - 3 * drawn / 4) <= 1.5, (texts, images, drawn)
