@@ -378,7 +378,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         try:
-            split_times, seen = run(cfg, run_dir, args.warmup, args.steps, args.profile_steps, args.trace)
+            from megafusion.parallel import cpu_compat
+
+            with cpu_compat.applied(_device(cfg)):  # on CPU: megatron-core's compatibility layer
+                split_times, seen = run(cfg, run_dir, args.warmup, args.steps, args.profile_steps, args.trace)
         except NonFiniteError as err:
             print(f"megafusion bench: {err}", file=sys.stderr)
             return NON_FINITE_EXIT_CODE

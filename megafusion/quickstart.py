@@ -403,13 +403,16 @@ def train_and_evaluate(out: Path, tokenizer: Path, prefixes: dict[str, Path], st
     """Trains a run under ``out/run`` and evaluates it under ``out/eval``; returns the eval dir (None on failure)."""
     from megafusion.config import validate
     from megafusion.eval.cli import EvalError, evaluate_run
+    from megafusion.parallel import cpu_compat
+    from megafusion.parallel.setup import resolve_device
     from megafusion.training.loop import train
 
     started = _stage(4, f"{stage}train a tiny Transfusion model for {steps} steps -> {out / 'run'}")
     cfg = training_config(tokenizer, prefixes, steps, args.device, weights, [*args.overrides, *overrides])
     validate(cfg, world_size=1)
     run_dir = out / "run"
-    train(cfg, run_dir)
+    with cpu_compat.applied(resolve_device(cfg.train.device)):  # main's, unless --set changed the device
+        train(cfg, run_dir)
     _done(started)
     started = _stage(5, f"{stage}evaluate -> {out / 'eval'}")
     eval_dir = out / "eval"
@@ -578,6 +581,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
 
     from megafusion.config import ConfigError
+    from megafusion.parallel import cpu_compat
+    from megafusion.parallel.setup import resolve_device
     from megafusion.training.checkpoint import CheckpointError
     from megafusion.training.guards import NON_FINITE_EXIT_CODE, NonFiniteError
     from megafusion.training.preemption import PREEMPTED_EXIT_CODE, Preempted
@@ -590,8 +595,11 @@ def main(argv: list[str] | None = None) -> int:
             args.rae = args.rae or build_rae(out, scale, args.world, args.seed, args.device)
             rae_prefixes = preprocess_visual(out, tokenizer, ["--encoder", "rae", "--encoder-path", str(args.rae)],
                                              "indexed_rae", prefixes)
-        eval_dir = train_and_evaluate(out, tokenizer, prefixes, steps, scale, args)
-        results = run_trends(out, trends, tokenizer, prefixes, steps, scale, args, eval_dir, rae_prefixes)
+        # Training and evaluation run in this process: the CPU compatibility layer (on CPU)
+        # is applied once for all of them; `train`/`evaluate_run` find it active and keep it.
+        with cpu_compat.applied(resolve_device(args.device)):
+            eval_dir = train_and_evaluate(out, tokenizer, prefixes, steps, scale, args)
+            results = run_trends(out, trends, tokenizer, prefixes, steps, scale, args, eval_dir, rae_prefixes)
         report = write_report(out, out / "run", eval_dir, results)
     # The same exits as `megafusion train`: a stop signal saved the run being trained, and
     # the same command resumes it (finished stages are not redone).

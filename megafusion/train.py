@@ -56,12 +56,16 @@ def main(argv: list[str] | None = None) -> int:
             return fail(err, 2)
         run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / Path(args.config).stem
 
+        from megafusion.parallel import cpu_compat
+        from megafusion.parallel.setup import resolve_device
         from megafusion.training.checkpoint import CheckpointError
         from megafusion.training.guards import NON_FINITE_EXIT_CODE
         from megafusion.training.loop import NonFiniteError, train
 
         try:
-            train(cfg, run_dir, watcher=watcher)
+            # On CPU megatron-core runs with the compatibility layer, for this run only.
+            with cpu_compat.applied(resolve_device(cfg.train.device)):
+                train(cfg, run_dir, watcher=watcher)
         # A config refused once the process group is up (a provider's checks, the resume
         # check), or checkpoints that cannot be loaded (none verifies, unsafe metadata).
         except (ConfigError, CheckpointError) as err:

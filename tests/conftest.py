@@ -63,18 +63,41 @@ def losses_by_step(run_dir: Path, key: str = "loss") -> dict[int, float]:
     return {m["step"]: m[key] for m in read_metrics(run_dir) if key in m}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def cpu_layer_not_leaked(request):
+    """No test module may leave megafusion's CPU compatibility layer active: whatever applies
+    it (``cpu_layer``, an entry point, ``cpu_compat.applied``) removes it again. A module that
+    leaks it fails here, by name (and the layer is removed so the next module starts clean)."""
+    from megafusion.parallel import cpu_compat
+
+    was_active = cpu_compat.is_active()
+    yield
+    if cpu_compat.is_active() and not was_active:
+        cpu_compat.remove()
+        pytest.fail(f"{request.module.__name__} left megafusion's CPU compatibility layer active: a test or "
+                    "fixture applied it without removing it (use the cpu_layer fixture or "
+                    "`with cpu_compat.applied(...)`)", pytrace=False)
+
+
 @pytest.fixture(scope="module")
-def megatron_world():
+def cpu_layer():
+    """megafusion's CPU compatibility layer, for tests that build megatron models in this process
+    (``init_parallel``, ``load_run``, ``build_model``, ``build_model_chunks``) as the entry points
+    do; removed afterwards unless it was already active."""
+    from megafusion.parallel import cpu_compat
+
+    with cpu_compat.applied("cpu"):
+        yield cpu_compat
+
+
+@pytest.fixture(scope="module")
+def megatron_world(cpu_layer):
     """A gloo world of one with megatron's model-parallel groups (left as found afterwards)."""
     import tempfile
 
     import torch.distributed as dist
     from megatron.core import parallel_state, tensor_parallel
 
-    from megafusion.parallel import cpu_compat
-
-    was_active = cpu_compat.is_active()
-    cpu_compat.apply("cpu")
     owns_dist = not dist.is_initialized()
     if owns_dist:
         store = tempfile.NamedTemporaryFile(prefix="megatron-world-", delete=False).name
@@ -88,5 +111,3 @@ def megatron_world():
         parallel_state.destroy_model_parallel()
     if owns_dist:
         dist.destroy_process_group()
-    if not was_active:
-        cpu_compat.remove()

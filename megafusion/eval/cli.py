@@ -34,6 +34,7 @@ From Python: ``evaluate_run(EvalOptions(run_dir=RUN, out=OUT, n=32))`` (one fiel
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -391,14 +392,17 @@ class EvalOptions:
 def evaluate_run(options: EvalOptions) -> dict:
     """``megafusion eval`` as a function: loads the run, runs the evaluations, writes
     ``metrics.json`` (and TensorBoard scalars); returns the metrics. A run that cannot be loaded
-    raises :class:`EvalError`; failures during the evaluations propagate."""
-    from megafusion.inference.loading import close, load_run
+    raises :class:`EvalError`; failures during the evaluations propagate. On CPU it applies
+    the CPU compatibility layer for the call (or uses the caller's: the quickstart's)."""
+    from megafusion.inference.loading import load_run, run_device
+    from megafusion.parallel import cpu_compat
 
-    try:
-        loaded = load_run(str(options.run_dir), options.step, options.device)
-    except (FileNotFoundError, ValueError) as err:
-        raise EvalError(str(err)) from err
-    try:
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(cpu_compat.applied(run_device(str(options.run_dir), options.device)))
+            loaded = stack.enter_context(load_run(str(options.run_dir), options.step, options.device))
+        except (FileNotFoundError, ValueError) as err:
+            raise EvalError(str(err)) from err
         gen = Generator.from_run(loaded)
         if options.world is not None:
             gen.world_config = load_world_config(options.world)
@@ -414,8 +418,6 @@ def evaluate_run(options: EvalOptions) -> dict:
         if options.tensorboard:
             write_tensorboard(metrics, Path(options.run_dir), loaded.step)
         print(f"[eval] wrote {out / 'metrics.json'}")
-    finally:
-        close()
     return metrics
 
 

@@ -11,6 +11,7 @@ Writes the images (PNG) and ``generation.json`` under ``--out``. The decoding it
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -133,14 +134,16 @@ def main(argv: list[str] | None = None) -> int:
         print("megafusion generate: give --prompt (text or, with --image-prompt, an image caption), "
               "--caption IMAGE.png or --rollout INDEX", file=sys.stderr)
         return 2
-    from megafusion.inference.loading import close, load_run
+    from megafusion.inference.loading import load_run, run_device
+    from megafusion.parallel import cpu_compat
 
-    try:
-        loaded = load_run(args.run_dir, args.step, args.device)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"megafusion generate: {err}", file=sys.stderr)
-        return 2
-    try:
+    with contextlib.ExitStack() as stack:
+        try:  # on CPU the compatibility layer, then the run, both for the whole command
+            stack.enter_context(cpu_compat.applied(run_device(args.run_dir, args.device)))
+            loaded = stack.enter_context(load_run(args.run_dir, args.step, args.device))
+        except (FileNotFoundError, ValueError) as err:
+            print(f"megafusion generate: {err}", file=sys.stderr)
+            return 2
         gen = Generator.from_run(loaded, use_cache=not args.no_cache)
         opts = SamplingOptions(args.temperature, 0 if args.top_k is None else args.top_k, args.steps, args.sampler, args.cfg, args.seed,
                                args.shift, args.frame_shift)
@@ -164,8 +167,6 @@ def main(argv: list[str] | None = None) -> int:
                           images=names)
         (out / "generation.json").write_text(json.dumps(record, indent=2) + "\n")
         print(json.dumps(record, indent=2))
-    finally:
-        close()
     return 0
 
 

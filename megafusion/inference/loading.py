@@ -1,10 +1,21 @@
 """Load a trained model from a run directory, in one process, for generation and evaluation.
 
-    loaded = load_run("runs/tiny_transfusion")          # latest checkpoint
-    loaded = load_run("runs/tiny_transfusion", step=20)  # a given one
-    loaded.model, loaded.cfg, loaded.provider, loaded.step, loaded.device
-    ...
-    close()                                             # tears the process groups down
+    with cpu_compat.applied(run_device("runs/tiny_transfusion")):     # on CPU: the layer
+        with load_run("runs/tiny_transfusion") as loaded:              # latest checkpoint
+            loaded.model, loaded.cfg, loaded.provider, loaded.step, loaded.device
+        # leaving the block tears down the process groups it started
+
+    with load_run("runs/tiny_transfusion", step=20) as loaded: ...   # a given checkpoint
+    with build_model(cfg, "cpu") as loaded: ...   # cfg's model, freshly initialised
+
+``load_run``, ``load_export`` and ``build_model`` are context managers. When megatron's
+model-parallel groups are not initialised, the block starts a world of one and shuts it down
+on exit; when they are and form a world of one (a second model loaded inside the first's
+block, e.g. a run and its export side by side), it reuses them and leaves them up. Any other
+initialised layout is refused. On a CPU device megatron-core needs
+``megafusion.parallel.cpu_compat``, which the entry points (``megafusion generate``,
+``eval``, ``export``) apply around the whole command; ``run_device`` says which device a
+run loads on before anything is built.
 
 The run's ``config.yaml`` is read back and its parallel layout forced to a world of one
 (TP = PP = EP = 1, no SP, no VPP): dist_checkpointing stores tensors with their global
@@ -19,8 +30,10 @@ tensor by the names of ``megafusion.interop.names``, with its shape).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -74,43 +87,57 @@ def checkpoint_path(run_dir: Path, step: int | None) -> tuple[int, Path]:
     return chosen
 
 
-# How many loaded models share the process groups this module started (``close`` tears
-# them down when the last one is closed).
-_users = 0
-
-
-def _start_world_of_one(cfg: Config) -> torch.device:
-    """Starts torch.distributed + megatron's groups for one process, or reuses the ones a
-    previous ``build_model`` started (several models loaded in one process)."""
-    global _users
+def _is_world_of_one() -> bool:
+    import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    from megafusion.parallel.setup import init_parallel, resolve_device
+    return (dist.is_initialized() and dist.get_world_size() == 1
+            and ps.get_tensor_model_parallel_world_size() == 1
+            and ps.get_pipeline_model_parallel_world_size() == 1
+            and ps.get_expert_model_parallel_world_size() == 1)
 
-    if _users > 0 and ps.model_parallel_is_initialized():
-        _users += 1
-        return resolve_device(cfg.train.device)
+
+@contextlib.contextmanager
+def _world_of_one(cfg: Config) -> Iterator[torch.device]:
+    """torch.distributed + megatron's groups for one process during the block (yields the
+    device): started here and shut down on exit, or, when a world of one is already up (a
+    model loaded inside another's block), reused and left up."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from megafusion.parallel.setup import init_parallel, resolve_device, shutdown
+
     if ps.model_parallel_is_initialized():
-        raise RuntimeError("megatron's model-parallel groups are already initialised by someone else; "
-                           "load the model in a fresh process (or shut the other world down first)")
+        if not _is_world_of_one():
+            raise RuntimeError("megatron's model-parallel groups are already initialised for more than one "
+                               "process; load the model in a fresh process (or shut the other world down first)")
+        device = resolve_device(cfg.train.device)
+        backend = dist.get_backend()
+        if (device.type == "cuda") != (backend == "nccl"):
+            raise RuntimeError(f"a world of one is already up with the {backend} backend, which cannot "
+                               f"serve a model on {device}; load it with the same device as the first one")
+        yield device
+        return
     env = init_parallel(cfg)
-    _users = 1
-    return env.device
+    try:
+        yield env.device
+    finally:
+        shutdown()
 
 
-def build_model(cfg: Config, device: str | None = None) -> LoadedRun:
-    """Starts a world of one and builds ``cfg``'s model, freshly initialised (no checkpoint).
-    Call ``close()`` once per ``build_model`` / ``load_run`` when done."""
+@contextlib.contextmanager
+def build_model(cfg: Config, device: str | None = None) -> Iterator[LoadedRun]:
+    """``cfg``'s model at world size 1, freshly initialised (no checkpoint), for the block."""
     from megafusion.model.transformer_config import build_transformer_config
     from megafusion.recipes import get_provider
 
     cfg = single_process_config(cfg, device)
-    dev = _start_world_of_one(cfg)
-    transformer_config = build_transformer_config(cfg, dev)
-    provider = get_provider(cfg, transformer_config)
-    model = provider.build(pre_process=True, post_process=True, vp_stage=None).to(dev)
-    model.eval()
-    return LoadedRun(cfg, model, provider, None, dev, None)
+    with _world_of_one(cfg) as dev:
+        transformer_config = build_transformer_config(cfg, dev)
+        provider = get_provider(cfg, transformer_config)
+        model = provider.build(pre_process=True, post_process=True, vp_stage=None).to(dev)
+        model.eval()
+        yield LoadedRun(cfg, model, provider, None, dev, None)
 
 
 def _check_kind(cfg: Config, kinds: tuple[str, ...] | None, where: Path) -> None:
@@ -119,13 +146,39 @@ def _check_kind(cfg: Config, kinds: tuple[str, ...] | None, where: Path) -> None
                           "evaluation need a Transfusion model (model.kind: transfusion)")
 
 
+def _run_config(run_dir: Path) -> Path:
+    """The config file of a run dir written by ``megafusion train`` (FileNotFoundError otherwise)."""
+    config_file = run_dir / "config.yaml"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"'{config_file}' does not exist: --run-dir must be a directory written by "
+                                "`megafusion train` (it holds config.yaml and checkpoints/) or by "
+                                "`megafusion export` (config.json and model.safetensors)")
+    return config_file
+
+
+def run_device(run_dir: str | Path, device: str | None = None) -> torch.device:
+    """The device ``load_run(run_dir, device=device)`` loads on: ``device`` ("cpu", "cuda",
+    "auto") or else the run's (or export's) ``train.device``. Reads only the config, so an
+    entry point can apply ``cpu_compat.applied(run_device(...))`` before loading."""
+    from megafusion.interop.safetensors_io import is_export, read_config
+    from megafusion.parallel.setup import resolve_device
+
+    if device is None:
+        run_dir = Path(run_dir)
+        cfg = read_config(run_dir)[0] if is_export(run_dir) else load_config(_run_config(run_dir))
+        device = cfg.train.device
+    return resolve_device(device)
+
+
+@contextlib.contextmanager
 def load_run(run_dir: str | Path, step: int | None = None, device: str | None = None,
-             kinds: tuple[str, ...] | None = ("transfusion",)) -> LoadedRun:
-    """Builds the run's model at world size 1 and loads its checkpoint's weights.
+             kinds: tuple[str, ...] | None = ("transfusion",)) -> Iterator[LoadedRun]:
+    """The run's model at world size 1 with its checkpoint's weights, for the ``with`` block.
 
     ``device``: "cpu", "cuda" or "auto"; default: the run's ``train.device``.
     ``kinds``: the model kinds the caller can use (generation and evaluation need a
-    Transfusion model); None accepts any.
+    Transfusion model); None accepts any. A missing or unusable run raises on entering
+    the block, before any process group starts.
     """
     from megatron.core import dist_checkpointing
 
@@ -135,33 +188,29 @@ def load_run(run_dir: str | Path, step: int | None = None, device: str | None = 
 
     run_dir = Path(run_dir)
     if is_export(run_dir):
-        return load_export(run_dir, step, device, kinds)
-    config_file = run_dir / "config.yaml"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"'{config_file}' does not exist: --run-dir must be a directory written by "
-                                "`megafusion train` (it holds config.yaml and checkpoints/) or by "
-                                "`megafusion export` (config.json and model.safetensors)")
+        with load_export(run_dir, step, device, kinds) as loaded:
+            yield loaded
+        return
+    config_file = _run_config(run_dir)
     cfg = load_config(config_file)
     _check_kind(cfg, kinds, config_file)
     ckpt_step, path = checkpoint_path(run_dir, step)
-    loaded = build_model(cfg, device)
-    try:
+    with build_model(cfg, device) as loaded:
         model = unwrap(loaded.model)
         with restricted_loading():  # .metadata and stored objects: checkpoint data only, never code
             state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(path))
         model.load_state_dict(state["model"], strict=True)
         model.eval()
-    except BaseException:
-        close()
-        raise
-    loaded.step, loaded.run_dir = ckpt_step, run_dir
-    return loaded
+        loaded.step, loaded.run_dir = ckpt_step, run_dir
+        yield loaded
 
 
+@contextlib.contextmanager
 def load_export(export_dir: str | Path, step: int | None = None, device: str | None = None,
-                kinds: tuple[str, ...] | None = ("transfusion",)) -> LoadedRun:
+                kinds: tuple[str, ...] | None = ("transfusion",)) -> Iterator[LoadedRun]:
     """``load_run`` for a ``megafusion export`` directory (one step: the exported one)."""
     from megafusion.interop.safetensors_io import load_strict, read_config, read_tensors
+    from megafusion.training.checkpoint import unwrap
 
     export_dir = Path(export_dir)
     cfg, raw = read_config(export_dir)
@@ -171,26 +220,8 @@ def load_export(export_dir: str | Path, step: int | None = None, device: str | N
         raise FileNotFoundError(f"'{export_dir}' is an export of step {exported_step} only; drop --step "
                                 f"or export step {step} from its run dir")
     tensors = read_tensors(export_dir)
-    loaded = build_model(cfg, device)
-    try:
-        from megafusion.training.checkpoint import unwrap
-
+    with build_model(cfg, device) as loaded:
         load_strict(unwrap(loaded.model), tensors, export_dir, raw.get("dtype"))
         loaded.model.eval()
-    except BaseException:
-        close()
-        raise
-    loaded.step, loaded.run_dir = exported_step, export_dir
-    return loaded
-
-
-def close() -> None:
-    """Releases one ``build_model`` / ``load_run``; the last one destroys the process groups."""
-    global _users
-    from megafusion.parallel.setup import shutdown
-
-    if _users <= 0:
-        return
-    _users -= 1
-    if _users == 0:
-        shutdown()
+        loaded.step, loaded.run_dir = exported_step, export_dir
+        yield loaded

@@ -40,22 +40,22 @@ def parse_size(text: str) -> int:
 
 def export_run(run_dir: str | Path, out: str | Path, step: int | None = None, dtype: str = "fp32",
                max_shard_bytes: int = 2 << 30) -> Path:
-    """Exports ``run_dir``'s checkpoint to ``out``; returns ``out``."""
-    from megafusion.inference.loading import close
-
+    """Exports ``run_dir``'s checkpoint to ``out``; returns ``out``. The model is loaded on CPU,
+    with the CPU compatibility layer applied for the call (or the caller's, when active)."""
     if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r}: choose one of {sorted(DTYPES)}")
     run_dir, out = Path(run_dir), Path(out)
     from megafusion.config import load_config
     from megafusion.inference.loading import load_run
+    from megafusion.parallel import cpu_compat
     from megafusion.training.checkpoint import unwrap
 
-    loaded = load_run(run_dir, step, "cpu", kinds=None)  # any model.kind, any saved layout
-    model, ckpt_step = unwrap(loaded.model), loaded.step
-    cfg = load_config(run_dir / "config.yaml")  # the run's own layout (load_run's is a world of one)
-    out.mkdir(parents=True, exist_ok=True)
-    config = cfg.to_dict()
-    try:
+    # any model.kind, any saved layout
+    with cpu_compat.applied("cpu"), load_run(run_dir, step, "cpu", kinds=None) as loaded:
+        model, ckpt_step = unwrap(loaded.model), loaded.step
+        cfg = load_config(run_dir / "config.yaml")  # the run's own layout (load_run's is a world of one)
+        out.mkdir(parents=True, exist_ok=True)
+        config = cfg.to_dict()
         tensors = {k: v.to(DTYPES[dtype]) for k, v in names.export_state(model.state_dict()).items()}
         stream = getattr(loaded.provider, "stream", None)
         tokenizer = representation = representation_path = None
@@ -66,17 +66,15 @@ def export_run(run_dir: str | Path, out: str | Path, step: int | None = None, dt
                 representation.save(out / "representation")
                 representation_path = config["vision"]["path"] = "representation"
         arch = architecture.describe(cfg, tokenizer, representation, representation_path)
-    finally:
-        close()
     for old in list(out.glob("model*.safetensors")) + list(out.glob("model.safetensors.index.json")):
         old.unlink()
     write_tensors(tensors, out, max_shard_bytes, {"format": FORMAT})
     tokenizer = getattr(cfg.data, "tokenizer", None)
     if tokenizer:
         src = Path(tokenizer)
-        if not src.is_file():
+        if not src.exists():
             raise FileNotFoundError(f"data.tokenizer = '{tokenizer}' does not exist; cannot copy it into the export")
-        shutil.copy2(src, out / src.name)
+        architecture.copy_tokenizer(src, out)  # a .model file or a Hugging Face directory
         config["data"]["tokenizer"] = src.name  # relative to the export directory
     (out / "config.json").write_text(json.dumps(
         {"format": FORMAT, "step": ckpt_step, "dtype": dtype, "architecture": arch, "config": config}, indent=2))

@@ -64,8 +64,9 @@ def import_export(src: str | Path, run_dir: str | Path, config: str | Path | Non
     from megafusion.config import save_config
     from megafusion.inference.loading import single_process_config
     from megafusion.model.transformer_config import build_transformer_config
-    from megafusion.recipes import get_provider
+    from megafusion.parallel import cpu_compat
     from megafusion.parallel.setup import init_parallel, shutdown
+    from megafusion.recipes import get_provider
     from megafusion.training.checkpoint import Checkpointer, unwrap
     from megafusion.training.loop import build_model_chunks
     from megafusion.training.optim import build_optimizer, build_scheduler
@@ -80,7 +81,8 @@ def import_export(src: str | Path, run_dir: str | Path, config: str | Path | Non
     if cfg.data.tokenizer and Path(cfg.data.tokenizer).resolve().parent == src.resolve():
         run_dir.mkdir(parents=True, exist_ok=True)  # the export's copy: the run keeps its own
         target = run_dir / Path(cfg.data.tokenizer).name
-        shutil.copy2(cfg.data.tokenizer, target)
+        from megafusion.data.tokenizer import copy_tokenizer  # a .model file or a Hugging Face directory
+        copy_tokenizer(cfg.data.tokenizer, run_dir)
         cfg = replace(cfg, data=replace(cfg.data, tokenizer=str(target.resolve())))
     if cfg.vision.path and Path(cfg.vision.path).resolve() == (src / "representation").resolve():
         target = run_dir / "representation"
@@ -88,23 +90,24 @@ def import_export(src: str | Path, run_dir: str | Path, config: str | Path | Non
         shutil.copytree(cfg.vision.path, target)
         cfg = replace(cfg, vision=replace(cfg.vision, path=str(target.resolve())))
     world_of_one = single_process_config(cfg, "cpu")
-    env = init_parallel(world_of_one)
-    try:
-        transformer_config = build_transformer_config(world_of_one, env.device)
-        provider = get_provider(world_of_one, transformer_config)
-        chunks = build_model_chunks(world_of_one, transformer_config, provider, env)
-        load_strict(unwrap(chunks[0]), tensors, src, raw.get("dtype"))
-        optimizer = build_optimizer(world_of_one, chunks)
-        scheduler = build_scheduler(world_of_one, optimizer)
-        if step:
-            scheduler.step(increment=step)  # the LR the original run had after `step` steps
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")  # the run's own layout
-        Checkpointer(run_dir, cfg.checkpoint.keep, False, env.device).save(
-            step, chunks, optimizer, scheduler, data_state={"step": step}, with_optimizer=False)
-        dist.barrier()
-    finally:
-        shutdown()
+    with cpu_compat.applied("cpu"):  # for the call (or the caller's layer, when active)
+        env = init_parallel(world_of_one)
+        try:
+            transformer_config = build_transformer_config(world_of_one, env.device)
+            provider = get_provider(world_of_one, transformer_config)
+            chunks = build_model_chunks(world_of_one, transformer_config, provider, env)
+            load_strict(unwrap(chunks[0]), tensors, src, raw.get("dtype"))
+            optimizer = build_optimizer(world_of_one, chunks)
+            scheduler = build_scheduler(world_of_one, optimizer)
+            if step:
+                scheduler.step(increment=step)  # the LR the original run had after `step` steps
+            run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, run_dir / "config.yaml")  # the run's own layout
+            Checkpointer(run_dir, cfg.checkpoint.keep, False, env.device).save(
+                step, chunks, optimizer, scheduler, data_state={"step": step}, with_optimizer=False)
+            dist.barrier()
+        finally:
+            shutdown()
     return run_dir
 
 

@@ -36,10 +36,18 @@ nothing else:
 Cost: a tensor factory called from a patched module takes ~0.8 us longer (2.1 -> 2.9 us,
 measured); nothing else runs per step, against ~100 ms steps of the smallest CPU model.
 
-Usage, once per process before building any megatron model::
+Who applies it: the entry points (``megafusion train`` / ``python -m megafusion.train`` and
+its torchrun workers, ``generate``, ``eval``, ``export``, ``import``, ``bench``,
+``quickstart``), for as long as they run, and nothing else; ``init_parallel`` refuses a
+CPU device without it. From Python, around any code that builds megatron models::
 
     from megafusion.parallel import cpu_compat
-    cpu_compat.apply("cpu")   # True; apply("cuda") is a no-op returning False
+    with cpu_compat.applied(device):   # a no-op for a CUDA device, or when already active
+        ...                            # init_parallel, load_run, build_model_chunks, ...
+
+``applied`` removes the layer on exit only if it applied it, so entry points nest (the
+quickstart runs training and evaluation in-process). ``apply("cpu")`` / ``remove()`` are
+the unscoped forms (``apply("cuda")`` is a no-op returning False).
 
 On a GPU run nothing here is applied. ``apply`` refuses any megatron-core
 other than ``SUPPORTED_MEGATRON_CORE``: the sites above are version specific.
@@ -51,7 +59,7 @@ import contextlib
 import functools
 import importlib
 import types
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -160,7 +168,7 @@ def apply(device: str | torch.device = "cpu") -> bool:
 
 
 def remove() -> None:
-    """Undo ``apply`` (for tests that must leave the process as they found it)."""
+    """Undo ``apply`` (prefer ``applied``, which removes only what it applied)."""
     global _active
     while _patches:
         owner, name, original = _patches.pop()
@@ -169,6 +177,25 @@ def remove() -> None:
         else:
             setattr(owner, name, original)
     _active = False
+
+
+@contextlib.contextmanager
+def applied(device: str | torch.device = "cpu") -> Iterator[bool]:
+    """The layer for ``device`` during the ``with`` block; yields ``apply(device)`` (True on
+    CPU, False for a CUDA device).
+
+    A CPU device applies it unless it is already active; a CUDA device changes nothing
+    (any other device is refused, as by ``apply``). On exit it is removed only if this
+    block applied it: an entry point called from another one (the quickstart runs
+    training and evaluation in-process) leaves the outer one's layer in place.
+    """
+    was_active = _active
+    active = apply(device)
+    try:
+        yield active
+    finally:
+        if active and not was_active:
+            remove()
 
 
 _ABSENT = object()

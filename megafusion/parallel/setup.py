@@ -2,6 +2,10 @@
 
 Called once per process by the trainer. Works under ``torchrun`` (reads RANK/WORLD_SIZE/
 LOCAL_RANK) and as a single process without it (a world of one).
+
+This module only builds process groups. On CPU, megatron-core also needs the CPU
+compatibility layer (``megafusion.parallel.cpu_compat``), which the entry points apply for
+as long as they run; ``init_parallel`` checks that it is active and never applies it.
 """
 
 from __future__ import annotations
@@ -46,13 +50,22 @@ def world_size_from_env() -> int:
 
 
 def init_parallel(cfg: Config) -> ParallelEnv:
-    """Starts torch.distributed and megatron-core's groups for ``cfg.parallel``."""
+    """Starts torch.distributed and megatron-core's groups for ``cfg.parallel``.
+
+    On a CPU device the CPU compatibility layer must already be active (a RuntimeError
+    says so otherwise): ``with cpu_compat.applied(device):`` around the caller's work.
+    """
     device = resolve_device(cfg.train.device)
     if device.type == "cpu":
-        # megatron-core assumes CUDA in a dozen places; patch them before any model exists.
         from megafusion.parallel import cpu_compat
 
-        cpu_compat.apply("cpu")
+        if not cpu_compat.is_active():
+            raise RuntimeError(
+                "init_parallel: the device is CPU but megafusion's CPU compatibility layer is not "
+                "active, and megatron-core assumes CUDA without it. Call "
+                "megafusion.parallel.cpu_compat.apply(\"cpu\") first (or run inside "
+                "`with megafusion.parallel.cpu_compat.applied(device):`), as the entry points "
+                "(megafusion train, generate, eval, export, import, bench, quickstart) do.")
     else:
         torch.cuda.set_device(device)
 

@@ -23,12 +23,11 @@ def run_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def loaded(run_dir):
-    from megafusion.inference.loading import close, load_run
+def loaded(run_dir, cpu_layer):
+    from megafusion.inference.loading import load_run
 
-    loaded = load_run(run_dir, device="cpu")
-    yield loaded
-    close()
+    with load_run(run_dir, device="cpu") as loaded:
+        yield loaded
 
 
 def test_eval_cli_writes_metrics_with_chance_levels(run_dir, loaded, tmp_path):

@@ -29,12 +29,11 @@ def run_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def loaded(run_dir):
-    from megafusion.inference.loading import close, load_run
+def loaded(run_dir, cpu_layer):
+    from megafusion.inference.loading import load_run
 
-    loaded = load_run(run_dir, device="cpu")
-    yield loaded
-    close()
+    with load_run(run_dir, device="cpu") as loaded:
+        yield loaded
 
 
 @pytest.fixture(scope="module")
@@ -46,16 +45,13 @@ def gens(loaded):
 
 def test_load_run_reads_the_checkpoint_weights(run_dir, loaded):
     """The loaded weights are the checkpoint's, not the initialisation's."""
-    from megafusion.inference.loading import build_model, close
+    from megafusion.inference.loading import build_model
 
     assert loaded.step == 2
-    fresh = build_model(loaded.cfg, device="cpu")
-    try:
+    with build_model(loaded.cfg, device="cpu") as fresh:
         a, b = dict(loaded.model.named_parameters()), dict(fresh.model.named_parameters())
         assert a.keys() == b.keys()
         assert any(not torch.equal(a[k], b[k]) for k in a), "trained weights equal the initialisation"
-    finally:
-        close()
 
 
 def test_kv_cached_decoding_equals_recomputation(gens):
@@ -84,12 +80,11 @@ def test_kv_cached_sampling_with_learned_patch_positions_and_1d_frames(loaded):
     from dataclasses import replace
 
     from megafusion.inference.generate import Generator, SamplingOptions
-    from megafusion.inference.loading import build_model, close
+    from megafusion.inference.loading import build_model
 
     cfg = replace(loaded.cfg, model=replace(loaded.cfg.model, patch_positions="learned", time_conditioning="adaln",
                                             image_positions="3d", frame_positions="1d"))
-    fresh = build_model(cfg, device="cpu")
-    try:
+    with build_model(cfg, device="cpu") as fresh:
         with torch.no_grad():
             fresh.model.patch_position.table.weight.normal_(0, 1.0)  # make its effect large
         cached, full = Generator.from_run(fresh), Generator.from_run(fresh, use_cache=False)
@@ -103,8 +98,6 @@ def test_kv_cached_sampling_with_learned_patch_positions_and_1d_frames(loaded):
         a = cached.rollout(frames, ["up", "left"], "The agent is a red circle.", opts)
         b = full.rollout(frames, ["up", "left"], "The agent is a red circle.", opts)
         assert a.shape == (1, 32, 32, 3) and np.abs(a.astype(int) - b.astype(int)).max() <= 1
-    finally:
-        close()
 
 
 @pytest.mark.parametrize("override,weight_of", [
@@ -120,11 +113,10 @@ def test_kv_cached_rollout_with_frame_inputs(loaded, override, weight_of):
     from dataclasses import replace
 
     from megafusion.inference.generate import Generator, SamplingOptions
-    from megafusion.inference.loading import build_model, close
+    from megafusion.inference.loading import build_model
 
     cfg = replace(loaded.cfg, model=replace(loaded.cfg.model, **override))
-    fresh = build_model(cfg, device="cpu")
-    try:
+    with build_model(cfg, device="cpu") as fresh:
         weight = weight_of(fresh.model)
         with torch.no_grad():
             weight.normal_(0, 0.5)  # make its effect large
@@ -137,8 +129,6 @@ def test_kv_cached_rollout_with_frame_inputs(loaded, override, weight_of):
         with torch.no_grad():
             weight.zero_()
         assert np.abs(cached.rollout(*args).astype(int) - a.astype(int)).max() > 8
-    finally:
-        close()
 
 
 def _x_prediction(gen, ids, noise, t=1.0, modality=None):

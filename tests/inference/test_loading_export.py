@@ -32,23 +32,24 @@ def without(record: dict, *keys: str) -> dict:
     return {k: v for k, v in record.items() if k not in keys}
 
 
-def test_load_run_on_an_export_equals_the_run(run_dir, export_dir):
-    from megafusion.inference.loading import close, load_run
+def test_load_run_on_an_export_equals_the_run(run_dir, export_dir, cpu_layer):
+    """Both loaded at once: the export's block reuses the run's world of one, and leaves it up."""
+    from megatron.core import parallel_state
+
+    from megafusion.inference.loading import load_run
 
     assert (export_dir / "model.safetensors.index.json").is_file()
-    a = load_run(run_dir, device="cpu")
-    b = load_run(export_dir, device="cpu")
-    try:
-        assert b.step == a.step == 2 and b.run_dir == export_dir
-        assert b.cfg.model == a.cfg.model and b.cfg.vision == a.cfg.vision
-        sa, sb = a.model.state_dict(), b.model.state_dict()
-        assert sa.keys() == sb.keys()
-        for k, v in sa.items():
-            if isinstance(v, torch.Tensor):
-                assert torch.equal(v, sb[k]), k
-    finally:
-        close()
-        close()
+    with load_run(run_dir, device="cpu") as a:
+        with load_run(export_dir, device="cpu") as b:
+            assert b.step == a.step == 2 and b.run_dir == export_dir
+            assert b.cfg.model == a.cfg.model and b.cfg.vision == a.cfg.vision
+            sa, sb = a.model.state_dict(), b.model.state_dict()
+            assert sa.keys() == sb.keys()
+            for k, v in sa.items():
+                if isinstance(v, torch.Tensor):
+                    assert torch.equal(v, sb[k]), k
+        assert parallel_state.model_parallel_is_initialized(), "the inner block shut the outer one's world down"
+    assert not parallel_state.model_parallel_is_initialized(), "the outer block left its world up"
 
 
 def test_generate_on_an_export_equals_the_run(run_dir, export_dir, tmp_path):
@@ -87,4 +88,5 @@ def test_export_step_and_kind_errors(export_dir):
     from megafusion.inference.loading import load_run
 
     with pytest.raises(FileNotFoundError, match="export of step 2 only"):
-        load_run(export_dir, step=1, device="cpu")
+        with load_run(export_dir, step=1, device="cpu"):
+            pass

@@ -24,16 +24,17 @@ import sys, torch
 from megatron.core import dist_checkpointing
 from safetensors.torch import save_file
 from megafusion.config import load_config
-from megafusion.inference.loading import build_model, checkpoint_path, close
+from megafusion.inference.loading import build_model, checkpoint_path
+from megafusion.parallel import cpu_compat
 from megafusion.training.checkpoint import unwrap
 run_dir, out = sys.argv[1], sys.argv[2]
 cfg = load_config(run_dir + "/config.yaml")
 _, path = checkpoint_path(__import__("pathlib").Path(run_dir), None)
-model = unwrap(build_model(cfg, "cpu").model)
-model.load_state_dict(dist_checkpointing.load({"model": model.sharded_state_dict()}, str(path))["model"])
-save_file({k: v.contiguous() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)
-           and not k.endswith("_extra_state")}, out)
-close()
+with cpu_compat.applied("cpu"), build_model(cfg, "cpu") as loaded:
+    model = unwrap(loaded.model)
+    model.load_state_dict(dist_checkpointing.load({"model": model.sharded_state_dict()}, str(path))["model"])
+    save_file({k: v.contiguous() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)
+               and not k.endswith("_extra_state")}, out)
 """
 
 

@@ -6,6 +6,7 @@ Then: import at another layout and continue training; architecture checks on imp
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -60,6 +61,7 @@ def base(tmp_path_factory) -> Path:
     return tmp_path_factory.getbasetemp() / "transfusion_exports"
 
 
+@contextlib.contextmanager
 def world_of_one_reference(run_dir: Path):
     """The run's model at world size 1 with the checkpoint loaded by dist_checkpointing itself."""
     from megatron.core import dist_checkpointing
@@ -68,11 +70,11 @@ def world_of_one_reference(run_dir: Path):
     from megafusion.inference.loading import build_model, checkpoint_path
     from megafusion.training.checkpoint import unwrap
 
-    loaded = build_model(load_config(run_dir / "config.yaml"), "cpu")
-    model = unwrap(loaded.model)
-    _, path = checkpoint_path(run_dir, None)
-    model.load_state_dict(dist_checkpointing.load({"model": model.sharded_state_dict()}, str(path))["model"])
-    return loaded
+    with build_model(load_config(run_dir / "config.yaml"), "cpu") as loaded:
+        model = unwrap(loaded.model)
+        _, path = checkpoint_path(run_dir, None)
+        model.load_state_dict(dist_checkpointing.load({"model": model.sharded_state_dict()}, str(path))["model"])
+        yield loaded
 
 
 @torch.no_grad()
@@ -85,14 +87,12 @@ def predictions(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("name", list(RUNS))
-def test_transfusion_export_equals_world_of_one(name, base):
-    from megafusion.inference.loading import close, load_run
+def test_transfusion_export_equals_world_of_one(name, base, cpu_layer):
+    from megafusion.inference.loading import load_run
 
     run_dir, export_dir = trained(name, base)
     exported = load_file(str(export_dir / "model.safetensors"))
-    opened = [world_of_one_reference(run_dir)]
-    reference = opened[0]
-    try:
+    with world_of_one_reference(run_dir) as reference:
         ref_state = {k: v for k, v in reference.model.state_dict().items()
                      if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")}
         assert sorted(exported) == sorted(ref_state)
@@ -110,18 +110,14 @@ def test_transfusion_export_equals_world_of_one(name, base):
         batch = reference.provider.batch([i for i in range(64) if bool((stream.sample(i).modality != 0).any())][:2])
         assert bool((batch["modality"] != 0).any()) and bool((batch["modality"] == 0).any())
         want_logits, want_latents = predictions(reference.model, batch)
-        loaded = load_run(export_dir, device="cpu")
-        opened.append(loaded)
-        got_logits, got_latents = predictions(loaded.model, batch)
-        assert loaded.step == 2 and want_logits.shape == (2, 128, 272) and want_latents.shape == (2, 128, 192)
-        torch.testing.assert_close(got_logits, want_logits, rtol=0, atol=1e-5)
-        torch.testing.assert_close(got_latents, want_latents, rtol=0, atol=1e-5)
-        if name == "dense_tp2":  # the latent statistics travel with the export
-            rep = loaded.provider.stream.representation
-            assert torch.equal(rep.latent_mean, MEAN) and torch.equal(rep.latent_std, STD)
-    finally:
-        for _ in opened:
-            close()
+        with load_run(export_dir, device="cpu") as loaded:  # inside the reference's world of one
+            got_logits, got_latents = predictions(loaded.model, batch)
+            assert loaded.step == 2 and want_logits.shape == (2, 128, 272) and want_latents.shape == (2, 128, 192)
+            torch.testing.assert_close(got_logits, want_logits, rtol=0, atol=1e-5)
+            torch.testing.assert_close(got_latents, want_latents, rtol=0, atol=1e-5)
+            if name == "dense_tp2":  # the latent statistics travel with the export
+                rep = loaded.provider.stream.representation
+                assert torch.equal(rep.latent_mean, MEAN) and torch.equal(rep.latent_std, STD)
 
 
 @pytest.mark.distributed
@@ -159,24 +155,20 @@ def test_transfusion_config_json_describes_the_architecture(base):
 
 
 @pytest.mark.distributed
-def test_text_moe_pp2_export_equals_world_of_one(base):
+def test_text_moe_pp2_export_equals_world_of_one(base, cpu_layer):
     run_dir, export_dir = base / "text_pp2" / "run", base / "text_pp2" / "export"
     run_train(run_dir, "tiny_text_moe.yaml", ["parallel.pp=2", "train.steps=2", "schedule.warmup_steps=1",
                                               "checkpoint.every=2", "logging.tensorboard=false"], nproc=2)
-    from megafusion.inference.loading import close
     from megafusion.interop.export import export_run
 
     export_run(run_dir, export_dir)
     exported = load_file(str(export_dir / "model.safetensors"))
-    reference = world_of_one_reference(run_dir)
-    try:
+    with world_of_one_reference(run_dir) as reference:
         ref_state = {k: v for k, v in reference.model.state_dict().items()
                      if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")}
         assert sorted(exported) == sorted(ref_state)
         assert all(torch.equal(exported[k], v) for k, v in ref_state.items())
         assert sum(".local_experts." in k for k in exported) == 2 * 4 * 2  # layers x experts x (fc1, fc2)
-    finally:
-        close()
 
 
 @pytest.mark.distributed
@@ -275,4 +267,5 @@ def test_config_json_with_unknown_or_disagreeing_fields_is_an_error(base, tmp_pa
         with pytest.raises(ConfigError, match=message):
             read_config(tmp_path)
         with pytest.raises(ConfigError, match=message):
-            load_run(tmp_path, device="cpu")  # generate / eval on the export refuse it too
+            with load_run(tmp_path, device="cpu"):  # generate / eval on the export refuse it too
+                pass

@@ -558,11 +558,11 @@ if __name__ == "__main__":  # torchrun worker
     from megafusion.parallel import cpu_compat
 
     torch.set_num_threads(1)
-    cpu_compat.apply("cpu")
-    dist.init_process_group("gloo")
-    rank = dist.get_rank()
-    _worker_modality_ffn_tp2_sp(rank)
-    _worker_moe(rank, tp=2, ep=1)
-    _worker_moe(rank, tp=1, ep=2)
-    print(f"rank {rank} WORKER OK", flush=True)
-    dist.destroy_process_group()
+    with cpu_compat.applied("cpu"):  # this worker process, as an entry point would
+        dist.init_process_group("gloo")
+        rank = dist.get_rank()
+        _worker_modality_ffn_tp2_sp(rank)
+        _worker_moe(rank, tp=2, ep=1)
+        _worker_moe(rank, tp=1, ep=2)
+        print(f"rank {rank} WORKER OK", flush=True)
+        dist.destroy_process_group()

@@ -150,9 +150,6 @@ def _ep2_worker() -> None:
     """Each rank: megatron's and our dispatch (and experts) on the same weights and inputs, EP=2."""
     from megatron.core import parallel_state, tensor_parallel
 
-    from megafusion.parallel import cpu_compat
-
-    cpu_compat.apply("cpu")
     dist.init_process_group("gloo")
     parallel_state.initialize_model_parallel(1, 1, expert_model_parallel_size=2)
     tensor_parallel.model_parallel_cuda_manual_seed(0)
@@ -183,4 +180,7 @@ def _ep2_worker() -> None:
 
 
 if __name__ == "__main__":
-    _ep2_worker()
+    from megafusion.parallel import cpu_compat
+
+    with cpu_compat.applied("cpu"):  # this worker process, as an entry point would
+        _ep2_worker()

@@ -26,6 +26,14 @@ def compat():
         cpu_compat.remove()
 
 
+def assert_not_leaked():
+    """These tests need megatron unpatched: a layer still active here is a leak (every test and
+    fixture that applies it removes it: cpu_layer, megatron_world, cpu_compat.applied)."""
+    assert not cpu_compat.is_active(), (
+        "megafusion's CPU compatibility layer is active before this test: an earlier test, fixture or "
+        "entry point applied it and did not remove it")
+
+
 def _patched_sites():
     """The objects apply() replaces, read from where megatron uses them."""
     import importlib
@@ -66,8 +74,7 @@ def test_version_guard_names_both_versions_and_the_fix(monkeypatch):
 def test_apply_refuses_another_version_and_patches_nothing(monkeypatch):
     import megatron.core
 
-    if cpu_compat.is_active():
-        pytest.skip("another test in this process left the layer active")
+    assert_not_leaked()
     before = _patched_sites()
     monkeypatch.setattr(megatron.core, "__version__", "0.18.0")
     with pytest.raises(cpu_compat.MegatronVersionError):
@@ -99,8 +106,7 @@ def test_apply_cuda_changes_nothing():
 
 
 def test_apply_is_idempotent_and_remove_restores():
-    if cpu_compat.is_active():
-        pytest.skip("another test in this process left the layer active")
+    assert_not_leaked()
     before = _patched_sites()
     assert cpu_compat.apply("cpu") is True
     patched = _patched_sites()
@@ -117,6 +123,72 @@ def test_apply_is_idempotent_and_remove_restores():
 def test_unknown_device_is_refused():
     with pytest.raises(ValueError, match="meta"):
         cpu_compat.apply("meta")
+    with pytest.raises(ValueError, match="meta"):
+        with cpu_compat.applied("meta"):
+            pass
+    assert not cpu_compat.is_active()
+
+
+def test_applied_removes_only_what_it_applied():
+    assert_not_leaked()
+    before = _patched_sites()
+    with cpu_compat.applied("cpu") as outer:
+        assert outer is True and cpu_compat.is_active()
+        patched = _patched_sites()
+        with cpu_compat.applied(torch.device("cpu")) as inner:  # nested (quickstart -> train, eval)
+            assert inner is True
+            assert _patched_sites() == patched
+        assert cpu_compat.is_active(), "the inner block removed the outer block's layer"
+        with cpu_compat.applied("cuda") as on_gpu:  # a CUDA device changes nothing, even inside
+            assert on_gpu is False and cpu_compat.is_active()  # the outer layer stays
+        assert cpu_compat.is_active()
+    assert not cpu_compat.is_active()
+    assert _patched_sites() == before
+    with cpu_compat.applied("cuda") as on_gpu:
+        assert on_gpu is False and not cpu_compat.is_active()
+    with pytest.raises(KeyError):  # an error inside the block still removes it
+        with cpu_compat.applied("cpu"):
+            raise KeyError("boom")
+    assert not cpu_compat.is_active()
+    assert _patched_sites() == before
+
+
+def test_init_parallel_on_cpu_needs_the_layer():
+    """init_parallel only builds process groups: on CPU without the layer it says what to do,
+    and starts nothing."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from conftest import CONFIGS
+
+    from megafusion.config import load_config
+    from megafusion.parallel.setup import init_parallel
+
+    assert_not_leaked()
+    cfg = load_config(CONFIGS / "tiny_text.yaml", ["train.device=cpu"])
+    was_initialized = dist.is_initialized(), parallel_state.model_parallel_is_initialized()
+    with pytest.raises(RuntimeError) as error:
+        init_parallel(cfg)
+    message = str(error.value)
+    assert 'megafusion.parallel.cpu_compat.apply("cpu")' in message
+    assert "cpu_compat.applied" in message
+    assert not cpu_compat.is_active(), "init_parallel applied the layer itself"
+    assert (dist.is_initialized(), parallel_state.model_parallel_is_initialized()) == was_initialized
+
+
+def test_train_main_leaves_the_layer_as_it_found_it(tmp_path):
+    """`megafusion train` in this process applies the layer for its run and removes it after."""
+    from conftest import CONFIGS
+
+    from megafusion import train
+
+    assert_not_leaked()
+    rc = train.main(["--config", str(CONFIGS / "tiny_text.yaml"), "--run-dir", str(tmp_path / "run"),
+                     "--set", "train.steps=2", "--set", "schedule.warmup_steps=1", "--set", "train.device=cpu", "--set", "checkpoint.every=0",
+                     "--set", "checkpoint.save_final=false", "--set", "logging.tensorboard=false"])
+    assert rc == 0
+    assert (tmp_path / "run" / "metrics.jsonl").is_file()
+    assert not cpu_compat.is_active(), "megafusion.train.main left the CPU compatibility layer active"
 
 
 # --------------------------------------------------------------------------- patched sites
@@ -170,8 +242,7 @@ def test_rotary_embedding_builds_on_cpu(compat):
 
 @cpu_only
 def test_rotary_embedding_needs_the_layer_on_cpu():
-    if cpu_compat.is_active():
-        pytest.skip("another test in this process left the layer active")
+    assert_not_leaked()
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 
     with pytest.raises((AssertionError, RuntimeError)):
@@ -221,7 +292,6 @@ def _worker() -> None:
     pipeline p2p with previous rank == next rank."""
     import torch.distributed as dist
 
-    cpu_compat.apply("cpu")
     from megatron.core import parallel_state, tensor_parallel
     from megatron.core.model_parallel_config import ModelParallelConfig
     from megatron.core.tensor_parallel import mappings
@@ -308,4 +378,5 @@ def check_batched_p2p(batched_p2p_ops) -> None:
 
 
 if __name__ == "__main__":
-    _worker()
+    with cpu_compat.applied("cpu"):
+        _worker()

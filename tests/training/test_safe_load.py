@@ -126,7 +126,7 @@ def test_garbage_metadata_is_a_checkpoint_error(copy):
         read_metadata(ckpt / ".metadata")
 
 
-def test_megatron_load_runs_the_payload_unless_restricted(copy, tmp_path):
+def test_megatron_load_runs_the_payload_unless_restricted(copy, tmp_path, cpu_layer):
     """Below the verification: megatron's own load executes a hostile .metadata, the same
     load inside ``restricted_loading`` refuses it (and puts megatron's reader back)."""
     from megatron.core import dist_checkpointing
@@ -134,14 +134,13 @@ def test_megatron_load_runs_the_payload_unless_restricted(copy, tmp_path):
     from megatron.core.dist_checkpointing.strategies import torch as torch_strategy
 
     from megafusion.config import load_config
-    from megafusion.inference.loading import build_model, close
+    from megafusion.inference.loading import build_model
     from megafusion.training.checkpoint import unwrap
 
     marker = tmp_path / "marker"
     ckpt = plant_metadata(copy, payloads(marker)["os.system"][0], "forged")
     originals = (serialization._get_filesystem_reader, torch_strategy._get_filesystem_reader)
-    loaded = build_model(load_config(copy / "config.yaml"), "cpu")
-    try:
+    with build_model(load_config(copy / "config.yaml"), "cpu") as loaded:
         model = unwrap(loaded.model)
         with pytest.raises(UnsafeCheckpointError, match=r"refusing to unpickle 'posix\.system'"):
             with restricted_loading():
@@ -151,23 +150,22 @@ def test_megatron_load_runs_the_payload_unless_restricted(copy, tmp_path):
         with pytest.raises(BaseException):  # the payload returns 0, not Metadata: megatron fails after running it
             dist_checkpointing.load({"model": model.sharded_state_dict()}, str(ckpt))
         assert marker.exists()
-    finally:
-        close()
 
 
 @pytest.mark.parametrize("manifest", ["forged", "none"])
-def test_load_run_refuses_hostile_metadata(copy, tmp_path, manifest):
+def test_load_run_refuses_hostile_metadata(copy, tmp_path, manifest, cpu_layer):
     """load_run: what eval, generate and export load through."""
     from megafusion.inference.loading import load_run
 
     marker = tmp_path / "marker"
     plant_metadata(copy, payloads(marker)["os.system"][0], manifest)
     with pytest.raises(UnsafeCheckpointError, match=rf"{STEP}/\.metadata: refusing to unpickle 'posix\.system'"):
-        load_run(copy, device="cpu", kinds=None)
+        with load_run(copy, device="cpu", kinds=None):
+            pass
     assert not marker.exists()
 
 
-def test_hostile_object_inside_a_shard_is_refused(copy, tmp_path):
+def test_hostile_object_inside_a_shard_is_refused(copy, tmp_path, cpu_layer):
     """The objects inside the shards: torch reads them with weights_only=False."""
     from megatron.core import dist_checkpointing
 
@@ -176,7 +174,8 @@ def test_hostile_object_inside_a_shard_is_refused(copy, tmp_path):
     marker = tmp_path / "marker"
     ckpt = plant_object(copy, payloads(marker)["os.system"][0])
     with pytest.raises(UnsafeCheckpointError) as err:
-        load_run(copy, device="cpu", kinds=None)
+        with load_run(copy, device="cpu", kinds=None):
+            pass
     assert f"{STEP}/__9_0.distcp: refusing to unpickle 'posix.system' in 'common_state" in str(err.value)
     assert not marker.exists()
     try:  # the defect: megatron's own load of the common state runs it
