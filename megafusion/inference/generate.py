@@ -2,7 +2,7 @@
 
 The command line is ``megafusion generate`` (``megafusion.inference.cli``). From Python::
 
-    with load_run("runs/tiny") as loaded:
+    with cpu_compat.applied("cpu"), load_run("runs/tiny") as loaded:   # entry points apply the layer
         gen = Generator.from_run(loaded)
         result = gen.generate("There is", max_new_tokens=64)      # text; images where <boi> appears
         image = gen.generate_image("a small red circle at the top left")   # uint8 [S, S, 3]
