@@ -7,6 +7,11 @@ Megatron-style flags; examples:
     python tools/preprocess_data.py --input data/*.jsonl --output-prefix out/web \
         --tokenizer-model tok.model --json-keys text --append-eod --workers 8
 
+    # any sentencepiece model (e.g. Llama-2's), or a local Hugging Face tokenizer directory; the special
+    # tokens it lacks are appended after its vocabulary (OUT_text_document.tokenizer_map.json says how)
+    python tools/preprocess_data.py --input data/*.jsonl --output-prefix out/web --append-eod \
+        --tokenizer-type HuggingFaceTokenizer --tokenizer-model my_tokenizer/
+
     # image-text pairs {"image": "img/001.png", "text": "a red circle"} with raw pixel patches
     python tools/preprocess_data.py --input pairs.jsonl --output-prefix out/pairs \
         --tokenizer-model tok.model --kind image-text --encoder pixel --image-size 64 --patch-size 8
@@ -20,7 +25,8 @@ Megatron-style flags; examples:
     python tools/preprocess_data.py --input shards/*.tar --output-prefix out/wds \
         --tokenizer-model tok.model --kind image-text
 
-The same program is `megafusion.data.preprocess.main`. Output is sharded under OUT.shards/
+The same program is `megafusion preprocess-data` (`megafusion.data.preprocess.main`); `--help`
+lists every flag with its default. Output is sharded under OUT.shards/
 while it runs; re-running the same command resumes (finished shards are kept). Re-runs are
 content-addressed: a shard is made again only when the bytes of its input lines, of the
 images/videos they name, of the tokenizer model or of the encoder's files (or a flag) changed;

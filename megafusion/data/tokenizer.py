@@ -394,10 +394,25 @@ def mapping_problem(stored: dict, tokenizer, where: str, configured: str) -> str
     diff = [k for k in keys if k in stored and stored[k] != mine.get(k)]
     if not diff:
         return None
-    return (f"{where} was preprocessed with the {stored.get('type')} tokenizer {stored.get('path')} "
-            f"(sha256 {str(stored.get('sha256'))[:12]}), but {configured} is the {mine['type']} tokenizer "
-            f"{mine['path']} (sha256 {mine['sha256'][:12]}); they differ in {', '.join(diff)}: preprocess the "
-            "data again with this tokenizer, or configure the one it was made with")
+    return (f"{where} was preprocessed with the tokenizer {stored.get('path')} ({stored.get('type')}, sha256 "
+            f"{str(stored.get('sha256'))[:12]}), but {configured} ({mine['type']}, sha256 {mine['sha256'][:12]}) is "
+            f"another tokenizer (they differ in {', '.join(diff)}): preprocess the data again with it, or configure "
+            "the tokenizer the data was made with")
+
+
+def copy_tokenizer(src: str | os.PathLike, dest_dir: str | os.PathLike) -> Path:
+    """Copies a tokenizer (a ``.model`` file or a Hugging Face directory) into ``dest_dir``
+    under its own name, replacing an older copy; returns the copy's path."""
+    import shutil
+
+    src = Path(src)
+    target = Path(dest_dir) / src.name
+    if src.is_dir():
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(src, target)
+    else:
+        shutil.copy2(src, target)
+    return target
 
 
 def write_tokenizer_map(data_cfg, run_dir: str | os.PathLike) -> Path | None:

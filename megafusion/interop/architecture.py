@@ -28,11 +28,11 @@ defaults resolved), compared when an export is imported into a run with its own 
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
 from megafusion.config import Config, ConfigError
+from megafusion.data.tokenizer import copy_tokenizer  # noqa: F401 (export copies the tokenizer with it)
 
 
 def _time_frequency_dim() -> int:
@@ -51,19 +51,25 @@ def tokenizer_and_representation(cfg: Config):
     from megafusion.data.shapes_stream import load_tokenizer
     from megafusion.vision import representation_from_config
 
-    return load_tokenizer(cfg.data.tokenizer), representation_from_config(cfg.vision)
+    return load_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_type), representation_from_config(cfg.vision)
 
 
 def _tokenizer(tokenizer) -> dict[str, Any]:
     specials = {name: int(getattr(tokenizer, f"{name}_id")) for name in ("pad", "boi", "eoi", "frame", "eod", "bos")
                 if getattr(tokenizer, f"{name}_id", None) is not None}
-    info: dict[str, Any] = {"type": "byte" if getattr(tokenizer, "path", None) is None else "sentencepiece",
+    kind = getattr(tokenizer, "type", "byte")
+    info: dict[str, Any] = {"type": {"SentencePieceTokenizer": "sentencepiece",
+                                     "HuggingFaceTokenizer": "huggingface"}.get(kind, "byte"),
                             "vocab_size": int(tokenizer.vocab_size), "special_tokens": specials,
                             "action_tokens": {str(k): int(v) for k, v in tokenizer.action_ids().items()}}
-    if info["type"] == "sentencepiece":
+    if getattr(tokenizer, "path", None) is not None:  # a .model file, or a Hugging Face directory
+        from megafusion.data.tokenizer import files_digest
+
         path = Path(tokenizer.path)
         info["file"] = path.name
-        info["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+        info["sha256"] = files_digest(path)
+        if tokenizer.added:  # the special tokens appended after the tokenizer's own vocabulary
+            info["base_vocab_size"], info["added_tokens"] = int(tokenizer.base_vocab_size), list(tokenizer.added)
     return info
 
 

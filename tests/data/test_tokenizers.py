@@ -164,6 +164,7 @@ def test_preprocess_train_generate(kind_path, corpus, tmp_path):
     docs = IndexedDocuments(prefix)
     first = json.loads((corpus / "docs.jsonl").read_text().splitlines()[0])["text"]
     assert np.asarray(docs.tokens[0]).tolist() == library_encode(kind, path, first) + [tok.eod_id]
+    del docs
     stored = json.loads((tmp_path / "data" / "web_text_document.tokenizer_map.json").read_text())
     assert stored == tok.mapping()
     assert json.loads((tmp_path / "data" / "web_text_document.meta.json").read_text())["tokenizer"] == stored
@@ -183,10 +184,43 @@ def test_preprocess_train_generate(kind_path, corpus, tmp_path):
                      "--temperature", "0", "--out", str(out)]) == 0
     record = json.loads((out / "generation.json").read_text())
     assert isinstance(record["text"], str) and record["text"]
+    if kind == HUGGINGFACE:  # an export carries the tokenizer directory; an import reads it back
+        from megafusion.config import load_config
+        from megafusion.interop.export import export_run
+        from megafusion.interop.import_ import import_export
+
+        export_run(run, tmp_path / "export")
+        exported = json.loads((tmp_path / "export" / "config.json").read_text())
+        assert exported["config"]["data"]["tokenizer"] == path.name
+        assert (tmp_path / "export" / path.name / "tokenizer.json").is_file()
+        info = exported["architecture"]["text"]["tokenizer"]
+        assert info["type"] == "huggingface" and info["sha256"] == stored["sha256"] and info["added_tokens"]
+        import_export(tmp_path / "export", tmp_path / "imported")
+        cfg = load_config(tmp_path / "imported" / "config.yaml")
+        assert cfg.data.tokenizer_type == HUGGINGFACE
+        assert load_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_type).mapping()["sha256"] == stored["sha256"]
+
+
+def test_preprocess_help_shows_defaults_under_the_program_name(capsys):
+    from megafusion.data.preprocess import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert exit_.value.code == 0 and out.startswith("usage: megafusion preprocess-data")
+    for flag in ("--tokenizer-type", "--append-eod", "--workers"):
+        assert flag in out
+    assert "(default: SentencePieceTokenizer)" in out and "(default: 1)" in out and "(default: False)" in out
 
 
 def test_data_of_another_tokenizer_is_refused_in_one_line(sp_model, hf_dir, corpus, tmp_path):
-    prefix = preprocess(SENTENCEPIECE, sp_model, corpus, tmp_path / "sp")
+    from megafusion.data.indexed import IndexedDocuments
+
+    prefix = preprocess(SENTENCEPIECE, sp_model, corpus, tmp_path / "sp")  # without --append-eod: no eod
+    first = json.loads((corpus / "docs.jsonl").read_text().splitlines()[0])["text"]
+    docs = IndexedDocuments(prefix)  # held: its arrays are views of the memory map
+    assert np.asarray(docs.tokens[0]).tolist() == library_encode(SENTENCEPIECE, sp_model, first)
+    del docs
     vocab = padded_vocab_size(load_tokenizer(hf_dir, HUGGINGFACE).vocab_size, 64)
     proc = run_train(tmp_path / "run", CONFIG, overrides(HUGGINGFACE, hf_dir, prefix, vocab, "train.steps=2"),
                      expect_rc=2)
