@@ -129,6 +129,22 @@ def test_wrong_type_is_refused_naming_the_other(sp_model, hf_dir):
         load_tokenizer(sp_model, HUGGINGFACE)
 
 
+def test_a_directory_without_tokenizer_json_is_read_by_transformers(hf_dir, tmp_path):
+    """vocab.json + merges.txt + tokenizer_config.json (no tokenizer.json): AutoTokenizer, local files only."""
+    from tokenizers import Tokenizer as HF
+
+    HF.from_file(str(hf_dir / "tokenizer.json")).model.save(str(tmp_path))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "GPT2Tokenizer",
+                                                                "eos_token": "[UNK]"}))
+    tok, reference = load_tokenizer(tmp_path, HUGGINGFACE), load_tokenizer(hf_dir, HUGGINGFACE)
+    assert tok.auto is not None and tok.hf is None
+    text = "There is a big red circle at the left ."
+    assert tok.encode(text) == reference.encode(text) == tok.auto.encode(text, add_special_tokens=False)
+    assert tok.decode(tok.encode(text)) == text
+    assert tok.eod_id == tok._vocab["[UNK]"]  # the eos_token of tokenizer_config.json
+    assert tok.boi_id == tok.base_vocab_size + 1
+
+
 def test_a_megafusion_model_keeps_its_ids(tmp_path):
     """tools/train_tokenizer.py's models reserve every special: nothing is appended."""
     from megafusion.data.tokenizer import train_tokenizer
@@ -160,7 +176,8 @@ def test_preprocess_train_generate(kind_path, corpus, tmp_path):
 
     kind, path = kind_path
     tok = load_tokenizer(path, kind)
-    prefix = preprocess(kind, path, corpus, tmp_path / "data" / "web", "--append-eod")  # 3 shards, merged
+    prefix = preprocess(kind, path, corpus, tmp_path / "data" / "web", "--append-eod",  # 3 shards, merged
+                        *(["--workers", "2"] if kind == HUGGINGFACE else []))
     docs = IndexedDocuments(prefix)
     first = json.loads((corpus / "docs.jsonl").read_text().splitlines()[0])["text"]
     assert np.asarray(docs.tokens[0]).tolist() == library_encode(kind, path, first) + [tok.eod_id]
