@@ -45,9 +45,7 @@ $PIP --no-deps --ignore-requires-python "megatron-core==0.19.2"
 
 if [ "$dev" = 1 ]; then
   echo "[install] 4/5 dev tools"
-  # transformers < 5.25: 5.25 requires Hugging Face's `kernels` package, which our top-level
-  # `kernels/` (the Triton kernels) shadows, so every model load fails.
-  $PIP -c "$CONSTRAINTS" pytest pytest-benchmark av "transformers<5.25" diffusers nvidia-dali-cuda130 \
+  $PIP -c "$CONSTRAINTS" pytest pytest-benchmark av transformers diffusers nvidia-dali-cuda130 \
     "megatron-energon==7.4.1"
 else
   echo "[install] 4/5 dev tools (skipped, pass --dev)"
