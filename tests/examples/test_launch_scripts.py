@@ -79,3 +79,62 @@ def test_slurm_time_limit_signal_saves_and_stops(tmp_path):
     assert 3 <= last_logged < 5000
     assert [step for step, _ in complete_checkpoints(run_dir)] == [last_logged]
     assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "42"]
+
+
+SPACED = ["--set", "data.paths=[a b]", "--set", "logging.note=it's \"quoted\" $HOME *"]
+
+
+def _slurm_env(tmp_path, **extra):
+    return {**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "node[1-2]",
+            "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_ID": "7", "SLURM_NODEID": "0", "GPUS_PER_NODE": "4", **extra}
+
+
+def test_slurm_dry_run_prints_the_command_with_spaced_arguments_intact(tmp_path):
+    """MEGAFUSION_DRY_RUN=1 prints srun's argv shell-quoted: each argument stays one word."""
+    import shlex
+
+    _fake_slurm(tmp_path / "bin")
+    run_dir = tmp_path / "run dir"
+    proc = subprocess.run(
+        ["bash", "examples/launch/slurm_multi_node.sbatch", "cfg dir/x.yaml", str(run_dir), *SPACED],
+        cwd=REPO, env=_slurm_env(tmp_path, MEGAFUSION_DRY_RUN="1"), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    argv = shlex.split(proc.stdout)
+    assert argv[:2] == ["srun", "--kill-on-bad-exit=1"]
+    train = argv[argv.index("megafusion.train") + 1:]
+    assert train == ["--config", "cfg dir/x.yaml", "--run-dir", str(run_dir), *SPACED]
+    torchrun = argv[argv.index("torchrun"):argv.index("megafusion.train")]
+    assert torchrun == ["torchrun", "--nnodes", "2", "--nproc_per_node", "4", "--rdzv_id", "7", "--rdzv_backend",
+                        "c10d", "--rdzv_endpoint", "localhost:29500", "-m"]
+    assert not run_dir.exists(), "a dry run creates nothing"
+
+
+def test_slurm_script_hands_spaced_arguments_to_torchrun_intact(tmp_path):
+    """Not only the printout: srun's node command (bash -c with the per-node log) passes the
+    arguments to torchrun as they were given (a fake torchrun writes its argv to the node log)."""
+    import json
+
+    _fake_slurm(tmp_path / "bin")
+    (tmp_path / "bin" / "torchrun").write_text(
+        '#!/usr/bin/env python3\nimport json, sys\nprint(json.dumps(sys.argv[1:]))\n')
+    (tmp_path / "bin" / "torchrun").chmod(0o755)
+    run_dir = tmp_path / "run dir"
+    proc = subprocess.run(
+        ["bash", "examples/launch/slurm_multi_node.sbatch", "x.yaml", str(run_dir), *SPACED],
+        cwd=REPO, env=_slurm_env(tmp_path), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    argv = json.loads((run_dir / "logs" / "node-0.log").read_text())
+    assert argv[argv.index("megafusion.train") + 1:] == ["--config", "x.yaml", "--run-dir", str(run_dir), *SPACED]
+
+
+def test_single_node_dry_run_keeps_spaced_arguments(tmp_path):
+    import shlex
+
+    proc = subprocess.run(
+        ["bash", "examples/launch/torchrun_single_node.sh", "x.yaml", str(tmp_path / "r"), *SPACED],
+        cwd=REPO, env={**os.environ, "MEGAFUSION_DRY_RUN": "1", "NPROC": "2"}, capture_output=True, text=True,
+        timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert shlex.split(proc.stdout) == ["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "megafusion.train",
+                                        "--config", "x.yaml", "--run-dir", str(tmp_path / "r"), *SPACED]
+    assert not (tmp_path / "r").exists()
