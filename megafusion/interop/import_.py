@@ -3,7 +3,9 @@
     megafusion import --from exported/tiny --run-dir runs/tiny_imported [--keep-step]
     megafusion import --from exported/tiny --run-dir runs/finetune --config finetune.yaml --set parallel.ep=2
 
-Reads ``config.json`` and the safetensors file(s) (safetensors only, never pickle), loads
+Reads ``config.json`` (any layout megafusion wrote, or a Hugging Face Llama's: an export
+with ``--format hf-llama``, or a Llama from elsewhere that megafusion's text model can run)
+and the safetensors file(s) (safetensors only, never pickle), loads
 them strictly into the model built at world size 1, and writes ``config.yaml`` and
 ``checkpoints/step_00000000`` (fresh optimizer and LR schedule; ``--keep-step``: at the
 exported step, the LR schedule advanced to it), stored with global shapes. A run config of
@@ -18,8 +20,6 @@ run dir resumes the weights at any layout with a fresh optimizer.
 
 from __future__ import annotations
 
-import argparse
-import json
 import shutil
 import sys
 from dataclasses import replace
@@ -74,10 +74,15 @@ def import_export(src: str | Path, run_dir: str | Path, config: str | Path | Non
     src, run_dir = Path(src), Path(run_dir)
     if (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir()):
         raise FileExistsError(f"'{run_dir}' already has checkpoints; import into a new --run-dir")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise NotADirectoryError(f"--run-dir '{run_dir}' is a file; expected a new directory (or one holding only "
+                                 "a config.yaml)")
+    if is_export(run_dir):
+        raise FileExistsError(f"--run-dir '{run_dir}' is an export (config.json); expected a new run directory")
     cfg = run_config(src, run_dir, config, overrides)
-    raw = json.loads((src / "config.json").read_text())  # read_config has checked it
+    raw = read_config(src)[1]  # megafusion's section of config.json (checked)
     step = int(raw.get("step") or 0) if keep_step else 0
-    tensors = read_tensors(src)
+    tensors = read_tensors(src, cfg)
     if cfg.data.tokenizer and Path(cfg.data.tokenizer).resolve().parent == src.resolve():
         run_dir.mkdir(parents=True, exist_ok=True)  # the export's copy: the run keeps its own
         target = run_dir / Path(cfg.data.tokenizer).name
@@ -112,8 +117,12 @@ def import_export(src: str | Path, run_dir: str | Path, config: str | Path | Non
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="megafusion import", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--from", dest="src", required=True, help="directory written by `megafusion export`")
+    from megafusion.interop.export import ArgumentParser
+
+    parser = ArgumentParser(prog="megafusion import", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--from", dest="src", required=True,
+                        help="directory written by `megafusion export` (either --format), or a Hugging Face Llama "
+                             "directory (config.json with model_type llama and model.safetensors)")
     parser.add_argument("--run-dir", required=True, help="run directory to write (new, or holding only a config.yaml)")
     parser.add_argument("--config", default=None, help="the run's own YAML config (default: RUN_DIR/config.yaml if "
                                                        "present, else the exported config); its model must match")
