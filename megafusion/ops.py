@@ -1,4 +1,5 @@
-"""Public custom ops of megafusion (the Triton kernels of ``kernels/``).
+"""Public custom ops of megafusion: the Triton kernels of ``kernels/megafusion_kernels/``
+(imported as ``megafusion_kernels``).
 
     from megafusion.ops import grouped_mlp, hybrid_attention, moe_permute, moe_unpermute
 """

@@ -197,7 +197,8 @@ class TritonCoreAttention(HybridCoreAttention):
             from megafusion.ops import hybrid_attention
         except ImportError as err:
             raise RuntimeError(
-                "attention backend 'triton' needs megafusion.ops.hybrid_attention (kernels/hybrid_attention.py) "
+                "attention backend 'triton' needs megafusion.ops.hybrid_attention "
+                "(kernels/megafusion_kernels/hybrid_attention.py) "
                 f"and it failed to import ({err}); use model attention backend 'flex' or 'sdpa'") from err
         if q.shape[2] != k.shape[2]:
             raise ValueError(f"attention backend 'triton' needs as many queries as keys (got {q.shape[2]} vs "

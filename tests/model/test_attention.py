@@ -175,9 +175,9 @@ def test_mask_forms_are_cached_across_layers():
 
 
 def test_triton_backend_matches_sdpa():
-    """The kernel lives in kernels/hybrid_attention.py (Triton interpreter on CPU)."""
+    """The kernel lives in kernels/megafusion_kernels/hybrid_attention.py (Triton interpreter on CPU)."""
     pytest.importorskip("megafusion_kernels.hybrid_attention",
-                        reason="kernels/hybrid_attention.py not present in this checkout")
+                        reason="kernels/megafusion_kernels/hybrid_attention.py not present in this checkout")
     gen = torch.Generator().manual_seed(6)
     seq, batch, heads, groups, head_dim = 40, 2, 4, 2, 16
     doc_ids, span_ids = random_pack(batch, seq, gen)
