@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from conftest import REPO, run_train
@@ -76,12 +77,16 @@ def assert_equal_tensors(got: dict[str, torch.Tensor], want: dict[str, torch.Ten
 @pytest.mark.distributed
 def test_ep2_export_equals_world_of_one_with_every_expert(moe_run, moe_export):
     got = load_file(str(moe_export / "model.safetensors"))
+    with safe_open(str(moe_export / "model.safetensors"), "pt") as f:
+        assert f.metadata() == {"format": "pt"}  # what transformers requires of a safetensors header
     assert_equal_tensors(got, reference(moe_run, moe_run.parent / "reference.safetensors"))
     for layer in range(2):
         for expert in range(4):
             for fc in ("linear_fc1", "linear_fc2"):
                 assert f"decoder.layers.{layer}.mlp.experts.local_experts.{expert}.{fc}.weight" in got
-    config = json.loads((moe_export / "config.json").read_text())
+    top = json.loads((moe_export / "config.json").read_text())
+    assert top["model_type"] == "megafusion-text" and top["architectures"] == ["MegafusionTextModel"]
+    config = top["megafusion"]
     assert config["architecture"]["moe"] == {"num_experts": 4, "top_k": 2, "expert_ffn_hidden_size": 64,
                                              "layers": [0, 1], "router_score": "softmax",
                                              "shared_expert_ffn_hidden_size": None,
@@ -148,7 +153,7 @@ def test_config_with_wrong_field_is_a_clear_error(moe_export, tmp_path):
     from megafusion.interop.import_ import read_config
 
     raw = json.loads((moe_export / "config.json").read_text())
-    raw["config"]["model"]["hidden_sise"] = 64
+    raw["megafusion"]["config"]["model"]["hidden_sise"] = 64
     (tmp_path / "config.json").write_text(json.dumps(raw))
     with pytest.raises(ConfigError, match="hidden_sise") as err:
         read_config(tmp_path)

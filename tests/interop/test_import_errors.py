@@ -96,7 +96,7 @@ def test_wrong_paths_are_one_line_exit_2(export_dir, tmp_path):
     assert str(tmp_path / "nowhere" / "config.json") in line
     line = one_line_exit_2(cli("export", "--run-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")),
                            "export")
-    assert str(tmp_path / "nowhere" / "config.yaml") in line
+    assert str(tmp_path / "nowhere") in line and "megafusion train" in line
     run_dir = export_dir.parent / "run"
     (tmp_path / "file").write_text("")
     line = one_line_exit_2(cli("export", "--run-dir", str(run_dir), "--out", str(tmp_path / "file")), "export")
@@ -104,4 +104,4 @@ def test_wrong_paths_are_one_line_exit_2(export_dir, tmp_path):
     line = one_line_exit_2(cli("export", "--run-dir", str(run_dir), "--out", str(tmp_path / "o"),
                                "--max-shard-size", "big"), "export")
     assert "--max-shard-size 'big' is not a size" in line
-    assert json.loads((export_dir / "config.json").read_text())["step"] == 1
+    assert json.loads((export_dir / "config.json").read_text())["megafusion"]["step"] == 1

@@ -128,6 +128,10 @@ def test_transfusion_config_json_describes_the_architecture(base):
     specials = {"pad": tok.pad_id, "boi": tok.boi_id, "eoi": tok.eoi_id, "frame": tok.frame_id, "eod": tok.eod_id}
     dense = json.loads((trained("dense_tp2", base)[1] / "config.json").read_text())
     moe = json.loads((trained("moe_ep2", base)[1] / "config.json").read_text())
+    for top in (dense, moe):
+        assert top["model_type"] == "megafusion-transfusion"
+        assert top["architectures"] == ["MegafusionTransfusionModel"]
+    dense, moe = dense["megafusion"], moe["megafusion"]
     for raw in (dense, moe):
         arch = raw["architecture"]
         assert raw["format"] == "megafusion-safetensors-v1" and raw["step"] == 2 and raw["dtype"] == "fp32"
@@ -184,7 +188,7 @@ def test_transfusion_import_then_reexport_is_identical(base, tmp_path):
     assert sorted(first) == sorted(second)
     for name in first:
         assert first[name].numpy().tobytes() == second[name].numpy().tobytes(), name
-    a, b = (json.loads((d / "config.json").read_text()) for d in (export_dir, again))
+    a, b = (json.loads((d / "config.json").read_text())["megafusion"] for d in (export_dir, again))
     assert a["architecture"] == b["architecture"] and b["step"] == 0
     stats = load_file(str(again / "representation" / "latent_stats.safetensors"))
     assert torch.equal(stats["mean"], MEAN) and torch.equal(stats["std"], STD)
@@ -249,7 +253,7 @@ def test_config_json_with_unknown_or_disagreeing_fields_is_an_error(base, tmp_pa
     from megafusion.interop.import_ import read_config
 
     _, export_dir = trained("moe_ep2", base)
-    raw = json.loads((export_dir / "config.json").read_text())
+    raw = json.loads((export_dir / "config.json").read_text())["megafusion"]  # written back in the first layout
     shutil.copy(export_dir / "model.safetensors", tmp_path / "model.safetensors")
     cases = [
         (lambda r: r.update(notes="hi"), r"unknown field\(s\) \['notes'\]"),
