@@ -211,7 +211,11 @@ class CheckpointConfig:
 class LoggingConfig:
     """Metrics (metrics.jsonl, the console and TensorBoard)."""
 
-    every: int = 1  # log every N steps (and the last, and any skipped step)
+    every: int = 1  # log every N steps (and the last, and any skipped step): metrics.jsonl rows and TensorBoard
+    # A console progress line (losses, throughput, elapsed, ETA) every N steps, a multiple of
+    # logging.every; null: every logged step. The first logged step, the last, skipped steps and
+    # a stop always print. metrics.jsonl keeps every logged step either way.
+    console_every: int | None = None
     tensorboard: bool = True  # also write TensorBoard events to the run directory's tensorboard/
 
 
@@ -342,6 +346,10 @@ def validate(cfg: Config, world_size: int) -> None:
     for key, message in _bound_problems(cfg):
         found.add(message, key)
     ok, add = found.ok, found.add
+    lg = cfg.logging
+    if ok("logging.every", "logging.console_every") and lg.console_every is not None and lg.console_every % lg.every:
+        add(f"logging.console_every = {lg.console_every} must be a multiple of logging.every = {lg.every} "
+            "(a console line shows a logged step's metrics)", "logging.console_every")
 
     dp = None  # the data-parallel size, once the layout allows one
     if ok("parallel.tp", "parallel.pp"):
@@ -490,6 +498,7 @@ _BOUNDS: dict[str, tuple[Any, str, str]] = {
     "train.max_skipped_steps": (*_at_least(0), "null: 0 in fp32/bf16, unlimited in fp16"),
     "checkpoint.every": (*_at_least(0), "0: save only at the end"),
     "logging.every": (*_at_least(1), "log every N steps"),
+    "logging.console_every": (*_at_least(1), "null: a console line for every logged step"),
 }
 
 

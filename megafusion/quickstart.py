@@ -403,6 +403,7 @@ def train_and_evaluate(out: Path, tokenizer: Path, prefixes: dict[str, Path], st
     """Trains a run under ``out/run`` and evaluates it under ``out/eval``; returns the eval dir (None on failure)."""
     from megafusion.config import validate
     from megafusion.eval.cli import EvalError, evaluate_run
+    from megafusion.logging_setup import megatron_warnings
     from megafusion.parallel import cpu_compat
     from megafusion.parallel.setup import resolve_device
     from megafusion.training.loop import train
@@ -411,8 +412,8 @@ def train_and_evaluate(out: Path, tokenizer: Path, prefixes: dict[str, Path], st
     cfg = training_config(tokenizer, prefixes, steps, args.device, weights, [*args.overrides, *overrides])
     validate(cfg, world_size=1)
     run_dir = out / "run"
-    with cpu_compat.applied(resolve_device(cfg.train.device)):  # main's, unless --set changed the device
-        train(cfg, run_dir)
+    with cpu_compat.applied(resolve_device(cfg.train.device)), megatron_warnings() as noise:  # the layer: main's,
+        train(cfg, run_dir, started=noise.summarize)                                # unless --set changed the device
     _done(started)
     started = _stage(5, f"{stage}evaluate -> {out / 'eval'}")
     eval_dir = out / "eval"
@@ -579,6 +580,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
+    from megafusion.logging_setup import configure_logging
+
+    configure_logging()  # training's progress lines: every logging.console_every steps, with an ETA
 
     from megafusion.config import ConfigError
     from megafusion.parallel import cpu_compat

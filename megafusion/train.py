@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from megafusion.config import ConfigError, load_config, validate
+from megafusion.logging_setup import configure_logging, megatron_warnings
 
 # Exit codes: 2 a config or run directory that cannot run (nothing changed), 3 NaN/inf in a
 # loss, gradients or a checkpoint about to be saved (the last checkpoint kept), 143 stopped
@@ -48,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     from megafusion.training.preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionWatcher
 
     watcher = PreemptionWatcher()
+    configure_logging()  # rank and time in each record (megafusion.logging_setup)
     try:
         try:
             cfg = load_config(args.config, args.overrides)
@@ -56,24 +58,27 @@ def main(argv: list[str] | None = None) -> int:
             return fail(err, 2)
         run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / Path(args.config).stem
 
-        from megafusion.parallel import cpu_compat
-        from megafusion.parallel.setup import resolve_device
-        from megafusion.training.checkpoint import CheckpointError
-        from megafusion.training.guards import NON_FINITE_EXIT_CODE
-        from megafusion.training.loop import NonFiniteError, train
+        # megatron-core's import and model-building warnings (TE/Apex fallbacks, deprecations):
+        # one line when the first step starts; MEGAFUSION_SHOW_WARNINGS=1 shows them.
+        with megatron_warnings() as noise:
+            from megafusion.parallel import cpu_compat
+            from megafusion.parallel.setup import resolve_device
+            from megafusion.training.checkpoint import CheckpointError
+            from megafusion.training.guards import NON_FINITE_EXIT_CODE
+            from megafusion.training.loop import NonFiniteError, train
 
-        try:
-            # On CPU megatron-core runs with the compatibility layer, for this run only.
-            with cpu_compat.applied(resolve_device(cfg.train.device)):
-                train(cfg, run_dir, watcher=watcher)
-        # A config refused once the process group is up (a provider's checks, the resume
-        # check), or checkpoints that cannot be loaded (none verifies, unsafe metadata).
-        except (ConfigError, CheckpointError) as err:
-            return fail(err, 2)
-        except NonFiniteError as err:
-            return fail(err, NON_FINITE_EXIT_CODE)
-        except Preempted as err:
-            return fail(err, PREEMPTED_EXIT_CODE)
+            try:
+                # On CPU megatron-core runs with the compatibility layer, for this run only.
+                with cpu_compat.applied(resolve_device(cfg.train.device)):
+                    train(cfg, run_dir, watcher=watcher, started=noise.summarize)
+            # A config refused once the process group is up (a provider's checks, the resume
+            # check), or checkpoints that cannot be loaded (none verifies, unsafe metadata).
+            except (ConfigError, CheckpointError) as err:
+                return fail(err, 2)
+            except NonFiniteError as err:
+                return fail(err, NON_FINITE_EXIT_CODE)
+            except Preempted as err:
+                return fail(err, PREEMPTED_EXIT_CODE)
     except KeyboardInterrupt:  # a second Ctrl-C, or one before the watcher could take it
         return fail("interrupted; the last complete checkpoint is kept (re-run to resume)", 130)
     finally:

@@ -127,6 +127,7 @@ def _reference_overrides(vocab: int, prefixes: dict, steps: int, device: str, to
         "train.global_batch_size=8", "train.micro_batch_size=8", f"data.tokenizer={tokenizer}",
         "vision.image_size=32", "vision.patch_size=8", f"train.steps={steps}", f"train.device={device}",
         f"checkpoint.every={max(steps // 2, 1)}",
+        "logging.console_every=50",  # added since: console output only (metrics.jsonl keeps every step)
     ]
 
 

@@ -10,8 +10,10 @@ history and schedule line it gets).
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -29,6 +31,7 @@ from megafusion.training.optim import build_optimizer, build_scheduler
 from megafusion.training.preemption import Preempted, PreemptionWatcher
 from megafusion.training.resume import check_compatible, check_run_dir, continue_schedule, write_config
 
+log = logging.getLogger(__name__)
 
 def _step_flops(shape, batches: list[dict[str, torch.Tensor]]) -> float:
     """Model training FLOPs of this rank's micro-batches (attention on unmasked pairs only)."""
@@ -108,7 +111,8 @@ def _reduce_metrics(losses_reduced: list[dict], names: tuple[str, ...], env: Par
     return {name: (totals[i, 0] / totals[i, 1]).item() for i, name in enumerate(names) if totals[i, 1] > 0}
 
 
-def train(cfg: Config, run_dir: Path, profiler=None, watcher: PreemptionWatcher | None = None) -> dict[str, float]:
+def train(cfg: Config, run_dir: Path, profiler=None, watcher: PreemptionWatcher | None = None,
+          started: Callable[[], None] | None = None) -> dict[str, float]:
     """Trains ``cfg`` in ``run_dir`` (resuming from its latest checkpoint). Returns the last metrics.
 
     ``profiler``: an optional ``torch.profiler.profile`` (already entered); it is stepped once
@@ -120,6 +124,12 @@ def train(cfg: Config, run_dir: Path, profiler=None, watcher: PreemptionWatcher 
     and :class:`Preempted`. Non-finite losses, gradients (beyond ``train.max_skipped_steps``)
     or tensors about to be saved end it with a :class:`NonFiniteError`; a run directory that
     cannot be resumed with this config, with a ``ConfigError`` before anything is written.
+
+    ``started``: called once, when the model is built and restored and the first step is about
+    to run (the entry points print their start-up summary there, e.g. megatron's warnings).
+
+    Console lines go through ``logging`` (the entry points configure it: rank and time per
+    record; see ``megafusion.logging_setup``).
 
     On a CPU device the caller applies ``megafusion.parallel.cpu_compat`` around the call
     (``megafusion.train.main``, ``bench`` and ``quickstart`` do); ``init_parallel`` refuses
@@ -140,7 +150,7 @@ def train(cfg: Config, run_dir: Path, profiler=None, watcher: PreemptionWatcher 
         stream = getattr(provider, "stream", None)
         if env.is_main and hasattr(stream, "truncation_notes"):
             for note in stream.truncation_notes(cfg.data.paths):
-                print(f"[megafusion] {note}", flush=True)
+                log.info(note)
         model_chunks = build_model_chunks(cfg, transformer_config, provider, env)
         optimizer = build_optimizer(cfg, model_chunks)
         scheduler = build_scheduler(cfg, optimizer)
@@ -159,8 +169,8 @@ def train(cfg: Config, run_dir: Path, profiler=None, watcher: PreemptionWatcher 
         if restored:
             schedule_line = continue_schedule(cfg, scheduler, start_step)  # may re-plan; updates cfg to match
             if env.is_main:
-                print(f"[megafusion] resumed from step {start_step} (data step {data_step}) in {run_dir}", flush=True)
-                print(f"[megafusion] {schedule_line}", flush=True)
+                log.info(f"resumed from step {start_step} (data step {data_step}) in {run_dir}")
+                log.info(schedule_line)
         # Only now, with the checkpoint loaded, is this attempt's config written.
         if env.is_main:
             write_config(cfg, run_dir)
@@ -168,7 +178,8 @@ def train(cfg: Config, run_dir: Path, profiler=None, watcher: PreemptionWatcher 
         if watcher.requested(env.device):  # a signal while setting up: stop before any work
             raise Preempted(watcher.signal_name, start_step, saved=False)
 
-        writer = MetricsWriter(run_dir, env.is_main, cfg.logging.tensorboard, cfg.train.steps, start_step)
+        writer = MetricsWriter(run_dir, env.is_main, cfg.logging.tensorboard, cfg.train.steps, start_step,
+                               console_every=cfg.logging.console_every)
         forward_backward = get_forward_backward_func()
         from megafusion.scaling.flops import ModelShape
 
@@ -186,6 +197,8 @@ def train(cfg: Config, run_dir: Path, profiler=None, watcher: PreemptionWatcher 
                               data_state={"step": data_step + step - start_step, "skipped_steps": skipped,
                                           **(provider.data_state() if hasattr(provider, "data_state") else {})})
 
+        if started is not None:
+            started()
         num_workers = cfg.data.num_workers
         loader = StepLoader(provider.micro_batches, data_step, data_step + cfg.train.steps - start_step,
                             env.dp_rank, env.dp_size,
@@ -237,7 +250,7 @@ def train(cfg: Config, run_dir: Path, profiler=None, watcher: PreemptionWatcher 
                     # Model-specific statistics (e.g. MoE routing per modality); a collective.
                     if hasattr(provider, "step_metrics"):
                         metrics.update(provider.step_metrics(model_chunks))
-                    writer.log(step, metrics)
+                    writer.log(step, metrics, force_console=stopping or not update.applied)
                 if profiler is not None:
                     profiler.step()
                 checkpointer.poll()

@@ -1,17 +1,33 @@
 """Run-directory logging: ``metrics.jsonl``, TensorBoard scalars, a one-line progress log.
 
-Only the global rank 0 writes; other ranks get a writer that does nothing.
+Only the global rank 0 writes; other ranks get a writer that does nothing. Every logged step
+(``logging.every``) is a row of ``metrics.jsonl`` and TensorBoard scalars; the console gets a
+progress line with an ETA every ``logging.console_every`` steps (the first and last logged
+step, skipped steps and a stop always), through the ``megafusion.training.metrics`` logger
+(``megafusion.logging_setup`` formats it: time and rank).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def format_duration(seconds: float) -> str:
+    """``42s``, ``7m05s``, ``3h12m``: a duration as a progress line shows it."""
+    seconds = max(0, int(round(seconds)))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
 def truncate_metrics(path: Path, last_step: int) -> int:
@@ -47,12 +63,16 @@ class MetricsWriter:
     run); rows and TensorBoard events of later steps, left by an earlier attempt, are dropped."""
 
     def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, total_steps: int,
-                 start_step: int = 0) -> None:
+                 start_step: int = 0, console_every: int | None = None) -> None:
         self.enabled = enabled
         self.total_steps = total_steps
+        self.console_every = console_every  # None: a console line for every logged step
         self._jsonl = None
         self._tb = None
         self._start = time.time()
+        self._start_step = start_step
+        self._first: tuple[float, int] | None = None  # (time, step) of the first logged step: the ETA's origin
+        self._printed = False
         if not enabled:
             return
         truncate_metrics(run_dir / "metrics.jsonl", start_step)
@@ -63,7 +83,9 @@ class MetricsWriter:
             # purge_step: TensorBoard hides the earlier attempt's events from this step on.
             self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=start_step + 1)
 
-    def log(self, step: int, metrics: dict[str, Any]) -> None:
+    def log(self, step: int, metrics: dict[str, Any], force_console: bool = False) -> None:
+        """A row of ``metrics.jsonl`` (and TensorBoard scalars) for ``step``; a console line when
+        it is due (see :meth:`console_due`) or ``force_console`` (a stop, a skipped update)."""
         if not self.enabled:
             return
         record = {"step": step, **metrics}
@@ -72,10 +94,33 @@ class MetricsWriter:
             for key, value in metrics.items():
                 if isinstance(value, (int, float)) and math.isfinite(value):
                     self._tb.add_scalar(key, value, step)
-        self.progress(step, metrics)
+        if self._first is None:
+            self._first = (time.time(), step)
+        if force_console or self.console_due(step):
+            self.progress(step, metrics)
+
+    def console_due(self, step: int) -> bool:
+        """The first logged step of this attempt, the last step, and every ``console_every``-th."""
+        return (not self._printed or step >= self.total_steps or self.console_every is None
+                or step % self.console_every == 0)
+
+    def eta_seconds(self, step: int, now: float | None = None) -> float | None:
+        """Seconds left at the pace since the first logged step (its own time, with start-up and
+        compilation, left out once there is a later step to measure from); None at the end."""
+        now = time.time() if now is None else now
+        if step >= self.total_steps:
+            return None
+        first_time, first_step = self._first or (self._start, self._start_step)
+        if step > first_step:
+            per_step = (now - first_time) / (step - first_step)
+        else:
+            per_step = (now - self._start) / max(step - self._start_step, 1)
+        return per_step * (self.total_steps - step)
 
     def progress(self, step: int, metrics: dict[str, Any]) -> None:
-        parts = [f"step {step:>6}/{self.total_steps}"]
+        self._printed = True
+        width = len(str(self.total_steps))
+        parts = [f"step {step:>{width}}/{self.total_steps} ({100 * step / max(self.total_steps, 1):3.0f}%)"]
         for key in ("loss", "loss_text", "loss_image", "loss_video", "lr", "grad_norm", "tokens_per_s", "tflops_per_gpu"):
             value = metrics.get(key)
             if isinstance(value, float):
@@ -86,8 +131,13 @@ class MetricsWriter:
             parts.append(f"mfu {format_mfu(metrics['mfu'])}")
         if metrics.get("skipped_steps"):
             parts.append(f"skipped {metrics['skipped_steps']}")
-        parts.append(f"elapsed {time.time() - self._start:.0f}s")
-        print(" | ".join(parts), file=sys.stdout, flush=True)
+        if isinstance(metrics.get("step_time_s"), float):
+            parts.append(f"{metrics['step_time_s']:.3g} s/step")
+        parts.append(f"elapsed {format_duration(time.time() - self._start)}")
+        eta = self.eta_seconds(step)
+        if eta is not None:
+            parts.append(f"eta {format_duration(eta)}")
+        log.info(" | ".join(parts))
 
     def add_scalars(self, step: int, scalars: dict[str, float]) -> None:
         """Extra scalars for TensorBoard only (e.g. per-expert routing statistics)."""
