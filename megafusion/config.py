@@ -61,7 +61,9 @@ class ModelConfig:
 
     kind: Literal["text", "transfusion"] = "text"  # which provider builds the model
     spec: Literal["local", "te"] = "local"  # megatron layer spec: local (pure torch) | te (Transformer Engine)
-    vocab_size: int = 256  # the tokenizer's vocabulary (a multiple of parallel.tp)
+    # the embedding rows (a multiple of parallel.tp); null: the tokenizer's ids, added special tokens
+    # included, padded as Megatron pads (a multiple of 128 * parallel.tp)
+    vocab_size: int | None = 256
     hidden_size: int = 64  # the width of the residual stream
     num_layers: int = 2  # transformer layers
     num_heads: int = 4  # attention (query) heads
@@ -246,8 +248,26 @@ def _field_types(cls: type) -> dict[str, Any]:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Reads a YAML file (or starts from defaults), applies ``key.sub=value`` overrides."""
-    return load_dataclass(Config, path, overrides, what="a mapping of sections")
+    """Reads a YAML file (or starts from defaults), applies ``key.sub=value`` overrides and
+    resolves ``model.vocab_size: null`` (:func:`resolve_vocab_size`)."""
+    return resolve_vocab_size(load_dataclass(Config, path, overrides, what="a mapping of sections"))
+
+
+VOCAB_DIVISIBLE_BY = 128  # Megatron's --make-vocab-size-divisible-by default
+
+
+def resolve_vocab_size(cfg: Config) -> Config:
+    """``cfg`` with ``model.vocab_size: null`` replaced by the tokenizer's size (added special
+    tokens included) padded to a multiple of ``VOCAB_DIVISIBLE_BY * parallel.tp``, Megatron's
+    padding. A tokenizer that cannot be read leaves it null, which ``validate`` reports."""
+    if cfg.model.vocab_size is not None:
+        return cfg
+    try:
+        n = config_checks.tokenizer_vocab_size(cfg.data.tokenizer, cfg.data.tokenizer_type)
+    except Exception:  # noqa: BLE001 - any library's refusal; validate names the tokenizer
+        return cfg
+    multiple = VOCAB_DIVISIBLE_BY * max(int(cfg.parallel.tp), 1)
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=-(-n // multiple) * multiple))
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
@@ -340,8 +360,12 @@ def validate(cfg: Config, world_size: int) -> None:
     found = _Problems()
     for key, message in _non_finite_problems(cfg) + choice_problems(cfg):
         found.add(message, key)
+    if cfg.model.vocab_size is None:  # load_config resolves it from a tokenizer it can read
+        found.add(f"model.vocab_size = null (the tokenizer's size, padded) needs a readable data.tokenizer "
+                  f"({cfg.data.tokenizer_type} {cfg.data.tokenizer!r}); fix data.tokenizer or give model.vocab_size",
+                  "model.vocab_size")
     for key in _AT_LEAST_ONE:
-        if _get(cfg, key) < 1:
+        if _get(cfg, key) is not None and _get(cfg, key) < 1:
             found.add(f"{key} = {_get(cfg, key)} must be at least 1", key)
     for key, message in _bound_problems(cfg):
         found.add(message, key)

@@ -438,6 +438,27 @@ def test_validate_refuses_a_vocab_smaller_than_the_sentencepiece_tokenizer(text_
     assert "set model.vocab_size >= " in text
 
 
+@pytest.mark.parametrize("tp, padded", [(1, 384), (2, 512)])
+def test_vocab_size_null_pads_the_tokenizers_size_as_megatron(text_data, tp, padded):
+    """model.vocab_size: null -> the tokenizer's ids (added specials included) rounded up to a
+    multiple of 128 * parallel.tp (Megatron's make_vocab_size_divisible_by): the byte
+    tokenizer's 266 ids and a sentencepiece model's."""
+    cfg = load_config(CONFIGS / "tiny_transfusion.yaml", ["model.vocab_size=null", f"parallel.tp={tp}"])
+    assert cfg.model.vocab_size == padded  # 266 byte-tokenizer ids
+    _, vocab, _ = text_data
+    cfg = load_config(CONFIGS / "tiny_text.yaml", [*_text_indexed(text_data), "model.vocab_size=null"])
+    assert cfg.model.vocab_size == -(-vocab // 128) * 128 and cfg.model.vocab_size >= vocab
+    validate(cfg, 1)
+
+
+def test_vocab_size_null_with_an_unreadable_tokenizer_is_refused_naming_it(tmp_path):
+    missing = tmp_path / "none.model"
+    text = _refused_by_validate(CONFIGS / "tiny_transfusion.yaml",
+                                ("train.steps=10", "model.vocab_size=null", f"data.tokenizer={missing}"),
+                                "model.vocab_size = null (the tokenizer's size, padded) needs a readable data.tokenizer")
+    assert str(missing) in text
+
+
 def test_validate_refuses_a_dataset_made_with_a_bigger_tokenizer(text_data, tmp_path):
     """data.tokenizer fits model.vocab_size, but the dataset holds ids of a 1000-token one."""
     import json
