@@ -1,23 +1,28 @@
 """Energon-prepared WebDataset datasets -> packed ``Sample``s (``data.kind: energon``).
 
-``data.paths`` name Energon datasets of image-caption pairs (``CaptioningSample``: a folder
-of tar shards prepared by ``energon prepare``) and, optionally, indexed datasets
+``data.paths`` name Energon datasets (a folder of tar shards prepared by ``energon
+prepare``) of image-caption pairs (``CaptioningSample``) or of interleaved text and images
+(``InterleavedSample``: ``sequence``, a list of text pieces and images, mapped by a
+``sample_loader`` in ``dataset.yaml``) and, optionally, indexed datasets
 (``tools/preprocess_data.py``) to blend in by ``data.weights``.
 
 - Reading: one ``megatron.energon`` savable loader per Energon path and data-parallel rank
   (``WorkerConfig(rank=dp_rank, world_size=dp_size, num_workers=data.num_workers)``). Its
-  worker processes decode the PNG/JPEG, tokenize the caption and encode the image with the
-  run's representation (``megafusion.vision``: pixel / RAE / VAE) in ``encode_sample``, so
-  the training process only packs.
-- Documents: ``caption <boi> image <eoi> <eod>`` (generation) or, with probability
-  ``1 - caption_first_prob``, ``<boi> image <eoi> caption <eod>`` (captioning), the order
-  drawn from the sample's key; the ShapesWorld layout.
+  worker processes decode the PNG/JPEG, tokenize the text and encode the images with the
+  run's representation (``megafusion.vision``: pixel / RAE / VAE) in ``encode_sample``
+  (``SampleEncoder``), so the training process only packs.
+- Documents: a caption pair is ``caption <boi> image <eoi> <eod>`` (generation) or, with
+  probability ``1 - caption_first_prob``, ``<boi> image <eoi> caption <eod>`` (captioning),
+  the order drawn from the sample's key; the ShapesWorld layout. An interleaved sample is
+  its sequence in order, ``text <boi> image <eoi> text <boi> image <eoi> ... <eod>``: each
+  image its own span, as the indexed path lays out documents with several images.
 - Blending: document slot ``g`` of this rank is global slot ``g * dp_size + dp_rank`` of
   ``megafusion.data.mixture.BlendedIndex`` (Megatron's furthest-behind rule over
   ``data.weights``); an Energon source gives its next sample, an indexed source the
   document the index names (a seeded permutation per epoch).
 - Packing: greedy next-fit; the document that does not fit opens the next sequence.
-- Corrupt samples (an image that does not decode) are skipped and counted (``skipped``,
+- Corrupt samples (an image that does not decode; for an interleaved sample, any of its
+  images) are skipped and counted (``skipped``,
   logged as ``data_skipped_samples``); a run never stops for one bad file.
 - Resume: the stream is sequential, not index-addressable, so its position is a state:
   every Energon loader's ``save_state_rank()``, the slot counter, the pending document and
@@ -41,7 +46,7 @@ from megafusion.config import ConfigError
 from megafusion.data.energon_paths import energon_path_problems, is_energon_dataset
 from megafusion.data.mixture import BlendedIndex
 from megafusion.data.packing import Document, Segment, SequencePacker, document_length, truncate_document
-from megafusion.data.sample import IMAGE, Sample
+from megafusion.data.sample import IMAGE, TEXT, Sample
 
 _MAX_DOCS = 256  # per sequence; a guard, far above what fits
 _STATE_VERSION = 1
@@ -62,9 +67,35 @@ def decode_image(data: bytes, size: int) -> np.ndarray:
         return np.asarray(img, dtype=np.uint8).copy()
 
 
+def to_frame(image, size: int) -> np.ndarray:
+    """An image as a sample holds it -> uint8 [size, size, 3]: encoded bytes (decoded here) or
+    a tensor a decoder already made ([C, H, W] in [0, 1], of the run's size). Raises on bytes
+    that do not decode and on a tensor of another size."""
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return decode_image(bytes(image), size)
+    t = torch.as_tensor(image).float()
+    frame = (t.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    if frame.shape[:2] != (size, size):
+        raise ValueError(f"decoded image of shape {frame.shape} is not {size}x{size}")
+    return frame
+
+
+# Leading bytes of the image formats PIL reads that data sets hold (an interleaved sequence
+# may carry its text as bytes too: bytes without one of these that are UTF-8 are text).
+_IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"BM", b"II*\x00", b"MM\x00*")
+
+
+def _is_image_bytes(data: bytes) -> bool:
+    return data.startswith(_IMAGE_MAGIC) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
+
+
 @dataclass
-class CaptionEncoder:
-    """What the Energon workers run per sample: image + caption -> a document (or a skip)."""
+class SampleEncoder:
+    """What the Energon workers run per sample: an Energon sample -> a document's parts (or a
+    skip). ``caption`` reads a ``CaptioningSample``, ``interleaved`` an ``InterleavedSample``;
+    both return a dict of plain values (it crosses the worker pipe): ``parts``, the document
+    in reading order as ``(TEXT, token ids)`` / ``(IMAGE, latents [T, C])`` pairs (the stream
+    appends ``<eod>``), or ``skipped`` with the reason."""
 
     seed: int
     tokenizer: object
@@ -72,45 +103,84 @@ class CaptionEncoder:
     image_size: int
     caption_first_prob: float = 0.8
 
+    def _tokens(self, text) -> np.ndarray:
+        text = text.decode("utf-8", errors="replace") if isinstance(text, (bytes, bytearray)) else str(text)
+        return np.asarray(self.tokenizer.encode(text.strip()), dtype=np.int64)
+
     @torch.no_grad()
-    def __call__(self, key: str, image, caption) -> dict:
-        """A dict of plain values (it crosses the worker pipe): ``tokens`` (caption ids),
-        ``latents`` [T, C], ``caption_first``; or ``skipped`` with the reason."""
+    def _latents(self, frames: list[np.ndarray]) -> list[np.ndarray]:
+        """uint8 [H, W, 3] frames -> normalised latents [T, C] each, by the run's representation."""
+        images = torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).float() / 255.0
+        rep = self.representation
+        latents = rep.normalize(rep.encode(images)).float().numpy()
+        return [np.ascontiguousarray(lat, dtype=np.float32) for lat in latents]
+
+    def caption(self, key: str, image, caption) -> dict:
+        """``caption <boi> image <eoi>`` or, with probability ``1 - caption_first_prob`` (drawn
+        from the key), image first."""
         try:
-            if isinstance(image, (bytes, bytearray, memoryview)):
-                frame = decode_image(bytes(image), self.image_size)
-            else:  # a decoder already made a tensor [C, H, W] in [0, 1]
-                t = torch.as_tensor(image).float()
-                frame = (t.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-                if frame.shape[:2] != (self.image_size, self.image_size):
-                    raise ValueError(f"decoded image of shape {frame.shape} is not {self.image_size}x{self.image_size}")
+            frame = to_frame(image, self.image_size)
         except Exception as err:  # corrupt or truncated image: skipped and counted
             return {"key": key, "skipped": f"{type(err).__name__}: {err}"}
-        text = caption.decode("utf-8", errors="replace") if isinstance(caption, (bytes, bytearray)) else str(caption)
-        images = torch.from_numpy(frame[None]).permute(0, 3, 1, 2).float() / 255.0
-        rep = self.representation
-        latents = rep.normalize(rep.encode(images)).float()[0].numpy()
+        [latents] = self._latents([frame])
         rng = np.random.default_rng([self.seed, zlib.crc32(b"energon_caption_order"), zlib.crc32(key.encode())])
-        return {"key": key, "tokens": np.asarray(self.tokenizer.encode(text.strip()), dtype=np.int64),
-                "latents": np.ascontiguousarray(latents, dtype=np.float32),
-                "caption_first": bool(rng.random() < self.caption_first_prob)}
+        text, img = (TEXT, self._tokens(caption)), (IMAGE, latents)
+        return {"key": key, "parts": [text, img] if rng.random() < self.caption_first_prob else [img, text]}
+
+    def interleaved(self, key: str, sequence) -> dict:
+        """Text pieces and images in the sequence's order: ``text <boi> image <eoi> text ...``.
+        A ``str`` is text; bytes are an encoded image (or UTF-8 text when they do not start
+        like an image file); a tensor is a decoded image. A sample with an image that does not
+        decode is skipped whole (a document with a hole in it would teach the hole)."""
+        if not isinstance(sequence, (list, tuple)):
+            return {"key": key, "skipped": f"sequence is a {type(sequence).__name__}, not a list of text and "
+                                           "images (map it with a sample_loader in dataset.yaml)"}
+        kinds, frames = [], []
+        try:
+            for n, item in enumerate(sequence):
+                if isinstance(item, (bytes, bytearray, memoryview)) and not _is_image_bytes(bytes(item)):
+                    try:
+                        item = bytes(item).decode("utf-8")
+                    except UnicodeDecodeError:
+                        pass  # not text: decoded as an image below, skipped if it is not one
+                if isinstance(item, str):
+                    kinds.append((TEXT, self._tokens(item)))
+                elif isinstance(item, (bytes, bytearray, memoryview, torch.Tensor, np.ndarray)):
+                    frames.append(to_frame(item, self.image_size))
+                    kinds.append((IMAGE, len(frames) - 1))
+                else:
+                    raise TypeError(f"item {n} is a {type(item).__name__}, neither text nor an image")
+        except Exception as err:  # corrupt image, odd item: the sample is skipped and counted
+            return {"key": key, "skipped": f"{type(err).__name__}: {err}"}
+        latents = self._latents(frames) if frames else []
+        parts = [(m, v) if m == TEXT else (m, latents[v]) for m, v in kinds if m != TEXT or len(v)]
+        if not parts:
+            return {"key": key, "skipped": "empty sequence: no text and no image"}
+        return {"key": key, "parts": parts}
+
+    def __call__(self, sample) -> dict:
+        """An Energon sample (its type picks the layout) -> ``parts`` or ``skipped``."""
+        key = str(sample.__key__)
+        if hasattr(sample, "sequence"):
+            return self.interleaved(key, sample.sequence)
+        return self.caption(key, sample.image, sample.caption)
 
 
-def _task_encoder(encode: CaptionEncoder):
-    """An Energon TaskEncoder that runs ``encode`` in the loader workers (raw bytes in: the
-    image is decoded by ``encode``, so a corrupt one is skipped and counted, not fatal)."""
+def _task_encoder(encode: SampleEncoder):
+    """An Energon TaskEncoder that runs ``encode`` in the loader workers (raw bytes in: images
+    are decoded by ``encode``, so a corrupt one is skipped and counted, not fatal)."""
     from megatron.energon import DefaultTaskEncoder
 
-    class MegafusionCaptionEncoder(DefaultTaskEncoder):
-        decoder = None  # raw bytes; CaptionEncoder decodes
+    class MegafusionSampleEncoder(DefaultTaskEncoder):
+        decoder = None  # raw bytes; SampleEncoder decodes
 
         def encode_sample(self, sample):
-            return encode(str(sample.__key__), sample.image, sample.caption)
+            return encode(sample)
 
         def batch(self, samples):
             return samples
 
-    return MegafusionCaptionEncoder()
+    return MegafusionSampleEncoder()
 
 
 class _Unpickler(pickle.Unpickler):
@@ -153,7 +223,7 @@ class EnergonStream:
         self.packer = SequencePacker(self.seq_len, self.latent_dim, tok.pad_id, tok.boi_id, tok.eoi_id)
         sizes = [len(self.indexed[s]) if s in self.indexed else 1 for s in range(len(self.paths))]
         self.blend = BlendedIndex(sizes, self.weights, self.seed)
-        self.encoder = CaptionEncoder(self.seed, tok, self.representation, self.image_size, self.caption_first_prob)
+        self.encoder = SampleEncoder(self.seed, tok, self.representation, self.image_size, self.caption_first_prob)
         self.slot = 0
         self.pending: Document | None = None
         self.rank: tuple[int, int] | None = None
@@ -253,10 +323,9 @@ class EnergonStream:
             if len(self.skipped_examples) < 8:
                 self.skipped_examples.append(f"{self.paths[s]}:{item['key']} ({item['skipped']})")
             return None
-        caption = Segment(tokens=np.asarray(item["tokens"], dtype=np.int64))
-        image = Segment(latents=np.asarray(item["latents"], dtype=np.float32), modality=IMAGE)
-        eod = Segment(tokens=np.asarray([self.tokenizer.eod_id], dtype=np.int64))
-        return [caption, image, eod] if item["caption_first"] else [image, caption, eod]
+        doc = [Segment(tokens=np.asarray(v, dtype=np.int64)) if m == TEXT else
+               Segment(latents=np.asarray(v, dtype=np.float32), modality=IMAGE) for m, v in item["parts"]]
+        return doc + [Segment(tokens=np.asarray([self.tokenizer.eod_id], dtype=np.int64))]
 
     def sample(self, i: int | None = None) -> Sample:
         """The next packed sequence of this rank (``i`` is unused: the stream is sequential)."""
