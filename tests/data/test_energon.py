@@ -307,7 +307,8 @@ def test_energon_interleaved_training_losses_fall(interleaved, tmp_path):
     assert last < 0.5 * first, (first, last)
     first, last = np.mean([image[s] for s in (1, 2, 3)]), np.mean([image[s] for s in (18, 19, 20)])
     assert last < 0.8 * first, (first, last)
-    assert read_metrics(run)[-1]["data_skipped_samples"] >= 0
+    # 20 steps x 4 sequences of ~4 documents pass the 48 samples: the truncated PNG is met and counted
+    assert read_metrics(run)[-1]["data_skipped_samples"] >= 1
 
 
 def test_energon_interleaved_resume_equals_an_uninterrupted_run(interleaved, tmp_path):
