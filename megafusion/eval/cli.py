@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import math
 import sys
 import time
@@ -47,8 +48,10 @@ import numpy as np
 import torch
 
 from megafusion.eval.world import eval_world
-from megafusion.inference.cli import Parser, add_ode_arguments, checked
+from megafusion.inference.cli import (DEVICES, Parser, add_ode_arguments, checked, device_problem, out_dir_problem,
+                                      run_dir_problem)
 from megafusion.inference.generate import Generator, SamplingOptions
+from megafusion.logging_setup import configure_logging, megatron_warnings
 
 
 EVALUATIONS = ("generation", "captioning", "vqa", "world_model", "planning", "perplexity")
@@ -161,18 +164,34 @@ def evaluate(gen: Generator, cfg, out: Path, n: int = 32, opts: SamplingOptions 
     planning_n = planning_n or n
     generation_n = generation_n or n
 
+    requested = [name for name in EVALUATIONS if only is None or name in only]
+
     def timed(name: str, fn: Callable[[], dict]) -> None:
         if only is not None and name not in only:
             results[name] = {"skipped": "not requested (--only)"}
             return
+        log(f"[eval {requested.index(name) + 1}/{len(requested)}] {name} ...")
         started = time.perf_counter()
         results[name] = fn()
         results[name]["seconds"] = round(time.perf_counter() - started, 3)
         head = results[name].get("headline")
         if head:
-            log(f"[eval] {name}: {head['metric']} = {head['value']:.4g} (chance {head['chance']})")
+            log(f"[eval] {name}: {head['metric']} = {head['value']:.4g} (chance {head['chance']}) "
+                f"in {results[name]['seconds']:.0f}s")
         else:
             log(f"[eval] {name}: {results[name].get('skipped')}")
+
+    def counted(name: str, things, unit: str, total: int | None = None):
+        """``things``, saying ``name: i/n unit`` after each quarter of them (and at least every 30 s)."""
+        total = len(things) if total is None else total
+        every = max(1, -(-total // 4))
+        last = time.perf_counter()
+        for i, thing in enumerate(things):
+            yield thing
+            done = i + 1
+            if done < total and (done % every == 0 or time.perf_counter() - last > 30):
+                log(f"[eval] {name}: {done}/{total} {unit}")
+                last = time.perf_counter()
 
     def seeded(i: int) -> SamplingOptions:
         return replace(opts, seed=opts.seed + i)
@@ -182,7 +201,8 @@ def evaluate(gen: Generator, cfg, out: Path, n: int = 32, opts: SamplingOptions 
     # ---------------------------------------------------------------- image generation
     def generation() -> dict:
         prompts = items[:generation_n] + [world.image_text(i) for i in range(n, generation_n)]
-        images = [gen.generate_image(s.caption, seeded(i)) for i, s in enumerate(prompts)]
+        images = [gen.generate_image(s.caption, seeded(i))
+                  for i, s in counted("generation", list(enumerate(prompts)), "images")]
         k = min(len(prompts), 8)
         save_grid([s.image for s in prompts[:k]] + images[:k], out / "generation_grid.png", ncols=k)
         samples["generation"] = [{"prompt": s.caption} for s in prompts[:k]]
@@ -195,7 +215,8 @@ def evaluate(gen: Generator, cfg, out: Path, n: int = 32, opts: SamplingOptions 
 
     # ---------------------------------------------------------------- captioning
     def captioning() -> dict:
-        captions = [caption_image(gen, s.image, seeded(i)) for i, s in enumerate(items)]
+        captions = [caption_image(gen, s.image, seeded(i)) for i, s in counted("captioning", list(enumerate(items)),
+                                                                               "captions")]
         samples["captioning"] = [{"truth": s.caption, "generated": c} for s, c in zip(items[:8], captions[:8])]
         return score_captions(captions, [s.scene for s in items], chance_samples=16, **prior)
 
@@ -205,7 +226,7 @@ def evaluate(gen: Generator, cfg, out: Path, n: int = 32, opts: SamplingOptions 
     # ---------------------------------------------------------------- VQA
     def vqa() -> dict:
         qa = [(s.image, v) for s in items for v in s.vqa]
-        answers = [answer_question(gen, image, v.question, v.choices) for image, v in qa]
+        answers = [answer_question(gen, image, v.question, v.choices) for image, v in counted("vqa", qa, "questions")]
         samples["vqa"] = [{"question": v.question, "truth": v.answer, "generated": a}
                           for (_, v), a in zip(qa[:8], answers[:8])]
         return {**score_vqa(answers, [v for _, v in qa]), "protocol": "most likely candidate answer"}
@@ -219,7 +240,7 @@ def evaluate(gen: Generator, cfg, out: Path, n: int = 32, opts: SamplingOptions 
         clips = [world.action_video(i) for i in range(n)]
         c = clips[0].context_frames
         pred = np.stack([gen.rollout(a.frames[:c], a.actions, a.caption, seeded(i))
-                         for i, a in enumerate(clips)])
+                         for i, a in counted("world_model", list(enumerate(clips)), "rollouts")])
         k = min(len(clips), 4)
         rows = []
         for a, p in zip(clips[:k], pred[:k]):
@@ -237,9 +258,11 @@ def evaluate(gen: Generator, cfg, out: Path, n: int = 32, opts: SamplingOptions 
         tasks = [world.planning_task(i, horizon=horizon, n_candidates=planning_candidates)
                  for i in range(planning_n)]
         by_start = {id(t.start_frame): t for t in tasks}
+        ticks = counted("planning", range(len(tasks)), "tasks")
 
         def scorer(start, goal, candidates):
             task = by_start[id(start)]
+            next(ticks, None)  # says how far planning is (it scores one task per call)
             predict = lambda s, acts: gen.rollout(s[None], acts, agent_caption(task.episode, acts),  # noqa: E731
                                                   seeded(task.index))[-1]
             return world_model_plan_scorer(predict)(start, goal, candidates)
@@ -272,18 +295,48 @@ def evaluate(gen: Generator, cfg, out: Path, n: int = 32, opts: SamplingOptions 
         "samples": samples,
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    for line in results_table(results):
+        log(line)
     return metrics
+
+
+def _cell(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def results_table(results: dict[str, dict]) -> list[str]:
+    """The evaluations as an aligned table: evaluation, metric, value, chance, seconds; an
+    evaluation that did not run says why in place of its figures."""
+    rows = [("evaluation", "metric", "value", "chance", "seconds")]
+    notes = []
+    for name, r in results.items():
+        head = r.get("headline")
+        if head:
+            rows.append((name, str(head["metric"]), _cell(head["value"]), _cell(head["chance"]),
+                         f"{r.get('seconds', 0):.0f}"))
+        else:
+            notes.append(f"{name}: {r.get('skipped', 'no headline figure')}")
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["[eval] results:"]
+    lines += ["  " + "  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in
+                               enumerate(zip(row, widths))).rstrip() for row in rows]
+    lines += [f"  {note}" for note in notes]
+    return lines
 
 
 def load_world_config(path: str | Path):
     """A WorldConfig from a dataset manifest.json (its ``config``) or a JSON of its fields."""
     from megafusion.data.shapes import WorldConfig
 
+    if not Path(path).is_file():
+        what = "is a directory" if Path(path).is_dir() else "does not exist"
+        raise EvalError(f"--world {path}: {what}; give a dataset's manifest.json (written by python -m "
+                        "megafusion.data.shapes or the quickstart) or a JSON of WorldConfig fields")
     try:
         data = json.loads(Path(path).read_text())
         return WorldConfig.from_dict(data.get("config", data))
-    except (OSError, ValueError, TypeError) as err:
-        raise SystemExit(f"megafusion eval: --world {path}: {err}") from None
+    except (OSError, ValueError, TypeError, AttributeError) as err:
+        raise EvalError(f"--world {path}: not a ShapesWorld manifest or WorldConfig JSON ({err})") from None
 
 
 def write_tensorboard(metrics: dict, run_dir: Path, step: int) -> None:
@@ -320,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "JSON of WorldConfig fields); default: the run's in-process world, else the full world")
     p.add_argument("--only", default=None, metavar="NAME[,NAME]",
                    help=f"run just these evaluations ({', '.join(EVALUATIONS)}); default: all")
-    p.add_argument("--device", default=None, help="cpu | cuda | auto (default: the run's train.device)")
+    p.add_argument("--device", default=None, choices=DEVICES, help="default: the run's train.device")
     p.add_argument("--no-tensorboard", action="store_true")
     return p
 
@@ -375,6 +428,9 @@ class EvalOptions:
                 raise EvalError(f"--{name.replace('_', '-')} {value}: must be a time shift > 0 (1 = no shift)")
         if not math.isfinite(self.cfg):
             raise EvalError(f"--cfg {self.cfg}: must be a finite guidance scale (1 = off)")
+        problem = device_problem(self.device)
+        if problem:
+            raise EvalError(problem)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> EvalOptions:
@@ -397,32 +453,45 @@ def evaluate_run(options: EvalOptions) -> dict:
     from megafusion.inference.loading import load_run, run_device
     from megafusion.parallel import cpu_compat
 
+    # What can be told before loading anything.
+    problem = run_dir_problem(options.run_dir) or out_dir_problem(options.out)
+    if problem:
+        raise EvalError(problem)
+    world_config = None if options.world is None else load_world_config(options.world)
+    log = logging.getLogger(__name__).info
     with contextlib.ExitStack() as stack:
+        noise = stack.enter_context(megatron_warnings())  # megatron-core's start-up warnings: one line
         try:
             stack.enter_context(cpu_compat.applied(run_device(str(options.run_dir), options.device)))
             loaded = stack.enter_context(load_run(str(options.run_dir), options.step, options.device))
         except (FileNotFoundError, ValueError) as err:
             raise EvalError(str(err)) from err
+        noise.summarize()
         gen = Generator.from_run(loaded)
-        if options.world is not None:
-            gen.world_config = load_world_config(options.world)
+        if world_config is not None:
+            gen.world_config = world_config
         out = Path(options.out) if options.out else Path(options.run_dir) / "eval" / f"step_{loaded.step:08d}"
+        problem = out_dir_problem(out)
+        if problem:
+            raise EvalError(problem)
+        log(f"[eval] {options.run_dir} at step {loaded.step} -> {out}")
         opts = SamplingOptions(steps=options.steps, method=options.sampler, cfg_scale=options.cfg, seed=options.seed,
                                shift=options.shift, frame_shift=options.frame_shift)
         metrics = evaluate(gen, loaded.cfg, out, options.n, opts, options.planning_candidates,
                            planning_n=options.planning_n,
                            caption_first_prob=getattr(loaded.provider.stream, "caption_first_prob", 0.8),
-                           only=options.only, generation_n=options.generation_n)
+                           log=log, only=options.only, generation_n=options.generation_n)
         metrics.update(run_dir=str(options.run_dir), step=loaded.step)
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         if options.tensorboard:
             write_tensorboard(metrics, Path(options.run_dir), loaded.step)
-        print(f"[eval] wrote {out / 'metrics.json'}")
+        log(f"[eval] wrote {out / 'metrics.json'}")
     return metrics
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    configure_logging()  # progress lines and the results table (megafusion.logging_setup)
     try:
         evaluate_run(EvalOptions.from_args(args))
     except EvalError as err:

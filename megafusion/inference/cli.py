@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from megafusion.inference.generate import Generator, SamplingOptions
+from megafusion.logging_setup import configure_logging, megatron_warnings
 
 class Parser(argparse.ArgumentParser):
     """argparse with one-line errors: ``prog: error: argument --steps: ...`` and a pointer
@@ -50,6 +51,47 @@ def checked(parse: type, ok, requirement: str):
 
 
 positive_float = checked(float, lambda v: v > 0, "a number > 0")
+
+DEVICES = ("auto", "cpu", "cuda")
+RUN_DIR_EXPECTED = ("a run directory of `megafusion train` (config.yaml + checkpoints/) or of `megafusion export` "
+                    "(config.json + model.safetensors)")
+
+
+def run_dir_problem(run_dir: str | Path) -> str | None:
+    """Why ``--run-dir`` cannot be a run at all (missing, a file), in one line; None if it may be.
+    What a directory holds is checked by ``megafusion.inference.loading`` (it names the file it lacks)."""
+    path = Path(run_dir)
+    if not path.exists():
+        return f"--run-dir {run_dir}: does not exist; give {RUN_DIR_EXPECTED}"
+    if not path.is_dir():
+        return f"--run-dir {run_dir}: is a file, not a directory; give {RUN_DIR_EXPECTED}"
+    return None
+
+
+def out_dir_problem(out: str | Path | None, flag: str = "--out") -> str | None:
+    """Why an output directory cannot be written (an existing file in its place), or None."""
+    if out is None:
+        return None
+    for parent in (Path(out), *Path(out).parents):
+        if parent.exists():
+            if not parent.is_dir():
+                return f"{flag} {out}: {parent} is a file; give a directory to write into"
+            return None
+    return None
+
+
+def device_problem(device: str | None) -> str | None:
+    """Why ``--device`` cannot be used here (not one of :data:`DEVICES`, or cuda without a GPU), or None."""
+    if device is None:
+        return None
+    if device not in DEVICES:
+        return f"--device {device}: choose from {', '.join(DEVICES)}"
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            return "--device cuda: no CUDA GPU is visible here; give --device cpu or auto"
+    return None
 
 
 def action_list(text: str) -> list[str]:
@@ -105,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                                   "token)"),
                    default=None, help="sample among the K most likely tokens (needs --temperature > 0)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None, help="cpu | cuda | auto (default: the run's train.device)")
+    p.add_argument("--device", default=None, choices=DEVICES, help="default: the run's train.device")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence per token (reference)")
     p.add_argument("--out", required=True, help="output directory (PNG files + generation.json)")
     return p
@@ -134,16 +176,27 @@ def main(argv: list[str] | None = None) -> int:
         print("megafusion generate: give --prompt (text or, with --image-prompt, an image caption), "
               "--caption IMAGE.png or --rollout INDEX", file=sys.stderr)
         return 2
+    # What can be told before loading anything: one line each, exit 2.
+    caption_image = None
+    problem = (run_dir_problem(args.run_dir) or out_dir_problem(args.out) or device_problem(args.device))
+    if problem is None and args.caption is not None:
+        caption_image, problem = _read_caption_image(args.caption)
+    if problem is not None:
+        print(f"megafusion generate: {problem}", file=sys.stderr)
+        return 2
+    configure_logging()
     from megafusion.inference.loading import load_run, run_device
     from megafusion.parallel import cpu_compat
 
     with contextlib.ExitStack() as stack:
+        noise = stack.enter_context(megatron_warnings())  # megatron-core's start-up warnings: one line
         try:  # on CPU the compatibility layer, then the run, both for the whole command
             stack.enter_context(cpu_compat.applied(run_device(args.run_dir, args.device)))
             loaded = stack.enter_context(load_run(args.run_dir, args.step, args.device))
         except (FileNotFoundError, ValueError) as err:
             print(f"megafusion generate: {err}", file=sys.stderr)
             return 2
+        noise.summarize()
         gen = Generator.from_run(loaded, use_cache=not args.no_cache)
         opts = SamplingOptions(args.temperature, 0 if args.top_k is None else args.top_k, args.steps, args.sampler, args.cfg, args.seed,
                                args.shift, args.frame_shift)
@@ -153,11 +206,8 @@ def main(argv: list[str] | None = None) -> int:
                         "sampler": args.sampler, "steps": args.steps, "cfg": args.cfg, "shift": args.shift,
                         "frame_shift": args.frame_shift}
         if args.caption is not None:
-            from megafusion.data.shapes import load_png
-
-            image = load_png(args.caption)
             record.update(mode="caption", image=str(args.caption),
-                          text=gen.caption(image, args.max_new_tokens, opts))
+                          text=gen.caption(caption_image, args.max_new_tokens, opts))
         elif args.rollout is not None:
             record.update(mode="rollout", **_rollout(gen, args, opts, out))
         else:
@@ -168,6 +218,19 @@ def main(argv: list[str] | None = None) -> int:
         (out / "generation.json").write_text(json.dumps(record, indent=2) + "\n")
         print(json.dumps(record, indent=2))
     return 0
+
+
+def _read_caption_image(path: str) -> tuple[np.ndarray | None, str | None]:
+    """(the image of ``--caption``, None) or (None, why it cannot be read)."""
+    from megafusion.data.shapes import load_png
+
+    if not Path(path).is_file():
+        what = "is a directory" if Path(path).is_dir() else "does not exist"
+        return None, f"--caption {path}: {what}; give a PNG image file"
+    try:
+        return load_png(path), None
+    except Exception as err:  # PIL's UnidentifiedImageError, a truncated file, ...: say so in one line
+        return None, f"--caption {path}: cannot be read as an image ({type(err).__name__}: {err}); give a PNG file"
 
 
 def _rollout(gen: Generator, args, opts: SamplingOptions, out: Path) -> dict:

@@ -201,3 +201,37 @@ def test_rollout_prompts_in_the_training_layout_frame_after_each_action(loaded):
     assert frames.shape == (3, 32, 32, 3) and frames.dtype == np.uint8
     assert [s[1:] for s in seen] == [[tok.frame_id, tok.boi_id]] * 3
     assert [s[0] for s in seen] == [tok.encode_action(x)[0] for x in a.actions]
+
+
+def test_a_step_without_checkpoint_is_refused_with_the_steps_there_are(run_dir, tmp_path, capsys):
+    """`--step` naming no checkpoint: one line with the steps there are, exit 2 (eval and generate)."""
+    from megafusion.eval.cli import main as eval_main
+    from megafusion.inference.cli import main as generate_main
+
+    for main, prog, extra in ((eval_main, "eval", ["--out", str(tmp_path / "e")]),
+                              (generate_main, "generate", ["--prompt", "x", "--out", str(tmp_path / "g")])):
+        assert main(["--run-dir", str(run_dir), "--step", "7", *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Traceback" not in err, err
+        assert err.startswith(f"megafusion {prog}: ") and "no checkpoint for step 7; available steps: [2]" in err
+
+
+def test_eval_prints_progress_and_a_results_table(run_dir, tmp_path, caplog):
+    import logging
+
+    from megafusion.eval.cli import EvalOptions, evaluate_run, results_table
+
+    with caplog.at_level(logging.INFO, logger="megafusion.eval.cli"):
+        evaluate_run(EvalOptions(run_dir=run_dir, out=tmp_path / "e", n=4, steps=1,
+                                 only=("world_model", "perplexity"), tensorboard=False))
+    lines = [r.getMessage() for r in caplog.records if r.name == "megafusion.eval.cli"]
+    assert "[eval 1/2] world_model ..." in lines and "[eval 2/2] perplexity ..." in lines
+    assert [line for line in lines if line.startswith("[eval] world_model: ") and "/4 rollouts" in line] == [
+        "[eval] world_model: 1/4 rollouts", "[eval] world_model: 2/4 rollouts", "[eval] world_model: 3/4 rollouts"]
+    table = lines[lines.index("[eval] results:"):]
+    assert table[1].split() == ["evaluation", "metric", "value", "chance", "seconds"]
+    assert table[2].split()[:2] == ["world_model", "agent_position_accuracy"]
+    assert table[3].split()[:2] == ["perplexity", "perplexity"]
+    assert any("generation: not requested (--only)" in line for line in table)
+    assert results_table({"vqa": {"skipped": "why"}}) == [
+        "[eval] results:", "  evaluation  metric  value  chance  seconds", "  vqa: why"]
