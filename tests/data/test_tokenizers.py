@@ -207,7 +207,7 @@ def test_preprocess_train_generate(kind_path, corpus, tmp_path):
         from megafusion.interop.import_ import import_export
 
         export_run(run, tmp_path / "export")
-        exported = json.loads((tmp_path / "export" / "config.json").read_text())
+        exported = json.loads((tmp_path / "export" / "config.json").read_text())["megafusion"]
         assert exported["config"]["data"]["tokenizer"] == path.name
         assert (tmp_path / "export" / path.name / "tokenizer.json").is_file()
         info = exported["architecture"]["text"]["tokenizer"]
