@@ -376,11 +376,15 @@ def main(argv: list[str] | None = None) -> int:
     from megafusion.training.guards import NON_FINITE_EXIT_CODE, NonFiniteError
     from megafusion.training.preemption import PREEMPTED_EXIT_CODE, Preempted
 
+    from megafusion.logging_setup import configure_logging, megatron_warnings
+
+    configure_logging()  # the training steps' progress lines (rank and time per record)
     try:
         try:
             from megafusion.parallel import cpu_compat
 
-            with cpu_compat.applied(_device(cfg)):  # on CPU: megatron-core's compatibility layer
+            # on CPU: megatron-core's compatibility layer; its warnings: one line (MEGAFUSION_SHOW_WARNINGS=1)
+            with cpu_compat.applied(_device(cfg)), megatron_warnings():
                 split_times, seen = run(cfg, run_dir, args.warmup, args.steps, args.profile_steps, args.trace)
         except NonFiniteError as err:
             print(f"megafusion bench: {err}", file=sys.stderr)
