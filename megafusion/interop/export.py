@@ -100,8 +100,6 @@ def export_run(run_dir: str | Path, out: str | Path, step: int | None = None, dt
         arch = architecture.describe(cfg, tokenizer, representation, representation_path)
     if fmt == "hf-llama":
         tensors = hf_llama.to_hf(tensors, cfg)
-    for old in list(out.glob("model*.safetensors")) + list(out.glob("model.safetensors.index.json")):
-        old.unlink()
     write_tensors(tensors, out, max_shard_size, progress=progress)
     tokenizer = getattr(cfg.data, "tokenizer", None)
     if tokenizer:

@@ -56,7 +56,8 @@ def write_tensors(tensors: dict[str, torch.Tensor], out: Path, max_shard_size: i
     Face index ``model.safetensors.index.json`` above ``max_shard_size`` (bytes, or a string such
     as "5GB"; ``huggingface_hub.split_torch_state_dict_into_shards`` groups them). Each file's
     header metadata is ``{"format": "pt"}`` (what ``transformers`` requires) plus ``metadata``.
-    ``progress``: a bar on stderr (default: when stderr is a terminal or the export is big)."""
+    ``progress``: a bar on stderr (default: when stderr is a terminal or the export is big).
+    An earlier export's model files in ``out`` are removed first."""
     from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
@@ -67,6 +68,8 @@ def write_tensors(tensors: dict[str, torch.Tensor], out: Path, max_shard_size: i
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     if progress is None:
         progress = sys.stderr.isatty() or total >= PROGRESS_BYTES
+    for old in list(out.glob("model*.safetensors")) + list(out.glob("model.safetensors.index.json")):
+        old.unlink()  # an earlier export's files (another sharding) must not mix with these
     paths = []
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"writing {out}", disable=not progress,
               file=sys.stderr) as bar:
@@ -197,6 +200,11 @@ def read_config(src: Path, overrides: list[str] | tuple[str, ...] = ()):
             raise ConfigError(f"'{path}': the architecture block disagrees with the config it ships:\n  "
                               + "\n  ".join(problems) + "\n(the \"config\" mapping is the truth: fix or remove "
                               "\"architecture\", or export the run again)")
+    if MEGAFUSION_SECTION in raw and not hf_llama.is_hf_llama(raw):
+        kind = f"megafusion-{cfg.model.kind}"
+        if raw.get("model_type") != kind or raw.get("architectures") != [ARCHITECTURES[kind]]:
+            raise ConfigError(f"'{path}': model_type = {raw.get('model_type')!r}, architectures = "
+                              f"{raw.get('architectures')!r} but the config gives {kind!r}, {[ARCHITECTURES[kind]]!r}")
     if hf_llama.is_hf_llama(raw) and section:
         want = hf_llama.hf_config(cfg, section.get("dtype") or "fp32")
         problems = [f"'{k}' is {raw[k]!r} but the megafusion config gives {want[k]!r}" for k in sorted(want)

@@ -324,6 +324,27 @@ def test_the_first_config_json_layout_still_loads(base, tmp_path, cpu_layer):
     torch.testing.assert_close(megafusion_logits(tmp_path / "imported", TOKENS), want, rtol=0, atol=1e-6)
 
 
+@pytest.mark.distributed
+def test_top_level_fields_must_agree_with_the_config(base, tmp_path):
+    from megafusion.config import ConfigError
+    from megafusion.interop.export import export_run
+    from megafusion.interop.safetensors_io import read_config
+
+    run_dir, out = trained("tp2", base)
+    new = export_run(run_dir, tmp_path / "new")
+    raw = json.loads((new / "config.json").read_text())
+    for key, value, message in (("model_type", "megafusion-transfusion", "model_type = 'megafusion-transfusion'"),
+                                ("notes", "hi", r"unknown field\(s\) \['notes'\]")):
+        (tmp_path / "new" / "config.json").write_text(json.dumps({**raw, key: value}))
+        with pytest.raises(ConfigError, match=message):
+            read_config(new)
+    hf = json.loads((out / "config.json").read_text())
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**hf, "num_key_value_heads": 4}))
+    with pytest.raises(ConfigError, match="'num_key_value_heads' is 4 but the megafusion config gives 2"):
+        read_config(tmp_path / "hf")
+
+
 def test_plain_llama_configs_megafusion_cannot_run_are_refused(tmp_path):
     from megafusion.interop import hf_llama
 
@@ -334,3 +355,20 @@ def test_plain_llama_configs_megafusion_cannot_run_are_refused(tmp_path):
                            ({"rms_norm_eps": 1e-6}, "rms_norm_eps = 1e-06")):
         with pytest.raises(ValueError, match=reason):
             hf_llama.config_tree({**cfg, **change}, "x")
+
+
+def test_write_tensors_shows_progress_only_when_asked_or_big(tmp_path, capsys, monkeypatch):
+    from megafusion.interop import safetensors_io
+
+    tensors = {f"t{i}": torch.randn(100, 100) for i in range(4)}
+    safetensors_io.write_tensors(tensors, tmp_path, "50KB")  # stderr is not a terminal here, and it is small
+    assert capsys.readouterr().err == ""
+    assert json.loads((tmp_path / "model.safetensors.index.json").read_text())["metadata"]["total_size"] == 160_000
+    safetensors_io.write_tensors(tensors, tmp_path, "50KB", progress=True)
+    assert "writing" in capsys.readouterr().err
+    monkeypatch.setattr(safetensors_io, "PROGRESS_BYTES", 1000)  # a "big" export shows it by default
+    safetensors_io.write_tensors(tensors, tmp_path, "5GB")
+    assert "writing" in capsys.readouterr().err
+    assert load_file(str(tmp_path / "model.safetensors")).keys() == tensors.keys()
+    assert not (tmp_path / "model.safetensors.index.json").exists()  # the sharded files went first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
