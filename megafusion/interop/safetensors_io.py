@@ -30,21 +30,19 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 PROGRESS_BYTES = 1 << 30  # exports at least this big show a progress bar even when stderr is not a terminal
 
 
-def parse_size(text: str | int) -> int:
-    """'5GB' / '500MB' / '40KB' / '123' -> bytes, in Hugging Face's (decimal) units: 1GB = 10**9
-    bytes, 1GiB = 2**30 (``huggingface_hub``'s ``max_shard_size``)."""
-    from huggingface_hub.serialization._base import parse_size_to_int
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40}
 
-    t = str(text).strip().upper().replace(" ", "")
-    try:
-        if t.isdigit():
-            size = int(t)
-        elif t.endswith("IB") and t[:-3].replace(".", "", 1).isdigit():
-            size = int(float(t[:-3]) * {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[t[-3]])
-        else:
-            size = parse_size_to_int(t)
-    except (ValueError, KeyError):
-        raise ValueError(f"--max-shard-size {text!r} is not a size; write e.g. 5GB, 500MB, 2GiB or 123 (bytes)") from None
+
+def parse_size(text: str | int) -> int:
+    """'5GB' / '500MB' / '40KB' / '2GiB' / '123' -> bytes, in Hugging Face's units (those of
+    ``huggingface_hub``'s ``max_shard_size``): 1GB = 10**9 bytes, 1GiB = 2**30."""
+    import re
+
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?", str(text).strip().upper())
+    if match is None:
+        raise ValueError(f"--max-shard-size {text!r} is not a size; write e.g. 5GB, 500MB, 2GiB or 123 (bytes)")
+    size = int(float(match.group(1)) * _UNITS[match.group(2) or "B"])
     if size <= 0:
         raise ValueError(f"--max-shard-size {text!r} must be more than 0 bytes")
     return size

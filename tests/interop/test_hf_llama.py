@@ -202,7 +202,7 @@ def test_sizes_are_hugging_face_units():
     from megafusion.interop.safetensors_io import parse_size
 
     assert parse_size("5GB") == 5 * 10**9 and parse_size("40KB") == 40_000 and parse_size("2GiB") == 2 << 30
-    assert parse_size("123") == 123 and parse_size(1000) == 1000
+    assert parse_size("123") == 123 and parse_size(1000) == 1000 and parse_size("1.5 MB") == 1_500_000
     with pytest.raises(ValueError, match="is not a size"):
         parse_size("big")
 
