@@ -210,6 +210,19 @@ class CheckpointConfig:
 
 
 @dataclass
+class WandbConfig:
+    """Weights & Biases, optional: with a project set, rank 0 also logs metrics.jsonl's scalars there."""
+
+    project: str | None = None  # the W&B project; null: no W&B (wandb is imported only when set)
+    entity: str | None = None  # the W&B user or team; null: wandb's default entity
+    mode: Literal["online", "offline", "disabled"] = "online"  # wandb.init's mode (offline: sync later)
+
+
+# ShapesWorld captions: what the sample grids draw by default.
+DEFAULT_SAMPLE_PROMPTS = ("a red circle", "a blue square", "a green triangle", "a blue circle")
+
+
+@dataclass
 class LoggingConfig:
     """Metrics (metrics.jsonl, the console and TensorBoard)."""
 
@@ -219,6 +232,13 @@ class LoggingConfig:
     # a stop always print. metrics.jsonl keeps every logged step either way.
     console_every: int | None = None
     tensorboard: bool = True  # also write TensorBoard events to the run directory's tensorboard/
+    # Every N steps (and at the last) the Transfusion model draws an image for each of
+    # logging.sample_prompts and TensorBoard gets them as one grid ("samples"); 0: never. World
+    # size 1 only (the training model itself samples, with the training RNG put back after).
+    sample_every: int = 0
+    sample_prompts: list[str] = field(default_factory=lambda: list(DEFAULT_SAMPLE_PROMPTS))  # the sample grid's prompts
+    sample_steps: int = 10  # ODE steps per sampled image (few: a preview, not an evaluation)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
 @dataclass
@@ -374,6 +394,8 @@ def validate(cfg: Config, world_size: int) -> None:
     if ok("logging.every", "logging.console_every") and lg.console_every is not None and lg.console_every % lg.every:
         add(f"logging.console_every = {lg.console_every} must be a multiple of logging.every = {lg.every} "
             "(a console line shows a logged step's metrics)", "logging.console_every")
+    for message in _logging_problems(cfg, world_size, ok):
+        add(message)
 
     dp = None  # the data-parallel size, once the layout allows one
     if ok("parallel.tp", "parallel.pp"):
@@ -457,6 +479,34 @@ def validate(cfg: Config, world_size: int) -> None:
         raise ConfigError(f"invalid config: {problem}")
 
 
+def _logging_problems(cfg: Config, world_size: int, ok: Callable[..., bool]) -> list[str]:
+    """Sample grids need a Transfusion model that one process holds whole; W&B needs wandb."""
+    lg, p = cfg.logging, cfg.parallel
+    problems = []
+    if ok("logging.sample_every", "model.kind") and lg.sample_every > 0:
+        why = "the training model itself samples, whole, in one process"
+        if cfg.model.kind != "transfusion":
+            problems.append(f"logging.sample_every = {lg.sample_every} needs model.kind = transfusion (sample grids "
+                            f"are images), got {cfg.model.kind}; set logging.sample_every = 0")
+        elif ok("parallel.tp", "parallel.pp", "parallel.ep") and (world_size > 1 or max(p.tp, p.pp, p.ep) > 1):
+            problems.append(f"logging.sample_every = {lg.sample_every} needs world size 1 (no tp/pp/ep, no data "
+                            f"parallelism; {why}), got world size {world_size} with tp = {p.tp}, pp = {p.pp}, "
+                            f"ep = {p.ep}; set logging.sample_every = 0 and sample with `megafusion generate`")
+        elif not lg.sample_prompts:
+            problems.append("logging.sample_every > 0 needs logging.sample_prompts: at least one prompt")
+    wandb = lg.wandb
+    if wandb.project is None and wandb.entity is not None:
+        problems.append(f"logging.wandb.entity = {wandb.entity} has no effect without logging.wandb.project; "
+                        "set the project or remove the entity")
+    if wandb.project is not None:
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            problems.append(f"logging.wandb.project = {wandb.project} needs the wandb package, which is not "
+                            "installed: pip install wandb, or unset logging.wandb.project")
+    return problems
+
+
 def _non_finite_problems(cfg: Config) -> list[tuple[str, str]]:
     """(key, message) of every NaN or infinite float in the config. Checked for all fields at once
     because a range check alone lets NaN through (``nan > 0`` and ``nan <= 0`` are both
@@ -523,6 +573,8 @@ _BOUNDS: dict[str, tuple[Any, str, str]] = {
     "checkpoint.every": (*_at_least(0), "0: save only at the end"),
     "logging.every": (*_at_least(1), "log every N steps"),
     "logging.console_every": (*_at_least(1), "null: a console line for every logged step"),
+    "logging.sample_every": (*_at_least(0), "0: no sample grids"),
+    "logging.sample_steps": (*_at_least(1), "ODE steps per sampled image"),
 }
 
 

@@ -178,8 +178,13 @@ def train(cfg: Config, run_dir: Path, profiler=None, watcher: PreemptionWatcher 
         if watcher.requested(env.device):  # a signal while setting up: stop before any work
             raise Preempted(watcher.signal_name, start_step, saved=False)
 
-        writer = MetricsWriter(run_dir, env.is_main, cfg.logging.tensorboard, cfg.train.steps, start_step,
-                               console_every=cfg.logging.console_every)
+        lg = cfg.logging
+        # MoE routing heatmaps: at most once per console line (every 10 logged steps without console_every).
+        writer = MetricsWriter(run_dir, env.is_main, lg.tensorboard, cfg.train.steps, start_step,
+                               console_every=lg.console_every,
+                               heatmap_every=(lg.console_every or 10 * lg.every) if cfg.model.moe.num_experts else None,
+                               wandb=lg.wandb if lg.wandb.project is not None else None,
+                               run_config=cfg.to_dict() if lg.wandb.project is not None else None)
         forward_backward = get_forward_backward_func()
         from megafusion.scaling.flops import ModelShape
 
@@ -251,6 +256,12 @@ def train(cfg: Config, run_dir: Path, profiler=None, watcher: PreemptionWatcher 
                     if hasattr(provider, "step_metrics"):
                         metrics.update(provider.step_metrics(model_chunks))
                     writer.log(step, metrics, force_console=stopping or not update.applied)
+                # Sample grids (world size 1, validate's rule): the training RNG is put back after.
+                if (lg.sample_every and env.is_main and (lg.tensorboard or lg.wandb.project is not None)
+                        and (step % lg.sample_every == 0 or step == cfg.train.steps)):
+                    from megafusion.training.samples import SAMPLES_TAG, sample_grid
+
+                    writer.add_image(SAMPLES_TAG, sample_grid(model_chunks, provider, cfg, env.device), step)
                 if profiler is not None:
                     profiler.step()
                 checkpointer.poll()

@@ -5,6 +5,12 @@ Only the global rank 0 writes; other ranks get a writer that does nothing. Every
 progress line with an ETA every ``logging.console_every`` steps (the first and last logged
 step, skipped steps and a stop always), through the ``megafusion.training.metrics`` logger
 (``megafusion.logging_setup`` formats it: time and rank).
+
+TensorBoard also gets images (:mod:`megafusion.training.samples`): the ``samples`` grid of
+``logging.sample_every`` and, for MoE models, the ``moe/routing_heatmap`` of the routing
+metrics every ``heatmap_every`` logged steps (and at the last step). With
+``logging.wandb.project`` set, the same scalars (and images) go to Weights & Biases; wandb
+is imported only then.
 """
 
 from __future__ import annotations
@@ -63,12 +69,17 @@ class MetricsWriter:
     run); rows and TensorBoard events of later steps, left by an earlier attempt, are dropped."""
 
     def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, total_steps: int,
-                 start_step: int = 0, console_every: int | None = None) -> None:
+                 start_step: int = 0, console_every: int | None = None, heatmap_every: int | None = None,
+                 wandb: Any = None, run_config: dict[str, Any] | None = None) -> None:
+        """``heatmap_every``: steps between MoE routing heatmaps (None: none); ``wandb``: a
+        ``WandbConfig`` (None or no project: no W&B), ``run_config`` the config it records."""
         self.enabled = enabled
         self.total_steps = total_steps
         self.console_every = console_every  # None: a console line for every logged step
+        self.heatmap_every = heatmap_every
         self._jsonl = None
         self._tb = None
+        self._wandb = None
         self._start = time.time()
         self._start_step = start_step
         self._first: tuple[float, int] | None = None  # (time, step) of the first logged step: the ETA's origin
@@ -82,6 +93,12 @@ class MetricsWriter:
 
             # purge_step: TensorBoard hides the earlier attempt's events from this step on.
             self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=start_step + 1)
+        if wandb is not None and wandb.project is not None:
+            import wandb as wandb_module  # only when asked for: validate checked that it is installed
+
+            self._wandb_module = wandb_module
+            self._wandb = wandb_module.init(project=wandb.project, entity=wandb.entity, config=run_config,
+                                            dir=str(run_dir), mode=wandb.mode)
 
     def log(self, step: int, metrics: dict[str, Any], force_console: bool = False) -> None:
         """A row of ``metrics.jsonl`` (and TensorBoard scalars) for ``step``; a console line when
@@ -94,6 +111,15 @@ class MetricsWriter:
             for key, value in metrics.items():
                 if isinstance(value, (int, float)) and math.isfinite(value):
                     self._tb.add_scalar(key, value, step)
+            if self.heatmap_every and (step % self.heatmap_every == 0 or step >= self.total_steps):
+                from megafusion.training.samples import HEATMAP_TAG, routing_heatmap
+
+                heatmap = routing_heatmap(metrics, step)
+                if heatmap is not None:
+                    self.add_image(HEATMAP_TAG, heatmap, step)
+        if self._wandb is not None:
+            self._wandb.log({key: value for key, value in metrics.items()
+                             if isinstance(value, (int, float)) and math.isfinite(value)}, step=step)
         if self._first is None:
             self._first = (time.time(), step)
         if force_console or self.console_due(step):
@@ -145,8 +171,18 @@ class MetricsWriter:
             for key, value in scalars.items():
                 self._tb.add_scalar(key, value, step)
 
+    def add_image(self, tag: str, image, step: int) -> None:
+        """An [H, W, 3] uint8 image for TensorBoard (and W&B when set), e.g. a sample grid."""
+        if self._tb is not None:
+            self._tb.add_image(tag, image, step, dataformats="HWC")
+        if self._wandb is not None:
+            self._wandb.log({tag: self._wandb_module.Image(image)}, step=step)
+
     def close(self) -> None:
         if self._jsonl is not None:
             self._jsonl.close()
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
