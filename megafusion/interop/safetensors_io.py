@@ -25,11 +25,7 @@ from megafusion.interop import names
 
 FORMAT = "megafusion-safetensors-v1"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
 PROGRESS_BYTES = 1 << 30  # exports at least this big show a progress bar even when stderr is not a terminal
-
-
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40}
 
