@@ -264,7 +264,7 @@ class EnergonStream:
                                       f"vision.{cfg.vision.representation} makes {rep.latent_dim}")
         workers = default_num_workers("cuda" if cfg.train.device != "cpu" and torch.cuda.is_available() else "cpu") \
             if d.num_workers is None else d.num_workers
-        tokenizer = load_tokenizer(d.tokenizer, getattr(d, "tokenizer_type", "SentencePieceTokenizer"))
+        tokenizer = load_tokenizer(d.tokenizer, d.tokenizer_type)
         try:
             return cls(cfg.train.seed, cfg.model.seq_length, tokenizer, rep, list(d.paths), weights, indexed,
                        cfg.vision.image_size, workers)

@@ -418,10 +418,9 @@ def copy_tokenizer(src: str | os.PathLike, dest_dir: str | os.PathLike) -> Path:
 def write_tokenizer_map(data_cfg, run_dir: str | os.PathLike) -> Path | None:
     """Writes ``tokenizer_map.json`` (the configured tokenizer's ``mapping()``) into the run
     directory when ``data.tokenizer`` is set; returns its path."""
-    path = getattr(data_cfg, "tokenizer", None)
-    if path is None:
+    if data_cfg.tokenizer is None:
         return None
-    tok = load_tokenizer(path, getattr(data_cfg, "tokenizer_type", SENTENCEPIECE))
+    tok = load_tokenizer(data_cfg.tokenizer, data_cfg.tokenizer_type)
     out = Path(run_dir) / MAP_FILE
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(json.dumps(tok.mapping(), indent=1))
