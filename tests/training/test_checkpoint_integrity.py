@@ -177,7 +177,7 @@ def test_export_skips_a_corrupt_checkpoint_and_fails_cleanly_when_none_verifies(
     proc = cli("export", "--run-dir", str(copy), "--out", str(tmp_path / "out"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "checkpoint step_00000006 skipped: __0_0.distcp checksum mismatch" in proc.stderr
-    assert json.loads((tmp_path / "out" / "config.json").read_text())["step"] == 3
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["megafusion"]["step"] == 3
     (ckpt(copy, 3) / ".metadata").unlink()
     proc = cli("export", "--run-dir", str(copy), "--out", str(tmp_path / "out2"))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
