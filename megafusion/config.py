@@ -494,10 +494,18 @@ def _logging_problems(cfg: Config, world_size: int, ok: Callable[..., bool]) -> 
                             f"ep = {p.ep}; set logging.sample_every = 0 and sample with `megafusion generate`")
         elif not lg.sample_prompts:
             problems.append("logging.sample_every > 0 needs logging.sample_prompts: at least one prompt")
+    elif ok("logging.sample_every"):
+        defaults = LoggingConfig()
+        for key in ("sample_prompts", "sample_steps"):
+            if getattr(lg, key) != getattr(defaults, key) and ok(f"logging.{key}"):
+                problems.append(f"logging.{key} = {getattr(lg, key)} has no effect with logging.sample_every = 0 "
+                                "(no sample grids); set logging.sample_every or remove it")
     wandb = lg.wandb
-    if wandb.project is None and wandb.entity is not None:
-        problems.append(f"logging.wandb.entity = {wandb.entity} has no effect without logging.wandb.project; "
-                        "set the project or remove the entity")
+    if wandb.project is None:
+        for key, default in (("entity", None), ("mode", WandbConfig().mode)):
+            if getattr(wandb, key) != default:
+                problems.append(f"logging.wandb.{key} = {getattr(wandb, key)} has no effect without "
+                                f"logging.wandb.project; set the project or remove the {key}")
     if wandb.project is not None:
         import importlib.util
 
@@ -608,6 +616,9 @@ def _data_problems(cfg: Config, ok: Callable[..., bool]) -> list[str]:
                         "(a sentencepiece .model, or a Hugging Face directory with data.tokenizer_type)")
     if d.kind == "energon":
         problems += _energon_problems(cfg)
+    if d.tokenizer is None and d.tokenizer_type != DataConfig().tokenizer_type:
+        problems.append(f"data.tokenizer_type = {d.tokenizer_type} has no effect without data.tokenizer (the byte "
+                        "tokenizer is used); set data.tokenizer to that tokenizer's path or remove the type")
     # Keys that only some data kinds read.
     for key, kinds in (("paths", ("indexed", "energon")), ("weights", ("indexed", "energon")),
                        ("tokenizer", ("indexed", "shapes", "energon"))):

@@ -543,3 +543,17 @@ def test_recipes_refuse_with_validates_messages():
     with pytest.raises(ConfigError) as info:
         require_provider_config(cfg)
     assert str(info.value) == "invalid config: " + provider_problems(cfg)[0]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.tokenizer_type=HuggingFaceTokenizer",
+     "data.tokenizer_type = HuggingFaceTokenizer has no effect without data.tokenizer"),
+    ("logging.sample_steps=5", "logging.sample_steps = 5 has no effect with logging.sample_every = 0"),
+    ("logging.sample_prompts=[a red square]",
+     "logging.sample_prompts = ['a red square'] has no effect with logging.sample_every = 0"),
+    ("logging.wandb.mode=offline", "logging.wandb.mode = offline has no effect without logging.wandb.project"),
+])
+def test_validate_refuses_settings_the_chosen_path_ignores(override, message):
+    """Each of these was accepted and silently ignored: the byte tokenizer reads no type, no
+    sample grid reads prompts or steps, no W&B run reads a mode."""
+    _refused_by_validate(CONFIGS / "tiny_transfusion.yaml", ("train.steps=10", override), message)
