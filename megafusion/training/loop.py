@@ -61,10 +61,14 @@ def _throughput(cfg: Config, env: ParallelEnv, shape, batches, elapsed: float) -
     return out
 
 
-def build_model_chunks(cfg: Config, transformer_config, provider, env: ParallelEnv) -> list[torch.nn.Module]:
-    """This rank's model: one chunk per virtual pipeline stage, wrapped for DDP."""
+def build_chunks(cfg: Config, transformer_config, provider, device: torch.device) -> list[torch.nn.Module]:
+    """This rank's model chunks (one per virtual pipeline stage), not yet wrapped for DDP.
+
+    Shared by training (:func:`build_model_chunks`) and the dry run
+    (``megafusion.scaling.dry_run``, which builds on the meta device), so both count the
+    same parameters. Megatron's model-parallel groups must already exist.
+    """
     from megatron.core import parallel_state as ps
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.transformer.module import Float16Module
 
     stages = [None] if cfg.parallel.vpp is None else list(range(cfg.parallel.vpp))
@@ -74,10 +78,18 @@ def build_model_chunks(cfg: Config, transformer_config, provider, env: ParallelE
             pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
             post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
             vp_stage=vp_stage,
-        ).to(env.device)
+        ).to(device)
         if cfg.train.precision != "fp32":
             model = Float16Module(transformer_config, model)
         chunks.append(model)
+    return chunks
+
+
+def build_model_chunks(cfg: Config, transformer_config, provider, env: ParallelEnv) -> list[torch.nn.Module]:
+    """This rank's model: one chunk per virtual pipeline stage, wrapped for DDP."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    chunks = build_chunks(cfg, transformer_config, provider, env.device)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=False,
