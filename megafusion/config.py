@@ -368,9 +368,12 @@ def problems_error(messages: list[str]) -> ConfigError:
     return ConfigError("invalid config:\n  - " + "\n  - ".join(messages))
 
 
-def validate(cfg: Config, world_size: int) -> None:
+def validate(cfg: Config, world_size: int, *, check_memory: bool = True) -> None:
     """Refuses layouts and values that cannot run, settings the run would ignore, and
     steps that cannot fit in the device's memory, naming the numbers involved.
+
+    ``check_memory=False`` skips the coarse device-memory guard: a dry run
+    (``megafusion train --dry-run``) plans for a cluster, not for this machine's memory.
 
     Every problem goes into one message. Values are checked first (choices, finite numbers,
     bounds); a later check that reads a refused value is skipped rather than reporting a
@@ -471,6 +474,8 @@ def validate(cfg: Config, world_size: int) -> None:
         add(message)
     if found.messages:
         raise problems_error(found.messages)
+    if not check_memory:
+        return
     # Last: the estimate reads the layout that the checks above have accepted.
     from megafusion.training.memory import memory_problem
 
