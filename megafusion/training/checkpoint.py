@@ -45,6 +45,9 @@ __all__ = ["CheckpointError", "UnsafeCheckpointError", "Checkpointer", "Verdict"
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "megafusion-checkpoint-manifest-v1"
+# megatron-core's built-in async checkpoint writer (dist_checkpointing.save's default, "nvrx",
+# needs nvidia_resiliency_ext); requests go to its AsyncCallsQueue.
+ASYNC_STRATEGY = "mcore"
 _CHUNK = 8 << 20  # bytes read per crc32 update: large enough for full disk speed, small in memory
 
 
@@ -407,6 +410,10 @@ class Checkpointer:
         state); resuming from it starts a fresh optimizer."""
         from megatron.core import dist_checkpointing
 
+        # At most one save in flight: the previous one is published (manifest, rename, prune)
+        # before this one starts, so saves land in order and a re-save of the same step never
+        # races its own earlier write. A collective, like ``save`` itself.
+        self.poll(blocking=True)
         root = checkpoint_root(self.run_dir)
         tmp, final = root / f"step_{step:08d}.tmp", root / f"step_{step:08d}"
         if dist.get_rank() == 0:
@@ -422,7 +429,11 @@ class Checkpointer:
 
             if self._async_queue is None:
                 self._async_queue = AsyncCallsQueue()
-            request = dist_checkpointing.save(state, str(tmp), async_sharded_save=True)
+            # megatron-core's own async writer (a forked process per save) and its queue:
+            # save()'s default async strategy, "nvrx", imports nvidia_resiliency_ext, which is
+            # not a dependency of this project.
+            request = dist_checkpointing.save(state, str(tmp), async_sharded_save=True,
+                                              async_strategy=ASYNC_STRATEGY)
             request.add_finalize_fn(lambda: self._publish(tmp, final))
             self._async_queue.schedule_async_request(request)
         else:
@@ -454,9 +465,16 @@ class Checkpointer:
             shutil.rmtree(old, ignore_errors=True)
 
     def poll(self, blocking: bool = False) -> None:
-        """Finishes asynchronous saves that are done (all of them when ``blocking``)."""
+        """Finishes asynchronous saves that are done (all of them when ``blocking``): each is
+        published (manifest, rename, prune) on every rank. A collective. The training loop
+        calls it every step, and with ``blocking`` before it returns or stops, so the final
+        checkpoint is never left unpublished."""
         if self._async_queue is not None:
             self._async_queue.maybe_finalize_async_calls(blocking=blocking)
+
+    def pending(self) -> int:
+        """Asynchronous saves written or being written but not yet published."""
+        return 0 if self._async_queue is None else self._async_queue.get_num_unfinalized_calls()
 
     # ------------------------------------------------------------------ load
     def load_latest(self, model_chunks, optimizer, scheduler) -> dict[str, Any] | None:
