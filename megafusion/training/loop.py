@@ -95,6 +95,10 @@ def build_model_chunks(cfg: Config, transformer_config, provider, env: ParallelE
         overlap_grad_reduce=False,
         use_distributed_optimizer=cfg.parallel.distributed_optimizer,
         check_for_nan_in_grad=False,
+        # FP8 weights (train.fp8_params): the distributed optimizer writes its updated fp32
+        # main params back into the FP8 weights only with this set (validate requires
+        # parallel.distributed_optimizer with it); without it they never change.
+        fp8_param_gather=cfg.train.fp8_params,
     )
     return [
         DistributedDataParallel(config=transformer_config, ddp_config=ddp_config, module=chunk,
