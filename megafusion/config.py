@@ -758,6 +758,11 @@ def _transformer_engine_problems(cfg: Config, ok: Callable[..., bool]) -> list[s
     fp8 = t.fp8 != "none"
     if t.fp8_params and not fp8:
         problems.append("train.fp8_params = true needs an FP8 recipe: set train.fp8 = delayed | tensorwise | mxfp8")
+    if t.fp8_params and not cfg.parallel.distributed_optimizer:
+        # Megatron-LM refuses it too: only the distributed optimizer copies its updated main
+        # params into the FP8 weights (fp8_param_gather); otherwise they never change.
+        problems.append("train.fp8_params = true needs parallel.distributed_optimizer = true (only the "
+                        "distributed optimizer updates FP8 weights): set it, or train.fp8_params = false")
     if fp8 and m.spec != "te":
         problems.append(f"train.fp8 = {t.fp8} needs model.spec = te (FP8 matmuls run in Transformer Engine "
                         f"layers), got model.spec = {m.spec}")
