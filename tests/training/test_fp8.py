@@ -57,10 +57,37 @@ def test_fp8_needs_a_gpu_and_transformer_engine(monkeypatch):
 
 
 def test_mxfp8_needs_blackwell(monkeypatch):
-    mx = ["model.spec=te", "train.precision=bf16", "train.fp8=mxfp8", "train.fp8_params=true"]
+    mx = ["model.spec=te", "train.precision=bf16", "train.fp8=mxfp8", "train.fp8_params=true",
+          "parallel.distributed_optimizer=true"]
     message = _problems(mx, monkeypatch, gpu=("NVIDIA H100 80GB HBM3", (9, 0)), te=True)
     assert "train.fp8 = mxfp8 needs a Blackwell-class GPU" in message and "has 9.0" in message
     assert _problems(mx, monkeypatch, gpu=("NVIDIA B200", (10, 0)), te=True) == ""
+
+
+def test_fp8_params_needs_the_distributed_optimizer(monkeypatch):
+    """Only the distributed optimizer writes its updated main params into FP8 weights
+    (DDP's fp8_param_gather); with the plain optimizer they never change."""
+    fp8 = ["model.spec=te", "train.precision=bf16", "train.fp8=tensorwise", "train.fp8_params=true"]
+    h100 = ("NVIDIA H100 80GB HBM3", (9, 0))
+    message = _problems(fp8, monkeypatch, gpu=h100, te=True)
+    assert message == ("invalid config: train.fp8_params = true needs parallel.distributed_optimizer = true (only "
+                       "the distributed optimizer updates FP8 weights): set it, or train.fp8_params = false")
+    assert _problems(fp8 + ["parallel.distributed_optimizer=true"], monkeypatch, gpu=h100, te=True) == ""
+
+
+@pytest.mark.parametrize("fp8_params", [False, True])
+def test_fp8_params_sets_fp8_param_gather_in_the_ddp_config(monkeypatch, fp8_params):
+    from megatron.core import distributed
+
+    from megafusion.training import loop
+
+    seen = []
+    monkeypatch.setattr(loop, "build_chunks", lambda cfg, tc, provider, device: [torch.nn.Linear(2, 2)])
+    monkeypatch.setattr(distributed, "DistributedDataParallel",
+                        lambda config, ddp_config, module, disable_bucketing: seen.append(ddp_config) or module)
+    cfg = load_config(CONFIGS / TINY, ["parallel.distributed_optimizer=true", f"train.fp8_params={fp8_params}"])
+    loop.build_model_chunks(cfg, None, None, type("Env", (), {"device": torch.device("cpu")})())
+    assert seen[0].fp8_param_gather is fp8_params and seen[0].use_distributed_optimizer is True
 
 
 @pytest.mark.parametrize("recipe, fmt", [("delayed", "hybrid"), ("tensorwise", "hybrid"), ("mxfp8", "e4m3")])
@@ -102,7 +129,8 @@ def test_fp8_recipes_train(tmp_path, recipe, fp8_params):
     if recipe == "mxfp8" and torch.cuda.get_device_capability()[0] < 10:
         pytest.skip("mxfp8 needs a Blackwell-class GPU (compute capability >= 10)")
     bf16 = _losses(tmp_path / "bf16", ["model.spec=te"])
-    fp8 = _losses(tmp_path / "fp8", ["model.spec=te", f"train.fp8={recipe}", f"train.fp8_params={fp8_params}"])
+    fp8 = _losses(tmp_path / "fp8", ["model.spec=te", f"train.fp8={recipe}", f"train.fp8_params={fp8_params}",
+                                     f"parallel.distributed_optimizer={fp8_params}"])
     assert all(torch.isfinite(torch.tensor(v)) for v in fp8.values()), fp8
     assert fp8[1] == pytest.approx(bf16[1], rel=5e-2), (fp8, bf16)  # same weights, FP8 matmuls
     assert fp8[4] < fp8[1], fp8
@@ -132,7 +160,7 @@ def test_fp8_params_optimizer_starts_from_the_models_weights(tmp_path):
     model was initialised with (megafusion's layout-independent init), not TE's first draw:
     with a zero learning rate the loss cannot move from step 1 to step 3."""
     losses = _losses(tmp_path / "lr0", ["model.spec=te", "train.fp8=tensorwise", "train.fp8_params=true",
-                                        "optimizer.lr=0", "optimizer.min_lr=0", "diffusion.cfg_dropout=0"])
+                                        "parallel.distributed_optimizer=true", "optimizer.lr=0", "optimizer.min_lr=0", "diffusion.cfg_dropout=0"])
     bf16 = _losses(tmp_path / "bf16", ["model.spec=te", "optimizer.lr=0", "optimizer.min_lr=0",
                                        "diffusion.cfg_dropout=0"])
     for step in (1, 2, 3):  # each step sees other data; compare with the bf16 run of the same weights
