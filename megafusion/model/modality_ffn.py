@@ -39,8 +39,17 @@ from megafusion.model.routing import MAX_PENDING, ModalityContext, TokenSplit, m
 
 # ModalityContext, TokenSplit and model_contexts live in megafusion.model.routing (importable here too);
 # ffn_spec, which picks dense / modality / MoE, lives in megafusion.model.ffn.
-__all__ = ["ModalityContext", "ModalityFFN", "TokenSplit", "build_mlp", "mlp_submodules", "model_contexts",
-           "spec_backend", "tp_rank_size"]
+__all__ = ["ModalityContext", "ModalityFFN", "TokenSplit", "build_mlp", "fp8_row_multiple", "mlp_submodules",
+           "model_contexts", "spec_backend", "tp_rank_size"]
+
+
+def fp8_row_multiple(config) -> int:
+    """The multiple the row count of a Transformer Engine linear's input must be under FP8
+    (1 without FP8): TE's FP8 GEMMs reject leading dimensions that are not multiples of 16,
+    and of 32 with MXFP8's 32-element block scales."""
+    if getattr(config, "fp8", None) is None:
+        return 1
+    return 32 if getattr(config, "fp8_recipe", None) == "mxfp8" else 16
 
 
 def build_mlp(config, submodules: MLPSubmodules, ffn_hidden_size: int, tp_group, name: Optional[str]) -> MLP:
@@ -65,12 +74,19 @@ class ModalityFFN(MegatronModule):
     so that sequence parallelism's gather/scatter sees equal shapes on all TP ranks); its
     outputs are scattered back into place. Biases are added per token (the two FFNs have
     different ones), so the returned bias is always None.
+
+    Under FP8 the rows are further padded with zeros to ``row_multiple`` (16; 32 for MXFP8,
+    :func:`fp8_row_multiple`; ``row_multiple`` overrides it), which TE's FP8 linears need
+    (with sequence parallelism they see ``rows * tp``, a multiple as well); the padding is
+    dropped from the output.
     """
 
     def __init__(self, config, submodules: MLPSubmodules, ctx: ModalityContext, pg_collection=None,
-                 is_mtp_layer: bool = False, name: Optional[str] = None, ffn_hidden_size: Optional[int] = None):
+                 is_mtp_layer: bool = False, name: Optional[str] = None, ffn_hidden_size: Optional[int] = None,
+                 row_multiple: Optional[int] = None):
         super().__init__(config=config)
         self.ctx = ctx
+        self.row_multiple = row_multiple or fp8_row_multiple(config)
         if pg_collection is not None:
             self.tp_group = pg_collection.tp
         else:
@@ -91,6 +107,7 @@ class ModalityFFN(MegatronModule):
         for mlp, idx, rows in ((self.text_mlp, split.text_idx, split.text_rows),
                                (self.vision_mlp, split.vision_idx, split.vision_rows)):
             x = flat.index_select(0, idx)
+            rows = -(-rows // self.row_multiple) * self.row_multiple  # FP8: a multiple of 16 (32 for MXFP8)
             x = F.pad(x, (0, 0, 0, rows - idx.numel()))  # zero rows: equal shapes across TP ranks
             y, bias = mlp(x.unsqueeze(1))
             y = y.squeeze(1)[: idx.numel()]
