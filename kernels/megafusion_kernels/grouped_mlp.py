@@ -45,6 +45,11 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, tokens_per_expert: torch.Tensor
         use_torch_grouped_mm = _grouped_mm_supported(x, w)
     if use_torch_grouped_mm:
         offs = tokens_per_expert.cumsum(0).to(device=x.device, dtype=torch.int32)
+        # torch._grouped_mm leaves the output rows past the last offset uninitialised (and
+        # drops input rows past it): the counts must cover every row. No host sync on a GPU:
+        # the assert runs on the device (synchronously on a CPU tensor).
+        total = offs[-1] if offs.numel() else offs.new_zeros(())
+        torch._assert_async(total == x.shape[0], f"grouped_mm: tokens_per_expert must sum to the {x.shape[0]} rows of x")
         return torch._grouped_mm(x, w, offs=offs)
     counts = tokens_per_expert.tolist()
     if sum(counts) != x.shape[0]:

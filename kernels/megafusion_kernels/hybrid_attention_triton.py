@@ -71,9 +71,14 @@ def _autotune_configs() -> list[triton.Config]:
 
 
 def _prune_configs(configs, named_args, **kwargs):
-    """4 warps spill the fp32 accumulators of wide heads (ptxas, sm_90, D >= 96)."""
+    """4 warps spill the fp32 accumulators from 64 bytes of head width on (ptxas -v, sm_90,
+    the tiles of ``select_tiles``): bf16 D = 64 at 4 warps spills 168 bytes in the dk/dv
+    kernel (255 registers) and the forward sits at 244 registers; at 8 warps none spills.
+    So 4 warps only for narrower heads (bf16/fp16 D < 64, fp32 D < 32)."""
     d = kwargs.get("D", named_args.get("D", 0))
-    keep = [c for c in configs if d <= 64 or c.num_warps >= 8]
+    q = named_args.get("Q")
+    width = d * (2 if getattr(q, "dtype", None) == torch.float32 else 1)
+    keep = [c for c in configs if width < 64 or c.num_warps >= 8]
     return keep or configs
 
 
@@ -231,9 +236,12 @@ def _delta_kernel(
     O, DO, DELTA, stride_ob, stride_oh, stride_on, stride_dob, stride_doh, stride_don, H, N,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    """DELTA [B, H, N] fp32 = rowsum(dO * O), the softmax-backward correction."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    """DELTA [B, H, N] fp32 = rowsum(dO * O), the softmax-backward correction.
+
+    Grid ``delta_grid``: batch x heads on axis 0 (up to 2^31 - 1 programs; axes 1 and 2
+    stop at 65,535, which B*H passes at e.g. 4096 sequences x 16 heads), row tiles on axis 1."""
+    pid_bh = tl.program_id(0)
+    pid_m = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -463,6 +471,15 @@ def hybrid_attention_forward(
     return out, lse
 
 
+DELTA_BLOCK_M = 64
+
+
+def delta_grid(bsz: int, heads: int, n: int) -> tuple[int, int]:
+    """Launch grid of ``_delta_kernel``: (batch x heads, row tiles). Like every kernel here,
+    the product that grows with the batch goes on axis 0, the only one past 65,535."""
+    return bsz * heads, triton.cdiv(n, DELTA_BLOCK_M)
+
+
 def hybrid_attention_backward(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     doc_ids: torch.Tensor, span_ids: torch.Tensor, sm_scale: float,
@@ -473,10 +490,10 @@ def hybrid_attention_backward(
     cfg = select_tiles(d, q.dtype)
     upcast, prec = _kernel_flags(q.dtype)
     delta = torch.empty((bsz, heads, n), device=q.device, dtype=torch.float32)
-    _delta_kernel[(triton.cdiv(n, 64), bsz * heads)](
+    _delta_kernel[delta_grid(bsz, heads, n)](
         out, dout, delta, out.stride(0), out.stride(1), out.stride(2),
         dout.stride(0), dout.stride(1), dout.stride(2), heads, n,
-        D=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_M=64,
+        D=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_M=DELTA_BLOCK_M,
     )
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     common = dict(D=d, BLOCK_D=triton.next_power_of_2(d), UPCAST=upcast, PREC=prec)

@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import functools
 from dataclasses import replace
-from importlib import metadata
 from typing import Optional
 
 import torch
@@ -128,9 +127,18 @@ def routing_map_to_topk(routing_map: torch.Tensor, probs: torch.Tensor, topk: in
     return topk_idx, topk_probs
 
 
+def installed_megatron_version() -> str:
+    """``megatron.core.__version__`` (e.g. '0.19.2+f6a5b40'), as the CPU layer reads it: a
+    megatron-core on ``PYTHONPATH`` without its dist-info has no ``importlib.metadata``
+    version, so that lookup would fail where the package itself imports fine."""
+    import megatron.core
+
+    return str(megatron.core.__version__)
+
+
 def _check_supported(config) -> None:
-    installed = metadata.version("megatron-core")
-    if installed != SUPPORTED_MEGATRON_CORE:
+    installed = installed_megatron_version()
+    if installed.split("+", 1)[0] != SUPPORTED_MEGATRON_CORE:  # a local build suffix is ignored
         raise RuntimeError(
             f"model.moe.dispatch = triton mirrors megatron-core {SUPPORTED_MEGATRON_CORE}'s token dispatchers "
             f"but megatron-core {installed} is installed; install megatron-core=={SUPPORTED_MEGATRON_CORE} "

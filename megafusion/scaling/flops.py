@@ -29,6 +29,7 @@ it costs the same work. Pass the packing without its padding to count only usefu
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
@@ -424,6 +425,12 @@ _PEAK_TFLOPS: dict[str, dict[str, float]] = {
     "H200 NVL": {"fp32": 60.0, "tf32": 417.5, "bf16": 835.5, "fp16": 835.5, "fp8": 1670.5},
     "GH200": {"fp32": 67.0, "tf32": 494.7, "bf16": 989.4, "fp16": 989.4, "fp8": 1978.9},
     "A100": {"fp32": 19.5, "tf32": 156.0, "bf16": 312.0, "fp16": 312.0},
+    # Blackwell, dense (NVIDIA lists tensor-core figures with 2:4 sparsity; dense is half):
+    # nvidia.com/en-us/data-center/gb200-nvl72 ("Individual Blackwell GPU Specifications":
+    # HGX B200 at 1000 W: FP16/BF16 4.5 PFLOPS, FP8 9, TF32 2.2 sparse, FP32 75 TFLOPS;
+    # GB200 at 1200 W: 5, 10, 2.5 sparse, FP32 80 TFLOPS) and the HGX B200 datasheet.
+    "B200": {"fp32": 75.0, "tf32": 1100.0, "bf16": 2250.0, "fp16": 2250.0, "fp8": 4500.0},
+    "GB200": {"fp32": 80.0, "tf32": 1250.0, "bf16": 2500.0, "fp16": 2500.0, "fp8": 5000.0},
 }
 
 _DTYPE_ALIASES = {
@@ -437,8 +444,12 @@ _DTYPE_ALIASES = {
 
 def gpu_model(device_name: str) -> str | None:
     """Maps ``torch.cuda.get_device_name()`` (e.g. 'NVIDIA H100 80GB HBM3', 'NVIDIA H200',
-    'NVIDIA A100-SXM4-80GB') to a key of the peak table, or None when not known for sure."""
+    'NVIDIA A100-SXM4-80GB', 'NVIDIA B200', 'NVIDIA GB200') to a key of the peak table, or None when not known for sure."""
     name = device_name.upper().replace("-", " ")
+    if "GB200" in name:  # before B200, which it contains
+        return "GB200"
+    if re.search(r"(?<![A-Z0-9])B200(?![0-9])", name):  # 'NVIDIA B200'
+        return "B200"
     if "GH200" in name:
         return "GH200"
     if "H200" in name:

@@ -433,6 +433,37 @@ def aot_compile_report(dtype_name: str, head_dim: int, num_warps: int = 8, num_s
     return report
 
 
+def test_delta_kernel_puts_batch_times_heads_on_grid_axis_0(monkeypatch):
+    """Grid axes 1 and 2 stop at 65,535 programs: B*H (e.g. 4096 sequences x 16 heads)
+    must go on axis 0, row tiles on axis 1 (checked on the real launch, then the sizes)."""
+    grids = []
+    real = hat._delta_kernel
+
+    class Recorder:
+        def __getitem__(self, grid):
+            grids.append(tuple(grid))
+            return real[grid]
+
+    monkeypatch.setattr(hat, "_delta_kernel", Recorder())
+    doc, span = make_pack(n=70, spans=[(10, 30)], batch=2)
+    check(doc, span, heads=3, kv_heads=1, dim=16)
+    assert grids == [(2 * 3, 2)]  # (B*H, cdiv(70, 64))
+    assert hat.delta_grid(4096, 16, 8192) == (65536, 128)
+
+
+def test_autotune_drops_4_warps_where_they_spill():
+    """ptxas: bf16 D = 64 at 4 warps spills in the dk/dv kernel; narrower heads keep 4 warps."""
+    import triton
+
+    configs = [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3)]
+
+    def kept(d, dtype):
+        return sorted({c.num_warps for c in hat._prune_configs(configs, {"Q": torch.empty(0, dtype=dtype), "D": d})})
+
+    assert kept(64, torch.bfloat16) == kept(128, torch.bfloat16) == kept(32, torch.float32) == [8]
+    assert kept(32, torch.bfloat16) == kept(16, torch.float32) == [4, 8]
+
+
 def test_kernels_compile_for_h100_without_spills():
     """GPU code generation checked on CPU: every kernel compiles for sm_90 (the
     interpreter does not catch codegen errors) and the attention kernels do not spill

@@ -321,6 +321,29 @@ def test_grouped_mlp_row_scale_and_transposed_weights():
         grouped_mlp(x_perm, tpe, w1.transpose(1, 2), w2.transpose(1, 2), row_scale=scale[:-1])
 
 
+def test_grouped_mm_guard_counts_must_cover_the_rows(monkeypatch):
+    """torch._grouped_mm leaves rows past the last offset uninitialised: the counts are
+    checked first (on the device without a sync; on a CPU tensor at once)."""
+    from megafusion_kernels.grouped_mlp import grouped_mm
+
+    calls = []
+
+    def fake_grouped_mm(x, w, offs):
+        calls.append(offs)
+        return x.new_zeros(x.shape[0], w.shape[2])
+
+    monkeypatch.setattr(torch, "_grouped_mm", fake_grouped_mm, raising=False)
+    x, w = torch.randn(10, 4), torch.randn(3, 4, 5)
+    for counts in ([3, 3, 3], [4, 4, 4]):  # 9 rows of 10 (row 9 would be garbage), 12 of 10
+        with pytest.raises(RuntimeError, match="must sum to the 10 rows"):
+            grouped_mm(x, w, torch.tensor(counts), use_torch_grouped_mm=True)
+    assert not calls
+    grouped_mm(x, w, torch.tensor([3, 0, 7]), use_torch_grouped_mm=True)
+    assert calls and calls[0].tolist() == [3, 3, 10] and calls[0].dtype == torch.int32
+    with pytest.raises(ValueError, match="sums to 9"):  # the per-expert loop checks on the host
+        grouped_mm(x, w, torch.tensor([3, 3, 3]), use_torch_grouped_mm=False)
+
+
 @requires_gpu
 def test_grouped_mlp_torch_grouped_mm_matches_loop_on_gpu():
     topk_idx = torch.randint(0, 8, (256, 2), device="cuda")

@@ -126,6 +126,27 @@ def test_unsupported_settings_are_refused(megatron_world):
         with_moe_dispatch(get_layer_submodules(6), "triton").mlp(config=config)
 
 
+def test_version_check_reads_megatron_core_version_not_dist_info(megatron_world, monkeypatch):
+    """megatron-core on PYTHONPATH without its dist-info (the GPU machines' copy): the check
+    reads megatron.core.__version__, ignores a local build suffix, and still refuses others."""
+    from importlib import metadata
+
+    import megatron.core
+
+    from megafusion.model import moe_dispatch
+
+    def no_dist_info(name):
+        raise metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(metadata, "version", no_dist_info)
+    config = moe_config("alltoall")
+    monkeypatch.setattr(megatron.core, "__version__", "0.19.2+f6a5b40")
+    moe_dispatch._check_supported(config)
+    monkeypatch.setattr(megatron.core, "__version__", "0.20.0")
+    with pytest.raises(RuntimeError, match="megatron-core 0.20.0 is installed"):
+        moe_dispatch._check_supported(config)
+
+
 def test_routing_map_to_topk():
     routing_map = torch.tensor([[False, True, False, True], [False, False, False, False], [True, False, False, False]])
     probs = torch.arange(12.0).view(3, 4)

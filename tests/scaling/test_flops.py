@@ -13,8 +13,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from megafusion.model.embeddings import TimestepEmbedding, sinusoidal_embedding
 from megafusion.model.unet import UNetDown, UNetUp
 
-from megafusion.scaling.flops import (ModelShape, attention_pairs, flop_breakdown, format_mfu, matmul_dtype, mfu,
-                                      nominal_packing, params, peak_flops, training_flops_per_step)
+from megafusion.scaling.flops import (ModelShape, attention_pairs, flop_breakdown, format_mfu, gpu_model,
+                                      matmul_dtype, mfu, nominal_packing, params, peak_flops,
+                                      training_flops_per_step)
 
 # --------------------------------------------------------------------------- packings
 
@@ -323,3 +324,19 @@ def test_mfu_uses_documented_peaks_and_never_guesses():
     assert matmul_dtype("bf16", "tensorwise") == matmul_dtype("bf16", "delayed") == "fp8"
     assert matmul_dtype("bf16", "none") == "bf16" and matmul_dtype("fp32") == "fp32"
     assert mfu(989.45e12, "NVIDIA H100 80GB HBM3", matmul_dtype("bf16", "delayed")) == pytest.approx(0.5)
+
+
+def test_blackwell_peaks_so_mfu_is_not_null_on_b200_gb200():
+    """Dense peaks from NVIDIA's GB200 NVL72 / HGX B200 specifications (sparse figures / 2)."""
+    assert gpu_model("NVIDIA B200") == "B200"
+    assert gpu_model("NVIDIA GB200") == "GB200"
+    assert gpu_model("NVIDIA GH200 480GB") == "GH200"
+    assert gpu_model("NVIDIA B2000") is None and gpu_model("NVIDIA RTX PRO 6000 Blackwell") is None
+    assert peak_flops("NVIDIA B200", "bf16") == pytest.approx(2250e12)
+    assert peak_flops("NVIDIA B200", "fp8") == pytest.approx(4500e12)
+    assert peak_flops("NVIDIA B200", "tf32") == pytest.approx(1100e12)
+    assert peak_flops("NVIDIA GB200", "bfloat16") == pytest.approx(2500e12)
+    assert peak_flops("NVIDIA GB200", "fp8") == pytest.approx(5000e12)
+    assert peak_flops("NVIDIA GB200", "tf32") == pytest.approx(1250e12)
+    # every mxfp8 run on Blackwell divides by the FP8 peak
+    assert mfu(2250e12, "NVIDIA B200", matmul_dtype("bf16", "mxfp8")) == pytest.approx(0.5)
