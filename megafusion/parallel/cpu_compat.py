@@ -31,7 +31,10 @@ nothing else:
   its next, and gloo would pair an activation with a gradient of the same shape.
 * **distributed optimizer checkpoints** - three bugs of megatron-core's torch-Adam
   path (taken whenever TE/Apex are absent, as on every CPU) are fixed; see
-  ``_patch_distributed_optimizer_torch_adam_checkpoint``.
+  ``_patch_distributed_optimizer_torch_adam_checkpoint``. A GPU machine without TE and
+  Apex takes the same path, so ``apply("cuda")`` applies these fixes (and nothing else)
+  there too; whether TE/Apex are present is megatron's own answer
+  (``distrib_optimizer.HAVE_APEX_OR_TE``), so this module never imports TE itself.
 
 Cost: a tensor factory called from a patched module takes ~0.8 us longer (2.1 -> 2.9 us,
 measured); nothing else runs per step, against ~100 ms steps of the smallest CPU model.
@@ -47,10 +50,13 @@ CPU device without it. From Python, around any code that builds megatron models:
 
 ``applied`` removes the layer on exit only if it applied it, so entry points nest (the
 quickstart runs training and evaluation in-process). ``apply("cpu")`` / ``remove()`` are
-the unscoped forms (``apply("cuda")`` is a no-op returning False).
+the unscoped forms (``apply("cuda")`` returns False).
 
-On a GPU run nothing here is applied. ``apply`` refuses any megatron-core
-other than ``SUPPORTED_MEGATRON_CORE``: the sites above are version specific.
+On a GPU run nothing here is applied but the torch-Adam checkpoint fixes, and those only
+when neither TE nor Apex is installed (megatron then wraps torch's Adam exactly as on CPU)
+and megatron-core is ``SUPPORTED_MEGATRON_CORE`` (they fix that version's code; another
+version runs unpatched). ``apply("cpu")`` refuses any megatron-core other than
+``SUPPORTED_MEGATRON_CORE``: the sites above are version specific.
 """
 
 from __future__ import annotations
@@ -105,6 +111,7 @@ class MegatronVersionError(RuntimeError):
 
 
 _active = False
+_torch_adam_fixed = False  # the torch-Adam checkpoint fixes are applied (CPU layer, or a GPU without TE/Apex)
 # (owner, attribute name, original value) for every patch, in application order.
 _patches: list[tuple[Any, str, Any]] = []
 
@@ -137,16 +144,34 @@ def is_active() -> bool:
     return _active
 
 
+def torch_adam_fixes_active() -> bool:
+    """Whether the distributed optimizer's torch-Adam checkpoint fixes are applied."""
+    return _torch_adam_fixed
+
+
+def _megatron_wraps_torch_adam() -> bool:
+    """Whether megatron-core's distributed optimizer wraps torch's Adam: neither Transformer
+    Engine nor Apex could be imported (megatron's own flag; nothing is imported here but
+    megatron's optimizer module, which a training run imports anyway)."""
+    from megatron.core.optimizer import distrib_optimizer
+
+    return not distrib_optimizer.HAVE_APEX_OR_TE
+
+
 def apply(device: str | torch.device = "cpu") -> bool:
     """Make megatron-core run on ``device``; returns whether the CPU layer is active.
 
-    ``"cuda"`` (any CUDA device) changes nothing and returns False. ``"cpu"``
-    checks the megatron-core version, patches once (later calls are no-ops)
-    and returns True.
+    ``"cuda"`` (any CUDA device) returns False and patches nothing but the torch-Adam
+    checkpoint fixes, and those only when TE and Apex are both absent and megatron-core is
+    ``SUPPORTED_MEGATRON_CORE`` (``remove`` undoes them). ``"cpu"`` checks the megatron-core
+    version, patches once (later calls are no-ops) and returns True.
     """
     global _active
     device_type = torch.device(device).type
     if device_type == "cuda":
+        if (not _torch_adam_fixed and installed_megatron_version().split("+", 1)[0] == SUPPORTED_MEGATRON_CORE
+                and _megatron_wraps_torch_adam()):
+            _patch_distributed_optimizer_torch_adam_checkpoint()
         return False
     if device_type != "cpu":
         raise ValueError(f"cpu_compat.apply: device {device!r} is neither 'cpu' nor 'cuda'")
@@ -169,7 +194,7 @@ def apply(device: str | torch.device = "cpu") -> bool:
 
 def remove() -> None:
     """Undo ``apply`` (prefer ``applied``, which removes only what it applied)."""
-    global _active
+    global _active, _torch_adam_fixed
     while _patches:
         owner, name, original = _patches.pop()
         if original is _ABSENT:
@@ -177,6 +202,7 @@ def remove() -> None:
         else:
             setattr(owner, name, original)
     _active = False
+    _torch_adam_fixed = False
 
 
 @contextlib.contextmanager
@@ -189,12 +215,12 @@ def applied(device: str | torch.device = "cpu") -> Iterator[bool]:
     block applied it: an entry point called from another one (the quickstart runs
     training and evaluation in-process) leaves the outer one's layer in place.
     """
-    was_active = _active
+    was_active, was_fixed = _active, _torch_adam_fixed
     active = apply(device)
     try:
         yield active
     finally:
-        if active and not was_active:
+        if (active and not was_active) or (_torch_adam_fixed and not was_fixed):
             remove()
 
 
@@ -532,11 +558,14 @@ def _patch_distributed_optimizer_torch_adam_checkpoint() -> None:
     loading a checkpoint: ``state_dict()`` asserts on a fresh optimizer (no 'step' yet), and
     the param-state loader looks for a 'step' shard that is never saved (megatron restores
     'step' from the param groups instead), and ``load_state_dict`` gives every parameter the
-    *same* 'step' tensor, which torch's foreach Adam then increments once per parameter."""
+    *same* 'step' tensor, which torch's foreach Adam then increments once per parameter.
+
+    Applied by ``apply("cpu")`` and, on a GPU machine without TE/Apex, by ``apply("cuda")``."""
+    global _torch_adam_fixed
     from megatron.core.optimizer import distrib_optimizer
 
     dist = distrib_optimizer.DistributedOptimizer
-    if distrib_optimizer.HAVE_APEX_OR_TE:
+    if _torch_adam_fixed or not _megatron_wraps_torch_adam():
         return
     original_sharded_state_dict = dist.sharded_state_dict
     original_set_states = dist._set_main_param_and_optimizer_states
@@ -567,6 +596,7 @@ def _patch_distributed_optimizer_torch_adam_checkpoint() -> None:
     _patch(dist, "sharded_state_dict", sharded_state_dict)
     _patch(dist, "load_state_dict", load_state_dict)
     _patch(dist, "_set_main_param_and_optimizer_states", set_states)
+    _torch_adam_fixed = True
 
 
 # --------------------------------------------------------------------------- pipeline p2p

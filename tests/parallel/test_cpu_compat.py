@@ -29,9 +29,9 @@ def compat():
 def assert_not_leaked():
     """These tests need megatron unpatched: a layer still active here is a leak (every test and
     fixture that applies it removes it: cpu_layer, megatron_world, cpu_compat.applied)."""
-    assert not cpu_compat.is_active(), (
-        "megafusion's CPU compatibility layer is active before this test: an earlier test, fixture or "
-        "entry point applied it and did not remove it")
+    assert not cpu_compat.is_active() and not cpu_compat.torch_adam_fixes_active(), (
+        "megafusion's CPU compatibility layer (or its torch-Adam fixes) is active before this test: an "
+        "earlier test, fixture or entry point applied it and did not remove it")
 
 
 def _patched_sites():
@@ -96,13 +96,55 @@ def test_version_guard_ignores_local_build_suffix(monkeypatch):
 # --------------------------------------------------------------------------- apply / remove
 
 
-def test_apply_cuda_changes_nothing():
-    before = _patched_sites()
-    was_active = cpu_compat.is_active()
+def _torch_adam_sites():
+    from megatron.core.optimizer import distrib_optimizer
+
+    cls = distrib_optimizer.DistributedOptimizer
+    return {name: cls.__dict__.get(name)
+            for name in ("sharded_state_dict", "load_state_dict", "_set_main_param_and_optimizer_states")}
+
+
+def test_apply_cuda_changes_nothing(monkeypatch):
+    """With TE or Apex present (megatron's flag, mocked) a CUDA device patches nothing."""
+    from megatron.core.optimizer import distrib_optimizer
+
+    assert_not_leaked()
+    monkeypatch.setattr(distrib_optimizer, "HAVE_APEX_OR_TE", True)
+    before, adam_before = _patched_sites(), _torch_adam_sites()
     assert cpu_compat.apply("cuda") is False
     assert cpu_compat.apply(torch.device("cuda", 0)) is False
-    assert cpu_compat.is_active() == was_active
-    assert _patched_sites() == before
+    assert not cpu_compat.is_active() and not cpu_compat.torch_adam_fixes_active()
+    assert _patched_sites() == before and _torch_adam_sites() == adam_before
+
+
+def test_apply_cuda_without_te_and_apex_fixes_the_torch_adam_checkpoints(monkeypatch):
+    """A GPU machine without TE/Apex runs megatron's torch-Adam path, as every CPU does: the
+    distributed optimizer's checkpoint fixes are applied there too, and nothing else."""
+    from megatron.core.optimizer import distrib_optimizer
+
+    assert_not_leaked()
+    monkeypatch.setattr(distrib_optimizer, "HAVE_APEX_OR_TE", False)
+    before, adam_before = _patched_sites(), _torch_adam_sites()
+    try:
+        assert cpu_compat.apply(torch.device("cuda", 1)) is False
+        assert not cpu_compat.is_active() and cpu_compat.torch_adam_fixes_active()
+        assert _patched_sites() == before  # no CPU rerouting on a GPU
+        fixed = _torch_adam_sites()
+        assert all(fixed[name] is not adam_before[name] for name in fixed)
+        assert cpu_compat.apply("cuda") is False and _torch_adam_sites() == fixed  # applied once
+    finally:
+        cpu_compat.remove()
+    assert not cpu_compat.torch_adam_fixes_active() and _torch_adam_sites() == adam_before
+    with cpu_compat.applied("cuda") as on_gpu:  # the entry points' form: removed on exit
+        assert on_gpu is False and cpu_compat.torch_adam_fixes_active()
+    assert not cpu_compat.torch_adam_fixes_active() and _torch_adam_sites() == adam_before
+    # the CPU layer includes the same fixes
+    with cpu_compat.applied("cpu"):
+        assert cpu_compat.torch_adam_fixes_active()
+        with cpu_compat.applied("cuda"):
+            pass
+        assert cpu_compat.torch_adam_fixes_active()  # the inner block did not remove the outer's
+    assert _torch_adam_sites() == adam_before
 
 
 def test_apply_is_idempotent_and_remove_restores():
