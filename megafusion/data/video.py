@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -143,22 +144,62 @@ def decode_pyav(path: str | os.PathLike, indices: list[int]) -> torch.Tensor:
                                                                                                  dtype=torch.uint8)
 
 
-@lru_cache(maxsize=16)
-def _dali_pipeline(device: str, frames: tuple[int, ...], device_id: int | None):
-    from nvidia.dali import fn, pipeline_def, types
+class _DaliDecoder:
+    """One built DALI pipeline (``fn.decoders.video`` fed by two external sources: the file's
+    bytes and the frame indices to decode) and the lock that serialises its runs: a pipeline
+    runs one batch at a time."""
 
-    @pipeline_def(batch_size=1, num_threads=2, device_id=device_id, prefetch_queue_depth=1, exec_dynamic=True)
-    def pipe():
-        encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
-        return fn.decoders.video(encoded, device=device, frames=list(frames))
+    def __init__(self, device: str, device_id: int | None) -> None:
+        from nvidia.dali import fn, pipeline_def, types
 
-    p = pipe()
-    p.build()
-    return p
+        @pipeline_def(batch_size=1, num_threads=2, device_id=device_id, prefetch_queue_depth=1, exec_dynamic=True)
+        def pipe():
+            encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
+            # Frame indices are an argument input: one pipeline decodes any frame list.
+            frames = fn.external_source(name="frames", dtype=types.INT32, ndim=1)
+            return fn.decoders.video(encoded, device=device, frames=frames)
+
+        self.pipe = pipe()
+        self.pipe.build()
+        self.lock = threading.Lock()
+
+    def decode(self, data: np.ndarray, indices: list[int]):
+        with self.lock:
+            self.pipe.feed_input("encoded", [data])
+            self.pipe.feed_input("frames", [np.asarray(indices, dtype=np.int32)])
+            (out,) = self.pipe.run()
+        return out[0]
 
 
-def decode_dali(path: str | os.PathLike, indices: list[int], gpu: bool = False, device_id: int = 0) -> torch.Tensor:
-    """Decodes frames ``indices`` with DALI: [T, H, W, 3] uint8 (on the GPU when ``gpu``)."""
+@lru_cache(maxsize=None)
+def _dali_pipeline(device: str, device_id: int | None) -> _DaliDecoder:
+    """The process's DALI decoder for ``device`` ("cpu" or "mixed") on GPU ``device_id``
+    (None on CPU): built once per device, whatever frames are asked for."""
+    return _DaliDecoder(device, device_id)
+
+
+def _dali_to_torch(sample, gpu: bool, device_id: int) -> torch.Tensor:
+    """A decoded DALI sample as a torch tensor, through DLPack (no copy: the tensor keeps
+    DALI's buffer alive, which the dynamic executor does not reuse while it is referenced)
+    where the installed DALI offers it, else copied."""
+    if hasattr(sample, "__dlpack__"):
+        try:
+            return torch.from_dlpack(sample)  # on the GPU: DALI's stream is ordered before torch's current one
+        except (TypeError, RuntimeError, BufferError):
+            pass  # a DALI whose DLPack export torch cannot take: copy below
+    if gpu:
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+
+        t = torch.empty(sample.shape(), dtype=torch.uint8, device=f"cuda:{device_id}")
+        feed_ndarray(sample, t, cuda_stream=torch.cuda.current_stream(device_id))
+        return t
+    return torch.from_numpy(np.array(sample))
+
+
+def decode_dali(path: str | os.PathLike, indices: list[int], gpu: bool = False,
+                device_id: int | None = None) -> torch.Tensor:
+    """Decodes frames ``indices`` with DALI: [T, H, W, 3] uint8 (on GPU ``device_id`` when
+    ``gpu``; None: this process's current CUDA device, ``torch.cuda.current_device()``)."""
     if not dali_available():
         raise ImportError("the DALI video backend needs NVIDIA DALI: pip install nvidia-dali-cuda130 "
                           "(or use backend='pyav')")
@@ -166,19 +207,14 @@ def decode_dali(path: str | os.PathLike, indices: list[int], gpu: bool = False, 
         raise RuntimeError("backend 'dali-gpu' needs a CUDA GPU; use 'dali-cpu' or 'pyav'")
     if not indices:
         return torch.empty(0, 0, 0, 3, dtype=torch.uint8)
-    pipe = _dali_pipeline("mixed" if gpu else "cpu", tuple(indices), device_id if gpu else None)
+    if gpu and device_id is None:
+        device_id = torch.cuda.current_device()
+    decoder = _dali_pipeline("mixed" if gpu else "cpu", device_id if gpu else None)
     try:
-        pipe.feed_input("encoded", [np.fromfile(str(path), dtype=np.uint8)])
-        (out,) = pipe.run()
+        sample = decoder.decode(np.fromfile(str(path), dtype=np.uint8), indices)
     except Exception as err:
         raise VideoDecodeError(f"{path}: DALI: {type(err).__name__}: {err}") from err
-    if gpu:
-        t = torch.empty(out.shape()[0], dtype=torch.uint8, device=f"cuda:{device_id}")
-        from nvidia.dali.plugin.pytorch import feed_ndarray
-
-        feed_ndarray(out[0], t, cuda_stream=torch.cuda.current_stream(device_id))
-        return t
-    return torch.from_numpy(np.array(out[0]))
+    return _dali_to_torch(sample, gpu, device_id if gpu else 0)
 
 
 def choose_backend(codec: str, device: str | torch.device = "cpu") -> str:
@@ -214,7 +250,8 @@ def read_video(path: str | os.PathLike, *, backend: str = "auto", num_frames: in
         frames = decode_pyav(path, indices)
     else:
         dev = torch.device(device)
+        # A bare "cuda" means this process's current device (each rank's own), not GPU 0.
         frames = decode_dali(path, indices, gpu=backend == "dali-gpu",
-                             device_id=(dev.index or 0) if dev.type == "cuda" else 0)
+                             device_id=dev.index if dev.type == "cuda" else None)
     frames = resize_crop(frames, size)
     return frames.to(device)

@@ -122,6 +122,21 @@ def test_dali_gpu_matches_pyav(clips, codec):
     assert choose_backend(codec, "cuda") == "dali-gpu"
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; none is visible")
+@needs_dali
+def test_dali_gpu_frames_stay_valid_after_later_decodes(clips):
+    """Frames come out of DALI through DLPack (no copy): a later decode through the same
+    pipeline (other frame indices, an input) must not overwrite the buffer of an earlier one."""
+    _, paths = clips
+    first = read_video(paths["vp9"], backend="dali-gpu", num_frames=4, device="cuda")
+    kept = first.clone()
+    for start in (4, 8, 0):
+        read_video(paths["vp9"], backend="dali-gpu", num_frames=4, start=start, device="cuda")
+    torch.cuda.synchronize()
+    assert torch.equal(first, kept)
+    assert first.device.index == torch.cuda.current_device()
+
+
 def test_corrupt_and_missing_files_raise(tmp_path):
     bad = tmp_path / "bad.webm"
     bad.write_bytes(b"\x1aE\xdf\xa3 definitely not a video")
