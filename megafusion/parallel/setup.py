@@ -10,9 +10,11 @@ as long as they run; ``init_parallel`` checks that it is active and never applie
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -106,3 +108,34 @@ def shutdown() -> None:
     parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def fake_world(cfg: Config, world_size: int, rank: int) -> Iterator[None]:
+    """Megatron-core's groups for ``cfg.parallel`` as global rank ``rank`` of a world of
+    ``world_size`` processes that do not exist: torch's ``fake`` backend, whose collectives
+    do nothing, so a 4096-process layout can be built in one CPU process (the dry run,
+    ``megafusion.scaling.dry_run``). Tears the groups and the process group down on exit.
+
+    No seeds are set and no device is chosen: nothing built inside it is meant to run.
+    Megatron's gloo side groups are not created (the fake backend cannot host them). The
+    CPU compatibility layer must be active, as for :func:`init_parallel`.
+    """
+    from megatron.core import parallel_state
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        raise RuntimeError("fake_world: a process group is already initialized in this process")
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
+    try:
+        p = cfg.parallel
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=p.tp,
+            pipeline_model_parallel_size=p.pp,
+            virtual_pipeline_model_parallel_size=p.vpp,
+            expert_model_parallel_size=p.ep,
+            create_gloo_process_groups=False,
+        )
+        yield
+    finally:
+        shutdown()
