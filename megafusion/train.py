@@ -2,6 +2,7 @@
 
     megafusion train --config examples/configs/tiny_text.yaml --run-dir runs/tiny --set train.steps=20
     torchrun --nproc_per_node 2 -m megafusion.train --config ... --set parallel.tp=2
+    megafusion train --dry-run --world-size 64 --config examples/configs/transfusion_7b_64gpu.yaml
 
 The config is loaded and validated against the world size *before* any process group
 starts, so a broken config fails fast with a message and exit code 2.
@@ -31,11 +32,80 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default: runs/<config name>); an existing run dir is resumed")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set parallel.tp=2 (repeatable)")
+    plan = parser.add_argument_group(
+        "dry run", "build each rank's model on the meta device in a fake world of --world-size processes "
+                   "and report what it holds per GPU (megafusion.scaling.dry_run); nothing is trained or written "
+                   "except --json")
+    plan.add_argument("--dry-run", action="store_true", help="report memory per rank instead of training")
+    plan.add_argument("--world-size", type=int, default=None, metavar="N", help="GPUs to plan for (needs --dry-run)")
+    plan.add_argument("--rank", type=int, default=None, metavar="R",
+                      help="report this global rank only (default: one rank per pipeline stage)")
+    plan.add_argument("--json", default=None, metavar="OUT", help="also write the report as JSON to OUT")
+    plan.add_argument("--gpu-memory-gb", type=float, default=None, metavar="GIB",
+                      help="device memory the totals are compared with, in GiB (default 80)")
     return parser
+
+
+def _dry_run_args_problem(args) -> str | None:
+    """One line naming a dry-run flag that cannot be used as given, and the fix."""
+    plan_flags = {"--world-size": args.world_size, "--rank": args.rank, "--json": args.json,
+                  "--gpu-memory-gb": args.gpu_memory_gb}
+    if not args.dry_run:
+        given = [flag for flag, value in plan_flags.items() if value is not None]
+        return f"{given[0]} is a dry-run option; add --dry-run (or drop {given[0]} to train)" if given else None
+    if args.world_size is None:
+        return "--dry-run needs --world-size N (the number of GPUs to plan for)"
+    if args.world_size < 1:
+        return f"--world-size {args.world_size} must be at least 1"
+    if args.rank is not None and not 0 <= args.rank < args.world_size:
+        return f"--rank {args.rank} is outside the world of --world-size {args.world_size} (use 0..{args.world_size - 1})"
+    if args.gpu_memory_gb is not None and not args.gpu_memory_gb > 0:
+        return f"--gpu-memory-gb {args.gpu_memory_gb} must be positive (e.g. 80 for an H100)"
+    return None
+
+
+def dry_run_main(args) -> int:
+    """``--dry-run``: validate for --world-size (without this machine's memory), build each
+    reported rank on the meta device, print the table, write --json."""
+    def fail(message: object) -> int:
+        print(f"megafusion train: {message}", file=sys.stderr, flush=True)
+        return 2
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        model_parallel = cfg.parallel.tp * cfg.parallel.pp
+        if args.world_size % model_parallel:  # the usual slip; validate would list its consequences too
+            return fail(f"--world-size {args.world_size} is not a multiple of parallel.tp * parallel.pp = "
+                        f"{model_parallel} (data parallelism takes what is left); use a multiple of {model_parallel}")
+        # The memory guard compares with THIS machine's memory: not the one being planned for.
+        validate(cfg, args.world_size, check_memory=False)
+    except ConfigError as err:
+        return fail(err)
+    with megatron_warnings():
+        from megafusion.parallel import cpu_compat
+        from megafusion.scaling.dry_run import dry_run, format_table, write_json
+
+        try:
+            # Meta-device models through megatron-core need its CPU layer (no CUDA is asked for).
+            with cpu_compat.applied("cpu"):
+                report = dry_run(cfg, args.world_size, args.rank, config_name=args.config,
+                                 gpu_memory_gb=args.gpu_memory_gb or 80.0)
+        except ConfigError as err:  # a provider's own checks
+            return fail(err)
+    print(format_table(report), flush=True)
+    if args.json:
+        write_json(report, args.json)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    problem = _dry_run_args_problem(args)
+    if problem:
+        print(f"megafusion train: {problem}", file=sys.stderr, flush=True)
+        return 2
+    if args.dry_run:
+        return dry_run_main(args)
     is_rank0 = os.environ.get("RANK", "0") == "0"
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
 

@@ -323,7 +323,9 @@ def dry_run(cfg: Config, world_size: int, rank: int | None = None, *, config_nam
                      "shards, DP ranks the same model (distributed-optimizer shards differ by padding only)")
     notes.append(f"total = weights + gradient buffer + {'distributed' if p.distributed_optimizer else 'replicated'} "
                  "optimizer state (the config's parallel.distributed_optimizer) + activations")
-    if any(r.activation_bytes is None for r in reports):
+    if all(r.activation_bytes is not None for r in reports):
+        notes.append("activations: megafusion.scaling.activations, one rank's stored activations at the 1F1B peak")
+    else:
         notes.append("activations: not estimated (megafusion.scaling.activations is not available); "
                      "totals exclude them")
     return DryRun(config=config_name, world_size=world_size, layout=layout, gpu_memory_gb=gpu_memory_gb,
