@@ -1,11 +1,13 @@
-"""``megafusion isoflop plan|fit``: plan an IsoFLOP sweep, and fit scaling laws to its runs.
+"""``megafusion isoflop plan|run|fit``: plan an IsoFLOP sweep, train it, and fit scaling laws to its runs.
 
     megafusion isoflop plan --budgets 1e15,3e15,1e16 --family family.yaml --out sweep/ [--sizes 5]
-    bash sweep/launch.sh                       # or: sbatch sweep/launch.sbatch (--launcher slurm)
+    megafusion isoflop run sweep/ [--out sweep/] [--launcher local|slurm]   # resumable; slurm: an array script
     megafusion isoflop fit sweep/runs/* --plan sweep/plan.json --out sweep/fit/
     megafusion isoflop fit --csv published.csv --out fit/
 
-fit exits 0 when every modality was fitted, 1 when some were (the report holds those; the
+run (local) skips finished runs, resumes killed ones from their checkpoint, and stops at a
+failed run (exit 1; the same command continues); a run dir trained with another config than
+the plan's is refused (exit 2). fit exits 0 when every modality was fitted, 1 when some were (the report holds those; the
 others' errors are printed), 2 when none could be.
 """
 
@@ -53,6 +55,17 @@ def build_parser() -> argparse.ArgumentParser:
                       help="model sizes per budget, centred on family.tokens_per_param (default: all that fit)")
     plan.add_argument("--launcher", choices=("local", "slurm"), default="local")
     plan.add_argument("--gpus-per-run", type=int, default=1, help="processes per run (torchrun when > 1)")
+
+    run = sub.add_parser("run", help="train a plan's runs one after another here (resumable), or write a SLURM "
+                                     "array script with one task per run")
+    run.add_argument("plan", type=Path, help="the plan directory (or its plan.json) from `isoflop plan`")
+    run.add_argument("--out", type=Path, default=None,
+                     help="sweep directory: runs go to OUT/runs/<run> (default: the plan directory)")
+    run.add_argument("--launcher", choices=("local", "slurm"), default="local",
+                     help="local: train here now; slurm: write OUT/launch.sbatch and print the sbatch command")
+    run.add_argument("--checkpoint-every", type=int, default=None, metavar="STEPS",
+                     help="checkpoint interval of every run, for resuming (default: the config's checkpoint.every, "
+                          "or a tenth of the run's steps when it is 0)")
 
     fit = sub.add_parser("fit", help="fit per-modality IsoFLOP curves and N_opt, D_opt ~ C power laws")
     fit.add_argument("run_dirs", nargs="*", type=Path, help="run directories (config.yaml + metrics.jsonl)")
@@ -133,10 +146,20 @@ def _fit(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def _run(args: argparse.Namespace) -> int:
+    from megafusion.scaling.isoflop_run import RunFailed, run_plan
+
+    try:
+        return run_plan(args.plan, args.out, args.launcher, args.checkpoint_every)
+    except RunFailed as err:
+        print(f"megafusion isoflop run: error: {err}", file=sys.stderr)
+        return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return _plan(args) if args.command == "plan" else _fit(args)
+        return {"plan": _plan, "run": _run, "fit": _fit}[args.command](args)
     except (PlanError, isoflop.IsoFLOPError) as err:
         print(f"megafusion isoflop {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -405,7 +405,8 @@ def write_plan(config: dict, runs: list[PlannedRun], out_dir: str | Path, launch
         path = out / "configs" / f"{run.name}.yaml"
         path.write_text(yaml.safe_dump(run_config(config, run), sort_keys=False))
         written.append(path)
-    manifest = {"source": source, "launcher": launcher, "budgets": sorted({r.budget for r in runs}),
+    manifest = {"source": source, "launcher": launcher, "gpus_per_run": gpus_per_run,
+                "budgets": sorted({r.budget for r in runs}),
                 "packing": packing_of(config).to_json(),
                 "runs": [{**asdict(r), "config": f"configs/{r.name}.yaml", "run_dir": f"runs/{r.name}"}
                          for r in runs]}
