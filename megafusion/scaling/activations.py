@@ -177,8 +177,10 @@ def _per_layer(cfg, device_type: str) -> int:
         total += tokens_local * k * (4 + 8)  # top-k softmax probabilities (fp32) and indices (int64)
         total += routed * h * e  # permuted tokens: the experts' fc1 input
         total += routed * (4 + 8) + tokens * n_exp * 8  # permuted probs, permutation indices
-        # experts: fc1 out (2 f), up copy, silu, product, product * prob (fc2's input)
-        total += routed * f_e / t * e * (6 if swiglu else 3)
+        # experts (megatron SequentialMLP): fc1 out (2 f), up copy, silu, product, product * prob
+        # (fc2's input); gelu: fc1 out, gelu, gelu * prob. megafusion's grouped experts keep no up copy.
+        per_routed = (5 if moe.experts == "grouped" else 6) if swiglu else 3
+        total += routed * f_e / t * e * per_routed
         f_sh = moe.shared_expert_ffn_hidden_size
         if f_sh:
             if moe.per_modality_shared_experts:

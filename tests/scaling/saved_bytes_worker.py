@@ -7,8 +7,9 @@ megafusion.scaling.activations is tested against), in-process or as a torchrun w
 every storage saved for backward that is not a parameter. Per layer = the count with L+1
 layers minus the count with L layers; outside = the L-layer count minus L per-layer counts.
 
-As a torchrun worker (2 gloo ranks) it reads the cases as JSON from argv[1] and prints one
-``COUNT <json>`` line per case from rank 0.
+As a torchrun worker (2 gloo ranks) it reads the cases as JSON from argv[1] (each case's
+``parallel.tp`` / ``parallel.ep`` set the model-parallel groups; both ranks run the same batch)
+and prints one ``COUNT <json>`` line per case from rank 0.
 """
 
 from __future__ import annotations
@@ -80,6 +81,14 @@ def saved_bytes(model, batch) -> tuple[int, list]:
     return sum(v[0] for v in seen.values()), list(seen.values())
 
 
+def _reset_moe_metrics() -> None:
+    try:
+        from megatron.core.transformer.moe.moe_logging import destroy_moe_metrics_tracker
+    except ImportError:
+        return
+    destroy_moe_metrics_tracker()
+
+
 def count(case: dict) -> dict:
     """{'per_layer', 'outside', 'total_L'} counted for one case (L = case['layers'], default 1)."""
     from megatron.core import tensor_parallel
@@ -90,6 +99,7 @@ def count(case: dict) -> dict:
     layers = case.get("layers", 1)
     totals, details = {}, {}
     for n in (layers, layers + 1):
+        _reset_moe_metrics()  # megatron sizes its global MoE loss tracker by the first model's layers
         cfg = config(case, n)
         tc = build_transformer_config(cfg, torch.device("cpu"))
         provider = get_provider(cfg, tc)
@@ -124,8 +134,11 @@ if __name__ == "__main__":  # torchrun worker: python -m torch.distributed.run -
     with cpu_compat.applied("cpu"):
         dist.init_process_group("gloo")
         rank = dist.get_rank()
-        parallel_state.initialize_model_parallel(tensor_model_parallel_size=2)
         for case in cases:
+            tp, ep = int(case["set"].get("parallel.tp", 1)), int(case["set"].get("parallel.ep", 1))
+            if parallel_state.model_parallel_is_initialized():
+                parallel_state.destroy_model_parallel()
+            parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, expert_model_parallel_size=ep)
             result = count(case)
             if rank == 0:
                 print("COUNT " + json.dumps({"case": case, **result}), flush=True)

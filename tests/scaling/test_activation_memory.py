@@ -45,6 +45,9 @@ CASES_TP1 = {
     "sdpa-full-adaln": ({**B, "train.recompute": "full", "model.time_conditioning": "adaln"}, 20),
     "sdpa-modality-ffn-adaln": ({**B, "model.ffn": "modality", "model.time_conditioning": "adaln"}, 24),
     "sdpa-moe-per-modality-shared": ({**A, **MOE8}, 20),
+    "moe-grouped-allgather-sigmoid-aux-loss": ({**B, **MOE8, "model.moe.experts": "grouped",
+                                                "model.moe.dispatcher": "allgather", "model.moe.router_score": "sigmoid",
+                                                "model.moe.aux_loss_coeff": 0.01, "model.moe.z_loss_coeff": 0.001}, 24),
     "bf16-adaln-moe-global-shared": ({**A, "train.precision": "bf16", "model.time_conditioning": "adaln",
                                       "model.moe.num_experts": 6, "model.moe.top_k": 3, "model.moe.ffn_hidden_size": 40,
                                       "model.moe.shared_expert_ffn_hidden_size": 56}, 20),
@@ -62,6 +65,8 @@ CASES_TP2 = {
     "tp2-sp-flex-adaln-modality-ffn": ({**A, **TP2, "parallel.sp": True, "model.attention": "flex",
                                         "model.time_conditioning": "adaln", "model.ffn": "modality"}, 20),
     "tp2-sp-moe-per-modality-shared": ({**A, **TP2, "parallel.sp": True, **MOE8}, 20),
+    # expert parallelism (2 ranks, same batch on both): routed rows per rank depend on the routing
+    "ep2-moe-alltoall": ({**A, "parallel.ep": 2, **MOE8}, 20),
     "tp2-sp-selective-layernorm": ({**B, **TP2, "parallel.sp": True, "train.recompute": "selective",
                                     "model.normalization": "layernorm"}, 0),
     "tp2-sp-full": ({**B, **TP2, "parallel.sp": True, "train.recompute": "full"}, 20),
