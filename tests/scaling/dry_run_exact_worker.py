@@ -1,12 +1,13 @@
 """torchrun worker of tests/scaling/test_dry_run_exact.py: builds real models through the
 trainer's own path and prints what each rank holds.
 
-    python -m torch.distributed.run --standalone --nproc_per_node 2 dry_run_exact_worker.py CASES_JSON
+    python -m torch.distributed.run --standalone --nproc_per_node 2 dry_run_exact_worker.py CASES_JSON OUT_DIR
 
 CASES_JSON: [{"name": ..., "config": path, "overrides": [...]}, ...]. For each case, in one
 gloo world: ``init_parallel`` (megatron's groups for the case's layout), the provider,
 ``build_model_chunks`` (megatron DDP), ``build_optimizer`` and one optimizer step (zero
-gradients: the step creates torch Adam's moments), then one ``RESULT <json>`` line per rank.
+gradients: the step creates torch Adam's moments), then one JSON line per case in
+OUT_DIR/rank<R>.jsonl (files, not stdout: the ranks' lines would interleave in one pipe).
 Megatron's groups are torn down between cases; the process group stays.
 
 Optimizer bytes are measured, not derived: every tensor the optimizer holds (its param
@@ -89,8 +90,9 @@ if __name__ == "__main__":
     from megafusion.parallel import cpu_compat
 
     torch.set_num_threads(1)
-    cases = json.loads(sys.argv[1])
+    cases, out_dir = json.loads(sys.argv[1]), sys.argv[2]
     with cpu_compat.applied("cpu"):  # this worker process, as an entry point would
-        for case in cases:
-            print("RESULT " + json.dumps(run_case(case)), flush=True)
+        lines = [json.dumps(run_case(case)) for case in cases]
+        with open(os.path.join(out_dir, f"rank{dist.get_rank()}.jsonl"), "w") as f:
+            f.write("\n".join(lines) + "\n")
         dist.destroy_process_group()
