@@ -179,3 +179,16 @@ def test_cuda_assumptions_differ_from_cpu_where_stated():
             == 2 * s * b * h * 4 + heads_cpu_minus_cuda * s * b * d * 4)
     with pytest.raises(ValueError):
         activation_memory(cfg, device_type="tpu")
+
+
+def test_closed_form_in_the_docs():
+    """docs/scaling.md's Korthikanti-style form (bf16, CUDA, flex, no GQA, TP + SP) is the function's."""
+    s, b, h, a, t = 512, 2, 256, 8, 2
+    d = h // a
+    for act, f, mlp in (("gelu", 4 * h, 4), ("swiglu", 688, 10)):
+        cfg = worker.config({"set": {"model.seq_length": s, "model.hidden_size": h, "model.num_heads": a,
+                                     "model.ffn_hidden_size": f, "train.micro_batch_size": b, "parallel.tp": t,
+                                     "parallel.sp": True, "model.attention": "flex", "train.precision": "bf16",
+                                     "model.activation": act}, "image": 0}, 1)
+        closed = s * b * h * (20 / t + mlp * f / (h * t)) + 8 * s * b * d + 4 * b * a * s / t + 8 * s * b / t
+        assert activation_memory(cfg, device_type="cuda").per_layer == closed
