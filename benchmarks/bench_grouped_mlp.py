@@ -18,8 +18,11 @@ Implementations, both computing the SwiGLU experts of GroupedExperts / Sequentia
            device sync), then per expert fc1, SwiGLU, scale, fc2, and a final cat
 Cases: T in {4k, 16k} tokens, Hd in {1024, 4096}, (E, k, F) in {(64, 8, 512), (256, 8, 256),
 (1008, 16, 256)} (fine-grained experts: F is the per-expert width), uniform random routing.
-extra_info: TFLOP/s (forward 6*N*Hd*F flops for N = T*k rows, forward+backward 3x that) and
-the fraction of ~800 TFLOP/s, the measured bf16 dense matmul rate of an H100 (platform.md).
+extra_info: TFLOP/s (forward 6*N*Hd*F flops for N = T*k rows, forward+backward 3x that: plain
+matmuls, whose backward is two products per forward one, as the trainer counts every step) and
+``fraction_of_peak``: of the device's documented dense bf16 peak,
+``megafusion.scaling.flops.peak_flops(torch.cuda.get_device_name(), "bf16")`` (989 TFLOP/s
+on an H100 SXM / H200, 2250 on a B200; absent for a GPU that table does not know).
 """
 
 from __future__ import annotations
@@ -39,14 +42,20 @@ except ImportError:
     pytest = None
 
 ON_GPU, DEVICE, DTYPE = common.ON_GPU, common.DEVICE, common.DTYPE
-if ON_GPU:
-    SIZES = [(T, Hd, E, k, Fw) for T in (4096, 16384) for Hd in (1024, 4096)
+GPU_SIZES = [(T, Hd, E, k, Fw) for T in (4096, 16384) for Hd in (1024, 4096)
              for E, k, Fw in ((64, 8, 512), (256, 8, 256), (1008, 16, 256))]
-else:
-    SIZES = [(64, 32, 8, 2, 16)]
+SIZES = GPU_SIZES if common.LIST_GPU_CASES else [(64, 32, 8, 2, 16)]  # see bench_moe_dispatch
 IMPLS = ["grouped", "loop"]
 PASSES = ["fwd", "fwd_bwd"]
-PEAK_FLOPS = 800e12
+
+
+def device_peak_flops() -> float | None:
+    """Documented dense bf16 peak of this GPU (None on a CPU or an unknown GPU)."""
+    if not ON_GPU:
+        return None
+    from megafusion.scaling.flops import peak_flops
+
+    return peak_flops(torch.cuda.get_device_name(), "bf16")
 
 
 def sequential_loop(x_perm, tokens_per_expert, w1, w2, probs):
@@ -113,7 +122,10 @@ def build_case(T, Hd, E, k, Fw, impl, pass_):
                 "dtype": str(DTYPE).removeprefix("torch."), "tokens": T, "hidden": Hd, "experts": E, "topk": k,
                 "expert_ffn": Fw}
         if ON_GPU:
-            info["fraction_of_peak"] = flops / median_s / PEAK_FLOPS
+            peak = device_peak_flops()
+            if peak:
+                info["peak_TFLOP_per_s"] = peak / 1e12
+                info["fraction_of_peak"] = flops / median_s / peak
             info["used_torch_grouped_mm"] = impl == "grouped" and _uses_grouped_mm(x_perm, w1)
         return info
 
@@ -136,6 +148,7 @@ if pytest is not None:
         benchmark.pedantic(step, rounds=common.ROUNDS, warmup_rounds=3 if ON_GPU else 0, iterations=1)
         benchmark.extra_info.update(extra_info(benchmark.stats.stats.median))
 
+    @pytest.mark.gpu
     @pytest.mark.skipif(not ON_GPU, reason="checks the GPU sizes (tests/model/test_grouped_experts.py covers the CPU)")
     @pytest.mark.parametrize("size", [(4096, 1024, 64, 8, 512), (4096, 1024, 1008, 16, 256)])
     def test_grouped_matches_loop_on_gpu(size):

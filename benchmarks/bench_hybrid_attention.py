@@ -22,8 +22,13 @@ Packs (``make_pack``): text (documents of 512-4096 text tokens), image_heavy (do
 1-8k tokens alternating text runs and 256- or 1024-token images).
 
 TFLOP/s count only the visible (query, key) pairs P of each case: forward 4*P*D*H,
-forward+backward 3.5x that (the backward does 5 matmuls of the 2 the forward does). Each
-case stores them in ``extra_info`` (``tflops``, ``useful_pairs``, ``gpu``).
+forward+backward 3.5x that (the backward does 5 matmuls of the 2 the forward does; FlashAttention's
+convention). The trainer (``megafusion bench``, ``megafusion.scaling.flops``) counts a training
+step as 3x forward for every matmul, attention included, so its attention TFLOP/s read 3/3.5 of
+this one's for the same kernel time. Each case stores in ``extra_info``: ``tflops``,
+``useful_pairs``, ``gpu`` and ``fraction_of_peak`` of the device's documented dense bf16 peak
+(``megafusion.scaling.flops.peak_flops(torch.cuda.get_device_name(), "bf16")``; absent for a
+GPU that table does not know).
 """
 
 from __future__ import annotations
@@ -163,7 +168,27 @@ def _setup(n: int, pack: str, impl: str, pas: str):
         gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__, batch=batch,
         useful_pairs=pairs, flops=4.0 * pairs * HEAD_DIM * HEADS * (3.5 if pas == "fwd_bwd" else 1.0),
     )
+    peak = device_peak_flops()
+    if peak:
+        info["peak_tflops"] = peak / 1e12
     return step, info
+
+
+def device_peak_flops() -> float | None:
+    """Documented dense bf16 peak of this GPU (None on a CPU or an unknown GPU)."""
+    if not torch.cuda.is_available():
+        return None
+    from megafusion.scaling.flops import peak_flops
+
+    return peak_flops(torch.cuda.get_device_name(), "bf16")
+
+
+def finish_info(info: dict, median_s: float) -> dict:
+    """The measured fields of a case: TFLOP/s over visible pairs and the fraction of peak."""
+    info["tflops"] = info["flops"] / median_s / 1e12
+    if info.get("peak_tflops"):
+        info["fraction_of_peak"] = info["tflops"] / info["peak_tflops"]
+    return info
 
 
 if pytest is not None:
@@ -175,7 +200,7 @@ if pytest is not None:
     def test_hybrid_attention(benchmark, n, pack, impl, pas):
         step, info = _setup(n, pack, impl, pas)
         benchmark.pedantic(step, rounds=20, warmup_rounds=3, iterations=1)
-        benchmark.extra_info.update(info, tflops=info["flops"] / benchmark.stats.stats.median / 1e12)
+        benchmark.extra_info.update(finish_info(info, benchmark.stats.stats.median))
 
 
 def run_standalone(json_path: str, select: str = "", rounds: int = 20, warmup: int = 3) -> None:
@@ -189,7 +214,7 @@ def run_standalone(json_path: str, select: str = "", rounds: int = 20, warmup: i
             continue
         step, info = _setup(n, pack, impl, pas)
         median, times = time_step(step, warmup, rounds)
-        info["tflops"] = info["flops"] / median / 1e12
+        finish_info(info, median)
         results.append(dict(name=case_id, params=dict(n=n, pack=pack, impl=impl, pas=pas),
                             stats=dict(median=median, min=min(times), max=max(times), rounds=rounds), extra_info=info))
         print(f"{case_id:40s} {median * 1e3:9.3f} ms {info['tflops']:7.1f} TFLOP/s", flush=True)

@@ -26,12 +26,15 @@ GPU shapes: T in {4k, 16k} tokens, Hd in {1024, 4096}, (E, k) in {(64, 8), (256,
 
 Each case records in extra_info the bytes it must move at least (every row read and written
 once: fwd 2(T+N)Hd elements, bwd another (2T+3N)Hd, N = T*k rows) and the resulting GB/s,
-plus that as a fraction of the device copy bandwidth (~3.0 TB/s H100, ~4.3 TB/s H200,
-platform.md). Goal (issue 6): triton >= 3x megatron and >= 1.0x te.
+plus that as a fraction of the copy bandwidth measured on the same device at the start of the
+run (``copy_bandwidth_bytes_per_s``: a 1 GiB device-to-device copy, bytes read + written;
+~3.0 TB/s on an H100, ~4.3 TB/s on an H200), stored as ``copy_GB_per_s``. Goal (issue 6):
+triton >= 3x megatron and >= 1.0x te; issue 30: permute+unpermute >= 60% of copy bandwidth.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 
@@ -48,10 +51,11 @@ except ImportError:  # the `run` mode needs no pytest
 
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 DTYPE = torch.bfloat16 if ON_GPU else torch.float32
-if ON_GPU:
-    SIZES = [(T, Hd, E, k) for T in (4096, 16384) for Hd in (1024, 4096) for E, k in ((64, 8), (256, 8), (1008, 16))]
-else:
-    SIZES = [(64, 32, 8, 2)]
+GPU_SIZES = [(T, Hd, E, k) for T in (4096, 16384) for Hd in (1024, 4096) for E, k in ((64, 8), (256, 8), (1008, 16))]
+# MEGAFUSION_BENCH_GPU_CASES=1 lists the GPU cases on a CPU too, for `pytest --collect-only`
+# (benchmarks/gpu_check.sh's dry run checks its -k selections against them); not to run them.
+LIST_GPU_CASES = ON_GPU or os.environ.get("MEGAFUSION_BENCH_GPU_CASES") == "1"
+SIZES = GPU_SIZES if LIST_GPU_CASES else [(64, 32, 8, 2)]
 IMPLS = ["triton", "megatron", "te"]
 PASSES = ["fwd", "fwd_bwd"]
 
@@ -60,10 +64,26 @@ class Skip(Exception):
     """A case that cannot run here (e.g. no Transformer Engine)."""
 
 
-def copy_bandwidth_bytes_per_s() -> float | None:
+@functools.cache
+def copy_bandwidth_bytes_per_s(nbytes: int = 1 << 30, rounds: int = 10) -> float | None:
+    """Device-to-device copy bandwidth measured here (bytes read + written per second, the
+    median of ``rounds`` copies of ``nbytes``), the ceiling of a permute; None on a CPU."""
     if not ON_GPU:
         return None
-    return 4.3e12 if "H200" in torch.cuda.get_device_name() else 3.0e12
+    src = torch.empty(nbytes, dtype=torch.uint8, device=DEVICE)
+    dst = torch.empty_like(src)
+    times = []
+    for i in range(rounds + 2):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        if i >= 2:  # two warm-up copies
+            times.append(start.elapsed_time(end) / 1e3)
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * nbytes / sorted(times)[len(times) // 2]
 
 
 def device_name() -> str:
@@ -192,6 +212,7 @@ def build_case(T, Hd, E, k, impl, pass_):
                 "dtype": str(DTYPE).removeprefix("torch."), "tokens": T, "hidden": Hd, "experts": E, "topk": k}
         bw = copy_bandwidth_bytes_per_s()
         if bw:
+            info["copy_GB_per_s"] = bw / 1e9
             info["fraction_of_copy_bw"] = nbytes / median_s / bw
         if impl == "megatron":
             info["megatron_source"] = megatron_unfused()[2]
@@ -214,6 +235,7 @@ if pytest is not None:
         benchmark.pedantic(step, rounds=ROUNDS, warmup_rounds=3 if ON_GPU else 0, iterations=1)
         benchmark.extra_info.update(extra_info(benchmark.stats.stats.median))
 
+    @pytest.mark.gpu
     @pytest.mark.skipif(not ON_GPU, reason="checks the GPU sizes (tests/kernels covers the CPU)")
     @pytest.mark.parametrize("T,Hd,E,k", [(4096, 1024, 64, 8), (16384, 4096, 256, 8), (4096, 1024, 1008, 16)])
     def test_dispatch_matches_megatron_on_gpu(T, Hd, E, k):

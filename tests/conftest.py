@@ -2,6 +2,7 @@
 ``@triton.jit`` decorator runs, and one thread keeps tiny CPU jobs from swinging 50x."""
 
 import os
+import re
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -15,6 +16,18 @@ import pytest  # noqa: E402
 torch.set_num_threads(1)
 
 requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; none is visible")
+
+# `pytest -m gpu` (benchmarks/gpu_check.sh) selects every test that needs the GPU machine:
+# those marked gpu, and those skipped with a reason that names a GPU, CUDA or Transformer
+# Engine (requires_gpu above and its like), whether or not they skip here.
+_GPU_REASON = re.compile(r"\bGPU\b|CUDA|Transformer Engine")
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if any(_GPU_REASON.search(str(mark.kwargs.get("reason", ""))) for mark in item.iter_markers("skipif")):
+            item.add_marker(pytest.mark.gpu)
 
 
 @pytest.fixture

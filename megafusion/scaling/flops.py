@@ -444,7 +444,8 @@ _DTYPE_ALIASES = {
 
 def gpu_model(device_name: str) -> str | None:
     """Maps ``torch.cuda.get_device_name()`` (e.g. 'NVIDIA H100 80GB HBM3', 'NVIDIA H200',
-    'NVIDIA A100-SXM4-80GB', 'NVIDIA B200', 'NVIDIA GB200') to a key of the peak table, or None when not known for sure."""
+    'NVIDIA A100-SXM4-80GB', 'NVIDIA B200', 'NVIDIA GB200') to a key of the peak table, or
+    None when not known for sure."""
     name = device_name.upper().replace("-", " ")
     if "GB200" in name:  # before B200, which it contains
         return "GB200"
