@@ -58,7 +58,8 @@ def _dry_run_args_problem(args) -> str | None:
     if args.world_size < 1:
         return f"--world-size {args.world_size} must be at least 1"
     if args.rank is not None and not 0 <= args.rank < args.world_size:
-        return f"--rank {args.rank} is outside the world of --world-size {args.world_size} (use 0..{args.world_size - 1})"
+        return (f"--rank {args.rank} is outside the world of --world-size {args.world_size} "
+                f"(use 0..{args.world_size - 1})")
     if args.gpu_memory_gb is not None and not args.gpu_memory_gb > 0:
         return f"--gpu-memory-gb {args.gpu_memory_gb} must be positive (e.g. 80 for an H100)"
     return None

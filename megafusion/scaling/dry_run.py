@@ -313,7 +313,8 @@ def dry_run(cfg: Config, world_size: int, rank: int | None = None, *, config_nam
     reports = [rank_report(cfg, world_size, r) for r in ranks]
     for r, report in zip(ranks, reports):  # the representative ranks are what they claim
         if rank is None and (report.tp_rank, report.dp_rank, report.ep_rank) != (0, 0, 0):
-            raise RuntimeError(f"dry run: rank {r} is not at tp/dp/ep rank 0 ({report}); megatron's rank order changed?")
+            raise RuntimeError(f"dry run: rank {r} is at tp/dp/ep rank {report.tp_rank}/{report.dp_rank}/"
+                               f"{report.ep_rank}, not 0/0/0: has megatron's rank order changed?")
     dp = world_size // (p.tp * p.pp)
     layout = dict(tp=p.tp, pp=p.pp, vpp=p.vpp, ep=p.ep, sp=p.sp, dp=dp, expert_dp=world_size // (p.pp * p.ep * p.tp),
                   distributed_optimizer=p.distributed_optimizer, precision=t.precision)
