@@ -219,3 +219,21 @@ def test_slurm_array_script_picks_each_tasks_config(sweep, tmp_path, gpus):
     past = subprocess.run(["bash", str(script)], env={**env, "SLURM_ARRAY_TASK_ID": "6"},
                           capture_output=True, text=True, timeout=60)
     assert past.returncode == 2 and "array task 6: no such line" in past.stderr
+
+
+def test_done_needs_every_step_logged_and_the_final_checkpoint(sweep, tmp_path):
+    from megafusion.scaling.isoflop_run import plan_runs, run_state
+
+    out, plan, _ = sweep
+    runs, _ = plan_runs(out, tmp_path)
+    run = next(r for r in runs if r.name == KILLED)
+    shutil.copytree(out / "runs" / KILLED, run.run_dir)
+    assert run_state(run) == ("done", run.steps)
+    metrics = run.run_dir / "metrics.jsonl"
+    lines = metrics.read_text().splitlines(keepends=True)
+    metrics.write_text("".join(lines[:-1]) + lines[-1][:20])  # the last record cut short
+    assert run_state(run) == ("resume", run.steps)
+    metrics.write_text("".join(lines))
+    shutil.rmtree(run.run_dir / "checkpoints" / f"step_{run.steps:08d}")
+    (run.run_dir / "checkpoints" / f"step_{run.steps:08d}.tmp").mkdir()  # a save cut short is no checkpoint
+    assert run_state(run) == ("new", 0)
