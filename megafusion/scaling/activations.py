@@ -59,7 +59,9 @@ class ActivationEstimate:
     per_layer: int  # bytes one transformer layer keeps for backward, one micro-batch, this rank
     layers: int  # layers on this pipeline rank (all its virtual chunks)
     in_flight: int  # micro-batches (model-chunk forwards under vpp) whose activations are held at the peak
-    outside_layers: int  # embeddings / patch adapters / time embedding (first stage), final norm + heads + CE (last)
+    # embeddings / time embedding (first stage); final norm with its input, PatchOut input, CE (last stage).
+    # Each layer's own input is in per_layer (its input norm saves it), so a stage's received input is too.
+    outside_layers: int
     vpp: int = 1  # virtual chunks per pipeline rank (``in_flight`` then counts chunk forwards)
 
     @property

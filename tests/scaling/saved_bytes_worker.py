@@ -105,13 +105,18 @@ def count(case: dict) -> dict:
         provider = get_provider(cfg, tc)
         tensor_parallel.model_parallel_cuda_manual_seed(0)
         torch.manual_seed(0)
-        model = provider.build(pre_process=True, post_process=True, vp_stage=None)
-        if cfg.train.precision == "bf16":
-            model = model.to(torch.bfloat16)
+        stage = case.get("stage", "only")  # only | first | last: which pipeline stage's model is built
+        model = provider.build(pre_process=stage in ("only", "first"), post_process=stage in ("only", "last"),
+                               vp_stage=None)
+        dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+        model = model.to(dtype)  # what megatron's Float16Module does to the parameters under bf16
         model.train()
         batch = hand_batch(cfg.train.micro_batch_size, cfg.model.seq_length, case["image"], provider.latent_dim)
-        if cfg.train.precision == "bf16":
-            batch["latents"] = batch["latents"].to(torch.bfloat16)
+        batch["latents"] = batch["latents"].to(dtype)
+        if stage == "last":  # the hidden states the previous stage sends ([s/tp, b, h] under SP)
+            s, b, h = cfg.model.seq_length, cfg.train.micro_batch_size, cfg.model.hidden_size
+            local = s // cfg.parallel.tp if cfg.parallel.sp else s
+            model.set_input_tensor(torch.randn(local, b, h, dtype=dtype, requires_grad=True))
         totals[n], detail = saved_bytes(model, batch)
         details[n] = detail
     if os.environ.get("SAVED_BYTES_DEBUG"):

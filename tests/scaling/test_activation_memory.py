@@ -54,6 +54,9 @@ CASES_TP1 = {
     "bf16-flex-layernorm-gqa-selective": ({**B, "train.precision": "bf16", "model.attention": "flex",
                                            "model.normalization": "layernorm", "model.num_heads": 4,
                                            "model.num_kv_heads": 2, "train.recompute": "selective"}, 0),
+    # pipeline stages built alone: the first (embeddings, no final norm / heads), the last (input received)
+    "pp-first-stage-bf16-adaln": ({**A, "train.precision": "bf16", "model.time_conditioning": "adaln"}, 20, "first"),
+    "pp-last-stage-layernorm": ({**A, "model.normalization": "layernorm"}, 20, "last"),
     # Triton under its CPU interpreter: one tiny shape (about 10 s)
     "triton-tiny": ({"model.seq_length": 32, "model.hidden_size": 32, "model.num_heads": 2,
                      "model.ffn_hidden_size": 64, "train.micro_batch_size": 1, "model.attention": "triton"}, 12),
@@ -76,13 +79,18 @@ CASES_TP2 = {
 
 
 def case_of(name, table):
-    overrides, image = table[name]
-    return {"name": name, "set": overrides, "image": image}
+    overrides, image, *stage = table[name]
+    return {"name": name, "set": overrides, "image": image, **({"stage": stage[0]} if stage else {})}
 
 
 def check(case, counted):
-    cfg = worker.config(case, 1)
-    est = activation_memory(cfg, device_type="cpu")
+    stage = case.get("stage")
+    if stage is None:
+        est = activation_memory(worker.config(case, 1), device_type="cpu")
+    else:
+        # the stage's model was built alone (pp = 1, one layer); predict pipeline rank 0 / 1 of pp = 2
+        cfg = worker.config({**case, "set": {**case["set"], "parallel.pp": 2}}, 2)
+        est = activation_memory(cfg, pp_rank=0 if stage == "first" else 1, device_type="cpu")
     for key, predicted in (("per_layer", est.per_layer), ("outside", est.outside_layers),
                            ("total", est.per_layer + est.outside_layers)):
         ref = counted[key]
