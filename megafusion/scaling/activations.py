@@ -41,7 +41,9 @@ predicts the GPU kernels; these CUDA-only assumptions cannot be counted on the C
 Not modelled: expert load imbalance (MoE terms assume every rank receives its share,
 ``s*b*k`` routed tokens per micro-batch), the zero rows ``ModalityFFN`` pads each modality to
 under sequence parallelism (equal split assumed), context parallelism, dropout masks
-(megafusion trains without dropout), the pipeline's p2p buffers.
+(megafusion trains without dropout), the pipeline's p2p buffers, and the optional adapters
+of the first / last stage (U-Net patch adapters, learned patch positions, frame conditioning
+and actions; linear adapters are modelled).
 """
 
 from __future__ import annotations
