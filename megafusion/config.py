@@ -444,6 +444,9 @@ def validate(cfg: Config, world_size: int, *, check_memory: bool = True) -> None
             add(f"model.moe.num_experts = {moe.num_experts} is not divisible by parallel.ep = {p.ep}")
         if ok("parallel.ep") and dp is not None and p.ep > 1 and (dp * p.tp) % p.ep:
             add(f"parallel.ep = {p.ep} must divide data-parallel size * tp = {dp} * {p.tp}")
+        if moe.experts == "grouped" and ok("parallel.tp") and p.tp > 1:
+            add(f"model.moe.experts = grouped does not shard experts with tensor parallelism (parallel.tp = {p.tp}); "
+                "use model.moe.experts = megatron, or parallel.tp = 1 (parallel.ep shards the experts)")
     elif p.ep > 1 and ok("model.moe.num_experts"):
         add(f"parallel.ep = {p.ep} needs a MoE model (model.moe.num_experts > 0)")
 
@@ -621,6 +624,9 @@ def _data_problems(cfg: Config, ok: Callable[..., bool]) -> list[str]:
                         "(a sentencepiece .model, or a Hugging Face directory with data.tokenizer_type)")
     if d.kind == "energon":
         problems += _energon_problems(cfg)
+    if d.kind == "shapes" and ok("vision.image_size") and cfg.vision.image_size not in (32, 64):
+        problems.append(f"vision.image_size = {cfg.vision.image_size}: ShapesWorld (data.kind = shapes) renders 32 "
+                        "or 64 pixel images; use one of those, or your own images through data.kind = indexed")
     if d.tokenizer is None and d.tokenizer_type != DataConfig().tokenizer_type:
         problems.append(f"data.tokenizer_type = {d.tokenizer_type} has no effect without data.tokenizer (the byte "
                         "tokenizer is used); set data.tokenizer to that tokenizer's path or remove the type")

@@ -89,6 +89,14 @@ def test_experts_not_divisible_by_ep():
         validate(cfg, 2)
 
 
+def test_grouped_experts_with_tensor_parallelism_is_refused():
+    # accepted here before, then a traceback from the model build
+    cfg = load_config(CONFIGS / "tiny_text_moe.yaml", ["model.moe.experts=grouped", "parallel.tp=2"])
+    with pytest.raises(ConfigError, match="model.moe.experts = grouped does not shard experts with tensor paral"):
+        validate(cfg, 2)
+    validate(load_config(CONFIGS / "tiny_text_moe.yaml", ["model.moe.experts=grouped", "parallel.ep=2"]), 2)
+
+
 def test_bad_choice_lists_the_options():
     cfg = load_config(None, ["train.precision=fp8"])
     with pytest.raises(ConfigError, match="train.precision = 'fp8' is not one of fp32, bf16, fp16"):
@@ -289,6 +297,9 @@ def test_text_model_refuses_per_modality_shared_experts():
     ("tiny_transfusion.yaml", ["data.kind=indexed", "data.paths=[a]"], "data.kind = indexed needs data.tokenizer"),
     ("tiny_text.yaml", ["data.tokenizer=t.model"], "data.tokenizer = t.model has no effect with data.kind = synthetic"),
     ("tiny_transfusion.yaml", ["data.paths=[a]"], "data.paths = ['a'] has no effect with data.kind = shapes"),
+    # ShapesWorld renders 32 or 64 pixels; 256 was accepted here and failed with a traceback at build
+    ("tiny_transfusion.yaml", ["vision.image_size=256", "vision.patch_size=16"],
+     "vision.image_size = 256: ShapesWorld (data.kind = shapes) renders 32 or 64 pixel images"),
 ])
 def test_data_kind_settings_are_checked_before_starting(config, overrides, message):
     with pytest.raises(ConfigError) as info:
