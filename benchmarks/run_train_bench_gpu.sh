@@ -8,9 +8,10 @@
 #   bash benchmarks/run_train_bench_gpu.sh                 # all rows, 20 timed steps each
 #   STEPS=10 WARMUP=3 bash benchmarks/run_train_bench_gpu.sh dense_bf16_sdpa moe_bf16_triton_dispatch
 #
-# Needs a CUDA torch, megatron-core 0.19.2 importable (the GPU machines have none: copy the
-# package into the ignored build/ folder and `export PYTHONPATH=build/bench_deps`) and, for
-# the te_* / fp8_* rows, Transformer Engine (rows are skipped with a message without it).
+# Needs a CUDA torch, megatron-core 0.19.2 importable (the lent GPU machines have none:
+# benchmarks/gpu_check.sh installs it from the carried .gpu_wheels/ and runs the bf16 rows of
+# this matrix, time-boxed, with its other GPU steps) and, for the te_* / fp8_* rows,
+# Transformer Engine (rows are skipped with a message without it).
 # Rows run one after another, so each has the GPU to itself.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,8 +26,8 @@ mkdir -p "$OUT"
 
 python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA GPU visible')"
 python -c "import megatron.core" 2>/dev/null || {
-    echo "megatron-core is not importable: pip install --no-deps megatron-core==0.19.2, or copy it to" \
-         "build/bench_deps and export PYTHONPATH=build/bench_deps" >&2; exit 1; }
+    echo "megatron-core is not importable: pip install --no-deps megatron-core==0.19.2 (on a lent GPU" \
+         "machine: pip install --no-deps --no-index .gpu_wheels/*.whl, see benchmarks/gpu_check.sh)" >&2; exit 1; }
 HAVE_TE=0
 python -c "import transformer_engine.pytorch" 2>/dev/null && HAVE_TE=1
 
