@@ -17,6 +17,7 @@ from pathlib import Path
 
 from megafusion.config import ConfigError, load_config, validate
 from megafusion.logging_setup import configure_logging, megatron_warnings
+from megafusion.scaling.step_time import Hardware
 
 # Exit codes: 2 a config or run directory that cannot run (nothing changed), 3 NaN/inf in a
 # loss, gradients or a checkpoint about to be saved (the last checkpoint kept), 143 stopped
@@ -43,13 +44,35 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--json", default=None, metavar="OUT", help="also write the report as JSON to OUT")
     plan.add_argument("--gpu-memory-gb", type=float, default=None, metavar="GIB",
                       help="device memory the totals are compared with, in GiB (default 80)")
+    hw = Hardware()
+    plan.add_argument("--gpu", default=None, help=f"the GPU whose dense peak the step time uses (default {hw.gpu!r}; "
+                                                  "any GPU of megafusion/scaling/flops.py's peak table)")
+    plan.add_argument("--mfu", type=float, default=None,
+                      help=f"assumed fraction of the peak the matmuls reach (default {hw.mfu})")
+    plan.add_argument("--nvlink-gb-s", type=float, default=None,
+                      help=f"NVLink bandwidth per GPU and direction, GB/s (default {hw.nvlink_gb_s:g})")
+    plan.add_argument("--ib-gb-s", type=float, default=None,
+                      help=f"InfiniBand bandwidth per GPU between nodes, GB/s (default {hw.ib_gb_s:g})")
+    plan.add_argument("--gpus-per-node", type=int, default=None,
+                      help=f"GPUs sharing one NVLink domain (default {hw.gpus_per_node})")
     return parser
+
+
+_HARDWARE_FLAGS = {"--gpu": "gpu", "--mfu": "mfu", "--nvlink-gb-s": "nvlink_gb_s", "--ib-gb-s": "ib_gb_s",
+                   "--gpus-per-node": "gpus_per_node"}
+
+
+def _hardware(args) -> Hardware:
+    """The step-time assumptions: the defaults, with the flags given (ValueError names a bad one)."""
+    given = {field: getattr(args, field) for field in _HARDWARE_FLAGS.values() if getattr(args, field) is not None}
+    return Hardware(**given)
 
 
 def _dry_run_args_problem(args) -> str | None:
     """One line naming a dry-run flag that cannot be used as given, and the fix."""
     plan_flags = {"--world-size": args.world_size, "--rank": args.rank, "--json": args.json,
-                  "--gpu-memory-gb": args.gpu_memory_gb}
+                  "--gpu-memory-gb": args.gpu_memory_gb,
+                  **{flag: getattr(args, field) for flag, field in _HARDWARE_FLAGS.items()}}
     if not args.dry_run:
         given = [flag for flag, value in plan_flags.items() if value is not None]
         return f"{given[0]} is a dry-run option; add --dry-run (or drop {given[0]} to train)" if given else None
@@ -62,6 +85,10 @@ def _dry_run_args_problem(args) -> str | None:
                 f"(use 0..{args.world_size - 1})")
     if args.gpu_memory_gb is not None and not args.gpu_memory_gb > 0:
         return f"--gpu-memory-gb {args.gpu_memory_gb} must be positive (e.g. 80 for an H100)"
+    try:
+        _hardware(args)
+    except ValueError as err:
+        return f"{err} (a dry-run step-time assumption)"
     return None
 
 
@@ -90,8 +117,10 @@ def dry_run_main(args) -> int:
             # Meta-device models through megatron-core need its CPU layer (no CUDA is asked for).
             with cpu_compat.applied("cpu"):
                 report = dry_run(cfg, args.world_size, args.rank, config_name=args.config,
-                                 gpu_memory_gb=args.gpu_memory_gb or 80.0)
+                                 gpu_memory_gb=args.gpu_memory_gb or 80.0, hardware=_hardware(args))
         except ConfigError as err:  # a provider's own checks
+            return fail(err)
+        except ValueError as err:  # a GPU without a peak for the config's matmul dtype
             return fail(err)
     print(format_table(report), flush=True)
     if args.json:

@@ -23,7 +23,7 @@ What a rank holds (bytes):
   DP rank, ``optimizer_bytes_distributed`` this rank's shard of megatron's distributed
   optimizer (each bucket of the buffer cut into DP equal pieces; expert buffers over the
   expert-DP group). Adam's per-tensor ``step`` scalars are not counted;
-- activations: ``megafusion.scaling.activations`` (the 1F1B peak), when that module exists.
+- activations: ``megafusion.scaling.activations`` (the 1F1B peak, GPU attention kernels).
 
 Not counted: the CUDA context and allocator fragmentation, communication buffers, the
 logits' fp32 copy for the loss beyond what the activation estimate includes, data loading.
@@ -43,6 +43,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._device import _device_constructors
 
 from megafusion.config import Config
+from megafusion.scaling.step_time import Hardware, StepTimeEstimate
 
 GIB = 2**30
 META = torch.device("meta")
@@ -81,9 +82,8 @@ class RankReport:
     grad_buffer_bytes: int
     optimizer_bytes: int
     optimizer_bytes_distributed: int
-    # One micro-batch's stored activations at the 1F1B peak (megafusion.scaling.activations);
-    # None where that estimate is not available.
-    activation_bytes: int | None = None
+    # This rank's stored activations at the 1F1B peak (megafusion.scaling.activations)
+    activation_bytes: int = 0
     total_bytes: int = 0  # weights + grads + the config's optimizer choice + activations (if known)
 
 
@@ -97,9 +97,12 @@ class DryRun:
     gpu_memory_gb: float  # GiB of device memory the totals are compared with
     ranks: list[RankReport]
     notes: list[str] = field(default_factory=list)
+    step_time: StepTimeEstimate | None = None
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
+        out = dataclasses.asdict(self)
+        out["step_time"] = None if self.step_time is None else self.step_time.to_json()
+        return json.dumps(out, indent=2) + "\n"
 
 
 # --------------------------------------------------------------------------- building
@@ -256,16 +259,13 @@ def _chunk_report(ddp: _RecordedDDP, vp_stage: int | None, pp_rank: int, dp_rank
     )
 
 
-def _activation_bytes(cfg: Config, pp_rank: int) -> int | None:
-    """The activation estimate of megafusion.scaling.activations, if that module is present."""
-    try:
-        from megafusion.scaling.activations import activation_memory
-    except ImportError:
-        return None
-    from megafusion.scaling.plan import packing_of
+def _activation_bytes(cfg: Config, world_size: int, pp_rank: int) -> int:
+    """One rank's stored activations at the 1F1B peak (megafusion.scaling.activations), on a GPU."""
+    from megafusion.scaling.activations import activation_memory
 
-    config = cfg.to_dict()
-    return int(activation_memory(cfg, packing_of(config), pp_rank=pp_rank, device_type="cuda").total)
+    p, t = cfg.parallel, cfg.train
+    micro_batches = t.global_batch_size // (world_size // (p.tp * p.pp) * t.micro_batch_size)
+    return int(activation_memory(cfg, pp_rank=pp_rank, device_type="cuda", num_microbatches=micro_batches).total)
 
 
 def rank_report(cfg: Config, world_size: int, rank: int) -> RankReport:
@@ -290,7 +290,7 @@ def rank_report(cfg: Config, world_size: int, rank: int) -> RankReport:
                         **{f: total(f) for f in ("params", "embedding_params", "expert_params", "param_bytes",
                                                  "grad_buffer_numel", "grad_buffer_bytes", "optimizer_bytes",
                                                  "optimizer_bytes_distributed")})
-    report.activation_bytes = _activation_bytes(cfg, c["pp_rank"])
+    report.activation_bytes = _activation_bytes(cfg, world_size, c["pp_rank"])
     optimizer = report.optimizer_bytes_distributed if cfg.parallel.distributed_optimizer else report.optimizer_bytes
     report.total_bytes = (report.param_bytes + report.grad_buffer_bytes + optimizer
                           + (report.activation_bytes or 0))
@@ -304,10 +304,12 @@ def representative_ranks(cfg: Config, world_size: int) -> list[int]:
 
 
 def dry_run(cfg: Config, world_size: int, rank: int | None = None, *, config_name: str = "",
-            gpu_memory_gb: float = 80.0) -> DryRun:
+            gpu_memory_gb: float = 80.0, hardware: Hardware | None = None) -> DryRun:
     """The dry run of ``cfg`` (validated for ``world_size``) for ``rank``, or for one rank of
     every pipeline stage (TP/EP ranks of a stage hold equal shards; DP ranks hold the same
-    model and, under the distributed optimizer, shards that differ only by padding)."""
+    model and, under the distributed optimizer, shards that differ only by padding).
+    With ``hardware``, also the estimated step time (``megafusion.scaling.step_time``, on the
+    packing of the config's own data)."""
     p, t = cfg.parallel, cfg.train
     ranks = [rank] if rank is not None else representative_ranks(cfg, world_size)
     reports = [rank_report(cfg, world_size, r) for r in ranks]
@@ -324,13 +326,18 @@ def dry_run(cfg: Config, world_size: int, rank: int | None = None, *, config_nam
                      "shards, DP ranks the same model (distributed-optimizer shards differ by padding only)")
     notes.append(f"total = weights + gradient buffer + {'distributed' if p.distributed_optimizer else 'replicated'} "
                  "optimizer state (the config's parallel.distributed_optimizer) + activations")
-    if all(r.activation_bytes is not None for r in reports):
-        notes.append("activations: megafusion.scaling.activations, one rank's stored activations at the 1F1B peak")
-    else:
-        notes.append("activations: not estimated (megafusion.scaling.activations is not available); "
-                     "totals exclude them")
+    notes.append("activations: megafusion.scaling.activations, one rank's stored activations at the 1F1B peak "
+                 "(GPU attention kernels; validated against counted bytes on CPU)")
+    step = None
+    if hardware is not None:
+        from megafusion.scaling.plan import packing_of, shape_of_config
+        from megafusion.scaling.step_time import estimate_step_time
+
+        tree = cfg.to_dict()
+        step = estimate_step_time(cfg, shape_of_config(tree), packing_of(tree), world_size, hardware,
+                                  params_per_rank=max(r.params for r in reports))
     return DryRun(config=config_name, world_size=world_size, layout=layout, gpu_memory_gb=gpu_memory_gb,
-                  ranks=reports, notes=notes)
+                  ranks=reports, notes=notes, step_time=step)
 
 
 # --------------------------------------------------------------------------- printing
@@ -368,6 +375,12 @@ def format_table(run: DryRun) -> str:
                                  _count(c.expert_params), _gib(c.param_bytes), _gib(c.grad_buffer_bytes),
                                  _gib(c.optimizer_bytes), _gib(c.optimizer_bytes_distributed), "", "", ""]))
     out += [f"note: {n}" for n in run.notes]
+    too_big = [r.rank for r in run.ranks if r.total_bytes > run.gpu_memory_gb * GIB]
+    out.append(f"DOES NOT FIT: rank(s) {', '.join(map(str, too_big))} exceed {run.gpu_memory_gb:g} GiB (see "
+               "docs/scaling.md, 'When a layout does not fit')" if too_big
+               else f"fits: every reported rank is within {run.gpu_memory_gb:g} GiB")
+    if run.step_time is not None:
+        out += ["", "estimated step time (megafusion.scaling.step_time)", run.step_time.table()]
     return "\n".join(out)
 
 

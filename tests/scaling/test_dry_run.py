@@ -110,6 +110,24 @@ def test_rank_selects_one_rank(tmp_path, capsys):
     assert "of 141" in capsys.readouterr().out
 
 
+def test_step_time_is_reported_and_follows_the_assumptions(tmp_path, capsys):
+    """The dry run ends with the step-time estimate; the MFU and bandwidth flags are used."""
+    def step(*flags):
+        out = tmp_path / f"{len(list(tmp_path.iterdir()))}.json"
+        assert train_main(["--dry-run", "--world-size", "64", "--config", str(CONFIGS / "transfusion_7b_64gpu.yaml"),
+                           "--json", str(out), *flags]) == 0
+        return json.loads(out.read_text())["step_time"]
+
+    base = step()
+    assert "estimated step time" in capsys.readouterr().out
+    assert base["total_s"] == pytest.approx(sum(base[k] for k in ("compute_s", "bubble_s", "tp_comm_s", "ep_comm_s",
+                                                                    "pp_comm_s", "dp_comm_s")))
+    assert step("--mfu", "0.2")["compute_s"] == pytest.approx(2 * base["compute_s"])
+    # TP 4 stays inside an 8-GPU node: only the NVLink figure moves it
+    assert step("--nvlink-gb-s", "900")["tp_comm_s"] == pytest.approx(base["tp_comm_s"] / 2)
+    assert step("--ib-gb-s", "100")["dp_comm_s"] == pytest.approx(base["dp_comm_s"] / 2)
+
+
 def test_vpp_reports_each_chunk():
     cfg, run = _dry("transfusion_7b_64gpu.yaml", 64, ["parallel.vpp=2"])
     for r in run.ranks:
@@ -133,6 +151,9 @@ def test_vpp_reports_each_chunk():
     (["--dry-run"], "--dry-run needs --world-size N"),
     (["--dry-run", "--world-size", "0"], "--world-size 0 must be at least 1"),
     (["--dry-run", "--world-size", "64", "--gpu-memory-gb", "0"], "--gpu-memory-gb 0.0 must be positive"),
+    (["--dry-run", "--world-size", "64", "--mfu", "45"], "mfu = 45.0 must be in (0, 1]"),
+    (["--mfu", "0.5"], "--mfu is a dry-run option; add --dry-run"),
+    (["--dry-run", "--world-size", "64", "--gpu", "RTX 9090"], "no documented bf16 peak for GPU 'RTX 9090'"),
 ])
 def test_bad_input_is_one_line_and_exit_2(capsys, argv, expected):
     rc = train_main([*argv, "--config", str(CONFIGS / "transfusion_7b_64gpu.yaml")])
