@@ -54,7 +54,7 @@ row dense_bf16_triton    -  $DENSE --set model.attention=triton
 row dense_te_bf16_triton          te $DENSE --set model.spec=te --set model.attention=triton
 row dense_te_fp8_delayed_triton   te $DENSE --set model.spec=te --set model.attention=triton --set train.fp8=delayed
 row dense_te_fp8_tensorwise_triton te $DENSE --set model.spec=te --set model.attention=triton --set train.fp8=tensorwise
-row dense_te_fp8_delayed_params_triton te $DENSE --set model.spec=te --set model.attention=triton --set train.fp8=delayed --set train.fp8_params=true
+row dense_te_fp8_delayed_params_triton te $DENSE --set model.spec=te --set model.attention=triton --set train.fp8=delayed --set train.fp8_params=true --set parallel.distributed_optimizer=true
 row dense_te_bf16_sdpa            te $DENSE --set model.spec=te --set model.attention=sdpa
 row dense_te_fp8_delayed_sdpa     te $DENSE --set model.spec=te --set model.attention=sdpa --set train.fp8=delayed
 # ---- MoE (0.9B active / 2.0B total), bf16: token dispatch megatron vs triton

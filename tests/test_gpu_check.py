@@ -44,7 +44,7 @@ def test_gpu_marker_selects_tests_skipped_for_want_of_a_gpu():
     assert out.returncode == 0, out.stdout[-3000:]
     ids = [line for line in out.stdout.splitlines() if "::" in line]
     assert "tests/kernels/test_moe_dispatch.py::test_grouped_mlp_torch_grouped_mm_matches_loop_on_gpu" in ids
-    assert not any("gradcheck" in i for i in ids) and len(ids) == 3, ids
+    assert not any("gradcheck" in i for i in ids) and len(ids) >= 3, ids
 
 
 def test_report_from_results(tmp_path):
