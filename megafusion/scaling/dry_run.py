@@ -335,7 +335,8 @@ def dry_run(cfg: Config, world_size: int, rank: int | None = None, *, config_nam
 
         tree = cfg.to_dict()
         step = estimate_step_time(cfg, shape_of_config(tree), packing_of(tree), world_size, hardware,
-                                  params_per_rank=max(r.params for r in reports))
+                                  params_per_rank=max(r.params for r in reports),
+                                  expert_params_per_rank=max(r.expert_params for r in reports))
     return DryRun(config=config_name, world_size=world_size, layout=layout, gpu_memory_gb=gpu_memory_gb,
                   ranks=reports, notes=notes, step_time=step)
 

@@ -20,7 +20,8 @@
   per stage boundary; only the first and last micro-batch's transfers are exposed.
 - **Data parallelism**: megafusion's DDP reduces the gradients after the last micro-batch
   (``overlap_grad_reduce`` off): an all-reduce of the fp32 gradient buffer, or with the
-  distributed optimizer a reduce-scatter of it plus an all-gather of the 16-bit weights.
+  distributed optimizer a reduce-scatter of it plus an all-gather of the 16-bit weights;
+  routed experts over their expert-data-parallel group.
 
 A collective runs at NVLink speed when its group fits in one node (``gpus_per_node``), else
 at the InfiniBand figure per GPU; latency and congestion are ignored, so communication is a
@@ -117,13 +118,13 @@ def _ring(bytes_: float, ranks: int, bandwidth: float, all_reduce: bool) -> floa
 
 
 def estimate_step_time(cfg, shape: ModelShape, packing: Packing, world_size: int, hardware: Hardware = Hardware(),
-                       params_per_rank: int | None = None) -> StepTimeEstimate:
+                       params_per_rank: int | None = None, expert_params_per_rank: int = 0) -> StepTimeEstimate:
     """The step time of ``cfg`` (a validated ``megafusion.config.Config``) at ``world_size`` GPUs.
 
     ``shape``: the model's sizes (``megafusion.scaling.plan.shape_of_config``); ``packing``:
     the sequences it trains on (``megafusion.scaling.plan.packing_of``); ``params_per_rank``:
     the parameters one rank holds (the dry run's exact count; default: the transformer's
-    parameters split over tp x pp).
+    parameters split over tp x pp), ``expert_params_per_rank`` the routed-expert part of them.
     """
     from megafusion.scaling.flops import params as count_params
 
@@ -164,13 +165,18 @@ def estimate_step_time(cfg, shape: ModelShape, packing: Packing, world_size: int
 
     if params_per_rank is None:
         params_per_rank = count_params(shape).total // (p.tp * p.pp)
-    dp_span = world_size // p.pp  # tp * dp consecutive ranks
-    dp_link = hardware.link(dp_span)
-    if p.distributed_optimizer:
-        dp_comm = (_ring(params_per_rank * 4, dp, dp_link, all_reduce=False)
-                   + _ring(params_per_rank * act_bytes, dp, dp_link, all_reduce=False))
-    else:
-        dp_comm = _ring(params_per_rank * 4, dp, dp_link, all_reduce=True)
+    # dense parameters sync over the DP group, routed experts over the expert-DP group
+    # (world / (pp * ep * tp) ranks); both groups span the tp * dp ranks of a stage
+    groups = [(params_per_rank - expert_params_per_rank, dp),
+              (expert_params_per_rank, world_size // (p.pp * p.ep * p.tp))]
+    dp_link = hardware.link(world_size // p.pp)
+    dp_comm = 0.0
+    for count, ranks in groups:
+        if p.distributed_optimizer:  # reduce-scatter fp32 gradients, all-gather 16-bit weights
+            dp_comm += (_ring(count * 4, ranks, dp_link, all_reduce=False)
+                        + _ring(count * act_bytes, ranks, dp_link, all_reduce=False))
+        else:
+            dp_comm += _ring(count * 4, ranks, dp_link, all_reduce=True)
 
     per_sequence = packing.by_modality
     positions = s * t.global_batch_size

@@ -101,3 +101,12 @@ def test_unknown_gpu_and_bad_assumptions_are_refused():
         Hardware(mfu=1.5)
     assert peak_flops("H100 SXM", "bf16") == H100_BF16
     assert math.isfinite(estimate_step_time(cfg, shape, packing, 1).total_s)
+
+
+def test_routed_experts_sync_over_the_expert_data_parallel_group():
+    cfg, shape, packing = _text(**{"model.moe.num_experts": 8, "model.moe.top_k": 2, "parallel.ep": 4})
+    # world 8: dense parameters over dp 8, routed experts over expert-dp 8 / 4 = 2
+    est = estimate_step_time(cfg, shape, packing, world_size=8, params_per_rank=3_000_000,
+                             expert_params_per_rank=2_000_000)
+    dense, experts = 2 * 7 / 8 * 1e6 * 4, 2 * 1 / 2 * 2e6 * 4
+    assert est.dp_comm_s == pytest.approx((dense + experts) / 450e9)
