@@ -197,6 +197,11 @@ class DataConfig:
         default_factory=lambda: {"text": 1.0, "image_text": 1.0, "video": 0.0, "action_video": 0.0})
     # ShapesWorld vocabulary (data.kind = shapes): simple = 3 colours, 3 shapes, 2x2 grid (the quickstart's)
     shapes_world: Literal["full", "simple"] = "full"
+    # ShapesWorld compositions kept out of training (data.kind = shapes): compositions = a fixed few
+    # colour x shape pairs, shape x cell placements, object pairs and agent start cells per
+    # vocabulary (megafusion.data.shapes.holdout) never drawn in any source, so `megafusion eval`
+    # scores them as its unseen split; none = every composition may be drawn
+    shapes_holdout: Literal["none", "compositions"] = "compositions"
 
 
 @dataclass
@@ -711,7 +716,7 @@ _TRANSFUSION_ONLY_KEYS = (
     "model.attention", "model.ffn", "model.patch_adapter", "model.time_conditioning", "model.image_positions",
     "model.patch_positions", "model.patch_position_init_std", "model.rope_layout", "model.frame_positions",
     "model.frame_conditioning", "model.action_conditioning", "model.moe.per_modality_shared_experts",
-    "data.shapes_weights", "data.shapes_world",
+    "data.shapes_weights", "data.shapes_world", "data.shapes_holdout",
 )
 _TRANSFUSION_ONLY_SECTIONS = ("vision", "diffusion")
 
