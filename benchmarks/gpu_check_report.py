@@ -81,43 +81,60 @@ def _git_commit() -> str | None:
         return None
 
 
+def _load(path: Path) -> dict | None:
+    """A result JSON, or None when absent, empty (pytest-benchmark writes 0 bytes when no case
+    ran) or cut off."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def tables(results: Path) -> str:
-    """The README tables of whatever result JSONs are in ``results`` (missing ones are left out)."""
+    """The README tables of whatever result JSONs are in ``results`` (missing or empty ones
+    are left out)."""
     sys.path.insert(0, str(HERE))
     parts = []
-    tests = results / "gpu_tests.json"
-    if tests.exists():
-        data = json.loads(tests.read_text())
+    data = _load(results / "gpu_tests.json")
+    if data:
         c = data["counts"]
         parts.append(f"### GPU tests (`pytest -m gpu`)\n\n{c['passed']} passed, {c['failed']} failed, "
                      f"{c['error']} errors, {c['skipped']} skipped\n")
-        rows = [t for t in data["tests"] if t["outcome"] != "passed"]
+        rows = [t for t in data["tests"] if t["outcome"] in ("failed", "error")]
         if rows:
             parts.append("| test | outcome | reason |\n|---|---|---|\n" + "\n".join(
                 f"| {t['id']} | {t['outcome']} | {' '.join(t['message'].split())[:160]} |" for t in rows) + "\n")
+        skipped: dict[str, int] = {}
+        for t in data["tests"]:
+            if t["outcome"] == "skipped":
+                why = " ".join(t["message"].split())[:160]
+                skipped[why] = skipped.get(why, 0) + 1
+        if skipped:
+            parts.append("Skipped: " + "; ".join(f"{why} ({n})" for why, n in skipped.items()) + "\n")
     path = results / "hybrid_attention.json"
-    if path.exists() and json.loads(path.read_text()).get("benchmarks"):
+    if (_load(path) or {}).get("benchmarks"):
         import bench_hybrid_attention
 
         parts.append("### Hybrid attention (fwd+bwd = 3.5x forward FLOPs)\n\n" + bench_hybrid_attention.table(str(path)) + "\n")
     path = results / "moe_dispatch.json"
-    if path.exists() and json.loads(path.read_text()).get("benchmarks"):
+    if (_load(path) or {}).get("benchmarks"):
         import bench_moe_dispatch
 
         parts.append("### MoE permute + unpermute\n\n" + bench_moe_dispatch.table(
             str(path), ("GB_per_s", "fraction_of_copy_bw", "copy_GB_per_s"), baseline="megatron") + "\n")
     path = results / "grouped_mlp.json"
-    if path.exists() and json.loads(path.read_text()).get("benchmarks"):
+    if (_load(path) or {}).get("benchmarks"):
         import bench_moe_dispatch
 
         parts.append("### Grouped expert MLP\n\n" + bench_moe_dispatch.table(
             str(path), ("TFLOP_per_s", "fraction_of_peak"), baseline="loop") + "\n")
-    train = sorted(results.glob("train_*.json"))
+    train = {p.stem.removeprefix("train_"): _load(p) for p in sorted(results.glob("train_*.json"))}
+    train = {name: result for name, result in train.items() if result}
     if train:
         from megafusion.bench import markdown_table
 
-        parts.append("### Training throughput (`megafusion bench`; a step = 3x forward FLOPs)\n\n" + markdown_table(
-            {p.stem.removeprefix("train_"): json.loads(p.read_text()) for p in train}) + "\n")
+        parts.append("### Training throughput (`megafusion bench`; a step = 3x forward FLOPs)\n\n"
+                     + markdown_table(train) + "\n")
     return "\n".join(parts)
 
 

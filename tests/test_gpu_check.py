@@ -67,11 +67,14 @@ def test_report_from_results(tmp_path):
         {"params": {"n": 8192, "pack": pack, "impl": impl, "pas": "fwd_bwd"}, "stats": {"median": 1e-3},
          "extra_info": {"tflops": tf, "gpu": "NVIDIA H100 80GB HBM3"}}
         for pack, impl, tf in (("mixed", "triton", 400.0), ("mixed", "flex", 320.0), ("text", "sdpa_causal", 450.0))]}))
+    (tmp_path / "grouped_mlp.json").write_text("")  # pytest-benchmark's file when no case ran
+    (tmp_path / "train_dense_bf16_triton.json").write_text('{"cut')  # a run killed mid-write
     assert gpu_check_report.summary(tmp_path, quick=True, dry=True) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert not summary["ok"]  # a step hit its time box
     assert summary["total_seconds"] == 85
     tables = (tmp_path / "tables.md").read_text()
     assert "1 passed, 1 failed, 0 errors, 1 skipped" in tables and "tests.kernels.test_x::test_b | failed | boom" in tables
+    assert "Skipped: needs TE (1)" in tables and "Grouped" not in tables and "Training" not in tables
     assert "| T4096-H1024-E64k8-triton-fwd | 1.000 | 1e+05 | 100 | 3e+03 | 4.00 |" in tables
     assert "| fwd_bwd | 8192 | mixed | 400 | 320 | nan | 450 | 1.25x | 0.89x |" in tables
