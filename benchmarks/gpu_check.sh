@@ -219,6 +219,7 @@ if [ "$DRY" = 1 ]; then
   for f in "${FILES_READ[@]}"; do [ -e "$f" ] || missing_files+=("$f"); done
   if [ ${#missing_files[@]} = 0 ]; then record "files read exist" checked 0 ""
   else record "files read exist" failed 0 "missing: ${missing_files[*]}"; fi
+  checked "pip is there (setup: pip install --no-deps --no-index / -e .)" "$PY" -m pip --version
   checked "python helpers compile" "$PY" -m py_compile benchmarks/gpu_check_report.py benchmarks/bench_hybrid_attention.py \
     benchmarks/bench_moe_dispatch.py benchmarks/bench_grouped_mlp.py benchmarks/bench_timing.py
   why=$(needs megafusion_kernels yaml megatron.core pytest)
