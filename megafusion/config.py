@@ -167,7 +167,7 @@ class TrainConfig:
     # FP8 matmuls in the Transformer Engine layers (model.spec = te, CUDA, precision bf16):
     # delayed | tensorwise (per-tensor current scaling) | mxfp8 (Blackwell, CC >= 10)
     fp8: Literal["none", "delayed", "tensorwise", "mxfp8"] = "none"
-    fp8_params: bool = False  # keep the TE layers' weights in FP8 (less memory; needs train.fp8)
+    fp8_params: bool = False  # keep the TE layers' weights in FP8 (less memory; needs train.fp8 and parallel.distributed_optimizer)
     # Steps whose gradients hold NaN/inf are skipped (no update) and counted; after this
     # many the run stops naming the step, rank and first non-finite parameter. None: 0 in
     # fp32/bf16 (a non-finite gradient there is a bug or a blow-up), unlimited in fp16,
