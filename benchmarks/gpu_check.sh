@@ -68,7 +68,7 @@ else
   TRAIN_STEPS=6; TRAIN_WARMUP=2; TRAIN_PROFILE=1
   # most wanted first: the budget ends the list (flex compiles the whole model: slowest start)
   TRAIN_ROWS=(dense_bf16_triton moe_bf16_triton_dispatch moe_bf16_megatron_dispatch dense_bf16_sdpa dense_bf16_flex)
-  BOX_TESTS=90; BOX_ATTN=110; BOX_MOE=45; BOX_MLP=40; BOX_ROW=80
+  BOX_TESTS=100; BOX_ATTN=110; BOX_MOE=45; BOX_MLP=40; BOX_ROW=80
 fi
 DENSE=examples/configs/bench_transfusion_1b.yaml
 MOE=examples/configs/bench_transfusion_moe.yaml

@@ -71,10 +71,11 @@ def _autotune_configs() -> list[triton.Config]:
 
 
 def _prune_configs(configs, named_args, **kwargs):
-    """4 warps spill the fp32 accumulators from 64 bytes of head width on (ptxas -v, sm_90,
-    the tiles of ``select_tiles``): bf16 D = 64 at 4 warps spills 168 bytes in the dk/dv
-    kernel (255 registers) and the forward sits at 244 registers; at 8 warps none spills.
-    So 4 warps only for narrower heads (bf16/fp16 D < 64, fp32 D < 32)."""
+    """4 warps spill from 64 bytes of head width on (ptxas -v, sm_90, the tiles of
+    ``select_tiles``): bf16 D = 64 spills 168 bytes in the dk/dv kernel (255 registers, the
+    forward at 244), fp32 D = 32 spills in all three attention kernels; at 8 warps neither
+    spills. bf16 D = 32 and fp32 D = 16 do not spill at 4 warps. So 4 warps only for
+    narrower heads (bf16/fp16 D < 64, fp32 D < 32)."""
     d = kwargs.get("D", named_args.get("D", 0))
     q = named_args.get("Q")
     width = d * (2 if getattr(q, "dtype", None) == torch.float32 else 1)
