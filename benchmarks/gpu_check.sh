@@ -47,6 +47,11 @@ START=$(date +%s)
 FAILED=0
 
 # ------------------------------------------------------------------------- what runs
+# Sizing (no GPU run yet; by FLOPs): a training step of either bench config is ~2e14 FLOPs
+# (megafusion.scaling.flops, 8 x 4096 positions), ~0.5 s at 400 TFLOP/s, so a row's 10 steps
+# are ~5 s and its time box is for start-up (imports, model build, Triton autotune, compiles).
+# An attention case at N = 8k is ~1e12 FLOPs fwd+bwd (ms per round, 23 rounds): the box is for
+# FlexAttention's compiles (one per N and pass). The budget ends the list, not the boxes.
 # Step 1: where the GPU tests live (every test in them carrying the gpu marker, see tests/conftest.py)
 GPU_TEST_PATHS=(tests/kernels tests/model tests/data tests/training
                 benchmarks/bench_moe_dispatch.py benchmarks/bench_grouped_mlp.py)
