@@ -279,7 +279,7 @@ why=$(needs megafusion_kernels yaml pytest)
 if [ -n "$why" ]; then skip "1 gpu_tests" "$why"
 else
   paths=("${GPU_TEST_PATHS[@]}")
-  [ "${HAVE[megatron.core]}" = 1 ] || { paths=(tests/kernels); echo "== megatron.core missing: only tests/kernels"; }
+  [ "${HAVE[megatron.core]:-0}" = 1 ] || { paths=(tests/kernels); echo "== megatron.core missing: only tests/kernels"; }
   boxed "1 gpu_tests" "$BOX_TESTS" "$PY" -m pytest -m gpu ${TEST_K:+-k "$TEST_K"} -q -o addopts="-ra" \
     -p no:cacheprovider --junitxml "$RES/gpu_tests.xml" "${paths[@]}"
   "$PY" benchmarks/gpu_check_report.py junit-json "$RES/gpu_tests.xml" "$RES/gpu_tests.json" && rm -f "$RES/gpu_tests.xml"
