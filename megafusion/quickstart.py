@@ -105,11 +105,14 @@ DATASETS = {
 DATA_WEIGHTS = {"text": 0.5, "image_text": 4.0, "vqa": 1.0, "video": 0.3, "action_video": 1.0}
 
 
-def world_config(world: str, seed: int):
-    """The ShapesWorld the quickstart draws: short clips so that documents fit 256 positions."""
+def world_config(world: str, seed: int, holdout: str = "compositions"):
+    """The ShapesWorld the quickstart draws: short clips so that documents fit 256 positions, and
+    (``holdout="compositions"``) none of the world's held-out compositions, which the evaluation
+    scores as its unseen split."""
     from megafusion.data.shapes import WorldConfig
 
-    clips = dict(seed=seed, image_size=IMAGE_SIZE, video_frames=4, action_frames=6, context_frames=2)
+    clips = dict(seed=seed, image_size=IMAGE_SIZE, video_frames=4, action_frames=6, context_frames=2,
+                 holdout=holdout)
     return WorldConfig.simple(**clips) if world == "simple" else WorldConfig(**clips)
 
 
@@ -122,7 +125,8 @@ def _done(started: float) -> None:
     print(f"[quickstart] ... done in {time.time() - started:.1f}s", flush=True)
 
 
-def prepare_data(out: Path, scale: Scale, seed: int, world: str = "simple") -> tuple[Path, dict[str, Path]]:
+def prepare_data(out: Path, scale: Scale, seed: int, world: str = "simple",
+                 holdout: str = "compositions") -> tuple[Path, dict[str, Path]]:
     """Stages 1-3: ShapesWorld files -> tokenizer -> indexed datasets.
     Returns (tokenizer, {dataset name: indexed prefix}); the world's manifest is data/raw/manifest.json."""
     from megafusion.data.shapes import ACTIONS
@@ -130,7 +134,7 @@ def prepare_data(out: Path, scale: Scale, seed: int, world: str = "simple") -> t
     from megafusion.data.tokenizer import train_tokenizer
 
     started = _stage(1, f"ShapesWorld data ({world} world) -> {out / 'data/raw'}")
-    config = world_config(world, seed)
+    config = world_config(world, seed, holdout)
     raw = write_dataset(out / "data" / "raw", n_text=scale.n_text, n_image=scale.n_image, n_video=scale.n_video,
                         n_action=scale.n_action, config=config)
     _done(started)
@@ -300,6 +304,56 @@ def secondary_metrics(name: str, result: dict) -> list[tuple[str, float, str, st
     return []
 
 
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.4g}" if isinstance(value, (int, float)) else str(value)
+
+
+def evaluation_table(metrics: dict) -> list[str]:
+    """The report's evaluation section: a sentence on sampling and the splits, and one row per
+    figure with the seen split's value, the unseen split's (where the data held compositions
+    out) and their chance levels."""
+    st = metrics["settings"]
+    unseen = "unseen" in st.get("splits", ())
+    lines = [f"Images and frames sampled with {st['steps']} {st['sampler']} ODE steps, guidance "
+             f"{st['cfg_scale']:g}, time shift {st['image_shift']:g} (images) / {st['frame_shift']:g} (frames)."]
+    if unseen:
+        held = st["heldout_compositions"]
+        lines += ["", "Two splits, from another seed than the training data. *Seen*: scenes and episodes of the "
+                      "training distribution (their content occurs in training). *Unseen*: each holds a composition "
+                      "that no training sample held (colour x shape pairs "
+                      + ", ".join(" ".join(c) for c in held["color_shape"]) + "; shapes in cells "
+                      + ", ".join(f"{s} at row {r} col {c}" for s, r, c in held["placement"]) + "; kinds together "
+                      + ", ".join(" + ".join(" ".join(k) for k in p) for p in held["object_pair"])
+                      + "; agent start cells (col, row) "
+                      + ", ".join(f"({c}, {r})" for c, r in held["start_cell"]) + ")."]
+        lines += ["", "| evaluation | metric | seen | unseen | chance (seen / unseen) | better |",
+                  "|---|---|---|---|---|---|"]
+    else:
+        lines += ["", "| evaluation | metric | value | chance | better |", "|---|---|---|---|---|"]
+    for name, result in metrics["results"].items():
+        head = metrics["headlines"].get(name)
+        if head:
+            better = "higher" if head.get("higher_is_better", True) else "lower"
+            if not unseen:
+                lines.append(f"| {name} | {head['metric']} | {head['value']:.4g} | {head['chance']:.4g} | {better} |")
+                lines += [f"| | {label} | {value:.4g} | {base} | {better} |"
+                          for label, value, base, better in secondary_metrics(name, result)]
+                continue
+            lines.append(f"| {name} | {head['metric']} | {head['value']:.4g} | {_fmt(head.get('value_unseen'))} | "
+                         f"{_fmt(head['chance'])} / {_fmt(head.get('chance_unseen'))} | {better} |")
+            other = result.get("unseen")
+            key = lambda label: label.split(" (")[0]  # noqa: E731  (VQA rows name their question counts)
+            rows_unseen = ({key(r[0]): r for r in secondary_metrics(name, other)}
+                           if isinstance(other, dict) and "skipped" not in other else {})
+            for label, value, base, better in secondary_metrics(name, result):
+                u = rows_unseen.get(key(label))
+                lines.append(f"| | {label} | {value:.4g} | {_fmt(u[1] if u else None)} | {base} / "
+                             f"{u[2] if u else '-'} | {better} |")
+        elif "skipped" in result:
+            lines.append(f"| {name} | skipped: {result['skipped']} | | | |" + (" |" if unseen else ""))
+    return lines
+
+
 def write_report(out: Path, run_dir: Path, eval_dir: Path | None, trends: dict | None = None) -> Path:
     """``report.md`` with loss curves per modality, sample grids and the evaluation table."""
     import matplotlib
@@ -333,20 +387,7 @@ def write_report(out: Path, run_dir: Path, eval_dir: Path | None, trends: dict |
             lines.append(f"| {key} | {first[key]:.4f} | {last[key]:.4f} |")
     if eval_dir is not None and (eval_dir / "metrics.json").is_file():
         metrics = json.loads((eval_dir / "metrics.json").read_text())
-        st = metrics["settings"]
-        lines += ["", "## Evaluation (ShapesWorld, exact)", "",
-                  f"Images and frames sampled with {st['steps']} {st['sampler']} ODE steps, guidance "
-                  f"{st['cfg_scale']:g}, time shift {st['image_shift']:g} (images) / {st['frame_shift']:g} (frames).",
-                  "", "| evaluation | metric | value | chance | better |", "|---|---|---|---|---|"]
-        for name, result in metrics["results"].items():
-            head = metrics["headlines"].get(name)
-            if head:
-                better = "higher" if head.get("higher_is_better", True) else "lower"
-                lines.append(f"| {name} | {head['metric']} | {head['value']:.4g} | {head['chance']:.4g} | {better} |")
-                lines += [f"| | {label} | {value:.4g} | {base} | {better} |"
-                          for label, value, base, better in secondary_metrics(name, result)]
-            elif "skipped" in result:
-                lines.append(f"| {name} | skipped: {result['skipped']} | | | |")
+        lines += ["", "## Evaluation (ShapesWorld, exact)", ""] + evaluation_table(metrics)
         for grid in sorted(eval_dir.glob("*.png")):
             lines += ["", f"![{grid.stem}]({grid.relative_to(out)})"]
     if trends:
@@ -508,7 +549,10 @@ def trends_section(out: Path, trends: dict) -> list[str]:
                                                      for e in evals) + " |",
                   "|---|---|" + "---|" * len(evals)]
         for v, r in variants.items():
-            cells = [f"{heads[v][e]['value']:.4g}" if e in heads[v] else "-" for e in evals]
+            # the seen split's figure, and the unseen split's in brackets where there is one
+            cells = [(f"{heads[v][e]['value']:.4g}" + (f" (unseen {heads[v][e]['value_unseen']:.4g})"
+                                                       if "value_unseen" in heads[v][e] else ""))
+                     if e in heads[v] else "-" for e in evals]
             lines.append(f"| {v} | {r['steps']} | " + " | ".join(cells) + " |")
         chance = [f"{next(h[e]['chance'] for h in heads.values() if e in h):.4g}" for e in evals]
         lines.append("| chance | | " + " | ".join(chance) + " |")
@@ -555,6 +599,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--world", default="simple", choices=("simple", "full"),
                         help="ShapesWorld vocabulary (default simple: 3 colours, 3 shapes, 2x2 grid)")
+    parser.add_argument("--holdout", default="compositions", choices=("compositions", "none"),
+                        help="compositions (default): a few colour x shape pairs, shape x cell placements, object "
+                             "pairs and agent start cells are kept out of the data and evaluated as the unseen "
+                             "split; none: the data may hold everything")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="extra training config override (repeatable), e.g. --set model.hidden_size=128")
     parser.add_argument("--cfg", type=float, default=EVAL_CFG,
@@ -592,7 +640,7 @@ def main(argv: list[str] | None = None) -> int:
     from megafusion.training.preemption import PREEMPTED_EXIT_CODE, Preempted
 
     try:
-        tokenizer, prefixes = prepare_data(out, scale, args.seed, args.world)
+        tokenizer, prefixes = prepare_data(out, scale, args.seed, args.world, args.holdout)
         args.manifest = out / "data" / "raw" / "manifest.json"
         rae_prefixes = None
         if "latents" in trends:

@@ -39,8 +39,15 @@ def test_quick_quickstart_writes_report_and_eval(tmp_path):
     assert sampled == (EVAL_CFG, EVAL_SHIFT, EVAL_SHIFT)
     assert all("chance" in h and "value" in h for h in headlines.values())
     report = (out / "report.md").read_text()
-    assert "loss_curves.png" in report and "| evaluation | metric | value | chance |" in report
+    assert "loss_curves.png" in report and "| evaluation | metric | seen | unseen | chance (seen / unseen) |" in report
     assert "| perplexity | perplexity |" in report
+    # the data held the simple world's compositions out; the evaluation scored them as the unseen split
+    manifest = json.loads((out / "data" / "raw" / "manifest.json").read_text())
+    assert manifest["config"]["holdout"] == "compositions" and manifest["holdout_compositions"]
+    assert settings["splits"] == ["seen", "unseen"]
+    for name in ("generation", "captioning", "vqa", "world_model"):
+        assert "value_unseen" in headlines[name], name
+    assert "![generation_grid_unseen](eval/generation_grid_unseen.png)" in report
     assert f"guidance {EVAL_CFG:g}, time shift {EVAL_SHIFT:g} (images) / {EVAL_SHIFT:g} (frames)" in report
     assert (out / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -61,7 +68,8 @@ def test_quick_quickstart_writes_report_and_eval(tmp_path):
     cells = {line.split("|")[1].strip(): line.split("|")[2:] for line in report.splitlines() if line.startswith("| ")}
     assert not (out / "trends" / "moe" / "dense").exists()
     assert cells["dense"] == cells["multimodal"]
-    assert cells["dense"][1].strip() == f"{headlines['generation']['value']:.4g}"
+    assert cells["dense"][1].strip() == (f"{headlines['generation']['value']:.4g} "
+                                         f"(unseen {headlines['generation']['value_unseen']:.4g})")
     assert "### moe" in report and "| 0 | " in report.split("### moe")[1]  # routing row of layer 0
     assert (out / "moe_routing.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -230,3 +238,40 @@ def test_per_run_paths_are_written_as_yaml_values(monkeypatch):
     cfg = quickstart.training_config(Path("/runs/#1/tokenizer.model"), prefixes, 4, "cpu")
     assert cfg.data.paths == [str(p) for p in prefixes.values()] and cfg.data.tokenizer == "/runs/#1/tokenizer.model"
     assert cfg.data.weights == [REFERENCE_WEIGHTS[name] for name in prefixes] and cfg.checkpoint.every == 2
+
+
+def test_report_shows_the_seen_and_unseen_splits_side_by_side():
+    from megafusion.quickstart import evaluation_table
+
+    def head(metric, value, chance, unseen=None):
+        h = {"metric": metric, "value": value, "chance": chance, "higher_is_better": True}
+        return h if unseen is None else {**h, "value_unseen": unseen, "chance_unseen": chance / 2}
+
+    gen = {"objects": 0.9, "positions": 0.8, "count": 0.7, "chance": {"objects": 0.1, "positions": 0.05, "count": 0.5}}
+    gen_unseen = {"objects": 0.4, "positions": 0.3, "count": 0.6, "chance": {"objects": 0.1, "positions": 0.05,
+                                                                              "count": 0.5}}
+    vqa = {"accuracy": 0.7, "majority": 0.5, "per_kind": {"count": {"n": 10, "accuracy": 0.6, "chance": 0.2}}}
+    vqa_unseen = {"accuracy": 0.5, "majority": 0.4, "per_kind": {"count": {"n": 7, "accuracy": 0.3, "chance": 0.2}}}
+    settings = {"steps": 10, "sampler": "euler", "cfg_scale": 1.0, "image_shift": 100.0, "frame_shift": 100.0,
+                "splits": ["seen", "unseen"],
+                "heldout_compositions": {"color_shape": [["blue", "square"]], "placement": [["square", 0, 0]],
+                                         "object_pair": [[["red", "circle"], ["green", "square"]]],
+                                         "start_cell": [[2, 1]]}}
+    metrics = {"settings": settings,
+               "headlines": {"generation": head("geneval_correct", 0.9, 0.01, 0.25),
+                             "vqa": head("vqa_accuracy", 0.7, 0.3, 0.5), "perplexity": head("perplexity", 1.5, 512)},
+               "results": {"generation": {**gen, "unseen": gen_unseen}, "vqa": {**vqa, "unseen": vqa_unseen},
+                           "perplexity": {}, "planning": {"skipped": "not requested (--only)"}}}
+    lines = evaluation_table(metrics)
+    assert "| evaluation | metric | seen | unseen | chance (seen / unseen) | better |" in lines
+    assert "| generation | geneval_correct | 0.9 | 0.25 | 0.01 / 0.005 | higher |" in lines
+    assert "| | positions: ... in its cell | 0.8 | 0.3 | 0.05 / 0.05 | higher |" in lines
+    assert "| | count questions (10) | 0.6 | 0.3 | 0.2 / 0.2 | higher |" in lines  # matched by kind, not count
+    assert "| perplexity | perplexity | 1.5 | - | 512 / - | higher |" in lines
+    assert "| planning | skipped: not requested (--only) | | | | |" in lines
+    assert any("blue square" in line and "square at row 0 col 0" in line and "red circle + green square" in line
+               and "(2, 1)" in line for line in lines)
+    # a run whose data held nothing out: one value column, as before
+    one = evaluation_table({**metrics, "settings": {**settings, "splits": ["seen"], "heldout_compositions": None},
+                            "headlines": {"vqa": head("vqa_accuracy", 0.7, 0.3)}, "results": {"vqa": vqa}})
+    assert "| evaluation | metric | value | chance | better |" in one and "| vqa | vqa_accuracy | 0.7 | 0.3 | higher |" in one

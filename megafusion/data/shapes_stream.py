@@ -3,6 +3,10 @@
 Packed sequence ``i`` is a pure function of ``(seed, i)``: its ``j``-th document is drawn
 with a generator keyed on ``(seed, i, j)`` (the source by ``data.shapes_weights``, then a
 ShapesWorld index), so any data-parallel layout and any resume read the same data.
+With ``data.shapes_holdout: compositions`` (the default) the world's held-out compositions
+(``megafusion.data.shapes.holdout``) occur in no document of any source: each ShapesWorld
+sample is redrawn from its own generator until it holds none, so it stays a pure function of
+``(seed, index)``.
 Documents are appended greedily until the next one does not fit; the rest is padding.
 
 Document layouts (``<boi> latents <eoi>`` is one image/frame span, written by the packer):
@@ -77,7 +81,9 @@ class ShapesStream:
         v = cfg.vision
         rep = representation_from_config(v)
         # Clips short enough that a video document fits a tiny sequence next to its caption.
-        clips = dict(seed=cfg.train.seed, image_size=v.image_size, video_frames=4, action_frames=4, context_frames=1)
+        # data.shapes_holdout: the held-out compositions never occur in any source (the eval's unseen split).
+        clips = dict(seed=cfg.train.seed, image_size=v.image_size, video_frames=4, action_frames=4, context_frames=1,
+                     holdout=cfg.data.shapes_holdout)
         world = ShapesWorld(config=WorldConfig.simple(**clips) if cfg.data.shapes_world == "simple"
                             else WorldConfig(**clips))
         return cls(cfg.train.seed, cfg.model.seq_length, load_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_type), rep,

@@ -6,6 +6,16 @@ Everything is scored on the held-out world (``HELDOUT_SEED``, never drawn in tra
 with the vocabulary and clip lengths the training data used: the in-process stream's
 world, or for preprocessed data ``--world DATA/manifest.json`` (what
 ``python -m megafusion.data.shapes`` / the quickstart wrote; default: the full world).
+
+Two splits. *Seen*: items of the training distribution from another seed; their content
+(which shapes, colours and cells go together) may well occur in training, and in the
+simple world it all does. *Unseen* (when the training world held compositions out:
+``data.shapes_holdout: compositions``, or a manifest with ``"holdout": "compositions"``):
+items that each hold one of the world's held-out compositions (a colour x shape pair, a
+shape x cell placement, two kinds together, an agent start cell;
+``megafusion.data.shapes.holdout``), which no training sample held. Each result holds the
+seen figures as before and the unseen ones under ``"unseen"``; each headline has
+``value_unseen`` and ``chance_unseen`` beside ``value`` and ``chance``.
 What runs depends on what the run was trained on (``data.shapes_weights``, or the names
 of preprocessed datasets, see ``trained_sources``); an evaluation whose data the model never saw is
 written as ``{"skipped": "not trained on this modality: ..."}``, never silently left out:
@@ -159,6 +169,8 @@ def evaluate(gen: Generator, cfg, out: Path, n: int = 32, opts: SamplingOptions 
     trained = lambda source: weights.get(source, 0.0) > 0  # noqa: E731
     world = eval_world(gen)
     prior = dict(vocab=world.vocab, max_objects=world.config.max_objects)  # chance levels of this world
+    # The unseen split: only where training held the world's compositions out.
+    split_unseen = world.holdout is not None
     results: dict[str, dict] = {}
     samples: dict[str, list] = {}
     planning_n = planning_n or n
@@ -176,7 +188,9 @@ def evaluate(gen: Generator, cfg, out: Path, n: int = 32, opts: SamplingOptions 
         results[name]["seconds"] = round(time.perf_counter() - started, 3)
         head = results[name].get("headline")
         if head:
-            log(f"[eval] {name}: {head['metric']} = {head['value']:.4g} (chance {head['chance']}) "
+            unseen = (f"; unseen {head['value_unseen']:.4g} (chance {head['chance_unseen']})"
+                      if "value_unseen" in head else "")
+            log(f"[eval] {name}: {head['metric']} = {head['value']:.4g} (chance {head['chance']}){unseen} "
                 f"in {results[name]['seconds']:.0f}s")
         else:
             log(f"[eval] {name}: {results[name].get('skipped')}")
@@ -196,69 +210,95 @@ def evaluate(gen: Generator, cfg, out: Path, n: int = 32, opts: SamplingOptions 
     def seeded(i: int) -> SamplingOptions:
         return replace(opts, seed=opts.seed + i)
 
-    items = [world.image_text(i) for i in range(n)]
+    # The seen split's items, and the unseen split's (each holds a held-out composition).
+    draw_image = {"": world.image_text, "_unseen": world.unseen_image_text}
+    splits = ("", "_unseen") if split_unseen else ("",)
+    items_of = {split: [draw_image[split](i) for i in range(n)] for split in splits}
+
+    def both_splits(name: str, fn: Callable[[str], dict]) -> Callable[[], dict]:
+        """``fn(split)`` for the seen split ("": its figures at the top level as before) and, if
+        any, the unseen one (``"_unseen"``: its result under "unseen", its headline figures as
+        the seen headline's ``value_unseen`` / ``chance_unseen``)."""
+        def run() -> dict:
+            result = fn("")
+            if split_unseen:
+                unseen = fn("_unseen")
+                result["unseen"] = unseen
+                if "headline" in result and "headline" in unseen:
+                    result["headline"] = {**result["headline"], "value_unseen": unseen["headline"]["value"],
+                                          "chance_unseen": unseen["headline"]["chance"]}
+            return result
+        return run
+
+    def label(name: str, split: str) -> str:
+        return name + split.replace("_", " ")  # "generation unseen"
 
     # ---------------------------------------------------------------- image generation
-    def generation() -> dict:
-        prompts = items[:generation_n] + [world.image_text(i) for i in range(n, generation_n)]
+    def generation(split: str) -> dict:
+        items = items_of[split]
+        prompts = items[:generation_n] + [draw_image[split](i) for i in range(n, generation_n)]
         images = [gen.generate_image(s.caption, seeded(i))
-                  for i, s in counted("generation", list(enumerate(prompts)), "images")]
+                  for i, s in counted(label("generation", split), list(enumerate(prompts)), "images")]
         k = min(len(prompts), 8)
-        save_grid([s.image for s in prompts[:k]] + images[:k], out / "generation_grid.png", ncols=k)
-        samples["generation"] = [{"prompt": s.caption} for s in prompts[:k]]
+        grid = f"generation_grid{split}.png"
+        save_grid([s.image for s in prompts[:k]] + images[:k], out / grid, ncols=k)
+        samples["generation" + split] = [{"prompt": s.caption} for s in prompts[:k]]
         return {**score_generation(images, [s.caption for s in prompts], chance_samples=64, **prior),
-                "grid": "generation_grid.png",
-                "grid_rows": ["ground truth render", "generated"]}
+                "grid": grid, "grid_rows": ["ground truth render", "generated"]}
 
-    timed("generation", generation if trained("image_text") else
+    timed("generation", both_splits("generation", generation) if trained("image_text") else
           lambda: _skip("data.shapes_weights.image_text = 0 (no caption-image documents)"))
 
     # ---------------------------------------------------------------- captioning
-    def captioning() -> dict:
-        captions = [caption_image(gen, s.image, seeded(i)) for i, s in counted("captioning", list(enumerate(items)),
-                                                                               "captions")]
-        samples["captioning"] = [{"truth": s.caption, "generated": c} for s, c in zip(items[:8], captions[:8])]
+    def captioning(split: str) -> dict:
+        items = items_of[split]
+        captions = [caption_image(gen, s.image, seeded(i))
+                    for i, s in counted(label("captioning", split), list(enumerate(items)), "captions")]
+        samples["captioning" + split] = [{"truth": s.caption, "generated": c} for s, c in zip(items[:8], captions[:8])]
         return score_captions(captions, [s.scene for s in items], chance_samples=16, **prior)
 
-    timed("captioning", captioning if trained("image_text") and caption_first_prob < 1.0 else
-          lambda: _skip("no image-first (captioning) documents in training"))
+    timed("captioning", both_splits("captioning", captioning) if trained("image_text") and caption_first_prob < 1.0
+          else lambda: _skip("no image-first (captioning) documents in training"))
 
     # ---------------------------------------------------------------- VQA
-    def vqa() -> dict:
-        qa = [(s.image, v) for s in items for v in s.vqa]
-        answers = [answer_question(gen, image, v.question, v.choices) for image, v in counted("vqa", qa, "questions")]
-        samples["vqa"] = [{"question": v.question, "truth": v.answer, "generated": a}
-                          for (_, v), a in zip(qa[:8], answers[:8])]
+    def vqa(split: str) -> dict:
+        qa = [(s.image, v) for s in items_of[split] for v in s.vqa]
+        answers = [answer_question(gen, image, v.question, v.choices)
+                   for image, v in counted(label("vqa", split), qa, "questions")]
+        samples["vqa" + split] = [{"question": v.question, "truth": v.answer, "generated": a}
+                                  for (_, v), a in zip(qa[:8], answers[:8])]
         return {**score_vqa(answers, [v for _, v in qa]), "protocol": "most likely candidate answer"}
 
-    timed("vqa", vqa if trained("vqa") else lambda: _skip(
+    timed("vqa", both_splits("vqa", vqa) if trained("vqa") else lambda: _skip(
         "no question-answer documents in training (data.shapes_weights.vqa = 0, or no indexed data path "
         f"named *vqa*; sources: {sorted(k for k, v in weights.items() if v > 0)})"))
 
     # ---------------------------------------------------------------- world model
-    def world_model() -> dict:
-        clips = [world.action_video(i) for i in range(n)]
+    def world_model(split: str) -> dict:
+        draw = world.unseen_action_video if split else world.action_video
+        clips = [draw(i) for i in range(n)]
         c = clips[0].context_frames
         pred = np.stack([gen.rollout(a.frames[:c], a.actions, a.caption, seeded(i))
-                         for i, a in counted("world_model", list(enumerate(clips)), "rollouts")])
+                         for i, a in counted(label("world_model", split), list(enumerate(clips)), "rollouts")])
         k = min(len(clips), 4)
         rows = []
         for a, p in zip(clips[:k], pred[:k]):
             rows += list(a.frames) + list(a.frames[:c]) + list(p)
-        save_grid(rows, out / "rollout_grid.png", ncols=len(clips[0].frames))
+        grid = f"rollout_grid{split}.png"
+        save_grid(rows, out / grid, ncols=len(clips[0].frames))
         positions = score_agent_positions(pred, clips)
         return {"rollout": score_rollout(pred, np.stack([a.frames for a in clips]), c),
-                "agent_positions": positions, "headline": positions["headline"], "grid": "rollout_grid.png",
+                "agent_positions": positions, "headline": positions["headline"], "grid": grid,
                 "grid_rows": "per clip: ground truth, then context + predicted"}
 
     # ---------------------------------------------------------------- planning
-    def planning() -> dict:
+    def planning(split: str) -> dict:
         wc = world.config
         horizon = wc.action_frames - wc.context_frames  # the rollout length seen in training
-        tasks = [world.planning_task(i, horizon=horizon, n_candidates=planning_candidates)
-                 for i in range(planning_n)]
+        draw = world.unseen_planning_task if split else world.planning_task
+        tasks = [draw(i, horizon=horizon, n_candidates=planning_candidates) for i in range(planning_n)]
         by_start = {id(t.start_frame): t for t in tasks}
-        ticks = counted("planning", range(len(tasks)), "tasks")
+        ticks = counted(label("planning", split), range(len(tasks)), "tasks")
 
         def scorer(start, goal, candidates):
             task = by_start[id(start)]
@@ -270,8 +310,8 @@ def evaluate(gen: Generator, cfg, out: Path, n: int = 32, opts: SamplingOptions 
         return score_planning(tasks, scorer)
 
     no_actions = lambda: _skip("data.shapes_weights.action_video = 0 (no action-conditioned video)")  # noqa: E731
-    timed("world_model", world_model if trained("action_video") else no_actions)
-    timed("planning", planning if trained("action_video") else no_actions)
+    timed("world_model", both_splits("world_model", world_model) if trained("action_video") else no_actions)
+    timed("planning", both_splits("planning", planning) if trained("action_video") else no_actions)
 
     # ---------------------------------------------------------------- text
     def text() -> dict:
@@ -289,7 +329,11 @@ def evaluate(gen: Generator, cfg, out: Path, n: int = 32, opts: SamplingOptions 
         "settings": {"n": n, "generation_n": generation_n, "steps": opts.steps, "sampler": opts.method,
                      "cfg_scale": opts.cfg_scale, "image_shift": shift(frame=False), "frame_shift": shift(frame=True),
                      "seed": opts.seed, "planning_candidates": planning_candidates,
-                     "planning_n": planning_n, "heldout_seed": world.config.seed, "training_sources": weights},
+                     "planning_n": planning_n, "heldout_seed": world.config.seed, "training_sources": weights,
+                     "splits": ["seen", "unseen"] if split_unseen else ["seen"],
+                     "heldout_compositions": ({k: [list(c) for c in getattr(world.holdout, k + "s")]
+                                               for k in ("color_shape", "placement", "object_pair", "start_cell")}
+                                              if split_unseen else None)},
         "headlines": {name: r["headline"] for name, r in results.items() if "headline" in r},
         "results": results,
         "samples": samples,
@@ -305,14 +349,18 @@ def _cell(value) -> str:
 
 
 def results_table(results: dict[str, dict]) -> list[str]:
-    """The evaluations as an aligned table: evaluation, metric, value, chance, seconds; an
+    """The evaluations as an aligned table: evaluation, metric, value (the seen split), chance,
+    and where the world held compositions out the unseen split's value and chance, seconds; an
     evaluation that did not run says why in place of its figures."""
-    rows = [("evaluation", "metric", "value", "chance", "seconds")]
+    unseen = any("value_unseen" in r.get("headline", {}) for r in results.values())
+    rows = [("evaluation", "metric", "value", "chance") + (("unseen", "chance_unseen") if unseen else ())
+            + ("seconds",)]
     notes = []
     for name, r in results.items():
         head = r.get("headline")
         if head:
-            rows.append((name, str(head["metric"]), _cell(head["value"]), _cell(head["chance"]),
+            split = (_cell(head.get("value_unseen", "-")), _cell(head.get("chance_unseen", "-"))) if unseen else ()
+            rows.append((name, str(head["metric"]), _cell(head["value"]), _cell(head["chance"]), *split,
                          f"{r.get('seconds', 0):.0f}"))
         else:
             notes.append(f"{name}: {r.get('skipped', 'no headline figure')}")

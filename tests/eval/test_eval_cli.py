@@ -51,11 +51,23 @@ def test_eval_cli_writes_metrics_with_chance_levels(run_dir, loaded, tmp_path):
     assert results["planning"]["candidates"] == 2 and results["planning"]["n"] == 2
     assert results["perplexity"]["chance_perplexity"] == 266.0  # the byte tokenizer's vocabulary
     assert (out / "generation_grid.png").is_file() and (out / "rollout_grid.png").is_file()
+    # data.shapes_holdout = compositions (the default): the unseen split beside the seen one
+    assert metrics["settings"]["splits"] == ["seen", "unseen"]
+    assert len(metrics["settings"]["heldout_compositions"]["color_shape"]) >= 1
+    for name in ("generation", "captioning", "world_model", "planning"):
+        head = metrics["headlines"][name]
+        assert math.isfinite(head["value_unseen"]) and head["chance_unseen"] is not None, name
+        assert head["value_unseen"] == results[name]["unseen"]["headline"]["value"], name
+    assert "value_unseen" not in metrics["headlines"]["perplexity"]
+    assert results["generation"]["unseen"]["n"] == 4 and results["world_model"]["unseen"]["rollout"]["n"] == 3
+    assert results["planning"]["unseen"]["n"] == 2
+    assert (out / "generation_grid_unseen.png").is_file() and (out / "rollout_grid_unseen.png").is_file()
 
     events = EventAccumulator(str(run_dir / "tensorboard"))
     events.Reload()
     tags = events.Tags()["scalars"]
     assert "eval/perplexity/perplexity" in tags and "eval/generation/headline/value" in tags
+    assert "eval/generation/unseen/headline/value" in tags and "eval/generation/headline/value_unseen" in tags
     assert events.Scalars("eval/perplexity/perplexity")[-1].step == 2
 
 
@@ -70,6 +82,21 @@ def test_untrained_modalities_are_reported_not_dropped(loaded, tmp_path):
     for name in ("captioning", "world_model", "planning", "vqa"):
         assert metrics["results"][name]["skipped"].startswith("not trained on this modality"), name
     assert set(metrics["headlines"]) == {"generation", "perplexity"}
+
+
+def test_no_unseen_split_when_training_held_nothing_out(loaded, tmp_path):
+    from megafusion.eval.cli import evaluate, results_table
+    from megafusion.inference.generate import Generator, SamplingOptions
+
+    gen = Generator.from_run(loaded)
+    gen.world_config = replace(gen.world_config, holdout="none")  # data.shapes_holdout = none
+    metrics = evaluate(gen, loaded.cfg, tmp_path, n=2, opts=SamplingOptions(steps=1), log=lambda _: None,
+                       only=("generation", "perplexity"))
+    assert metrics["settings"]["splits"] == ["seen"] and metrics["settings"]["heldout_compositions"] is None
+    assert "unseen" not in metrics["results"]["generation"]
+    assert "value_unseen" not in metrics["headlines"]["generation"]
+    assert not (tmp_path / "generation_grid_unseen.png").exists()
+    assert results_table(metrics["results"])[1].split() == ["evaluation", "metric", "value", "chance", "seconds"]
 
 
 def test_only_runs_the_requested_evaluations(run_dir, tmp_path):
@@ -228,9 +255,11 @@ def test_eval_prints_progress_and_a_results_table(run_dir, tmp_path, caplog):
     assert "[eval 1/2] world_model ..." in lines and "[eval 2/2] perplexity ..." in lines
     assert [line for line in lines if line.startswith("[eval] world_model: ") and "/4 rollouts" in line] == [
         "[eval] world_model: 1/4 rollouts", "[eval] world_model: 2/4 rollouts", "[eval] world_model: 3/4 rollouts"]
+    assert "[eval] world_model unseen: 1/4 rollouts" in lines
     table = lines[lines.index("[eval] results:"):]
-    assert table[1].split() == ["evaluation", "metric", "value", "chance", "seconds"]
-    assert table[2].split()[:2] == ["world_model", "agent_position_accuracy"]
+    assert table[1].split() == ["evaluation", "metric", "value", "chance", "unseen", "chance_unseen", "seconds"]
+    assert table[2].split()[:2] == ["world_model", "agent_position_accuracy"] and len(table[2].split()) == 7
+    assert table[3].split()[2:] and table[3].split()[4:6] == ["-", "-"]  # perplexity: one split
     assert table[3].split()[:2] == ["perplexity", "perplexity"]
     assert any("generation: not requested (--only)" in line for line in table)
     assert results_table({"vqa": {"skipped": "why"}}) == [

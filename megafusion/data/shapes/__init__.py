@@ -6,6 +6,7 @@ with :func:`write_dataset`; score models with ``megafusion.eval.shapes``.
 """
 
 from .export import load_png, save_png, write_dataset, write_video
+from .holdout import HOLDOUT_MODES, Holdout, holdout_for
 from .scene import (BACKGROUND, COLORS, DEFAULT_VOCAB, PALETTE, POSITION_NAMES, POSITIONS, SHAPES, SIZES, Scene,
                     ShapeObject, Vocab, render_scene, sample_scene)
 from .text import VQA, ParsedObject, caption, make_vqa, normalize_answer, parse_caption, vqa_document, vqa_prompt
@@ -19,5 +20,5 @@ __all__ = [
     "ParsedObject", "VQA", "make_vqa", "normalize_answer", "vqa_prompt", "vqa_document", "Vocab", "DEFAULT_VOCAB",
     "ACTIONS", "ACTION_ALIASES", "ACTION_TOKENS",
     "canonical_action", "apply_actions", "write_dataset", "save_png", "load_png", "write_video",
-    "SHAPES", "COLORS", "PALETTE", "BACKGROUND", "SIZES", "POSITIONS", "POSITION_NAMES",
+    "Holdout", "HOLDOUT_MODES", "holdout_for", "SHAPES", "COLORS", "PALETTE", "BACKGROUND", "SIZES", "POSITIONS", "POSITION_NAMES",
 ]

@@ -9,7 +9,8 @@ Layout under ``out_dir`` (paths inside JSONL lines are relative to ``out_dir``):
                         as one image-first training document (preprocess as image-text, --image-first)
     video.jsonl         {"frames": ["videos/000000/000.png", ...], "video": "videos/000000.webm", "text": caption}
     action_video.jsonl  {"frames": [...], "video": ..., "actions": ["up", ...], "context_frames": 4, "text": ...}
-    manifest.json       seed, counts, world config and the files above
+    manifest.json       seed, counts, world config (its ``holdout`` mode), the held-out compositions
+                        (when ``holdout`` is "compositions": none of them occurs in any file) and the files above
 
 ``"video"`` is present only when PyAV is installed (VP9 in WebM, lossless mode, or MJPEG
 in AVI); the PNG frames are always written and are exact.
@@ -105,11 +106,12 @@ def _write_jsonl(path: Path, records) -> Path:
 
 def write_dataset(out_dir: str | Path, seed: int = 0, n_text: int = 100, n_image: int = 100, n_video: int = 20,
                   n_action: int = 20, image_size: int = 32, video_codec: str | None = "auto",
-                  config: WorldConfig | None = None) -> dict[str, Path]:
+                  config: WorldConfig | None = None, holdout: str = "none") -> dict[str, Path]:
     """Writes ShapesWorld samples 0..n-1 of each kind under ``out_dir``; returns the files.
 
     ``video_codec``: "vp9", "mjpeg", None (PNG frames only) or "auto" (vp9 when PyAV is
-    installed). Returns {"text", "image_text", "vqa", "vqa_docs", "video", "action_video", "manifest"} -> path.
+    installed). ``holdout`` ("none" | "compositions") applies when no ``config`` is given. Returns
+    {"text", "image_text", "vqa", "vqa_docs", "video", "action_video", "manifest"} -> path.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -117,7 +119,7 @@ def write_dataset(out_dir: str | Path, seed: int = 0, n_text: int = 100, n_image
         video_codec = "vp9" if have_pyav() else None
     if video_codec is not None and not have_pyav():
         raise RuntimeError(f"video_codec={video_codec!r} needs PyAV: pip install av (or pass video_codec=None)")
-    world = ShapesWorld(config=config or WorldConfig(seed=seed, image_size=image_size))
+    world = ShapesWorld(config=config or WorldConfig(seed=seed, image_size=image_size, holdout=holdout))
 
     paths = {"text": _write_jsonl(out / "text.jsonl", ({"text": world.text_document(i).text} for i in range(n_text)))}
 
@@ -151,6 +153,8 @@ def write_dataset(out_dir: str | Path, seed: int = 0, n_text: int = 100, n_image
 
     manifest = {"seed": world.config.seed, "config": asdict(world.config), "video_codec": video_codec,
                 "counts": {"text": n_text, "image_text": n_image, "video": n_video, "action_video": n_action},
+                "holdout_compositions": ([[kind, list(value)] for kind, value in world.holdout.compositions()]
+                                         if world.holdout is not None else None),
                 "files": {k: p.name for k, p in paths.items()}}
     paths["manifest"] = out / "manifest.json"
     paths["manifest"].write_text(json.dumps(manifest, indent=2) + "\n")
@@ -170,11 +174,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-image", type=int, default=1000)
     p.add_argument("--n-video", type=int, default=200)
     p.add_argument("--n-action", type=int, default=200)
+    p.add_argument("--holdout", default="compositions", choices=("compositions", "none"),
+                   help="keep the world's held-out compositions (megafusion.data.shapes.holdout) out of every file "
+                        "(default), so `megafusion eval --world DIR/manifest.json` scores them as unseen; none: keep all")
     p.add_argument("--video-codec", default="auto", choices=("auto", "vp9", "mjpeg", "none"),
                    help="also encode clips as video files (needs PyAV); 'none' writes PNG frames only")
     a = p.parse_args(argv)
     paths = write_dataset(a.out, a.seed, a.n_text, a.n_image, a.n_video, a.n_action, a.image_size,
-                          None if a.video_codec == "none" else a.video_codec)
+                          None if a.video_codec == "none" else a.video_codec, holdout=a.holdout)
     for kind, path in paths.items():
         print(f"{kind:>13}: {path}")
     return 0

@@ -261,9 +261,21 @@ def world_facts(vocab: Vocab = DEFAULT_VOCAB) -> tuple[str, ...]:
 FACTS = world_facts()
 
 
-def _arithmetic_sentence(rng: np.random.Generator, vocab: Vocab = DEFAULT_VOCAB) -> str:
+def _arithmetic_sentence(rng: np.random.Generator, vocab: Vocab = DEFAULT_VOCAB, holdout=None,
+                         shown: list | None = None) -> str:
+    """An arithmetic sentence; with a ``holdout`` its colour and shape are redrawn until they make
+    no held-out composition with the kinds ``shown`` (named earlier in the document; extended)."""
     a, b = int(rng.integers(0, 10)), int(rng.integers(0, 10))
     c, s = _choice(rng, vocab.colors), _choice(rng, vocab.shapes)
+    if holdout is not None:
+        for _ in range(1000):
+            if holdout.kind_allowed((c, s), shown or ()):
+                break
+            c, s = _choice(rng, vocab.colors), _choice(rng, vocab.shapes)
+        else:
+            raise RuntimeError(f"no colour and shape of {vocab} goes with {shown} outside the held-out compositions")
+        if shown is not None:
+            shown.append((c, s))
     templates = (
         f"{a} plus {b} equals {a + b}.",
         f"{number_word(a).capitalize()} {c} {s}s and {number_word(b)} more make {number_word(a + b)} {c} {s}s.",
@@ -284,12 +296,14 @@ def _scene_sentences(scene: Scene, rng: np.random.Generator, vocab: Vocab) -> li
     return sents
 
 
-def _agent_story(rng: np.random.Generator, lattice_size: int) -> list[str]:
+def _agent_story(rng: np.random.Generator, lattice_size: int, holdout=None) -> list[str]:
     """The agent's dynamics on a ``lattice_size``-wide lattice in words: where it starts and
-    where each action takes it."""
+    where each action takes it (never from a held-out start cell of ``holdout``)."""
     from .video import apply_actions, sample_actions  # video does not import text: no cycle
 
     start = (int(rng.integers(lattice_size)), int(rng.integers(lattice_size)))
+    while holdout is not None and start in holdout.start_cells:
+        start = (int(rng.integers(lattice_size)), int(rng.integers(lattice_size)))
     actions = sample_actions(rng, int(rng.integers(3, 7)))
     path = apply_actions(start, actions, lattice_size)
     sents = [f"The agent starts in row {start[1] + 1}, column {start[0] + 1}."]
@@ -304,25 +318,29 @@ def _agent_story(rng: np.random.Generator, lattice_size: int) -> list[str]:
 
 
 def text_document(scene: Scene, rng: np.random.Generator, vocab: Vocab = DEFAULT_VOCAB,
-                  lattice_size: int | None = None) -> str:
+                  lattice_size: int | None = None, holdout=None) -> str:
     """A short text-only document about a world with ``vocab``: a scene description,
     arithmetic, world facts, an agent story (on a ``lattice_size``-wide lattice; default the
-    agent lattice of the scene's image size) or a mix."""
+    agent lattice of the scene's image size) or a mix. With a ``holdout``
+    (:class:`~megafusion.data.shapes.holdout.Holdout`; the scene must hold none of its
+    compositions) the arithmetic and the agent story avoid its compositions too."""
     if lattice_size is None:
         from .video import AgentLattice
 
         lattice_size = AgentLattice.for_image(scene.image_size).k
     facts = world_facts(vocab)
     kind = int(rng.integers(5))
+    shown = [(o.color, o.shape) for o in scene.objects] if kind == 4 else []  # kinds the document names
     if kind == 0:
         sents = _scene_sentences(scene, rng, vocab)
     elif kind == 1:
-        sents = [_arithmetic_sentence(rng, vocab) for _ in range(int(rng.integers(3, 7)))]
+        sents = [_arithmetic_sentence(rng, vocab, holdout, shown) for _ in range(int(rng.integers(3, 7)))]
     elif kind == 2:
         idx = rng.choice(len(facts), size=int(rng.integers(3, 6)), replace=False)
         sents = [facts[int(i)] for i in idx]
     elif kind == 3:
-        sents = _agent_story(rng, lattice_size)
+        sents = _agent_story(rng, lattice_size, holdout)
     else:
-        sents = [_choice(rng, facts)] + _scene_sentences(scene, rng, vocab) + [_arithmetic_sentence(rng, vocab)]
+        sents = ([_choice(rng, facts)] + _scene_sentences(scene, rng, vocab)
+                 + [_arithmetic_sentence(rng, vocab, holdout, shown)])
     return " ".join(sents)
