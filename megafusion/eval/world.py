@@ -13,7 +13,9 @@ from megafusion.data.shapes.video import agent_caption, apply_actions
 
 def eval_world(gen) -> ShapesWorld:
     """The held-out ShapesWorld (``HELDOUT_SEED``) with the clip lengths of ``gen``'s training
-    stream (``Generator.world_config``; the default world's for preprocessed data)."""
+    stream (``Generator.world_config``; the default world's for preprocessed data). Its
+    ``holdout`` is the training world's: its ordinary draws are the seen split, and where
+    compositions were held out its ``unseen_*`` draws are the unseen split."""
     base = gen.world_config or WorldConfig(image_size=gen.representation.image_size)
     return ShapesWorld(config=replace(base, seed=HELDOUT_SEED))
 
