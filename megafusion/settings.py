@@ -189,6 +189,16 @@ def load_dataclass(cls: type[T], path: str | Path | None = None, overrides: Iter
         raise ConfigError(f"{err}{f' (in {path})' if path is not None else ''}") from None
 
 
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested mapping as ``{"section.key": value}`` (dotted keys, as ``--set`` takes them)."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
 def yaml_value(value: Any) -> str:
     """``value`` as the right-hand side of a ``key=value`` override (YAML that reads back as ``value``)."""
     text = yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=1 << 30).strip()

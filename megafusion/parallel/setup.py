@@ -51,6 +51,21 @@ def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def _model_parallel_groups(cfg: Config, gloo: bool = True) -> None:
+    """Megatron-core's TP / PP / VPP / EP groups for ``cfg.parallel`` (``gloo``: also its gloo
+    side groups, which the fake backend cannot host)."""
+    from megatron.core import parallel_state
+
+    p = cfg.parallel
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=p.tp,
+        pipeline_model_parallel_size=p.pp,
+        virtual_pipeline_model_parallel_size=p.vpp,
+        expert_model_parallel_size=p.ep,
+        create_gloo_process_groups=gloo,
+    )
+
+
 def init_parallel(cfg: Config) -> ParallelEnv:
     """Starts torch.distributed and megatron-core's groups for ``cfg.parallel``.
 
@@ -81,13 +96,7 @@ def init_parallel(cfg: Config) -> ParallelEnv:
 
     from megatron.core import parallel_state, tensor_parallel
 
-    p = cfg.parallel
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=p.tp,
-        pipeline_model_parallel_size=p.pp,
-        virtual_pipeline_model_parallel_size=p.vpp,
-        expert_model_parallel_size=p.ep,
-    )
+    _model_parallel_groups(cfg)
     torch.manual_seed(cfg.train.seed)
     tensor_parallel.model_parallel_cuda_manual_seed(cfg.train.seed)
 
@@ -121,21 +130,13 @@ def fake_world(cfg: Config, world_size: int, rank: int) -> Iterator[None]:
     Megatron's gloo side groups are not created (the fake backend cannot host them). The
     CPU compatibility layer must be active, as for :func:`init_parallel`.
     """
-    from megatron.core import parallel_state
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     if dist.is_initialized():
         raise RuntimeError("fake_world: a process group is already initialized in this process")
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
     try:
-        p = cfg.parallel
-        parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=p.tp,
-            pipeline_model_parallel_size=p.pp,
-            virtual_pipeline_model_parallel_size=p.vpp,
-            expert_model_parallel_size=p.ep,
-            create_gloo_process_groups=False,
-        )
+        _model_parallel_groups(cfg, gloo=False)
         yield
     finally:
         shutdown()

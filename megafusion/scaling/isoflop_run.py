@@ -42,6 +42,7 @@ from typing import Any
 import yaml
 
 from megafusion.scaling.plan import PlanError
+from megafusion.settings import flatten
 
 # Settings the runner sets itself (on the command line) or the trainer writes back on a
 # resume (the LR schedule's horizon, when the config leaves it to train.steps): they do
@@ -87,20 +88,11 @@ def _config_dict(path: Path) -> dict[str, Any]:
         raise PlanError(f"{path}: {err}") from None
 
 
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(tree, dict):
-        return {prefix: tree}
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-    return out
-
-
 def config_differences(planned: dict, trained: dict) -> list[str]:
     """``key: planned -> in the run dir`` for every setting that differs, but the runner's own
     keys and a schedule horizon the trainer filled in on a resume (``schedule.decay_steps``
     left unset in the plan)."""
-    a, b = _flatten(planned), _flatten(trained)
+    a, b = flatten(planned), flatten(trained)
     ignored = set(RUNNER_KEYS)
     if a.get("schedule.decay_steps") is None:
         ignored.add("schedule.decay_steps")

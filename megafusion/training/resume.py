@@ -20,6 +20,7 @@ import yaml
 
 from megafusion.config import Config, ConfigError, save_config
 from megafusion.data.tokenizer import write_tokenizer_map
+from megafusion.settings import flatten
 
 # Model settings that pick an implementation, not the parameters: a checkpoint resumes under
 # another value (same tensors, same names).
@@ -40,19 +41,10 @@ def check_run_dir(run_dir: Path) -> None:
             raise ConfigError(f"--run-dir {run_dir}: {parent} is a file, not a directory")
 
 
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(tree, dict):
-        return {prefix: tree}
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-    return out
-
-
 def shape_differences(saved: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """``key: saved -> new`` for every model-shaping setting that differs (keys in both only:
     a key added to the code since the run started keeps its old behaviour by default)."""
-    old_flat, new_flat = _flatten(saved), _flatten(new)
+    old_flat, new_flat = flatten(saved), flatten(new)
     keys = [k for k in new_flat if k.startswith("model.") and k not in IMPLEMENTATION_KEYS]
     if new_flat.get("model.kind") == "transfusion":
         keys += sorted(VISION_SHAPE_KEYS)
