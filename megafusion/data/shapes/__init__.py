@@ -20,5 +20,6 @@ __all__ = [
     "ParsedObject", "VQA", "make_vqa", "normalize_answer", "vqa_prompt", "vqa_document", "Vocab", "DEFAULT_VOCAB",
     "ACTIONS", "ACTION_ALIASES", "ACTION_TOKENS",
     "canonical_action", "apply_actions", "write_dataset", "save_png", "load_png", "write_video",
-    "Holdout", "HOLDOUT_MODES", "holdout_for", "SHAPES", "COLORS", "PALETTE", "BACKGROUND", "SIZES", "POSITIONS", "POSITION_NAMES",
+    "Holdout", "HOLDOUT_MODES", "holdout_for",
+    "SHAPES", "COLORS", "PALETTE", "BACKGROUND", "SIZES", "POSITIONS", "POSITION_NAMES",
 ]

@@ -175,8 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-video", type=int, default=200)
     p.add_argument("--n-action", type=int, default=200)
     p.add_argument("--holdout", default="compositions", choices=("compositions", "none"),
-                   help="keep the world's held-out compositions (megafusion.data.shapes.holdout) out of every file "
-                        "(default), so `megafusion eval --world DIR/manifest.json` scores them as unseen; none: keep all")
+                   help="keep the world's held-out compositions (megafusion.data.shapes.holdout) out of every "
+                        "file (default), so `megafusion eval --world DIR/manifest.json` scores them as unseen; "
+                        "none: keep all")
     p.add_argument("--video-codec", default="auto", choices=("auto", "vp9", "mjpeg", "none"),
                    help="also encode clips as video files (needs PyAV); 'none' writes PNG frames only")
     a = p.parse_args(argv)

@@ -222,7 +222,8 @@ def test_unseen_items_each_hold_their_composition_and_seen_items_none(name):
     starts = held(w).start_cells
     for i in range(2 * len(starts)):
         a = w.unseen_action_video(i)
-        assert tuple(int(v) for v in a.path[0]) == starts[i % len(starts)] and ("start_cell", starts[i % len(starts)]) in a.holdout
+        start = starts[i % len(starts)]
+        assert tuple(int(v) for v in a.path[0]) == start and ("start_cell", start) in a.holdout
         assert not action_violations(w, w.action_video(i))
         t = w.unseen_planning_task(i, horizon=4, n_candidates=4)
         assert t.start == starts[i % len(starts)] and t.reaches_goal.any()
