@@ -351,6 +351,13 @@ def evaluation_table(metrics: dict) -> list[str]:
                              f"{u[2] if u else '-'} | {better} |")
         elif "skipped" in result:
             lines.append(f"| {name} | skipped: {result['skipped']} | | | |" + (" |" if unseen else ""))
+    per_kind = [f"{name} " + ", ".join(f"{kind.replace('_', ' ')} {r['value']:.3g} (n {r['n']}, chance "
+                                       f"{_fmt(r['chance'])})" for kind, r in result["unseen"]["by_composition"].items())
+                for name, result in metrics["results"].items()
+                if isinstance(result.get("unseen"), dict) and result["unseen"].get("by_composition")]
+    if per_kind:
+        lines += ["", "Unseen, by the kind of held-out composition the items were drawn for: " + "; ".join(per_kind)
+                  + "."]
     return lines
 
 

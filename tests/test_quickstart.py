@@ -249,7 +249,9 @@ def test_report_shows_the_seen_and_unseen_splits_side_by_side():
 
     gen = {"objects": 0.9, "positions": 0.8, "count": 0.7, "chance": {"objects": 0.1, "positions": 0.05, "count": 0.5}}
     gen_unseen = {"objects": 0.4, "positions": 0.3, "count": 0.6, "chance": {"objects": 0.1, "positions": 0.05,
-                                                                              "count": 0.5}}
+                                                                              "count": 0.5},
+                  "by_composition": {"color_shape": {"n": 3, "value": 0.5, "chance": 0.01},
+                                     "placement": {"n": 2, "value": 0.0, "chance": 0.02}}}
     vqa = {"accuracy": 0.7, "majority": 0.5, "per_kind": {"count": {"n": 10, "accuracy": 0.6, "chance": 0.2}}}
     vqa_unseen = {"accuracy": 0.5, "majority": 0.4, "per_kind": {"count": {"n": 7, "accuracy": 0.3, "chance": 0.2}}}
     settings = {"steps": 10, "sampler": "euler", "cfg_scale": 1.0, "image_shift": 100.0, "frame_shift": 100.0,
@@ -269,6 +271,8 @@ def test_report_shows_the_seen_and_unseen_splits_side_by_side():
     assert "| | count questions (10) | 0.6 | 0.3 | 0.2 / 0.2 | higher |" in lines  # matched by kind, not count
     assert "| perplexity | perplexity | 1.5 | - | 512 / - | higher |" in lines
     assert "| planning | skipped: not requested (--only) | | | | |" in lines
+    assert ("Unseen, by the kind of held-out composition the items were drawn for: generation color shape 0.5 "
+            "(n 3, chance 0.01), placement 0 (n 2, chance 0.02).") in lines
     assert any("blue square" in line and "square at row 0 col 0" in line and "red circle + green square" in line
                and "(2, 1)" in line for line in lines)
     # a run whose data held nothing out: one value column, as before

@@ -14,8 +14,9 @@ simple world it all does. *Unseen* (when the training world held compositions ou
 items that each hold one of the world's held-out compositions (a colour x shape pair, a
 shape x cell placement, two kinds together, an agent start cell;
 ``megafusion.data.shapes.holdout``), which no training sample held. Each result holds the
-seen figures as before and the unseen ones under ``"unseen"``; each headline has
-``value_unseen`` and ``chance_unseen`` beside ``value`` and ``chance``.
+seen figures as before and the unseen ones under ``"unseen"`` (for generation, captioning
+and VQA also ``"by_composition"``: the headline per kind of held-out composition); each
+headline has ``value_unseen`` and ``chance_unseen`` beside ``value`` and ``chance``.
 What runs depends on what the run was trained on (``data.shapes_weights``, or the names
 of preprocessed datasets, see ``trained_sources``); an evaluation whose data the model never saw is
 written as ``{"skipped": "not trained on this modality: ..."}``, never silently left out:
@@ -233,6 +234,21 @@ def evaluate(gen: Generator, cfg, out: Path, n: int = 32, opts: SamplingOptions 
     def label(name: str, split: str) -> str:
         return name + split.replace("_", " ")  # "generation unseen"
 
+    def by_composition(split: str, items: list, score: Callable[[list[int]], dict]) -> dict:
+        """The unseen split's headline per kind of held-out composition an item was drawn for
+        (``score(positions)`` scores the items at those positions): {kind: {n, value, chance}}."""
+        if not split:
+            return {}
+        targets = world.holdout.image_compositions()
+        kinds: dict[str, list[int]] = {}
+        for j, s in enumerate(items):
+            kinds.setdefault(targets[s.index % len(targets)][0], []).append(j)
+        out = {}
+        for kind, sel in kinds.items():
+            head = score(sel)["headline"]
+            out[kind] = {"n": len(sel), "value": head["value"], "chance": head["chance"]}
+        return {"by_composition": out}
+
     # ---------------------------------------------------------------- image generation
     def generation(split: str) -> dict:
         items = items_of[split]
@@ -243,8 +259,10 @@ def evaluate(gen: Generator, cfg, out: Path, n: int = 32, opts: SamplingOptions 
         grid = f"generation_grid{split}.png"
         save_grid([s.image for s in prompts[:k]] + images[:k], out / grid, ncols=k)
         samples["generation" + split] = [{"prompt": s.caption} for s in prompts[:k]]
+        per_kind = by_composition(split, prompts, lambda sel: score_generation(
+            [images[j] for j in sel], [prompts[j].caption for j in sel], chance_samples=64, **prior))
         return {**score_generation(images, [s.caption for s in prompts], chance_samples=64, **prior),
-                "grid": grid, "grid_rows": ["ground truth render", "generated"]}
+                "grid": grid, "grid_rows": ["ground truth render", "generated"], **per_kind}
 
     timed("generation", both_splits("generation", generation) if trained("image_text") else
           lambda: _skip("data.shapes_weights.image_text = 0 (no caption-image documents)"))
@@ -255,19 +273,29 @@ def evaluate(gen: Generator, cfg, out: Path, n: int = 32, opts: SamplingOptions 
         captions = [caption_image(gen, s.image, seeded(i))
                     for i, s in counted(label("captioning", split), list(enumerate(items)), "captions")]
         samples["captioning" + split] = [{"truth": s.caption, "generated": c} for s, c in zip(items[:8], captions[:8])]
-        return score_captions(captions, [s.scene for s in items], chance_samples=16, **prior)
+        per_kind = by_composition(split, items, lambda sel: score_captions(
+            [captions[j] for j in sel], [items[j].scene for j in sel], chance_samples=16, **prior))
+        return {**score_captions(captions, [s.scene for s in items], chance_samples=16, **prior), **per_kind}
 
     timed("captioning", both_splits("captioning", captioning) if trained("image_text") and caption_first_prob < 1.0
           else lambda: _skip("no image-first (captioning) documents in training"))
 
     # ---------------------------------------------------------------- VQA
     def vqa(split: str) -> dict:
-        qa = [(s.image, v) for s in items_of[split] for v in s.vqa]
+        items = items_of[split]
+        qa = [(j, s.image, v) for j, s in enumerate(items) for v in s.vqa]
         answers = [answer_question(gen, image, v.question, v.choices)
-                   for image, v in counted(label("vqa", split), qa, "questions")]
+                   for _, image, v in counted(label("vqa", split), qa, "questions")]
         samples["vqa" + split] = [{"question": v.question, "truth": v.answer, "generated": a}
-                                  for (_, v), a in zip(qa[:8], answers[:8])]
-        return {**score_vqa(answers, [v for _, v in qa]), "protocol": "most likely candidate answer"}
+                                  for (_, _, v), a in zip(qa[:8], answers[:8])]
+
+        def score(sel: list[int]) -> dict:  # the questions about the items at positions sel
+            chosen = set(sel)
+            pairs = [(a, v) for (j, _, v), a in zip(qa, answers) if j in chosen]
+            return score_vqa([a for a, _ in pairs], [v for _, v in pairs])
+
+        return {**score_vqa(answers, [v for _, _, v in qa]), "protocol": "most likely candidate answer",
+                **by_composition(split, items, score)}
 
     timed("vqa", both_splits("vqa", vqa) if trained("vqa") else lambda: _skip(
         "no question-answer documents in training (data.shapes_weights.vqa = 0, or no indexed data path "

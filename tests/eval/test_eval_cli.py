@@ -61,6 +61,13 @@ def test_eval_cli_writes_metrics_with_chance_levels(run_dir, loaded, tmp_path):
     assert "value_unseen" not in metrics["headlines"]["perplexity"]
     assert results["generation"]["unseen"]["n"] == 4 and results["world_model"]["unseen"]["rollout"]["n"] == 3
     assert results["planning"]["unseen"]["n"] == 2
+    # generation and captioning per kind of held-out composition: the items split among the kinds
+    for name in ("generation", "captioning"):
+        per_kind = results[name]["unseen"]["by_composition"]
+        assert sum(r["n"] for r in per_kind.values()) == results[name]["unseen"]["n"], name
+        assert set(per_kind) <= {"color_shape", "placement", "object_pair"} and len(per_kind) >= 2, name
+        assert all(0 <= r["value"] <= 1 for r in per_kind.values()), name
+    assert "by_composition" not in results["generation"]  # the seen split has no kinds
     assert (out / "generation_grid_unseen.png").is_file() and (out / "rollout_grid_unseen.png").is_file()
 
     events = EventAccumulator(str(run_dir / "tensorboard"))

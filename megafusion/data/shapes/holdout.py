@@ -60,8 +60,12 @@ class Holdout:
                 + [("object_pair", p) for p in self.object_pairs] + [("start_cell", s) for s in self.start_cells])
 
     def image_compositions(self) -> list[Composition]:
-        """The compositions a still scene can hold (all but start cells): the unseen image split cycles them."""
-        return [c for c in self.compositions() if c[0] != "start_cell"]
+        """The compositions a still scene can hold (all but start cells), the kinds interleaved
+        (a colour-shape pair, a placement, an object pair, the next pair, ...): the unseen image
+        split cycles them, so a few items already cover every kind."""
+        lists = [[("color_shape", c) for c in self.color_shapes], [("placement", p) for p in self.placements],
+                 [("object_pair", p) for p in self.object_pairs]]
+        return [group[i] for i in range(max(map(len, lists))) for group in lists if i < len(group)]
 
     def found(self, kinds: Iterable[Kind], placements: Iterable[tuple[str, int, int]] = (),
               start: tuple[int, int] | None = None) -> list[Composition]:

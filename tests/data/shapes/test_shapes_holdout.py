@@ -213,6 +213,8 @@ def test_written_datasets_hold_none_and_say_which(tmp_path):
 def test_unseen_items_each_hold_their_composition_and_seen_items_none(name):
     w = world(name, seed=HELDOUT_SEED)
     targets = held(w).image_compositions()
+    assert sorted(targets) == sorted(c for c in held(w).compositions() if c[0] != "start_cell")
+    assert [kind for kind, _ in targets[:3]] == ["color_shape", "placement", "object_pair"]  # a few items cover all
     for i in range(2 * len(targets)):
         s = w.unseen_image_text(i)
         assert targets[i % len(targets)] in s.holdout and s.holdout
