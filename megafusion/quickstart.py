@@ -308,6 +308,13 @@ def _fmt(value) -> str:
     return "-" if value is None else f"{value:.4g}" if isinstance(value, (int, float)) else str(value)
 
 
+def _cell_name(row: int, col: int, held: dict) -> str:
+    """The name of a cell ("top left") of the world's grid (``held["grid"]``)."""
+    from megafusion.data.shapes.scene import position_name
+
+    return position_name(row, col, held["grid"])
+
+
 def evaluation_table(metrics: dict) -> list[str]:
     """The report's evaluation section: a sentence on sampling and the splits, and one row per
     figure with the seen split's value, the unseen split's (where the data held compositions
@@ -322,7 +329,8 @@ def evaluation_table(metrics: dict) -> list[str]:
                       "training distribution (their content occurs in training). *Unseen*: each holds a composition "
                       "that no training sample held (colour x shape pairs "
                       + ", ".join(" ".join(c) for c in held["color_shape"]) + "; shapes in cells "
-                      + ", ".join(f"{s} at row {r} col {c}" for s, r, c in held["placement"]) + "; kinds together "
+                      + ", ".join(f"a {s} in the {_cell_name(r, c, held)} cell" for s, r, c in held["placement"])
+                      + "; kinds together "
                       + ", ".join(" + ".join(" ".join(k) for k in p) for p in held["object_pair"])
                       + "; agent start cells (col, row) "
                       + ", ".join(f"({c}, {r})" for c, r in held["start_cell"]) + ")."]

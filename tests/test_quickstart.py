@@ -258,7 +258,7 @@ def test_report_shows_the_seen_and_unseen_splits_side_by_side():
                 "splits": ["seen", "unseen"],
                 "heldout_compositions": {"color_shape": [["blue", "square"]], "placement": [["square", 0, 0]],
                                          "object_pair": [[["red", "circle"], ["green", "square"]]],
-                                         "start_cell": [[2, 1]]}}
+                                         "start_cell": [[2, 1]], "grid": 2, "lattice": 4}}
     metrics = {"settings": settings,
                "headlines": {"generation": head("geneval_correct", 0.9, 0.01, 0.25),
                              "vqa": head("vqa_accuracy", 0.7, 0.3, 0.5), "perplexity": head("perplexity", 1.5, 512)},
@@ -273,7 +273,7 @@ def test_report_shows_the_seen_and_unseen_splits_side_by_side():
     assert "| planning | skipped: not requested (--only) | | | | |" in lines
     assert ("Unseen, by the kind of held-out composition the items were drawn for: generation color shape 0.5 "
             "(n 3, chance 0.01), placement 0 (n 2, chance 0.02).") in lines
-    assert any("blue square" in line and "square at row 0 col 0" in line and "red circle + green square" in line
+    assert any("blue square" in line and "a square in the top left cell" in line and "red circle + green square" in line
                and "(2, 1)" in line for line in lines)
     # a run whose data held nothing out: one value column, as before
     one = evaluation_table({**metrics, "settings": {**settings, "splits": ["seen"], "heldout_compositions": None},

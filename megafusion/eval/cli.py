@@ -359,8 +359,9 @@ def evaluate(gen: Generator, cfg, out: Path, n: int = 32, opts: SamplingOptions 
                      "seed": opts.seed, "planning_candidates": planning_candidates,
                      "planning_n": planning_n, "heldout_seed": world.config.seed, "training_sources": weights,
                      "splits": ["seen", "unseen"] if split_unseen else ["seen"],
-                     "heldout_compositions": ({k: [list(c) for c in getattr(world.holdout, k + "s")]
-                                               for k in ("color_shape", "placement", "object_pair", "start_cell")}
+                     "heldout_compositions": ({**{k: [list(c) for c in getattr(world.holdout, k + "s")]
+                                                  for k in ("color_shape", "placement", "object_pair", "start_cell")},
+                                               "grid": world.vocab.grid, "lattice": world.lattice.k}
                                               if split_unseen else None)},
         "headlines": {name: r["headline"] for name, r in results.items() if "headline" in r},
         "results": results,
@@ -381,8 +382,8 @@ def results_table(results: dict[str, dict]) -> list[str]:
     and where the world held compositions out the unseen split's value and chance, seconds; an
     evaluation that did not run says why in place of its figures."""
     unseen = any("value_unseen" in r.get("headline", {}) for r in results.values())
-    rows = [("evaluation", "metric", "value", "chance") + (("unseen", "chance_unseen") if unseen else ())
-            + ("seconds",)]
+    rows = [("evaluation", "metric", "seen" if unseen else "value", "chance")
+            + (("unseen", "chance_unseen") if unseen else ()) + ("seconds",)]
     notes = []
     for name, r in results.items():
         head = r.get("headline")

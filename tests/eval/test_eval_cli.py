@@ -53,7 +53,8 @@ def test_eval_cli_writes_metrics_with_chance_levels(run_dir, loaded, tmp_path):
     assert (out / "generation_grid.png").is_file() and (out / "rollout_grid.png").is_file()
     # data.shapes_holdout = compositions (the default): the unseen split beside the seen one
     assert metrics["settings"]["splits"] == ["seen", "unseen"]
-    assert len(metrics["settings"]["heldout_compositions"]["color_shape"]) >= 1
+    held = metrics["settings"]["heldout_compositions"]
+    assert len(held["color_shape"]) >= 1 and held["grid"] == 3  # tiny_transfusion: the full world
     for name in ("generation", "captioning", "world_model", "planning"):
         head = metrics["headlines"][name]
         assert math.isfinite(head["value_unseen"]) and head["chance_unseen"] is not None, name
@@ -264,7 +265,7 @@ def test_eval_prints_progress_and_a_results_table(run_dir, tmp_path, caplog):
         "[eval] world_model: 1/4 rollouts", "[eval] world_model: 2/4 rollouts", "[eval] world_model: 3/4 rollouts"]
     assert "[eval] world_model unseen: 1/4 rollouts" in lines
     table = lines[lines.index("[eval] results:"):]
-    assert table[1].split() == ["evaluation", "metric", "value", "chance", "unseen", "chance_unseen", "seconds"]
+    assert table[1].split() == ["evaluation", "metric", "seen", "chance", "unseen", "chance_unseen", "seconds"]
     assert table[2].split()[:2] == ["world_model", "agent_position_accuracy"] and len(table[2].split()) == 7
     assert table[3].split()[2:] and table[3].split()[4:6] == ["-", "-"]  # perplexity: one split
     assert table[3].split()[:2] == ["perplexity", "perplexity"]
