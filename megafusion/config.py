@@ -200,8 +200,9 @@ class DataConfig:
     # ShapesWorld compositions kept out of training (data.kind = shapes): compositions = a fixed few
     # colour x shape pairs, shape x cell placements, object pairs and agent start cells per
     # vocabulary (megafusion.data.shapes.holdout) never drawn in any source, so `megafusion eval`
-    # scores them as its unseen split; none = every composition may be drawn
-    shapes_holdout: Literal["none", "compositions"] = "compositions"
+    # scores them as its unseen split; none = every composition may be drawn (the default: a run
+    # directory from before this setting resumes with the data it started with)
+    shapes_holdout: Literal["none", "compositions"] = "none"
 
 
 @dataclass

@@ -3,7 +3,7 @@
 Packed sequence ``i`` is a pure function of ``(seed, i)``: its ``j``-th document is drawn
 with a generator keyed on ``(seed, i, j)`` (the source by ``data.shapes_weights``, then a
 ShapesWorld index), so any data-parallel layout and any resume read the same data.
-With ``data.shapes_holdout: compositions`` (the default) the world's held-out compositions
+With ``data.shapes_holdout: compositions`` the world's held-out compositions
 (``megafusion.data.shapes.holdout``) occur in no document of any source: each ShapesWorld
 sample is redrawn from its own generator until it holds none, so it stays a pure function of
 ``(seed, index)``.

@@ -51,7 +51,7 @@ def test_eval_cli_writes_metrics_with_chance_levels(run_dir, loaded, tmp_path):
     assert results["planning"]["candidates"] == 2 and results["planning"]["n"] == 2
     assert results["perplexity"]["chance_perplexity"] == 266.0  # the byte tokenizer's vocabulary
     assert (out / "generation_grid.png").is_file() and (out / "rollout_grid.png").is_file()
-    # data.shapes_holdout = compositions (the default): the unseen split beside the seen one
+    # data.shapes_holdout = compositions (tiny_transfusion.yaml): the unseen split beside the seen one
     assert metrics["settings"]["splits"] == ["seen", "unseen"]
     held = metrics["settings"]["heldout_compositions"]
     assert len(held["color_shape"]) >= 1 and held["grid"] == 3  # tiny_transfusion: the full world

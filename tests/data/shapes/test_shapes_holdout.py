@@ -179,7 +179,10 @@ def test_the_stream_follows_data_shapes_holdout():
 
     base = ["data.shapes_world=simple", "data.shapes_weights={text: 1.0, image_text: 1.0, vqa: 1.0}"]
     cfg = load_config(CONFIGS / "tiny_transfusion.yaml", base)
-    assert cfg.data.shapes_holdout == "compositions"  # the default
+    assert cfg.data.shapes_holdout == "compositions"  # tiny_transfusion.yaml sets it
+    # the default keeps every composition, so a run directory from before the setting resumes
+    # with the data it started with
+    assert load_config(None).data.shapes_holdout == "none"
     stream = ShapesStream.from_config(cfg)
     assert stream.world.config.holdout == "compositions" and stream.world.holdout is not None
     none = ShapesStream.from_config(load_config(CONFIGS / "tiny_transfusion.yaml", base + ["data.shapes_holdout=none"]))
