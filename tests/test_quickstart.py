@@ -136,6 +136,9 @@ def _reference_overrides(vocab: int, prefixes: dict, steps: int, device: str, to
         "vision.image_size=32", "vision.patch_size=8", f"train.steps={steps}", f"train.device={device}",
         f"checkpoint.every={max(steps // 2, 1)}",
         "logging.console_every=50",  # added since: console output only (metrics.jsonl keeps every step)
+        # added since: tiny_transfusion.yaml holds compositions out of its in-process data; the
+        # quickstart's indexed data holds them out in its files (--holdout), the config keeps none
+        "data.shapes_holdout=none",
     ]
 
 
