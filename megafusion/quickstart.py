@@ -29,7 +29,11 @@ image documents), ``moe`` (dense against MoE with per-modality shared experts, p
 experts' routing shares per modality and their specialization), ``latents`` (pixel
 patches against an RAE: ``--rae DIR``, or one built under ``rae/`` from an encoder
 pretrained on ShapesWorld, see :mod:`megafusion.vision.shapes_encoder`; needs
-``transformers``, the ``rae`` extra).
+``transformers``, the ``rae`` extra), and ``world`` (not in ``--full``: world modeling with
+action-conditioned video at 0.5%, 1%, 5% and 20% of the training positions).
+
+``--seeds 0,1,2`` runs the whole quickstart at each seed under ``OUT/seedS`` and summarises
+them in ``OUT/seeds.md`` (:mod:`megafusion.quickstart_seeds`).
 """
 
 from __future__ import annotations
@@ -422,10 +426,18 @@ class Variant:
     overrides: tuple[str, ...] = ()
     weights: dict | None = None
     step_fraction: float = 1.0
+    # The action-video share of training positions (0.01: 1%); its data weight is computed from
+    # the prepared datasets' document lengths (:func:`weights_for_action_share`).
+    action_share: float | None = None
 
     def steps(self, main_steps: int) -> int:
         """Training steps of this variant when the main run trains ``main_steps``."""
         return max(1, round(main_steps * self.step_fraction))
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this variant is the main run (trained once, reused by every comparison)."""
+        return not self.overrides and self.weights is None and self.step_fraction == 1.0 and self.action_share is None
 
 
 def _image_only_weights() -> tuple[dict, float]:
@@ -435,6 +447,38 @@ def _image_only_weights() -> tuple[dict, float]:
     return image, sum(image.values()) / sum(DATA_WEIGHTS.values())
 
 
+def mean_positions(prefix: Path, limit: int = 512) -> float:
+    """Mean positions per document (text tokens, and 2 + latents per image or frame) over up to
+    ``limit`` evenly spaced documents of an indexed dataset."""
+    import numpy as np
+
+    from megafusion.data.indexed import IndexedDocuments
+    from megafusion.data.packing import document_length
+
+    docs = IndexedDocuments(prefix)
+    picks = np.unique(np.linspace(0, len(docs) - 1, min(limit, len(docs))).astype(int))
+    return float(np.mean([document_length(docs[int(i)]) for i in picks]))
+
+
+def action_share(weights: dict[str, float], lengths: dict[str, float]) -> float:
+    """The action-video share of training positions when documents are drawn by ``weights``
+    (documents per source) and a source's document holds ``lengths[source]`` positions."""
+    total = sum(weights[k] * lengths[k] for k in lengths)
+    return weights["action_video"] * lengths["action_video"] / total
+
+
+def weights_for_action_share(share: float, lengths: dict[str, float]) -> dict[str, float]:
+    """DATA_WEIGHTS with the action-video weight set so that action videos fill ``share`` of the
+    training positions (0 < share < 1); the other sources keep their relative weights."""
+    if not 0 < share < 1:
+        raise ValueError(f"action-video share {share} must lie strictly between 0 and 1")
+    others = sum(w * lengths[k] for k, w in DATA_WEIGHTS.items() if k != "action_video")
+    return {**DATA_WEIGHTS, "action_video": share * others / ((1 - share) * lengths["action_video"])}
+
+
+# The world-modeling comparison's action-video shares of training positions: the study finds
+# world modeling saturates near 1% of in-domain data.
+ACTION_SHARES = (0.005, 0.01, 0.05, 0.20)
 MOE = ("model.moe.num_experts=4", "model.moe.top_k=2", "model.moe.ffn_hidden_size=64",
        "model.moe.shared_expert_ffn_hidden_size=64", "model.moe.per_modality_shared_experts=true")
 TRENDS = {
@@ -451,7 +495,13 @@ TRENDS = {
     "latents": ("Visual latents: raw pixel patches against an RAE (frozen encoder + trained decoder: "
                 "`--rae DIR` from `megafusion train-decoder`, or one the quickstart builds).",
                 lambda rae: [Variant("pixel"), Variant("rae", ("vision.representation=rae", f"vision.path={rae}"))]),
+    "world": ("World modeling against the amount of action-conditioned video: the action-video share of training "
+              "positions at 0.5%, 1%, 5% and 20% (the main run's share in the first row), the other sources in "
+              "their usual proportions, the same steps.",
+              lambda rae: [Variant("main"), *(Variant(f"action_{100 * s:g}pct", action_share=s) for s in ACTION_SHARES)]),
 }
+# What --full runs: the research's comparisons (world adds four runs; ask for it with --compare world).
+FULL_TRENDS = ("synergy", "moe", "latents")
 
 
 def train_and_evaluate(out: Path, tokenizer: Path, prefixes: dict[str, Path], steps: int, scale: Scale, args,
@@ -500,20 +550,34 @@ def run_trends(out: Path, names: list[str], tokenizer: Path, prefixes: dict[str,
     A variant equal to the main run (no overrides, default weights, all steps) reuses it.
     Returns {trend: {variant: {"run": dir, "eval": dir or None, "steps": n}}}."""
     results = {}
+    lengths = None
     for name in names:
         _, variants = TRENDS[name]
         results[name] = {}
         for v in variants(args.rae):
             n = v.steps(steps)
-            if not v.overrides and v.weights is None and v.step_fraction == 1.0:
-                results[name][v.name] = {"run": out / "run", "eval": main_eval, "steps": n}
+            weights = v.weights
+            extra = {}
+            if name == "world":
+                lengths = lengths or {k: mean_positions(p) for k, p in prefixes.items()}
+                if v.action_share is not None:
+                    weights = weights_for_action_share(v.action_share, lengths)
+                extra["action_share"] = action_share(weights or DATA_WEIGHTS, lengths)
+            where = variant_dir(out, name, v)
+            if v.is_main:
+                results[name][v.name] = {"run": out / "run", "eval": main_eval, "steps": n, **extra}
                 continue
-            where = out / "trends" / name / v.name
             data = rae_prefixes if v.name == "rae" else prefixes
-            eval_dir = train_and_evaluate(where, tokenizer, data, n, scale, args, v.overrides, v.weights,
+            eval_dir = train_and_evaluate(where, tokenizer, data, n, scale, args, v.overrides, weights,
                                           stage=f"trend {name}/{v.name}: ")
-            results[name][v.name] = {"run": where / "run", "eval": eval_dir, "steps": n}
+            results[name][v.name] = {"run": where / "run", "eval": eval_dir, "steps": n, **extra}
     return results
+
+
+def variant_dir(out: Path, trend: str, variant: Variant) -> Path:
+    """Where a comparison's variant is trained (``run/``) and evaluated (``eval/``): the main
+    run's folder ``out`` for the main run, ``out/trends/TREND/VARIANT`` otherwise."""
+    return out if variant.is_main else out / "trends" / trend / variant.name
 
 
 def _headlines(eval_dir: Path | None) -> dict:
@@ -559,18 +623,21 @@ def trends_section(out: Path, trends: dict) -> list[str]:
         heads = {v: _headlines(r["eval"]) for v, r in variants.items()}
         evals = [e for e in ("generation", "captioning", "vqa", "world_model", "planning", "perplexity")
                  if any(e in h for h in heads.values())]
+        share = any("action_share" in r for r in variants.values())
         lines += ["", f"### {name}", "", TRENDS[name][0], "",
-                  "| variant | steps | " + " | ".join(f"{e} ({next(h[e]['metric'] for h in heads.values() if e in h)})"
-                                                     for e in evals) + " |",
-                  "|---|---|" + "---|" * len(evals)]
+                  "| variant | steps | " + ("action-video share of positions | " if share else "")
+                  + " | ".join(f"{e} ({next(h[e]['metric'] for h in heads.values() if e in h)})" for e in evals) + " |",
+                  "|---|---|" + "---|" * (len(evals) + share)]
         for v, r in variants.items():
             # the seen split's figure, and the unseen split's in brackets where there is one
             cells = [(f"{heads[v][e]['value']:.4g}" + (f" (unseen {heads[v][e]['value_unseen']:.4g})"
                                                        if "value_unseen" in heads[v][e] else ""))
                      if e in heads[v] else "-" for e in evals]
+            if share:
+                cells.insert(0, f"{100 * r['action_share']:.3g}%")
             lines.append(f"| {v} | {r['steps']} | " + " | ".join(cells) + " |")
         chance = [f"{next(h[e]['chance'] for h in heads.values() if e in h):.4g}" for e in evals]
-        lines.append("| chance | | " + " | ".join(chance) + " |")
+        lines.append("| chance | | " + ("| " if share else "") + " | ".join(chance) + " |")
         if name == "latents":
             lines += rae_summary(out)
         if name == "moe" and "moe" in variants:
@@ -602,16 +669,19 @@ def main(argv: list[str] | None = None) -> int:
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="a smoke-test size (a minute)")
     size.add_argument("--full", action="store_true",
-                      help="a longer run that shows the research's trends (all comparisons of --compare)")
+                      help=f"a longer run that shows the research's trends (--compare {','.join(FULL_TRENDS)})")
     parser.add_argument("--compare", default=None, metavar="TREND[,TREND]",
                         help=f"also train and evaluate the variants of these comparisons ({', '.join(TRENDS)}); "
-                             "--full runs them all")
+                             f"--full runs {', '.join(FULL_TRENDS)}")
     parser.add_argument("--rae", default=None, metavar="DIR",
                         help="the RAE of the latents comparison: a saved representation (megafusion train-decoder); "
                              "default: one built here (an encoder pretrained on ShapesWorld + its decoder)")
     parser.add_argument("--steps", type=int, default=None, help="override the number of training steps")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", default=None, metavar="S[,S]",
+                        help="the whole quickstart at each of these seeds under OUT/seedS, then OUT/seeds.md: "
+                             "mean and spread per variant, and which comparisons exceed the seed spread")
     parser.add_argument("--world", default="simple", choices=("simple", "full"),
                         help="ShapesWorld vocabulary (default simple: 3 colours, 3 shapes, 2x2 grid)")
     parser.add_argument("--holdout", default="compositions", choices=("compositions", "none"),
@@ -630,7 +700,7 @@ def main(argv: list[str] | None = None) -> int:
 
     scale = SCALES["quick" if args.quick else "full" if args.full else "default"]
     steps = args.steps or scale.steps
-    trends = list(TRENDS) if args.full else [t.strip() for t in (args.compare or "").split(",") if t.strip()]
+    trends = list(FULL_TRENDS) if args.full else [t.strip() for t in (args.compare or "").split(",") if t.strip()]
     unknown = sorted(set(trends) - set(TRENDS))
     if unknown:
         parser.error(f"--compare {args.compare}: unknown {unknown}; choose from {', '.join(TRENDS)}")
@@ -640,12 +710,63 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError:
             parser.error("the latents comparison builds an RAE, which needs `transformers`: "
                          "pip install -e '.[rae]'; or pass --rae DIR, or leave it out (--compare synergy,moe)")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    started = time.time()
     from megafusion.logging_setup import configure_logging
 
     configure_logging()  # training's progress lines: every logging.console_every steps, with an ETA
+    if args.seeds is not None:
+        return run_seeds(args, scale, steps, trends)
+    return run_quickstart(args, scale, steps, trends)
+
+
+def run_seeds(args, scale: Scale, steps: int, trends: list[str]) -> int:
+    """``--seeds``: one quickstart per seed under OUT/seedS (finished ones with the same options
+    reused), the RAE built by the first seed shared by the others, then OUT/seeds.md."""
+    from megafusion import quickstart_seeds as qs
+
+    try:
+        seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+    except ValueError:
+        seeds = []
+    if not seeds or len(set(seeds)) != len(seeds):
+        print(f"megafusion quickstart: --seeds {args.seeds}: give distinct integers, e.g. --seeds 0,1,2",
+              file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    options = qs.options_record(args)
+    for seed in seeds:
+        folder = qs.seed_dir(out, seed)
+        try:
+            done = qs.finished(folder, options)
+        except qs.SeedsError as err:
+            print(f"megafusion quickstart: {err}", file=sys.stderr)
+            return 2
+        if done:
+            print(f"[quickstart] seed {seed}: {folder} is finished with these options; reused", flush=True)
+        else:
+            args.out, args.seed = str(folder), seed
+            code = run_quickstart(args, scale, steps, trends)
+            if code:
+                return code
+            (folder / "options.json").write_text(json.dumps(options, indent=1) + "\n")
+        if "latents" in trends and not args.rae:  # the first seed built it: the others share it
+            args.rae = str(folder / "rae" / "decoder" / "representation")
+    names = trends or ["main"]
+    variants = {t: [(v.name, str(variant_dir(Path("."), t, v))) for v in TRENDS[t][1](args.rae)] if t in TRENDS
+                else [("main", ".")] for t in names}
+    try:
+        report = qs.summarize(out, seeds, names, variants, {t: TRENDS[t][0] for t in trends})
+    except qs.SeedsError as err:
+        print(f"megafusion quickstart: {err}", file=sys.stderr)
+        return 2
+    print(f"\n[quickstart] {len(seeds)} seeds summarised: {report}")
+    return 0
+
+
+def run_quickstart(args, scale: Scale, steps: int, trends: list[str]) -> int:
+    """One quickstart (data, RAE if asked, main run, comparisons, report) under ``args.out``."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
 
     from megafusion.config import ConfigError
     from megafusion.parallel import cpu_compat

@@ -139,6 +139,9 @@ def _reference_overrides(vocab: int, prefixes: dict, steps: int, device: str, to
         # added since: tiny_transfusion.yaml holds compositions out of its in-process data; the
         # quickstart's indexed data holds them out in its files (--holdout), the config keeps none
         "data.shapes_holdout=none",
+        # added since: validate refuses ShapesWorld settings with indexed data (they never reached
+        # the run); the recipe dropped tiny_transfusion.yaml's mixture, so the default is kept
+        "data.shapes_weights={text: 1.0, image_text: 1.0, video: 0.0, action_video: 0.0}",
     ]
 
 
@@ -283,3 +286,37 @@ def test_report_shows_the_seen_and_unseen_splits_side_by_side():
                             "headlines": {"vqa": head("vqa_accuracy", 0.7, 0.3)}, "results": {"vqa": vqa}})
     assert "| evaluation | metric | value | chance | better |" in one
     assert "| vqa | vqa_accuracy | 0.7 | 0.3 | higher |" in one
+
+
+def test_world_comparison_sets_the_asked_action_video_shares_and_reuses_the_main_run(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from megafusion import quickstart
+
+    lengths = {"text": 60.0, "image_text": 30.0, "vqa": 80.0, "video": 100.0, "action_video": 150.0}
+    monkeypatch.setattr(quickstart, "mean_positions", lambda prefix: lengths[Path(prefix).name])
+    trained = {}
+
+    def fake_train(where, tokenizer, data, n, scale, args, overrides, weights, stage=""):
+        trained[where.name] = weights
+        return where / "eval"
+
+    monkeypatch.setattr(quickstart, "train_and_evaluate", fake_train)
+    prefixes = {name: tmp_path / name for name in quickstart.DATASETS}
+    results = quickstart.run_trends(tmp_path, ["world"], tmp_path / "tok", prefixes, 100, quickstart.SCALES["quick"],
+                                    SimpleNamespace(rae=None), tmp_path / "eval")
+    world = results["world"]
+    assert world["main"]["run"] == tmp_path / "run" and "main" not in trained  # the main run, not trained again
+    assert sorted(trained) == sorted(f"action_{100 * s:g}pct" for s in quickstart.ACTION_SHARES)
+    for share in quickstart.ACTION_SHARES:
+        weights = trained[f"action_{100 * share:g}pct"]
+        # positions drawn per source = documents drawn (weight) x positions per document
+        positions = {k: weights[k] * lengths[k] for k in lengths}
+        assert positions["action_video"] / sum(positions.values()) == pytest.approx(share)
+        assert {k: w for k, w in weights.items() if k != "action_video"} == {
+            k: w for k, w in quickstart.DATA_WEIGHTS.items() if k != "action_video"}
+        assert world[f"action_{100 * share:g}pct"]["action_share"] == pytest.approx(share)
+    main_positions = {k: quickstart.DATA_WEIGHTS[k] * lengths[k] for k in lengths}
+    assert world["main"]["action_share"] == pytest.approx(main_positions["action_video"] / sum(main_positions.values()))
+    with pytest.raises(ValueError, match="strictly between 0 and 1"):
+        quickstart.weights_for_action_share(1.0, lengths)
