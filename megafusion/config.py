@@ -174,6 +174,12 @@ class TrainConfig:
     # where the dynamic loss scaler skips and backs off by design.
     max_skipped_steps: int | None = None
 
+    def micro_batches(self, data_parallel_size: int) -> int:
+        """Micro-batches each pipeline (data-parallel replica) runs per optimizer step:
+        global_batch_size // (data_parallel_size * micro_batch_size); ``data_parallel_size`` is
+        world_size // (tp * pp) (:func:`data_parallel_size`), not the expert-data-parallel size."""
+        return self.global_batch_size // (data_parallel_size * self.micro_batch_size)
+
 
 @dataclass
 class DataConfig:
@@ -339,6 +345,8 @@ def choice_problems(cfg: Config) -> list[tuple[str, str]]:
 
 
 def data_parallel_size(cfg: Config, world_size: int) -> int:
+    """The data-parallel size the batch is split over: world_size // (tp * pp). Not the
+    expert-data-parallel size (world_size // (tp * ep * pp)), which only the experts' weights see."""
     return world_size // (cfg.parallel.tp * cfg.parallel.pp)
 
 
@@ -460,7 +468,7 @@ def validate(cfg: Config, world_size: int, *, check_memory: bool = True) -> None
         if t.global_batch_size % (t.micro_batch_size * dp):
             add(f"train.global_batch_size = {t.global_batch_size} is not divisible by train.micro_batch_size * "
                 f"data-parallel size = {t.micro_batch_size} * {dp}")
-        elif p.pp > 1 and p.vpp and (t.global_batch_size // (t.micro_batch_size * dp)) % p.pp:
+        elif p.pp > 1 and p.vpp and t.micro_batches(dp) % p.pp:
             add("interleaved pipelining (parallel.vpp) needs the number of micro-batches to be a "
                 f"multiple of parallel.pp = {p.pp}")
     if cfg.data.num_workers is not None and cfg.data.num_workers < 0:
@@ -642,7 +650,31 @@ def _data_problems(cfg: Config, ok: Callable[..., bool]) -> list[str]:
         if getattr(d, key) != getattr(DataConfig(), key) and d.kind not in kinds:
             problems.append(f"data.{key} = {getattr(d, key)} has no effect with data.kind = {d.kind} (read only "
                             f"with data.kind = {' or '.join(kinds)}); remove it")
-    return problems
+    return problems + _shapes_key_problems(cfg, ok)
+
+
+# Read only by ShapesWorld generated in-process (data.kind = shapes: ShapesStream.from_config).
+# Preprocessed ShapesWorld data (indexed: what the quickstart or `python -m megafusion.data.shapes`
+# wrote) got its sources, vocabulary and held-out compositions when it was written, and
+# `megafusion eval` reads them from that data (dataset names, --world DATA/manifest.json). (eval's
+# trained_sources falls back to data.shapes_weights for any kind but indexed: for energon, now
+# always the default, text and image_text.)
+SHAPES_ONLY_KEYS = ("data.shapes_weights", "data.shapes_world", "data.shapes_holdout")
+
+
+def _shapes_key_problems(cfg: Config, ok: Callable[..., bool]) -> list[str]:
+    """ShapesWorld settings with a data kind that never generates ShapesWorld: compared with
+    the defaults, so only what was set counts. Each is named once: the text model refuses them
+    as Transfusion settings (:func:`_ignored_setting_problems`), and a data kind the Transfusion
+    model cannot read is refused by itself (its fix, data.kind = shapes, makes them count)."""
+    if cfg.model.kind != "transfusion" or cfg.data.kind == "shapes" or cfg.data.kind not in MODEL_DATA_KINDS[
+            "transfusion"]:
+        return []
+    defaults = Config()
+    return [f"{key} = {_get(cfg, key)} has no effect with data.kind = {cfg.data.kind} (a ShapesWorld setting, read "
+            f"only when data.kind = shapes generates ShapesWorld in-process; {cfg.data.kind} data is what its files "
+            f"hold, as they were written); remove it or set data.kind = shapes"
+            for key in SHAPES_ONLY_KEYS if _get(cfg, key) != _get(defaults, key) and ok(key)]
 
 
 def _energon_problems(cfg: Config) -> list[str]:

@@ -307,6 +307,68 @@ def test_data_kind_settings_are_checked_before_starting(config, overrides, messa
     assert message in str(info.value)
 
 
+# ShapesWorld settings (read only by ShapesStream, data.kind = shapes), each set to a value
+# other than its default; tiny_transfusion.yaml's own ones back to the defaults, so a case sets one.
+SHAPES_SETTINGS = ["data.shapes_weights={text: 1, image_text: 0}", "data.shapes_world=simple",
+                   "data.shapes_holdout=compositions"]
+SHAPES_DEFAULTS = ["data.shapes_weights={text: 1.0, image_text: 1.0, video: 0.0, action_video: 0.0}",
+                   "data.shapes_world=full", "data.shapes_holdout=none"]
+
+
+@pytest.mark.parametrize("kind", ["indexed", "energon"])
+@pytest.mark.parametrize("override", SHAPES_SETTINGS)
+def test_shapes_settings_are_refused_with_data_that_is_not_generated(kind, override):
+    """Indexed and Energon data are what their files hold: a ShapesWorld mixture, vocabulary or
+    held-out split set beside them was silently ignored (the run was not the one asked for)."""
+    key = override.split("=", 1)[0]
+    base = [*SHAPES_DEFAULTS, f"data.kind={kind}", "data.paths=[a]", "data.tokenizer=t.model"]
+    with pytest.raises(ConfigError) as info:
+        validate(load_config(CONFIGS / "tiny_transfusion.yaml", [*base, override]), world_size=1)
+    text = str(info.value)
+    line = next(p for p in text.split("\n  - ") if p.startswith(f"{key} = "))
+    assert f"has no effect with data.kind = {kind} (a ShapesWorld setting" in line
+    assert line.endswith("remove it or set data.kind = shapes")
+    assert [k for k in ("data.shapes_weights", "data.shapes_world", "data.shapes_holdout") if f"{k} = " in text] == [key]
+    # the same data with the defaults: no ShapesWorld key is named (only what was set counts)
+    with pytest.raises(ConfigError) as info:  # (data/a and t.model are placeholders)
+        validate(load_config(CONFIGS / "tiny_transfusion.yaml", base), world_size=1)
+    assert "data.shapes_" not in str(info.value)
+
+
+@pytest.mark.parametrize("override", SHAPES_SETTINGS)
+def test_shapes_settings_are_accepted_with_shapes_data(override):
+    validate(load_config(CONFIGS / "tiny_transfusion.yaml", [*SHAPES_DEFAULTS, override]), world_size=1)
+
+
+@pytest.mark.parametrize("model_kind", ["text", "transfusion"])
+@pytest.mark.parametrize("data_kind", ["synthetic", "indexed", "shapes", "energon"])
+def test_default_shapes_settings_are_accepted_with_every_data_kind(model_kind, data_kind):
+    """The defaults, even written out, are no setting: validate may refuse the combination
+    for other reasons (a kind the model cannot read, missing paths), never for these keys."""
+    from megafusion.config import DataConfig, choices_of, config_fields
+
+    kinds = dict((key, choices_of(typ)) for key, _, typ in config_fields(Config()))["data.kind"]
+    assert sorted(kinds) == sorted(["synthetic", "indexed", "shapes", "energon"])  # every kind is covered
+    assert DataConfig().shapes_weights == {"text": 1.0, "image_text": 1.0, "video": 0.0, "action_video": 0.0}
+    cfg = load_config(None, [f"model.kind={model_kind}", f"data.kind={data_kind}", *SHAPES_DEFAULTS])
+    try:
+        validate(cfg, world_size=1)
+    except ConfigError as err:
+        assert "data.shapes_" not in str(err)
+
+
+def test_a_shapes_setting_is_named_once():
+    """The text model refuses it as a Transfusion setting, not a second time for its data kind;
+    with a data kind the Transfusion model cannot read, that kind is the problem."""
+    with pytest.raises(ConfigError) as info:
+        validate(load_config(CONFIGS / "tiny_text.yaml", ["data.shapes_holdout=compositions"]), world_size=1)
+    assert str(info.value).count("data.shapes_holdout = ") == 1
+    assert "has no effect with model.kind = text" in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        validate(load_config(CONFIGS / "tiny_transfusion.yaml", ["data.kind=synthetic"]), world_size=1)
+    assert "data.kind = synthetic is text only" in str(info.value) and "data.shapes_" not in str(info.value)
+
+
 # --------------------------------------------------------------------------- choices are types, every problem at once
 
 

@@ -42,7 +42,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._device import _device_constructors
 
-from megafusion.config import Config
+from megafusion.config import Config, data_parallel_size
 from megafusion.scaling.step_time import Hardware, StepTimeEstimate
 
 GIB = 2**30
@@ -263,8 +263,7 @@ def _activation_bytes(cfg: Config, world_size: int, pp_rank: int) -> int:
     """One rank's stored activations at the 1F1B peak (megafusion.scaling.activations), on a GPU."""
     from megafusion.scaling.activations import activation_memory
 
-    p, t = cfg.parallel, cfg.train
-    micro_batches = t.global_batch_size // (world_size // (p.tp * p.pp) * t.micro_batch_size)
+    micro_batches = cfg.train.micro_batches(data_parallel_size(cfg, world_size))
     return int(activation_memory(cfg, pp_rank=pp_rank, device_type="cuda", num_microbatches=micro_batches).total)
 
 

@@ -126,12 +126,13 @@ def estimate_step_time(cfg, shape: ModelShape, packing: Packing, world_size: int
     the parameters one rank holds (the dry run's exact count; default: the transformer's
     parameters split over tp x pp), ``expert_params_per_rank`` the routed-expert part of them.
     """
+    from megafusion.config import data_parallel_size
     from megafusion.scaling.flops import params as count_params
 
     p, t, m = cfg.parallel, cfg.train, cfg.model
-    dp = world_size // (p.tp * p.pp)
+    dp = data_parallel_size(cfg, world_size)  # world / (tp * pp): the batch's split, not the expert DP
     vpp = p.vpp or 1
-    micro_batches = t.global_batch_size // (dp * t.micro_batch_size)  # per pipeline, per step
+    micro_batches = t.micro_batches(dp)  # per pipeline, per step
     dtype = matmul_dtype(t.precision, t.fp8)
     peak = peak_flops(hardware.gpu, dtype)
     if peak is None:
