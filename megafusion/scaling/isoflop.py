@@ -7,6 +7,12 @@ N_opt = k_N C^a and D_opt = k_D C^b are fitted in log-log space. Confidence inte
 from a bootstrap that resamples the runs of every budget with replacement and redoes the
 whole fit (parabolas, optima, power laws).
 
+A budget whose vertex lies outside its trained sizes ("extrapolated": the grid never
+reached the optimum, so the vertex is set by the curve's far-off shape, e.g. N_opt = 18 from
+a nearly flat parabola) is reported and plotted but left out of the power laws and their
+bootstrap, unless ``include_extrapolated``. Fewer than two budgets left is an error, as is a
+sweep of one budget.
+
 Inputs: run dirs (config.yaml + metrics.jsonl, see :func:`read_run_dirs`) or a CSV with
 columns budget, params, tokens, modality, loss (:func:`read_csv`). Output:
 :func:`write_report` writes ``scaling_laws.json`` and per modality ``isoflop_<m>.png``
@@ -271,6 +277,7 @@ class BudgetFit:
     d_opt: float
     loss_opt: float
     extrapolated: bool  # the vertex lies outside the sizes that were trained
+    used_in_fit: bool = True  # enters the power laws (False: extrapolated and left out)
 
 
 @dataclass
@@ -294,6 +301,11 @@ class ModalityFit:
     bootstrap_samples: int
     bootstrap_kept: int
     warnings: list[str] = field(default_factory=list)
+
+    @property
+    def excluded_budgets(self) -> list[float]:
+        """Budgets (FLOPs) reported but left out of the power laws."""
+        return [b.budget for b in self.budgets if not b.used_in_fit]
 
 
 def _weighted_lstsq(design: np.ndarray, y: np.ndarray, weights: np.ndarray) -> np.ndarray:
@@ -350,8 +362,12 @@ def _check(modality: str, by_budget: dict[float, list[Observation]]) -> None:
 
 
 def fit_modality(observations: Sequence[Observation], modality: str, bootstrap: int = 1000,
-                 confidence: float = 0.95, seed: int = 0) -> ModalityFit:
-    """Fits one modality's IsoFLOP curves and power laws; see the module doc."""
+                 confidence: float = 0.95, seed: int = 0, include_extrapolated: bool = False) -> ModalityFit:
+    """Fits one modality's IsoFLOP curves and power laws; see the module doc.
+
+    Every budget gets its parabola and vertex; the laws N_opt ~ C^a, D_opt ~ C^b (and their
+    bootstrap) use only the budgets whose vertex lies inside the trained sizes, or all of them
+    with ``include_extrapolated``. Raises IsoFLOPError when fewer than two budgets are left."""
     by_budget: dict[float, list[Observation]] = defaultdict(list)
     for o in observations:
         if o.modality == modality:
@@ -362,7 +378,8 @@ def fit_modality(observations: Sequence[Observation], modality: str, bootstrap: 
     budgets = sorted(by_budget)
     rng = np.random.default_rng(seed)
     fits, warnings = [], []
-    boot_logn, boot_logd, boot_ok = [], [], np.ones(bootstrap, dtype=bool)
+    # per budget: bootstrap log10 N_opt, log10 D_opt [bootstrap] and which resamples are usable
+    boot_logn, boot_logd, boot_ok = [], [], []
     for budget in budgets:
         group = by_budget[budget]
         x = np.log10([o.params for o in group])
@@ -376,10 +393,13 @@ def fit_modality(observations: Sequence[Observation], modality: str, bootstrap: 
                                f"{', '.join(f'{v:.4g}' for v in loss)}; train sizes on both sides of the optimum")
         extrapolated = not x.min() <= logn <= x.max()
         if extrapolated:
+            use = ("kept in the N_opt ~ C^a, D_opt ~ C^b fits (--include-extrapolated)" if include_extrapolated else
+                   "left out of the N_opt ~ C^a, D_opt ~ C^b fits (--include-extrapolated keeps it)")
             warnings.append(f"{modality} at budget {budget:.3g}: N_opt = {10 ** logn:.3g} lies outside the trained "
-                            f"sizes {10 ** x.min():.3g}..{10 ** x.max():.3g}; extend the grid that way")
+                            f"sizes {10 ** x.min():.3g}..{10 ** x.max():.3g}; extend the grid that way; {use}")
         fits.append(BudgetFit(budget, list(group), tuple(float(c) for c in coeffs), float(10 ** logn),
-                              float(10 ** curve.log_d_opt[0]), float(curve.loss_opt[0]), bool(extrapolated)))
+                              float(10 ** curve.log_d_opt[0]), float(curve.loss_opt[0]), bool(extrapolated),
+                              used_in_fit=include_extrapolated or not extrapolated))
         if bootstrap:
             weights = rng.multinomial(len(x), np.full(len(x), 1 / len(x)), size=bootstrap).astype(float)
             _, inverse = np.unique(x, return_inverse=True)
@@ -388,20 +408,33 @@ def fit_modality(observations: Sequence[Observation], modality: str, bootstrap: 
             enough = (per_size > 0).sum(1) >= 3
             weights[~enough] = 1.0  # keeps the solves regular; those samples are dropped below
             boot = _fit_curves(x, logd, loss, weights)
-            boot_ok &= enough & (boot.parabola[:, 0] > 0)
+            boot_ok.append(enough & (boot.parabola[:, 0] > 0))
             boot_logn.append(boot.log_n_opt)
             boot_logd.append(boot.log_d_opt)
 
-    logc = np.log10(budgets)
-    a, log_kn = np.polyfit(logc, np.log10([f.n_opt for f in fits]), 1)
-    b, log_kd = np.polyfit(logc, np.log10([f.d_opt for f in fits]), 1)
+    used = [i for i, f in enumerate(fits) if f.used_in_fit]
+    if len(used) < 2:
+        left_out = []
+        for f in fits:
+            if not f.used_in_fit:
+                sizes = [o.params for o in f.observations]
+                left_out.append(f"{f.budget:.3g} (N_opt = {f.n_opt:.3g} outside {min(sizes):.3g}..{max(sizes):.3g})")
+        raise IsoFLOPError(f"{modality}: {len(used)} of {len(fits)} budgets have N_opt inside their trained sizes; "
+                           f"left out as extrapolated: {', '.join(left_out)}; fitting N_opt ~ C^a needs at least two "
+                           "budgets - extend those grids toward their optimum, or pass --include-extrapolated to fit "
+                           "them anyway")
+    logc = np.log10([budgets[i] for i in used])
+    a, log_kn = np.polyfit(logc, np.log10([fits[i].n_opt for i in used]), 1)
+    b, log_kd = np.polyfit(logc, np.log10([fits[i].d_opt for i in used]), 1)
     ci_a = ci_b = None
+    # a resample counts when every budget in the fit gave a usable curve; left-out budgets do not vote
+    boot_ok = np.logical_and.reduce([boot_ok[i] for i in used]) if bootstrap else None
     kept = int(boot_ok.sum()) if bootstrap else 0
     if bootstrap:
         lc = logc - logc.mean()
 
         def slopes(values: list[np.ndarray]) -> np.ndarray:
-            y = np.stack(values, 1)[boot_ok]  # [kept, budgets]
+            y = np.stack([values[i] for i in used], 1)[boot_ok]  # [kept, used budgets]
             return (y - y.mean(1, keepdims=True)) @ lc / (lc @ lc)
 
         if kept >= max(20, bootstrap // 10):
@@ -410,21 +443,22 @@ def fit_modality(observations: Sequence[Observation], modality: str, bootstrap: 
             ci_b = tuple(float(v) for v in np.percentile(slopes(boot_logd), [tail, 100 - tail]))
         if kept < 0.5 * bootstrap:
             warnings.append(f"{modality}: only {kept} of {bootstrap} bootstrap samples were usable (a resample needs "
-                            "3 distinct sizes and an upward parabola at every budget); train more sizes per budget "
-                            "for trustworthy intervals")
+                            "3 distinct sizes and an upward parabola at every budget in the fit); train more sizes "
+                            "per budget for trustworthy intervals")
     return ModalityFit(modality, fits, PowerLaw(float(a), float(10 ** log_kn), ci_a),
                        PowerLaw(float(b), float(10 ** log_kd), ci_b), bootstrap, kept, warnings)
 
 
 def fit_isoflop(observations: Sequence[Observation], bootstrap: int = 1000, confidence: float = 0.95,
-                seed: int = 0, modalities: Sequence[str] | None = None) -> dict[str, ModalityFit]:
+                seed: int = 0, modalities: Sequence[str] | None = None,
+                include_extrapolated: bool = False) -> dict[str, ModalityFit]:
     """Fits every modality present (in the order text, image, video, then others), or only
-    ``modalities``."""
+    ``modalities``; ``include_extrapolated`` as in :func:`fit_modality`."""
     if not observations:
         raise IsoFLOPError("no observations to fit")
     if not 0 < confidence < 1 or bootstrap < 0:
         raise IsoFLOPError(f"confidence = {confidence} must lie in (0, 1) and bootstrap = {bootstrap} be >= 0")
-    return {m: fit_modality(observations, m, bootstrap, confidence, seed)
+    return {m: fit_modality(observations, m, bootstrap, confidence, seed, include_extrapolated)
             for m in modality_order(observations, modalities)}
 
 
@@ -459,9 +493,11 @@ def to_json(fits: dict[str, ModalityFit], confidence: float = 0.95, params_kind:
                 "tokens_law": _law_json(f.tokens_law),  # D_opt = coefficient * C^exponent (b)
                 "bootstrap": {"samples": f.bootstrap_samples, "kept": f.bootstrap_kept},
                 "warnings": f.warnings,
+                "excluded_budgets": f.excluded_budgets,  # FLOPs of the budgets the laws left out (extrapolated)
                 "budgets": [{
                     "flops": b.budget, "n_opt": b.n_opt, "d_opt": b.d_opt, "loss_opt": b.loss_opt,
                     "parabola_log10_params": list(b.parabola), "extrapolated": b.extrapolated,
+                    "used_in_fit": b.used_in_fit,
                     "runs": [{"params": o.params, "tokens": o.tokens, "loss": o.loss, "source": o.source}
                              for o in b.observations],
                 } for b in f.budgets],
@@ -494,7 +530,10 @@ def plot_isoflop_curves(fit: ModalityFit, path: Path) -> None:
         ax.scatter(n, [o.loss for o in b.observations], color=color, s=18)
         grid = np.linspace(np.log10(min(n.min(), b.n_opt)) - 0.1, np.log10(max(n.max(), b.n_opt)) + 0.1, 100)
         ax.plot(10 ** grid, np.polyval(b.parabola, grid), color=color, label=f"C = {b.budget:.2g}")
-        ax.scatter([b.n_opt], [b.loss_opt], color=color, marker="*", s=120, edgecolor="black", zorder=3)
+        if b.extrapolated:  # hollow star: the vertex lies outside the trained sizes
+            ax.scatter([b.n_opt], [b.loss_opt], marker="*", s=120, zorder=3, facecolor="none", edgecolor=color)
+        else:
+            ax.scatter([b.n_opt], [b.loss_opt], marker="*", s=120, zorder=3, color=color, edgecolor="black")
     ax.set(xscale="log", xlabel="parameters N", ylabel=f"final {fit.modality} loss",
            title=f"IsoFLOP curves: {fit.modality}")
     ax.legend(fontsize="small")
@@ -508,10 +547,17 @@ def plot_optima(fit: ModalityFit, path: Path) -> None:
     for ax, law, values, name, symbol in (
             (axes[0], fit.params_law, [b.n_opt for b in fit.budgets], "N_opt (parameters)", "a"),
             (axes[1], fit.tokens_law, [b.d_opt for b in fit.budgets], "D_opt (tokens)", "b")):
-        ax.scatter(compute, values, color="black", zorder=3)
+        used = np.array([b.used_in_fit for b in fit.budgets])
+        outside = np.array([b.extrapolated for b in fit.budgets])
+        values = np.array(values)
+        ax.scatter(compute[~outside], values[~outside], color="black", zorder=3)
+        if outside.any():  # hollow: N_opt outside the trained sizes
+            ax.scatter(compute[outside], values[outside], facecolor="none", edgecolor="black", zorder=3,
+                       label="N_opt outside trained sizes" + (" (in the fit)" if used[outside].all()
+                                                              else " (left out of the fit)"))
         ax.plot(span, law(span), label=f"{symbol} = {law.exponent:.3f}{_interval(law)}")
         ax.set(xscale="log", yscale="log", xlabel="compute C (FLOPs)", ylabel=name, title=f"{fit.modality}: {name}")
-        ax.legend()
+        ax.legend(loc="upper left")  # the optima rise to the right; a fixed place is also fast
     fig.savefig(path, dpi=120)
 
 

@@ -7,8 +7,11 @@
 
 run (local) skips finished runs, resumes killed ones from their checkpoint, and stops at a
 failed run (exit 1; the same command continues); a run dir trained with another config than
-the plan's is refused (exit 2). fit exits 0 when every modality was fitted, 1 when some were (the report holds those; the
-others' errors are printed), 2 when none could be.
+the plan's is refused (exit 2). fit leaves a budget whose N_opt lies outside its trained sizes
+out of the power laws (it is still reported, flagged and plotted hollow) unless
+--include-extrapolated; it exits 0 when every modality was fitted, 1 when some were (the
+report holds those; the others' errors are printed), 2 when none could be - a modality with
+fewer than two budgets left is not fitted.
 """
 
 from __future__ import annotations
@@ -87,6 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
                           "(text tokens / image latents; same exponent b with a fixed data mix)")
     fit.add_argument("--budget-tolerance", type=float, default=1.3,
                      help="without --plan: runs whose computed FLOPs are within this factor share a budget")
+    fit.add_argument("--include-extrapolated", action="store_true",
+                     help="also fit N_opt ~ C^a and D_opt ~ C^b (and their bootstrap) to budgets whose N_opt lies "
+                          "outside their trained sizes (the behaviour before this flag existed). Default: such "
+                          "budgets are reported and flagged but left out of the laws, since their vertex is an "
+                          "extrapolation of the parabola")
     return parser
 
 
@@ -124,7 +132,8 @@ def _fit(args: argparse.Namespace) -> int:
     fits, failures = {}, {}
     for m in isoflop.modality_order(observations, args.modalities):
         try:
-            fits.update(isoflop.fit_isoflop(observations, args.bootstrap, args.confidence, args.seed, [m]))
+            fits.update(isoflop.fit_isoflop(observations, args.bootstrap, args.confidence, args.seed, [m],
+                                            include_extrapolated=args.include_extrapolated))
         except isoflop.IsoFLOPError as err:
             failures[m] = err
     if not fits:
@@ -132,12 +141,16 @@ def _fit(args: argparse.Namespace) -> int:
     written = isoflop.write_report(fits, args.out, args.confidence, kind, tokens_kind)
     for m, f in fits.items():
         for b in f.budgets:
-            note = "  (outside the trained sizes)" if b.extrapolated else ""
+            note = ("" if not b.extrapolated else "  (outside the trained sizes; in the law fit)" if b.used_in_fit
+                    else "  (outside the trained sizes; left out of the law fit)")
             print(f"{m:<6} C = {b.budget:.3g}: N_opt = {b.n_opt:.4g}, D_opt = {b.d_opt:.4g}, "
                   f"loss at optimum = {b.loss_opt:.4g}{note}")
         for law, name in ((f.params_law, "N_opt ~ C^a, a"), (f.tokens_law, "D_opt ~ C^b, b")):
             ci = f" [{law.ci[0]:.3f}, {law.ci[1]:.3f}]" if law.ci else " (no interval)"
             print(f"{m:<6} {name} = {law.exponent:.3f}{ci}")
+        if f.excluded_budgets:
+            print(f"{m:<6} laws fitted without budget(s) {', '.join(f'{c:.3g}' for c in f.excluded_budgets)}: "
+                  "N_opt outside the trained sizes (--include-extrapolated keeps them)")
         for warning in f.warnings:
             print(f"warning: {warning}", file=sys.stderr)
     print("wrote " + ", ".join(str(p) for p in written))

@@ -94,11 +94,126 @@ def test_noise_free_grid_centred_on_the_optimum_is_exact():
 def test_optimum_outside_the_grid_is_flagged():
     obs = [Observation(c, n, c / (6 * n), "image", float(loss("image", n, c / (6 * n))), "x")
            for c in BUDGETS for n in n_opt("image", c) * np.logspace(0.4, 1.2, 5)]  # all too big
-    fit = fit_isoflop(obs, bootstrap=0)["image"]
+    fit = fit_isoflop(obs, bootstrap=0, include_extrapolated=True)["image"]
     assert all(b.extrapolated and b.n_opt < min(o.params for o in b.observations) for b in fit.budgets)
+    assert all(b.used_in_fit for b in fit.budgets) and fit.excluded_budgets == []
     assert len(fit.warnings) == len(BUDGETS) and "outside the trained sizes" in fit.warnings[0]
+    with pytest.raises(IsoFLOPError, match="image: 0 of 5 budgets have N_opt inside"):  # default: none left
+        fit_isoflop(obs, bootstrap=0)
     inside = fit_isoflop(synthetic(noise=0.0), bootstrap=0)["image"]
     assert not any(b.extrapolated for b in inside.budgets) and not inside.warnings
+    assert all(b.used_in_fit for b in inside.budgets)
+
+
+# --------------------------------------------------------------------------- extrapolated optima and the laws
+
+
+def on_grid(modality: str, compute: float, lo: float, hi: float, sizes: int = 5) -> list[Observation]:
+    """Noise-free runs at sizes n_opt(C) * 10^lo .. n_opt(C) * 10^hi (lo < 0 < hi: around the optimum)."""
+    return [Observation(compute, n, compute / (6 * n), modality, float(loss(modality, n, compute / (6 * n))),
+                        f"{modality}@{compute:g}/N={n:.3g}")
+            for n in n_opt(modality, compute) * np.logspace(lo, hi, sizes)]
+
+
+def write_csv(path, observations) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["budget", "params", "tokens", "modality", "loss"])
+        writer.writerows([o.budget, o.params, o.tokens, o.modality, o.loss] for o in observations)
+
+
+def lopsided_sweep() -> list[Observation]:
+    """Three budgets centred on the optimum (exact exponents, see the noise-free test) plus a
+    fourth, 1e20, whose sizes are all 6x..40x too small: loss still falls at its largest size,
+    and the parabola's vertex lands above the grid and off the law (at 0.4..0.5 x N_opt)."""
+    return [o for m in LAWS for c in BUDGETS[:3] for o in on_grid(m, c, -0.6, 0.6)] + \
+        [o for m in LAWS for o in on_grid(m, BUDGETS[3], -1.6, -0.8)]
+
+
+def test_extrapolated_optimum_is_left_out_of_the_laws():
+    obs = lopsided_sweep()
+    fits = fit_isoflop(obs, bootstrap=200, seed=0)
+    old = fit_isoflop(obs, bootstrap=200, seed=0, include_extrapolated=True)
+    for m in LAWS:
+        a, b = exponents(m)
+        fit = fits[m]
+        assert [x.extrapolated for x in fit.budgets] == [False, False, False, True]
+        assert [x.used_in_fit for x in fit.budgets] == [True, True, True, False]
+        assert fit.excluded_budgets == [BUDGETS[3]]
+        # still reported: the lopsided budget's vertex, above its grid
+        assert fit.budgets[3].n_opt > max(o.params for o in fit.budgets[3].observations)
+        assert fit.params_law.exponent == pytest.approx(a, abs=1e-6), m
+        assert fit.tokens_law.exponent == pytest.approx(b, abs=1e-6), m
+        # the bootstrap resamples the three budgets in the fit only: its interval holds the truth
+        assert fit.params_law.ci[0] <= a <= fit.params_law.ci[1], (m, fit.params_law.ci)
+        assert [w for w in fit.warnings if "1e+20" in w and "left out of the N_opt ~ C^a" in w], fit.warnings
+        # --include-extrapolated: the vertex pulls both laws off (the old behaviour)
+        assert all(x.used_in_fit for x in old[m].budgets) and old[m].excluded_budgets == []
+        assert abs(old[m].params_law.exponent - a) > 0.05, (m, old[m].params_law.exponent, a)
+        assert abs(old[m].tokens_law.exponent - b) > 0.05, (m, old[m].tokens_law.exponent, b)
+        assert not old[m].params_law.ci[0] <= a <= old[m].params_law.ci[1], (m, old[m].params_law.ci)
+
+
+def test_fit_cli_reports_the_left_out_budget(tmp_path, capsys):
+    path = tmp_path / "lopsided.csv"
+    write_csv(path, lopsided_sweep())
+    out = tmp_path / "fit"
+    assert isoflop_cli.main(["fit", "--csv", str(path), "--out", str(out), "--bootstrap", "50"]) == 0
+    captured = capsys.readouterr()
+    assert "text   C = 1e+20: N_opt = " in captured.out
+    assert "(outside the trained sizes; left out of the law fit)" in captured.out
+    assert "text   laws fitted without budget(s) 1e+20: N_opt outside the trained sizes" in captured.out
+    assert "warning: text at budget 1e+20: N_opt = " in captured.err and "left out of the N_opt" in captured.err
+    report = json.loads((out / "scaling_laws.json").read_text())
+    for m, entry in report["modalities"].items():
+        assert [b["used_in_fit"] for b in entry["budgets"]] == [True, True, True, False]
+        assert [b["extrapolated"] for b in entry["budgets"]] == [False, False, False, True]
+        assert entry["excluded_budgets"] == [1e20]
+        assert entry["params_law"]["exponent"] == pytest.approx(exponents(m)[0], abs=1e-6)
+        assert (out / f"optima_{m}.png").read_bytes()[:8] == PNG
+
+    again = tmp_path / "fit_all"
+    assert isoflop_cli.main(["fit", "--csv", str(path), "--out", str(again), "--bootstrap", "50",
+                             "--include-extrapolated"]) == 0
+    captured = capsys.readouterr()
+    assert "(outside the trained sizes; in the law fit)" in captured.out and "laws fitted without" not in captured.out
+    report = json.loads((again / "scaling_laws.json").read_text())
+    for m, entry in report["modalities"].items():
+        assert all(b["used_in_fit"] for b in entry["budgets"]) and entry["excluded_budgets"] == []
+        assert abs(entry["params_law"]["exponent"] - exponents(m)[0]) > 0.05
+    assert "--include-extrapolated" in isoflop_cli.build_parser()._subparsers._group_actions[0].choices["fit"] \
+        .format_help()
+
+
+def test_fewer_than_two_budgets_left_is_an_error_like_one_budget(tmp_path, capsys):
+    # text: one budget around its optimum, one lopsided -> one budget left for the law;
+    # image: both around the optimum -> fitted as usual
+    obs = on_grid("text", 1e17, -0.6, 0.6) + on_grid("text", 1e18, 0.4, 1.2) + \
+        on_grid("image", 1e17, -0.6, 0.6) + on_grid("image", 1e18, -0.6, 0.6)
+    with pytest.raises(IsoFLOPError, match=r"text: 1 of 2 budgets have N_opt inside their trained sizes; left out "
+                                           r"as extrapolated: 1e\+18 \(N_opt = .* at least two budgets"):
+        fit_isoflop(obs, bootstrap=0)
+    assert fit_isoflop(obs, bootstrap=0, include_extrapolated=True)["text"].budgets[1].used_in_fit
+
+    path = tmp_path / "one_left.csv"
+    write_csv(path, obs)
+    out = tmp_path / "fit"
+    # as with runs at one budget: the modality is named in one error line, the others are reported (exit 1)
+    assert isoflop_cli.main(["fit", "--csv", str(path), "--out", str(out), "--bootstrap", "50"]) == 1
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "text: 1 of 2 budgets" in errors[0] and "the report has image only" in errors[0]
+    assert "Traceback" not in captured.err
+    text = (out / "scaling_laws.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert list(json.loads(text)["modalities"]) == ["image"]
+    assert not (out / "optima_text.png").exists()
+    # only that modality: nothing to report (exit 2, the same one line)
+    assert isoflop_cli.main(["fit", "--csv", str(path), "--out", str(tmp_path / "none"), "--modalities", "text",
+                             "--bootstrap", "0"]) == 2
+    assert "error: text: 1 of 2 budgets" in capsys.readouterr().err
+    assert isoflop_cli.main(["fit", "--csv", str(path), "--out", str(tmp_path / "all"), "--bootstrap", "0",
+                             "--include-extrapolated"]) == 0
 
 
 # --------------------------------------------------------------------------- degenerate inputs

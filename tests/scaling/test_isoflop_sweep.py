@@ -40,8 +40,9 @@ def test_two_budgets_three_sizes_plan_train_fit(tmp_path):
     run_dirs = sorted((sweep / "runs").iterdir())
     assert len(run_dirs) == 6 and all((d / "metrics.jsonl").is_file() for d in run_dirs)
 
+    # three tiny sizes rarely bracket the optimum: keep extrapolated optima in the law, this tests the plumbing
     _megafusion("isoflop", "fit", *map(str, run_dirs), "--plan", str(sweep / "plan.json"), "--out",
-                str(sweep / "fit"), "--bootstrap", "50")
+                str(sweep / "fit"), "--bootstrap", "50", "--include-extrapolated")
     laws = json.loads((sweep / "fit" / "scaling_laws.json").read_text())
     assert "text" in json.dumps(laws)
     for png in ("isoflop_text.png", "optima_text.png"):
@@ -95,8 +96,9 @@ def test_transfusion_shapes_sweep_per_modality_plan_train_fit(tmp_path):
         assert got[key] == pytest.approx(value, rel=1e-9), key
 
     out = sweep / "fit"
+    # (--include-extrapolated: at this scale an optimum may lie outside the three sizes; see the first test)
     fitted = _megafusion("isoflop", "fit", *map(str, run_dirs), "--plan", str(sweep / "plan.json"), "--out", str(out),
-                         "--bootstrap", "50", "--average-last", "5", check=False)
+                         "--bootstrap", "50", "--average-last", "5", "--include-extrapolated", check=False)
     print(fitted.stdout, fitted.stderr[-2000:])  # what the fitter found, for the CI log
     # every modality is fitted, or named with its budget as a curve without a minimum (exit 1: some fitted)
     failed = set(re.findall(r"error: (text|image) at budget [36]e\+09 FLOPs: loss vs log N has no minimum",
