@@ -130,7 +130,7 @@ def summary_lines(table: dict, seeds: list[int], descriptions: dict[str, str]) -
                     c = compare(a, b)
                     better = (c["gap"] > 0) == variants[base][e]["higher_is_better"]
                     verdict = (f"finding: {name} {'better' if better else 'worse'}" if c["finding"]
-                               else "within the seed spread")
+                               else "one seed: no verdict" if len(a["values"]) < 2 else "within the seed spread")
                     lines.append(f"| {e} | {split} | {c['gap']:+.3g} | {c['spread']:.3g} | {verdict} |")
     return lines
 

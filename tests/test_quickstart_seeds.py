@@ -76,7 +76,7 @@ def test_one_seed_is_never_a_finding(tmp_path, fake_quickstart):
 
     assert quickstart.main(["--out", str(tmp_path / "qs"), "--seeds", "3", "--compare", "moe"]) == 0
     report = (tmp_path / "qs" / "seeds.md").read_text()
-    assert "finding:" not in report and "| vqa | seen | +0.2 | 0 | within the seed spread |" in report
+    assert "finding:" not in report and "| vqa | seen | +0.2 | 0 | one seed: no verdict |" in report
 
 
 def test_bad_seeds_are_refused_in_one_line(tmp_path, capsys):
