@@ -701,6 +701,8 @@ def main(argv: list[str] | None = None) -> int:
     scale = SCALES["quick" if args.quick else "full" if args.full else "default"]
     steps = args.steps or scale.steps
     trends = list(FULL_TRENDS) if args.full else [t.strip() for t in (args.compare or "").split(",") if t.strip()]
+    if args.seeds is not None and args.seed != 0:
+        parser.error(f"--seed {args.seed} has no effect with --seeds {args.seeds}: give the seeds in --seeds only")
     unknown = sorted(set(trends) - set(TRENDS))
     if unknown:
         parser.error(f"--compare {args.compare}: unknown {unknown}; choose from {', '.join(TRENDS)}")

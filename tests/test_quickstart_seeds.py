@@ -85,3 +85,12 @@ def test_bad_seeds_are_refused_in_one_line(tmp_path, capsys):
     assert quickstart.main(["--out", str(tmp_path / "qs"), "--seeds", "0,x"]) == 2
     assert "--seeds 0,x: give distinct integers" in capsys.readouterr().err
     assert not (tmp_path / "qs").exists()
+
+
+def test_seed_beside_seeds_is_refused_not_ignored(tmp_path, capsys):
+    from megafusion import quickstart
+
+    with pytest.raises(SystemExit) as exit_info:
+        quickstart.main(["--out", str(tmp_path / "qs"), "--seeds", "0,1", "--seed", "5"])
+    assert exit_info.value.code == 2 and "--seed 5 has no effect with --seeds 0,1" in capsys.readouterr().err
+    assert not (tmp_path / "qs").exists()
